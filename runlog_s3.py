@@ -1,0 +1,1957 @@
+"""runlog_s3: a run log store for magnus 0.4.x that keeps each run's log in Amazon S3.
+
+One module, one job: magnus records every run in a JSON *run log*; this stores it in S3 (or any
+S3-compatible server) so that many processes on many hosts can write to it without losing a write.
+Every update is a compare-and-swap on the object's ETag (S3 conditional writes).
+
+It needs nothing but botocore at run time (to sign requests and to send them), so it can be
+`pip install`ed or copied as this one file into a container or job where only botocore is present.
+magnus is used when it is importable; the command line (`python -m runlog_s3`) works without it.
+
+Sections, each using only the ones above it:
+errors, config, credentials, S3 client, run log documents, magnus stores, command line.
+
+License: Apache-2.0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+import threading
+import time
+import unicodedata
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("runlog_s3")
+
+
+# Errors ###########################################################################################
+
+
+class RunlogS3Error(Exception):
+    """Base of every error this module raises; the message is one line that says what to do."""
+
+    def __init__(self, message: str):
+        # Not super(): when combined with magnus's exceptions, theirs would replace the message.
+        Exception.__init__(self, message)
+        self.message = message  # magnus's own exceptions carry .message; keep the same attribute
+
+
+class ConfigError(RunlogS3Error, ValueError):
+    """The run_log_store config (or a command-line option standing for it) is not valid."""
+
+
+class CredentialsError(RunlogS3Error):
+    """AWS credentials could not be found, read or assumed."""
+
+
+class S3Error(RunlogS3Error):
+    """An S3 (or STS) request failed; carries the S3 error code, HTTP status, bucket, key, request id."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str = "",
+        code: str = "",
+        status: int = 0,
+        bucket: str = "",
+        key: str = "",
+        request_id: str = "",
+    ):
+        super().__init__(message)
+        self.operation = operation
+        self.code = code
+        self.status = status
+        self.bucket = bucket
+        self.key = key
+        self.request_id = request_id
+
+
+class NotFoundError(S3Error):
+    """The object (404 NoSuchKey) or the bucket (404 NoSuchBucket) does not exist."""
+
+
+class NoSuchBucketError(NotFoundError):
+    """The bucket does not exist."""
+
+
+class PreconditionFailedError(S3Error):
+    """A conditional write was refused: 412 PreconditionFailed, or 409 ConditionalRequestConflict."""
+
+
+class WrongRegionError(S3Error):
+    """The bucket lives in another region than the configured one; .bucket_region names it."""
+
+    def __init__(self, message: str, *, bucket_region: str = "", **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.bucket_region = bucket_region
+
+
+class InvalidRunIdError(RunlogS3Error, ValueError):
+    """A run id that cannot be a key of its own (empty, '/', '..', control characters, too long)."""
+
+
+class InvalidRunLogError(RunlogS3Error):
+    """An object in the bucket, or a document handed in, is not a run log."""
+
+
+class RunLogNotFoundError(RunlogS3Error, LookupError):
+    """No run log is stored for the run id."""
+
+
+class RunLogExistsError(RunlogS3Error):
+    """A run log is already stored for the run id."""
+
+
+class LogNotFoundError(RunlogS3Error, LookupError):
+    """A step or branch named by its internal name is not in the run log."""
+
+
+class ConflictError(RunlogS3Error):
+    """Other writers kept changing the run log until the conflict deadline passed."""
+
+
+# Config ###########################################################################################
+
+# Buckets S3 accepts today: 3-63 characters of lowercase letters, digits, dots and hyphens,
+# beginning and ending with a letter or digit, and not shaped like an IP address.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+_SERVER_SIDE_ENCRYPTION = ("", "AES256", "aws:kms", "aws:kms:dsse")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The magnus `run_log_store.config` block of the old S3 store, key for key, plus additions.
+
+    It holds names of environment variables and of files, never a secret.
+    """
+
+    s3_bucket: str
+    prefix: str = ""
+    region: str = "eu-west-1"
+    aws_profile: str = ""  # '' means botocore's default chain, not a profile named ''
+    use_credentials: bool = False
+    aws_credentials_file: str = "~/.aws/credentials"
+    aws_access_key_name: str = "AWS_ACCESS_KEY_ID"
+    aws_secret_access_key_name: str = "AWS_SECRET_ACCESS_KEY"
+    aws_session_key_name: str = "AWS_SESSION_TOKEN"
+    role_arn: str = ""
+    session_duration_in_seconds: int = 900
+    # Additions: none is needed by a user who copies the documented block.
+    endpoint_url: str = ""  # '' -> AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL, then AWS itself
+    max_attempts: int = 8
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    conflict_timeout: float = 120.0  # how long one update may keep losing the compare-and-swap
+    role_session_name: str = "runlog-s3"
+    server_side_encryption: str = ""
+    sse_kms_key_id: str = ""
+    expected_bucket_owner: str = ""
+    ca_bundle: str = ""  # '' -> AWS_CA_BUNDLE, then the system's certificates
+
+    @classmethod
+    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "Config":
+        """Validate a config block: unknown keys, wrong types and bad values are one ConfigError."""
+        values = dict(values or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown key {unknown[0]!r} in run_log_store.config; valid keys: {', '.join(known)}"
+            )
+        # A key written with no value in YAML (`prefix:`) means "the default".
+        values = {name: value for name, value in values.items() if value is not None}
+        if not values.get("s3_bucket"):
+            raise ConfigError("run_log_store.config needs s3_bucket: the name of the bucket to keep run logs in")
+        for name, value in values.items():
+            _check_type(name, value, known[name].type)
+        config = cls(**values)
+        config._check_values()
+        return config
+
+    def _check_values(self) -> None:
+        bucket = self.s3_bucket
+        if not _BUCKET_NAME.match(bucket) or ".." in bucket or _IP_ADDRESS.match(bucket):
+            raise ConfigError(
+                f"s3_bucket {bucket!r} is not a valid S3 bucket name: use 3-63 lowercase letters, digits, "
+                "dots and hyphens, starting and ending with a letter or digit"
+            )
+        if not _REGION_NAME.match(self.region):
+            raise ConfigError(f"region {self.region!r} is not an AWS region name such as eu-west-1")
+        segments = self.prefix.strip("/").split("/")
+        if self.prefix.strip("/") and any(s in ("", ".", "..") or _has_control_characters(s) for s in segments):
+            raise ConfigError(
+                f"prefix {self.prefix!r} has an empty, '.' or '..' segment or a control character; "
+                "use a plain path such as 'runs/magnus'"
+            )
+        if self.endpoint_url:
+            check_endpoint_url(self.endpoint_url, "endpoint_url")
+        if not 900 <= self.session_duration_in_seconds <= 43200:
+            raise ConfigError(
+                f"session_duration_in_seconds must be between 900 and 43200 (what STS allows), "
+                f"not {self.session_duration_in_seconds}"
+            )
+        if not 1 <= self.max_attempts <= 50:
+            raise ConfigError(f"max_attempts must be between 1 and 50, not {self.max_attempts}")
+        for name in ("connect_timeout", "read_timeout", "conflict_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a number of seconds above 0, not {getattr(self, name)}")
+        if self.server_side_encryption not in _SERVER_SIDE_ENCRYPTION:
+            raise ConfigError(
+                f"server_side_encryption {self.server_side_encryption!r} is not one of "
+                f"{', '.join(repr(v) for v in _SERVER_SIDE_ENCRYPTION)}"
+            )
+        if self.sse_kms_key_id and not self.server_side_encryption.startswith("aws:kms"):
+            raise ConfigError("sse_kms_key_id needs server_side_encryption: aws:kms (or aws:kms:dsse)")
+        if self.role_arn and not self.role_arn.startswith("arn:"):
+            raise ConfigError(f"role_arn {self.role_arn!r} is not an ARN such as arn:aws:iam::123456789012:role/name")
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix with its slashes stripped: keys are `<key_prefix>/<run_id>.json`."""
+        return self.prefix.strip("/")
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    # Annotations are strings (from __future__ import annotations); bool is not an int here.
+    expected = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float)}[annotation]
+    if isinstance(value, bool) and annotation != "bool" or not isinstance(value, expected):
+        kind = {"str": "a string", "bool": "true or false", "int": "a whole number", "float": "a number"}[annotation]
+        raise ConfigError(f"run_log_store.config key {name!r} must be {kind}, not {type(value).__name__} {value!r}")
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def check_endpoint_url(url: str, where: str) -> str:
+    """Return the endpoint URL without a trailing slash, or raise ConfigError naming `where`."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{where} {url!r} must be a URL with a scheme, such as https://s3.example.com:9000")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where} {url!r} must not have a query or fragment")
+    return url.rstrip("/")
+
+
+def resolve_endpoint_url(config: Config, environ: Mapping[str, str], service: str = "s3") -> str:
+    """The endpoint for a service: config, then AWS_ENDPOINT_URL_<SERVICE>, then AWS_ENDPOINT_URL, else ''."""
+    if service == "s3" and config.endpoint_url:
+        return check_endpoint_url(config.endpoint_url, "endpoint_url")
+    for variable in (f"AWS_ENDPOINT_URL_{service.upper()}", "AWS_ENDPOINT_URL"):
+        if environ.get(variable):
+            return check_endpoint_url(environ[variable], variable)
+    return ""
+
+
+# Credentials ######################################################################################
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One set of AWS credentials and where they came from; repr never shows the secret or token."""
+
+    access_key: str
+    secret_key: str
+    token: str = ""
+    expiry: Optional[float] = None  # seconds since the epoch; None for credentials that do not expire
+    source: str = ""
+
+    def __repr__(self) -> str:
+        return (
+            f"Credentials(access_key={mask_access_key(self.access_key)!r}, secret_key='***', "
+            f"token={'***' if self.token else ''!r}, expiry={self.expiry!r}, source={self.source!r})"
+        )
+
+
+def mask_access_key(access_key: str) -> str:
+    """The last four characters of an access key id, enough to tell keys apart in a log."""
+    return "..." + access_key[-4:] if len(access_key) > 4 else "***"
+
+
+def read_env_credentials(config: Config, environ: Mapping[str, str]) -> Credentials:
+    """use_credentials: true -> the environment variables *named by* the three *_name keys."""
+    names = (config.aws_access_key_name, config.aws_secret_access_key_name)
+    for name in names:
+        if not environ.get(name):
+            raise CredentialsError(
+                f"use_credentials is true but environment variable {name} is not set; set it, or name "
+                f"another variable with aws_access_key_name / aws_secret_access_key_name"
+            )
+    return Credentials(
+        access_key=environ[names[0]],
+        secret_key=environ[names[1]],
+        token=environ.get(config.aws_session_key_name, ""),
+        source=f"environment variables {names[0]}, {names[1]}",
+    )
+
+
+class _BotocoreChain:
+    """botocore's default credential chain, honouring aws_profile and aws_credentials_file."""
+
+    def __init__(self, config: Config):
+        import botocore.exceptions
+        import botocore.session
+
+        credentials_file = os.path.expanduser(config.aws_credentials_file)
+        # An empty profile means "no profile": the old store passed '' on and botocore raised ProfileNotFound.
+        session = botocore.session.Session(profile=config.aws_profile or None)
+        session.set_config_variable("credentials_file", credentials_file)
+        where = f"profile {config.aws_profile!r}" if config.aws_profile else "the default credential chain"
+        try:
+            self._credentials = session.get_credentials()
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise CredentialsError(
+                f"AWS profile {config.aws_profile!r} is in neither {credentials_file} nor the AWS config file; "
+                "fix aws_profile or aws_credentials_file, or leave aws_profile empty for the default chain"
+            ) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise CredentialsError(f"reading AWS credentials from {where}: {exc}") from exc
+        if self._credentials is None:
+            raise CredentialsError(
+                f"no AWS credentials found in {where} (environment, {credentials_file}, AWS config, "
+                "container or instance metadata); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "name a profile with aws_profile, or set use_credentials: true"
+            )
+        method = getattr(self._credentials, "method", "") or "unknown"
+        self.source = f"{where} ({method})"
+
+    def get(self) -> Credentials:
+        # botocore refreshes its own refreshable credentials (SSO, process, metadata) here.
+        frozen = self._credentials.get_frozen_credentials()
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token or "", None, self.source)
+
+
+class CredentialProvider:
+    """Hands out current credentials: from named variables or botocore's chain, then AssumeRole if asked.
+
+    Assumed-role credentials are refreshed before they expire, because pipelines run for hours.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        environ: Optional[Mapping[str, str]] = None,
+        clock: Callable[[], float] = time.time,
+        transport: Optional["Transport"] = None,
+    ):
+        self._config = config
+        self._environ = os.environ if environ is None else environ
+        self._clock = clock
+        self._transport = transport
+        self._base: Optional[Callable[[], Credentials]] = None
+        self._assumed: Optional[Credentials] = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"CredentialProvider(source={self.source!r})"
+
+    @property
+    def source(self) -> str:
+        """Where credentials come from, for messages: never the credentials themselves."""
+        config = self._config
+        if config.use_credentials:
+            base = f"environment variables {config.aws_access_key_name}, {config.aws_secret_access_key_name}"
+        elif config.aws_profile:
+            base = f"profile {config.aws_profile!r} in {config.aws_credentials_file}"
+        else:
+            base = "the default credential chain"
+        return f"role {config.role_arn} assumed with {base}" if config.role_arn else base
+
+    def get(self) -> Credentials:
+        """Current credentials; assumes the role again when its credentials are close to expiry."""
+        with self._fresh_lock():
+            base = self._base_credentials()
+            if not self._config.role_arn:
+                return base
+            if self._assumed is None or self._expires_soon(self._assumed):
+                self._assumed = assume_role(base, self._config, self._sts_transport(), self._environ)
+            return self._assumed
+
+    def refresh(self) -> Credentials:
+        """Forget cached credentials (after an ExpiredToken reply) and read or assume them anew."""
+        with self._fresh_lock():
+            self._assumed = None
+            if self._config.use_credentials:
+                self._base = None
+        return self.get()
+
+    def _fresh_lock(self) -> threading.Lock:
+        if self._pid != os.getpid():  # a forked child must not inherit a lock held by a parent thread
+            self._lock, self._pid = threading.Lock(), os.getpid()
+        return self._lock
+
+    def _base_credentials(self) -> Credentials:
+        if self._base is None:
+            if self._config.use_credentials:
+                credentials = read_env_credentials(self._config, self._environ)
+                self._base = lambda: credentials
+            else:
+                self._base = _BotocoreChain(self._config).get
+        return self._base()
+
+    def _expires_soon(self, credentials: Credentials) -> bool:
+        # Refresh with a third of the session (at most 5 minutes) left, so no request carries a token
+        # that expires in flight.
+        margin = min(300.0, self._config.session_duration_in_seconds / 3)
+        return credentials.expiry is not None and credentials.expiry - self._clock() < margin
+
+    def _sts_transport(self) -> "Transport":
+        if self._transport is None:
+            self._transport = BotocoreTransport(self._config, self._environ)
+        return self._transport
+
+
+def sts_endpoint_url(config: Config, environ: Mapping[str, str]) -> str:
+    """AWS_ENDPOINT_URL_STS, then AWS_ENDPOINT_URL, else the regional STS endpoint."""
+    endpoint = resolve_endpoint_url(config, environ, service="sts")
+    if endpoint:
+        return endpoint
+    return f"https://sts.{config.region}.{_aws_domain(config.region)}"
+
+
+def _sts_request(
+    action: str,
+    params: Mapping[str, str],
+    credentials: Credentials,
+    config: Config,
+    transport: "Transport",
+    environ: Mapping[str, str],
+) -> ElementTree.Element:
+    """One signed STS query-API call; returns the parsed XML reply or raises S3Error."""
+    body = urllib.parse.urlencode({"Action": action, "Version": "2011-06-15", **params}).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+    url = sts_endpoint_url(config, environ) + "/"
+    request = sign_request("POST", url, headers, body, credentials, config.region, "sts")
+    try:
+        reply = transport.send(request)
+    except _transport_errors() as exc:
+        raise S3Error(f"STS {action} at {url} failed: {exc}", operation=action, code="ConnectionError") from exc
+    if reply.status != 200:
+        raise _error_from_reply(reply, operation=f"STS {action}", bucket="", key="")
+    return _parse_xml(reply.body)
+
+
+def assume_role(
+    base: Credentials, config: Config, transport: "Transport", environ: Mapping[str, str]
+) -> Credentials:
+    """STS AssumeRole with DurationSeconds = session_duration_in_seconds."""
+    params = {
+        "RoleArn": config.role_arn,
+        "RoleSessionName": config.role_session_name,
+        "DurationSeconds": str(config.session_duration_in_seconds),
+    }
+    try:
+        root = _sts_request("AssumeRole", params, base, config, transport, environ)
+    except S3Error as exc:
+        raise CredentialsError(f"assuming role {config.role_arn} with {base.source}: {exc}") from exc
+    found = {_local_name(e.tag): (e.text or "") for e in root.iter()}
+    try:
+        expiry = _parse_iso_time(found["Expiration"])
+        return Credentials(
+            found["AccessKeyId"],
+            found["SecretAccessKey"],
+            found["SessionToken"],
+            expiry,
+            f"role {config.role_arn} assumed with {base.source}",
+        )
+    except (KeyError, ValueError) as exc:
+        raise CredentialsError(f"assuming role {config.role_arn}: STS reply lacks credentials ({exc})") from exc
+
+
+def get_caller_identity(credentials: Credentials, config: Config, transport: "Transport", environ: Mapping[str, str]) -> str:
+    """The ARN STS reports for these credentials."""
+    root = _sts_request("GetCallerIdentity", {}, credentials, config, transport, environ)
+    return next((e.text or "" for e in root.iter() if _local_name(e.tag) == "Arn"), "")
+
+
+def _parse_iso_time(text: str) -> float:
+    from datetime import datetime, timezone
+
+    text = text.strip().replace("Z", "+00:00")
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+# S3 client ########################################################################################
+
+_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+_RETRYABLE_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"})
+_EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired"})
+_BACKOFF_BASE = 0.1  # seconds; full jitter over base * 2**attempt, capped
+_BACKOFF_CAP = 10.0
+
+
+@dataclass
+class HttpReply:
+    """What came back: status, headers (looked up case-insensitively), body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str:
+        for key, value in self.headers.items():
+            if key.lower() == name.lower():
+                return value
+        return ""
+
+
+@dataclass
+class ObjectInfo:
+    """One object: key, size, ETag, last-modified (ISO 8601 as S3 gives it)."""
+
+    key: str
+    size: int = 0
+    etag: str = ""
+    last_modified: str = ""
+
+
+@dataclass
+class S3Object:
+    """An object's body with its ETag, as read by one GET."""
+
+    key: str
+    body: bytes
+    etag: str
+    last_modified: str = ""
+
+
+def _transport_errors() -> Tuple[type, ...]:
+    """Exceptions that mean "the request may not have arrived, or its reply was lost": retry them."""
+    import botocore.exceptions
+
+    return (botocore.exceptions.HTTPClientError, OSError)
+
+
+class Transport:
+    """The seam between the client and the network: send a signed, prepared request, get an HttpReply."""
+
+    def send(self, request: Any) -> HttpReply:  # request: botocore.awsrequest.AWSPreparedRequest
+        raise NotImplementedError
+
+
+class BotocoreTransport(Transport):
+    """botocore's own HTTP session: one connection pool for the client's life, proxies, TLS verified."""
+
+    def __init__(self, config: Config, environ: Mapping[str, str], endpoint_url: str = ""):
+        self._config = config
+        self._environ = environ
+        self._endpoint_url = endpoint_url
+        self._session: Any = None
+        self._pid = 0
+
+    def _http_session(self) -> Any:
+        # A child forked by magnus's parallel mode must never reuse a socket its parent opened.
+        if self._session is None or self._pid != os.getpid():
+            import botocore.httpsession
+            import botocore.utils
+
+            verify: Any = self._config.ca_bundle or self._environ.get("AWS_CA_BUNDLE") or True
+            proxies = botocore.utils.get_environ_proxies(self._endpoint_url) if self._endpoint_url else {}
+            self._session = botocore.httpsession.URLLib3Session(
+                verify=verify,
+                proxies=proxies,
+                timeout=(self._config.connect_timeout, self._config.read_timeout),
+                max_pool_connections=16,
+            )
+            self._pid = os.getpid()
+        return self._session
+
+    def send(self, request: Any) -> HttpReply:
+        reply = self._http_session().send(request)
+        return HttpReply(reply.status_code, dict(reply.headers), reply.content)
+
+
+def sign_request(
+    method: str, url: str, headers: Mapping[str, str], body: bytes, credentials: Credentials, region: str, service: str
+) -> Any:
+    """A SigV4-signed, prepared request; for S3 the signature covers the SHA-256 of the real body."""
+    from botocore.auth import S3SigV4Auth, SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import ReadOnlyCredentials
+
+    request = AWSRequest(method=method, url=url, headers=dict(headers), data=body)
+    signer_class = S3SigV4Auth if service == "s3" else SigV4Auth
+    signer_class(
+        ReadOnlyCredentials(credentials.access_key, credentials.secret_key, credentials.token or None),
+        service,
+        region,
+    ).add_auth(request)
+    return request.prepare()
+
+
+def quote_key(key: str) -> str:
+    """A key as a URL path: every byte but unreserved ones and '/' percent-encoded (space, +, =, unicode)."""
+    return urllib.parse.quote(key, safe="/~")
+
+
+def _quote_query(params: Mapping[str, str]) -> str:
+    # Sorted and encoded the way SigV4 canonicalises them, so the signed and the sent query agree.
+    return "&".join(
+        f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}" for k, v in sorted(params.items())
+    )
+
+
+def _aws_domain(region: str) -> str:
+    return "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+
+
+def _local_name(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _parse_xml(body: bytes) -> ElementTree.Element:
+    return ElementTree.fromstring(body)
+
+
+def _xml_fields(body: bytes) -> Dict[str, str]:
+    """Top-level fields of an S3/STS error document, or {} when the body is not XML."""
+    if not body or not body.lstrip().startswith(b"<"):
+        return {}
+    try:
+        root = _parse_xml(body)
+    except ElementTree.ParseError:
+        return {}
+    found: Dict[str, str] = {}
+    for element in root.iter():
+        found.setdefault(_local_name(element.tag), (element.text or "").strip())
+    return found
+
+
+_STATUS_CODES = {301: "PermanentRedirect", 403: "AccessDenied", 404: "NotFound", 412: "PreconditionFailed"}
+
+_ACCESS_HINTS = {
+    "GET": "the credentials need s3:GetObject on the key, and s3:ListBucket on the bucket so that a "
+    "missing run log reads as not found instead of access denied",
+    "HEAD": "the credentials need s3:GetObject on the key and s3:ListBucket on the bucket",
+    "PUT": "the credentials need s3:PutObject on the key (and kms:GenerateDataKey when server-side "
+    "encryption uses KMS)",
+    "DELETE": "the credentials need s3:DeleteObject on the key",
+    "LIST": "the credentials need s3:ListBucket on the bucket",
+}
+
+
+def _error_from_reply(
+    reply: HttpReply, *, operation: str, bucket: str, key: str, region: str = "", method: str = ""
+) -> S3Error:
+    """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message."""
+    fields_ = _xml_fields(reply.body)
+    code = fields_.get("Code") or _STATUS_CODES.get(reply.status, f"HTTP{reply.status}")
+    detail = fields_.get("Message", "")
+    if not fields_ and reply.body:
+        snippet = reply.body[:120].decode("utf-8", "replace").replace("\n", " ")
+        detail = f"unparseable reply: {snippet!r}"
+    request_id = fields_.get("RequestId") or reply.header("x-amz-request-id")
+    where = f"s3://{bucket}/{key}" if bucket else ""
+    base = f"{operation} {where}".strip() + f" failed: {code} (HTTP {reply.status})"
+    if detail:
+        base += f": {detail}"
+    kwargs = dict(operation=operation, code=code, status=reply.status, bucket=bucket, key=key, request_id=request_id)
+    tail = f" [request id {request_id}]" if request_id else ""
+
+    bucket_region = reply.header("x-amz-bucket-region") or fields_.get("Region", "")
+    if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") or (
+        reply.status == 301
+    ):
+        if bucket_region and bucket_region != region:
+            return WrongRegionError(
+                f"bucket {bucket!r} is in region {bucket_region}, not {region}: set region: {bucket_region} "
+                f"in run_log_store.config{tail}",
+                bucket_region=bucket_region,
+                **kwargs,
+            )
+    if code == "NoSuchBucket" or (reply.status == 404 and not key and method != "GET"):
+        return NoSuchBucketError(f"{base}; check s3_bucket (and endpoint_url, region){tail}", **kwargs)
+    if reply.status == 404:
+        return NotFoundError(f"{base}{tail}", **kwargs)
+    if reply.status == 412 or code == "ConditionalRequestConflict":
+        return PreconditionFailedError(f"{base}{tail}", **kwargs)
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return S3Error(f"{base}; check the access key and secret{tail}", **kwargs)
+    if reply.status == 403:
+        hint = _ACCESS_HINTS.get(method or operation.split()[0], "check the credentials' permissions")
+        return S3Error(f"{base}; {hint}{tail}", **kwargs)
+    return S3Error(f"{base}{tail}", **kwargs)
+
+
+class S3Client:
+    """A minimal S3 client for one bucket: GET, PUT (conditional), HEAD, DELETE, ListObjectsV2.
+
+    Signed with botocore's SigV4 signer, sent through a Transport (botocore's HTTP session in
+    production), retried with full-jitter exponential backoff on faults that a retry can fix.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        credentials: Optional[CredentialProvider] = None,
+        transport: Optional[Transport] = None,
+        *,
+        environ: Optional[Mapping[str, str]] = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.config = config
+        self.bucket = config.s3_bucket
+        self._environ = os.environ if environ is None else environ
+        self.endpoint_url = resolve_endpoint_url(config, self._environ)
+        self.credentials = credentials or CredentialProvider(config, environ=self._environ)
+        self.transport = transport or BotocoreTransport(config, self._environ, self.endpoint_url)
+        self._sleep = sleep
+        self._base_url, self._path_prefix = self._addressing()
+
+    def __repr__(self) -> str:
+        return f"S3Client(bucket={self.bucket!r}, region={self.config.region!r}, endpoint={self._base_url!r})"
+
+    def _addressing(self) -> Tuple[str, str]:
+        """(base URL, path prefix): path-style on a custom endpoint or a dotted bucket, else virtual-hosted."""
+        if self.endpoint_url:
+            return self.endpoint_url, "/" + self.bucket
+        domain = _aws_domain(self.config.region)
+        if "." in self.bucket:  # a dotted bucket does not match the wildcard TLS certificate
+            return f"https://s3.{self.config.region}.{domain}", "/" + self.bucket
+        return f"https://{self.bucket}.s3.{self.config.region}.{domain}", ""
+
+    def object_url(self, key: str, query: Optional[Mapping[str, str]] = None) -> str:
+        """The URL of a key (or of the bucket when key is '')."""
+        url = f"{self._base_url}{self._path_prefix}/{quote_key(key)}"
+        return f"{url}?{_quote_query(query)}" if query else url
+
+    # The five operations.
+
+    def get_object(self, key: str) -> S3Object:
+        """GET: the body and its ETag. Raises NotFoundError when there is no such key."""
+        reply = self._request("GET", key)
+        return S3Object(key, reply.body, reply.header("ETag"), reply.header("Last-Modified"))
+
+    def put_object(self, key: str, body: bytes, *, if_match: str = "", if_none_match: bool = False) -> str:
+        """PUT, optionally only if the ETag matches or only if no object exists; returns the new ETag."""
+        headers = {"Content-Type": "application/json"}
+        if if_match:
+            headers["If-Match"] = if_match
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        if self.config.server_side_encryption:
+            headers["x-amz-server-side-encryption"] = self.config.server_side_encryption
+        if self.config.sse_kms_key_id:
+            headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.config.sse_kms_key_id
+        reply = self._request("PUT", key, headers=headers, body=body)
+        return reply.header("ETag")
+
+    def head_object(self, key: str) -> ObjectInfo:
+        """HEAD: size, ETag and last-modified without the body."""
+        reply = self._request("HEAD", key)
+        size = int(reply.header("Content-Length") or 0)
+        return ObjectInfo(key, size, reply.header("ETag"), reply.header("Last-Modified"))
+
+    def delete_object(self, key: str) -> None:
+        """DELETE (S3 answers 204 whether or not the key existed)."""
+        self._request("DELETE", key)
+
+    def list_objects(self, prefix: str = "", delimiter: str = "") -> Iterator[ObjectInfo]:
+        """ListObjectsV2 over every page; with a delimiter, common prefixes come as keys ending in it."""
+        token = ""
+        while True:
+            query = {"list-type": "2", "prefix": prefix}
+            if delimiter:
+                query["delimiter"] = delimiter
+            if token:
+                query["continuation-token"] = token
+            reply = self._request("GET", "", query=query, operation="LIST")
+            try:
+                root = _parse_xml(reply.body)
+            except ElementTree.ParseError as exc:
+                raise S3Error(
+                    f"LIST s3://{self.bucket}/{prefix}: the server's reply is not XML ({exc})", operation="LIST"
+                ) from exc
+            for element in root:
+                name = _local_name(element.tag)
+                if name == "Contents":
+                    values = {_local_name(child.tag): child.text or "" for child in element}
+                    yield ObjectInfo(
+                        values.get("Key", ""),
+                        int(values.get("Size") or 0),
+                        values.get("ETag", ""),
+                        values.get("LastModified", ""),
+                    )
+                elif name == "CommonPrefixes":
+                    for child in element:
+                        yield ObjectInfo(child.text or "")
+            values = {_local_name(element.tag): element.text or "" for element in root}
+            token = values.get("NextContinuationToken", "")
+            if values.get("IsTruncated") != "true" or not token:
+                return
+
+    def head_bucket(self) -> str:
+        """HEAD on the bucket; returns the region S3 reports for it ('' when the server does not say)."""
+        reply = self._request("HEAD", "", operation="HEAD bucket")
+        return reply.header("x-amz-bucket-region")
+
+    # The one place a request is built, signed, sent, retried and its errors parsed.
+
+    def _request(
+        self,
+        method: str,
+        key: str,
+        *,
+        query: Optional[Mapping[str, str]] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        body: bytes = b"",
+        operation: str = "",
+    ) -> HttpReply:
+        operation = operation or method
+        url = self.object_url(key, query)
+        headers = dict(headers or {})
+        if self.config.expected_bucket_owner:
+            headers["x-amz-expected-bucket-owner"] = self.config.expected_bucket_owner
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            credentials = self.credentials.get()
+            request = sign_request(method, url, headers, body, credentials, self.config.region, "s3")
+            try:
+                reply = self.transport.send(request)
+            except _transport_errors() as exc:
+                if attempt >= self.config.max_attempts:
+                    raise S3Error(
+                        f"{operation} s3://{self.bucket}/{key} failed after {attempt} attempts: "
+                        f"{type(exc).__name__}: {exc}; check endpoint_url and the network, or raise max_attempts",
+                        operation=operation,
+                        code="ConnectionError",
+                        bucket=self.bucket,
+                        key=key,
+                    ) from exc
+                self._backoff(attempt, operation, key, type(exc).__name__)
+                continue
+            if 200 <= reply.status < 300:
+                return reply
+            error = _error_from_reply(
+                reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method
+            )
+            if error.code in _EXPIRED_CODES and not refreshed:
+                logger.info("credentials expired during %s s3://%s/%s; refreshing once", operation, self.bucket, key)
+                self.credentials.refresh()
+                refreshed = True
+                continue
+            if error.status in _RETRYABLE_STATUS or error.code in _RETRYABLE_CODES:
+                if attempt < self.config.max_attempts:
+                    self._backoff(attempt, operation, key, error.code)
+                    continue
+                error.args = (f"{error.message} (gave up after {attempt} attempts; raise max_attempts to retry longer)",)
+                error.message = error.args[0]
+            raise error
+
+    def _backoff(self, attempt: int, operation: str, key: str, reason: str) -> None:
+        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))
+        logger.debug(
+            "retrying %s s3://%s/%s after %s (attempt %d of %d) in %.3f s",
+            operation, self.bucket, key, reason, attempt, self.config.max_attempts, delay,
+        )
+        self._sleep(delay)
+
+
+# Run log documents ################################################################################
+#
+# A run log is a dict shaped like magnus's RunLog.dict(): run_id, status, steps (by internal name),
+# parameters, run_config... Steps hold branches (by internal name), branches hold steps. These
+# functions work on plain dicts so that neither the CLI nor a copy-in user needs magnus.
+
+RUN_LOG_SUFFIX = ".json"
+_MAX_KEY_BYTES = 1024  # S3's limit on a key
+
+
+def validate_run_id(run_id: Any) -> str:
+    """Return the run id, or raise InvalidRunIdError before any request is made."""
+    if not isinstance(run_id, str) or not run_id:
+        raise InvalidRunIdError(f"run id must be a non-empty string, not {run_id!r}")
+    if run_id in (".", ".."):
+        raise InvalidRunIdError(f"run id {run_id!r} is not allowed: it is a path segment")
+    if "/" in run_id or "\\" in run_id:
+        raise InvalidRunIdError(f"run id {run_id!r} must not contain '/' or '\\'")
+    if _has_control_characters(run_id):
+        raise InvalidRunIdError(f"run id {run_id!r} must not contain control characters")
+    if run_id != run_id.strip():
+        raise InvalidRunIdError(f"run id {run_id!r} must not begin or end with white space")
+    return run_id
+
+
+def run_log_key(prefix: str, run_id: str) -> str:
+    """`<prefix>/<run_id>.json` (or `<run_id>.json` with no prefix), checked against S3's key limit."""
+    validate_run_id(run_id)
+    prefix = prefix.strip("/")
+    key = f"{prefix}/{run_id}{RUN_LOG_SUFFIX}" if prefix else f"{run_id}{RUN_LOG_SUFFIX}"
+    if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+        raise InvalidRunIdError(
+            f"run id of {len(run_id)} characters makes a key longer than S3's {_MAX_KEY_BYTES} bytes; use a shorter run id"
+        )
+    return key
+
+
+def encode_run_log(document: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON: every write rewrites the whole document, so every byte counts."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_RUN_LOG_FIELD_TYPES = {
+    "run_id": str,
+    "status": str,
+    "steps": dict,
+    "parameters": dict,
+    "run_config": dict,
+    "use_cached": bool,
+}
+
+
+def check_run_log(document: Any, where: str) -> Dict[str, Any]:
+    """Return the document if it is shaped like a run log, else raise InvalidRunLogError naming `where`."""
+    if not isinstance(document, dict):
+        raise InvalidRunLogError(f"{where} is not a run log: JSON {type(document).__name__}, not an object")
+    if "run_id" not in document:
+        raise InvalidRunLogError(f"{where} is not a run log: it has no run_id")
+    for name, kind in _RUN_LOG_FIELD_TYPES.items():
+        if name in document and not isinstance(document[name], kind):
+            raise InvalidRunLogError(
+                f"{where} is not a run log: {name} is {type(document[name]).__name__}, not {kind.__name__}"
+            )
+    for name, step in document.get("steps", {}).items():
+        if not isinstance(step, dict) or not isinstance(step.get("branches", {}), dict):
+            raise InvalidRunLogError(f"{where} is not a run log: step {name!r} is not a step log object")
+    return document
+
+
+def decode_run_log(body: bytes, where: str) -> Dict[str, Any]:
+    """Parse and check a stored run log; `where` (s3://bucket/key) goes into the error."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        detail = "it is empty" if not body.strip() else f"{type(exc).__name__}: {exc}"
+        raise InvalidRunLogError(f"{where} is not a run log: not valid JSON ({detail}); it was left as is") from exc
+    return check_run_log(document, where)
+
+
+def find_step(document: Dict[str, Any], internal_name: str) -> Dict[str, Any]:
+    """The step log at a dot path (step.branch.step...), as magnus's search_step_by_internal_name finds it."""
+    parts = internal_name.split(".")
+    steps = document.get("steps", {})
+    step: Optional[Dict[str, Any]] = None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        if i % 2 == 0:  # even depth: a step
+            step = steps.get(name)
+            if step is None:
+                raise LogNotFoundError(f"step log {internal_name!r} is not in run log {document.get('run_id')!r}")
+        else:  # odd depth: a branch of that step
+            branch = (step or {}).get("branches", {}).get(name)
+            if branch is None:
+                raise LogNotFoundError(f"branch log {name!r} is not in run log {document.get('run_id')!r}")
+            steps = branch.setdefault("steps", {})
+    if step is None or len(parts) % 2 == 0:
+        raise LogNotFoundError(f"{internal_name!r} does not name a step log")
+    return step
+
+
+def find_branch(document: Dict[str, Any], internal_name: str) -> Dict[str, Any]:
+    """The branch log at a dot path, or the run log itself for '' (the base dag)."""
+    if not internal_name:
+        return document
+    parts = internal_name.split(".")
+    if len(parts) % 2:
+        raise LogNotFoundError(f"{internal_name!r} does not name a branch log")
+    step = find_step(document, ".".join(parts[:-1]))
+    branch = step.get("branches", {}).get(internal_name)
+    if branch is None:
+        raise LogNotFoundError(f"branch log {internal_name!r} is not in run log {document.get('run_id')!r}")
+    return branch
+
+
+def _keep_stored_children(stored: Mapping[str, Any], given: Mapping[str, Any]) -> Dict[str, Any]:
+    # Children (a step's branches, a branch's steps) are written through their own add_* call, maybe by
+    # another process; a write of their parent adds the ones it brings but never undoes a stored one.
+    merged = dict(given)
+    merged.update(stored)
+    return merged
+
+
+def put_step_log(document: Dict[str, Any], step_log: Mapping[str, Any]) -> None:
+    """Set a step log in its branch (or the run); its stored branches stay as they are."""
+    internal_name = step_log["internal_name"]
+    parent = find_branch(document, ".".join(internal_name.split(".")[:-1]))
+    steps = parent.setdefault("steps", {})
+    new = dict(step_log)
+    stored = steps.get(internal_name)
+    if stored:
+        new["branches"] = _keep_stored_children(stored.get("branches", {}), step_log.get("branches", {}))
+    steps[internal_name] = new
+
+
+def put_branch_log(document: Dict[str, Any], branch_log: Mapping[str, Any]) -> None:
+    """Set a branch log in its step; its stored steps stay as they are."""
+    internal_name = branch_log["internal_name"]
+    step = find_step(document, ".".join(internal_name.split(".")[:-1]))
+    branches = step.setdefault("branches", {})
+    new = dict(branch_log)
+    stored = branches.get(internal_name)
+    if stored:
+        new["steps"] = _keep_stored_children(stored.get("steps", {}), branch_log.get("steps", {}))
+    branches[internal_name] = new
+
+
+def put_run_fields(document: Dict[str, Any], run_log: Mapping[str, Any]) -> None:
+    """Set the run's own fields (status, tag, ...) from a whole run log; its steps, parameters and run
+    config keep what is stored and gain only what is new."""
+    for name, value in run_log.items():
+        if name in ("steps", "parameters", "run_config"):
+            document[name] = _keep_stored_children(document.get(name, {}), value or {})
+        elif name != "run_id":
+            document[name] = value
+
+
+def iter_steps(container: Mapping[str, Any], depth: int = 0) -> Iterator[Tuple[int, str, Dict[str, Any]]]:
+    """Every step and branch under a run or branch, depth first: (depth, 'step' or 'branch', log)."""
+    for step in container.get("steps", {}).values():
+        yield depth, "step", step
+        for branch in step.get("branches", {}).values():
+            yield depth + 1, "branch", branch
+            yield from iter_steps(branch, depth + 2)
+
+
+@dataclass
+class _Version:
+    etag: str
+    body: bytes
+
+
+class S3RunLogs:
+    """The run logs under one bucket and prefix, as dicts, written with compare-and-swap.
+
+    Reads are always one fresh GET. Each mutation is applied to a fresh document and written with
+    If-Match on its ETag; a 412 means another writer won the race, so read again and re-apply. The
+    last version seen of each run log is kept, so an uncontended mutation costs one PUT.
+    """
+
+    _KEEP_VERSIONS = 16
+
+    def __init__(self, client: S3Client, *, clock: Callable[[], float] = time.monotonic):
+        self.client = client
+        self.prefix = client.config.key_prefix
+        self._clock = clock
+        self._versions: Dict[str, _Version] = {}
+
+    def __repr__(self) -> str:
+        return f"S3RunLogs(bucket={self.client.bucket!r}, prefix={self.prefix!r})"
+
+    def key(self, run_id: str) -> str:
+        """The key of a run's log."""
+        return run_log_key(self.prefix, run_id)
+
+    def where(self, run_id: str) -> str:
+        """s3://bucket/key, for messages."""
+        return f"s3://{self.client.bucket}/{self.key(run_id)}"
+
+    def read(self, run_id: str) -> Dict[str, Any]:
+        """The stored run log. Raises RunLogNotFoundError, or InvalidRunLogError for a foreign object."""
+        key = self.key(run_id)
+        try:
+            stored = self.client.get_object(key)
+        except NotFoundError as exc:
+            if isinstance(exc, NoSuchBucketError):
+                raise
+            raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {self.where(run_id)}") from exc
+        document = decode_run_log(stored.body, self.where(run_id))
+        self._remember(run_id, stored.etag, stored.body)
+        return document
+
+    def create(self, document: Dict[str, Any]) -> None:
+        """Store a new run log; RunLogExistsError if one is there (unless it is ours, whose reply was lost)."""
+        run_id = document["run_id"]
+        key = self.key(run_id)
+        body = encode_run_log(check_run_log(document, "the run log to create"))
+        try:
+            etag = self.client.put_object(key, body, if_none_match=True)
+        except PreconditionFailedError as exc:
+            # Our own first attempt may have been stored with its reply lost: then the body is ours.
+            try:
+                stored = self.client.get_object(key)
+            except NotFoundError:
+                stored = None
+            if stored is None or stored.body != body:
+                raise RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}") from exc
+            etag = stored.etag
+        self._remember(run_id, etag, body)
+
+    def write(self, document: Dict[str, Any]) -> None:
+        """Replace the whole run log, unconditionally: the last writer wins."""
+        run_id = document["run_id"]
+        body = encode_run_log(check_run_log(document, "the run log to write"))
+        etag = self.client.put_object(self.key(run_id), body)
+        self._remember(run_id, etag, body)
+
+    def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
+        """Replace the whole run log only if its ETag is still `etag` (PreconditionFailedError if not)."""
+        run_id = document["run_id"]
+        body = encode_run_log(check_run_log(document, "the run log to write"))
+        new_etag = self.client.put_object(self.key(run_id), body, if_match=etag)
+        self._remember(run_id, new_etag, body)
+
+    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
+        """Apply `change` to the run log and store it with compare-and-swap; returns the stored document.
+
+        `change` must only set values (it may run more than once, on fresher documents).
+        """
+        key = self.key(run_id)
+        where = self.where(run_id)
+        deadline = self._clock() + self.client.config.conflict_timeout
+        conflicts = 0
+        while True:
+            version = self._versions.pop(run_id, None)
+            fresh = version is None
+            if fresh:
+                try:
+                    stored = self.client.get_object(key)
+                except NotFoundError as exc:
+                    if isinstance(exc, NoSuchBucketError):
+                        raise
+                    raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {where}") from exc
+                version = _Version(stored.etag, stored.body)
+            document = decode_run_log(version.body, where)
+            change(document)
+            body = encode_run_log(document)
+            if fresh and body == version.body:
+                self._remember(run_id, version.etag, body)  # nothing to change
+                return document
+            try:
+                etag = self.client.put_object(key, body, if_match=version.etag)
+            except PreconditionFailedError:
+                conflicts += 1
+                if self._clock() >= deadline:
+                    raise ConflictError(
+                        f"gave up updating {where} after {conflicts} conflicts in "
+                        f"{self.client.config.conflict_timeout:g} s: other writers kept changing it; "
+                        "raise conflict_timeout, or use the chunked-s3 store for wide fan-outs"
+                    ) from None
+                logger.debug("run log %s changed under us (conflict %d); reading it again", where, conflicts)
+                if not fresh and conflicts == 1:
+                    continue  # our remembered version was stale: read again at once
+                self._backoff(conflicts)
+                continue
+            except NotFoundError as exc:  # deleted since we read it
+                raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {where}") from exc
+            self._remember(run_id, etag, body)
+            return document
+
+    def delete(self, run_id: str) -> None:
+        """Delete the run log; RunLogNotFoundError when there is none."""
+        key = self.key(run_id)
+        try:
+            self.client.head_object(key)
+        except NotFoundError as exc:
+            raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {self.where(run_id)}") from exc
+        self.client.delete_object(key)
+        self._versions.pop(run_id, None)
+
+    def list(self) -> List[ObjectInfo]:
+        """Every run log under the prefix as (run id in .key, size, last-modified), oldest first."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        runs = []
+        for info in self.client.list_objects(prefix, delimiter="/"):
+            name = info.key[len(prefix):]
+            if name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
+                runs.append(ObjectInfo(name[: -len(RUN_LOG_SUFFIX)], info.size, info.etag, info.last_modified))
+        runs.sort(key=lambda run: (run.last_modified, run.key))
+        return runs
+
+    def _remember(self, run_id: str, etag: str, body: bytes) -> None:
+        if not etag:
+            return
+        self._versions.pop(run_id, None)
+        self._versions[run_id] = _Version(etag, body)
+        while len(self._versions) > self._KEEP_VERSIONS:
+            self._versions.pop(next(iter(self._versions)))
+
+    @staticmethod
+    def _backoff(conflicts: int) -> None:
+        # Short full-jitter waits: the winner's PUT is done in milliseconds, and spreading the losers
+        # keeps them from colliding again.
+        time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(conflicts, 10))))
+
+
+def open_run_logs(config: Mapping[str, Any] | Config, **client_options: Any) -> S3RunLogs:
+    """S3RunLogs for a config block (dict or Config)."""
+    if not isinstance(config, Config):
+        config = Config.from_dict(config)
+    return S3RunLogs(S3Client(config, **client_options))
+
+
+# magnus stores ####################################################################################
+#
+# magnus checks isinstance(store, BaseRunLogStore), so the store subclasses magnus's base class when
+# magnus is importable. Importing magnus costs a second of pydantic and stevedore, which the command
+# line must not pay, so the classes are built on first use (module __getattr__, PEP 562).
+
+
+class _S3StoreMethods:
+    """The magnus 0.4 run log store interface, written on S3RunLogs with compare-and-swap."""
+
+    service_name = "s3"
+
+    def __init__(self, config: Optional[Mapping[str, Any]] = None):
+        self.config = Config.from_dict(config)
+        self._run_logs: Optional[S3RunLogs] = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bucket={self.config.s3_bucket!r}, prefix={self.config.key_prefix!r})"
+
+    @property
+    def run_logs(self) -> S3RunLogs:
+        """The S3RunLogs behind this store, made on first use (the client is fork-safe)."""
+        if self._run_logs is None:
+            self._run_logs = S3RunLogs(S3Client(self.config))
+        return self._run_logs
+
+    def get_aws_credentials_file(self) -> str:
+        """The shared credentials file (magnus_extensions' local-container integration mounts it)."""
+        return os.path.expanduser(self.config.aws_credentials_file)
+
+    # Conversions between magnus's pydantic models and dicts; identity without magnus.
+
+    _models: Dict[str, Any] = {}
+    _errors: Dict[str, Any] = {}
+
+    def _model(self, kind: str, document: Dict[str, Any]) -> Any:
+        model = self._models.get(kind)
+        return model(**document) if model else document
+
+    @staticmethod
+    def _as_dict(log: Any) -> Dict[str, Any]:
+        return log.dict() if hasattr(log, "dict") else dict(log)
+
+    def _raise(self, kind: str, error: RunlogS3Error, *args: Any) -> None:
+        magnus_error = self._errors.get(kind)
+        if magnus_error is None:
+            raise error
+        raise magnus_error(error.message, *args) from error
+
+    def _read(self, run_id: str) -> Dict[str, Any]:
+        try:
+            return self.run_logs.read(run_id)
+        except RunLogNotFoundError as exc:
+            self._raise("RunLogNotFoundError", exc, run_id)
+            raise
+
+    def _mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
+        try:
+            return self.run_logs.mutate(run_id, change)
+        except RunLogNotFoundError as exc:
+            self._raise("RunLogNotFoundError", exc, run_id)
+            raise
+        except LogNotFoundError as exc:
+            self._raise("BranchLogNotFoundError", exc, run_id, "")
+            raise
+
+    # The interface.
+
+    def create_run_log(
+        self,
+        run_id: str,
+        dag_hash: str = "",
+        use_cached: bool = False,
+        tag: str = "",
+        original_run_id: str = "",
+        status: str = "CREATED",
+        **kwargs: Any,
+    ) -> Any:
+        """Create the run log with If-None-Match: *; raises RunLogExistsError when one is there."""
+        fields_ = dict(
+            run_id=validate_run_id(run_id),
+            dag_hash=dag_hash,
+            use_cached=use_cached,
+            tag=tag,
+            original_run_id=original_run_id,
+            status=status,
+        )
+        run_log = self._model("RunLog", fields_)
+        document = self._as_dict(run_log) if self._models else {**fields_, "steps": {}, "parameters": {}, "run_config": {}}
+        try:
+            self.run_logs.create(document)
+        except RunLogExistsError as exc:
+            self._raise("RunLogExistsError", exc, run_id)
+            raise
+        return run_log
+
+    def get_run_log_by_id(self, run_id: str, full: bool = False, **kwargs: Any) -> Any:
+        """The run log, read fresh (one GET)."""
+        return self._model("RunLog", self._read(run_id))
+
+    def put_run_log(self, run_log: Any, **kwargs: Any) -> None:
+        """Replace the whole run log: the last writer wins (use the add_* methods to merge)."""
+        self.run_logs.write(self._as_dict(run_log))
+
+    def update_run_log_status(self, run_id: str, status: str) -> None:
+        """Set the run's status."""
+        self._mutate(run_id, lambda document: document.__setitem__("status", status))
+
+    def get_parameters(self, run_id: str, **kwargs: Any) -> dict:
+        """The run's parameters."""
+        return self._read(run_id).get("parameters", {})
+
+    def set_parameters(self, run_id: str, parameters: dict, **kwargs: Any) -> None:
+        """Add or overwrite parameters."""
+        self._mutate(run_id, lambda document: document.setdefault("parameters", {}).update(parameters))
+
+    def get_run_config(self, run_id: str, **kwargs: Any) -> dict:
+        """The run config of the run."""
+        return self._read(run_id).get("run_config", {})
+
+    def set_run_config(self, run_id: str, run_config: dict, **kwargs: Any) -> None:
+        """Add or overwrite run config entries."""
+        self._mutate(run_id, lambda document: document.setdefault("run_config", {}).update(run_config))
+
+    def get_step_log(self, internal_name: str, run_id: str, **kwargs: Any) -> Any:
+        """A step log by its internal name."""
+        document = self._read(run_id)
+        try:
+            return self._model("StepLog", find_step(document, internal_name))
+        except LogNotFoundError as exc:
+            self._raise("StepLogNotFoundError", exc, run_id, internal_name)
+            raise
+
+    def add_step_log(self, step_log: Any, run_id: str, **kwargs: Any) -> None:
+        """Set a step log in its branch; branches stored under it by other writers are kept."""
+        step = self._as_dict(step_log)
+        logger.debug("add step log %s to run %s", step.get("internal_name"), run_id)
+        self._mutate(run_id, lambda document: put_step_log(document, step))
+
+    def get_branch_log(self, internal_branch_name: str, run_id: str, **kwargs: Any) -> Any:
+        """A branch log by its internal name, or the run log for '' (the base dag)."""
+        document = self._read(run_id)
+        if not internal_branch_name:
+            return self._model("RunLog", document)
+        try:
+            return self._model("BranchLog", find_branch(document, internal_branch_name))
+        except LogNotFoundError as exc:
+            self._raise("BranchLogNotFoundError", exc, run_id, internal_branch_name)
+            raise
+
+    def add_branch_log(self, branch_log: Any, run_id: str, **kwargs: Any) -> None:
+        """Set a branch log in its step; for a run log (the base dag) set the run's own fields."""
+        branch = self._as_dict(branch_log)
+        if "run_id" in branch:
+            self._mutate(run_id, lambda document: put_run_fields(document, branch))
+        else:
+            self._mutate(run_id, lambda document: put_branch_log(document, branch))
+
+    # The factories for magnus's models come from BaseRunLogStore; without magnus, plain dicts.
+
+    def create_step_log(self, name: str, internal_name: str, **kwargs: Any) -> Any:
+        """An uncommitted step log."""
+        return self._model("StepLog", dict(name=name, internal_name=internal_name, status="CREATED", branches={}))
+
+    def create_branch_log(self, internal_branch_name: str, **kwargs: Any) -> Any:
+        """An uncommitted branch log."""
+        return self._model("BranchLog", dict(internal_name=internal_branch_name, status="CREATED", steps={}))
+
+
+def _build_magnus_stores() -> Dict[str, type]:
+    """The store classes, subclassing magnus's BaseRunLogStore and raising its errors when magnus is there."""
+    try:
+        from magnus import datastore as magnus_datastore
+        from magnus import exceptions as magnus_exceptions
+    except ImportError:
+        return {"S3RunLogStore": type("S3RunLogStore", (_S3StoreMethods,), {"__module__": __name__})}
+
+    def combined(ours: type, theirs: type) -> type:
+        # Raised as magnus's own class (magnus catches it) and as ours (with a real message).
+        def __init__(self: Any, message: str, *args: Any) -> None:
+            ours.__init__(self, message)
+
+        return type(theirs.__name__, (ours, theirs), {"__init__": __init__, "__module__": __name__})
+
+    errors = {
+        "RunLogNotFoundError": combined(RunLogNotFoundError, magnus_exceptions.RunLogNotFoundError),
+        "RunLogExistsError": combined(RunLogExistsError, magnus_exceptions.RunLogExistsError),
+        "StepLogNotFoundError": combined(LogNotFoundError, magnus_exceptions.StepLogNotFoundError),
+        "BranchLogNotFoundError": combined(LogNotFoundError, magnus_exceptions.BranchLogNotFoundError),
+    }
+    models = {
+        "RunLog": magnus_datastore.RunLog,
+        "StepLog": magnus_datastore.StepLog,
+        "BranchLog": magnus_datastore.BranchLog,
+    }
+
+    class S3RunLogStore(_S3StoreMethods, magnus_datastore.BaseRunLogStore):
+        """magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
+
+        service_name = "s3"
+        _models = models
+        _errors = errors
+
+        # magnus's factories build its own models.
+        create_step_log = magnus_datastore.BaseRunLogStore.create_step_log
+        create_branch_log = magnus_datastore.BaseRunLogStore.create_branch_log
+
+    return {"S3RunLogStore": S3RunLogStore}
+
+
+_lazy_names: Dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: S3RunLogStore is built (importing magnus) the first time someone asks for it.
+    if name == "S3RunLogStore":
+        if not _lazy_names:
+            _lazy_names.update(_build_magnus_stores())
+        return _lazy_names[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Command line #####################################################################################
+#
+# python -m runlog_s3 {get,ls,show,put,rm,check}: configured by flags, RUNLOG_S3_* variables, or a
+# magnus config file. Exit codes: 0 ok, 1 not found or check failed, 2 usage or configuration error.
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_CLI_SETTINGS = (
+    # (flag, environment variable, config key)
+    ("bucket", "RUNLOG_S3_BUCKET", "s3_bucket"),
+    ("prefix", "RUNLOG_S3_PREFIX", "prefix"),
+    ("region", "RUNLOG_S3_REGION", "region"),
+    ("profile", "RUNLOG_S3_PROFILE", "aws_profile"),
+    ("endpoint_url", "RUNLOG_S3_ENDPOINT_URL", "endpoint_url"),
+)
+
+_LOCAL_BUCKET = "runlog-s3-local"
+_LOCAL_KEY_NAMES = ("RUNLOG_S3_LOCAL_ACCESS_KEY_ID", "RUNLOG_S3_LOCAL_SECRET_ACCESS_KEY")
+
+
+class UsageError(RunlogS3Error):
+    """The command line asks for something that cannot be done as asked."""
+
+
+class LocalS3Server:
+    """moto's S3-compatible server (and STS), in this process, on a free loopback port.
+
+    Served single-threaded: moto's threaded server checks If-Match and stores the object in two
+    steps, so it can itself lose a race that real S3 does not.
+    """
+
+    def __init__(self, threaded: bool = False):
+        try:
+            from moto.server import DomainDispatcherApplication, create_backend_app
+            from werkzeug.serving import make_server
+        except ImportError as exc:
+            raise ConfigError(
+                "the embedded S3 server needs moto's server: pip install 'runlog-s3[local]'"
+            ) from exc
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        application = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", 0, application, threaded=threaded)
+        self.endpoint_url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="local-s3", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"LocalS3Server({self.endpoint_url!r})"
+
+    def __enter__(self) -> "LocalS3Server":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._thread.join(timeout=10)
+        self._server.server_close()
+
+
+def create_bucket(client: S3Client) -> None:
+    """CreateBucket for the client's bucket in its region (used against local servers)."""
+    body = b""
+    if client.config.region != "us-east-1":
+        body = (
+            '<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<LocationConstraint>{client.config.region}</LocationConstraint></CreateBucketConfiguration>"
+        ).encode()
+    client._request("PUT", "", body=body, operation="CreateBucket")
+
+
+def _load_config_file(path: str) -> Dict[str, Any]:
+    """The run_log_store.config block of a magnus config file (YAML when PyYAML is there, or JSON)."""
+    try:
+        with open(path, "rb") as stream:
+            text = stream.read().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"config file {path} is not JSON; install PyYAML to read YAML") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from exc
+    store = data.get("run_log_store") if isinstance(data, dict) else None
+    if not isinstance(store, dict):
+        raise ConfigError(f"config file {path} has no run_log_store block")
+    if store.get("type") not in (None, "s3", "runlog-s3"):
+        raise ConfigError(f"config file {path}: run_log_store type {store.get('type')!r} is not one of this module's stores (s3)")
+    config = store.get("config") or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path}: run_log_store.config must be a mapping")
+    return config
+
+
+def cli_config_values(args: Any, environ: Mapping[str, str]) -> Dict[str, Any]:
+    """The config block the command line stands for: flags, then --config FILE, then RUNLOG_S3_* variables."""
+    values: Dict[str, Any] = {}
+    for _flag, variable, key in _CLI_SETTINGS:
+        if environ.get(variable):
+            values[key] = environ[variable]
+    if args.config:
+        values.update(_load_config_file(args.config))
+    for flag, _variable, key in _CLI_SETTINGS:
+        if getattr(args, flag, None) is not None:
+            values[key] = getattr(args, flag)
+    return values
+
+
+def _color(text: str, status: str, enabled: bool) -> str:
+    if not enabled:
+        return text
+    code = {"SUCCESS": "32", "FAIL": "31", "PROCESSING": "33", "CREATED": "33"}.get(status, "0")
+    return f"\033[{code}m{text}\033[0m"
+
+
+def _step_summary(step: Mapping[str, Any]) -> str:
+    attempts = step.get("attempts") or []
+    parts = []
+    if attempts:
+        parts.append(f"{len(attempts)} attempt{'s' if len(attempts) != 1 else ''}")
+        duration = attempts[-1].get("duration") if isinstance(attempts[-1], dict) else ""
+        if duration:
+            parts.append(str(duration))
+    if step.get("mock"):
+        parts.append("mock")
+    return "  ".join(parts)
+
+
+def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0) -> List[str]:
+    """A run log as lines of a tree: steps, branches and nested steps with status, attempts, duration.
+
+    With a limit, each branch shows its first `limit` steps and a count of the rest.
+    """
+    status = str(document.get("status", ""))
+    lines = [
+        f"run {document.get('run_id')}  {_color(status, status, color)}  "
+        f"{len(document.get('parameters') or {})} parameters"
+    ]
+
+    def walk(container: Mapping[str, Any], indent: str) -> None:
+        steps = list((container.get("steps") or {}).values())
+        shown = steps[:limit] if limit and len(steps) > limit + 1 else steps
+        entries: List[Tuple[str, Any]] = [("step", step) for step in shown]
+        if len(shown) < len(steps):
+            entries.append(("more", len(steps) - len(shown)))
+        for index, (kind, item) in enumerate(entries):
+            last = index == len(entries) - 1
+            elbow, carry = ("└── ", "    ") if last else ("├── ", "│   ")
+            if kind == "more":
+                lines.append(f"{indent}{elbow}... {item} more steps")
+                continue
+            step_status = str(item.get("status", ""))
+            summary = _step_summary(item)
+            lines.append(
+                f"{indent}{elbow}{item.get('name') or item.get('internal_name')}  "
+                f"{_color(step_status, step_status, color)}" + (f"  {summary}" if summary else "")
+            )
+            branches = list((item.get("branches") or {}).values())
+            for b_index, branch in enumerate(branches):
+                b_last = b_index == len(branches) - 1
+                b_elbow, b_carry = ("└── ", "    ") if b_last else ("├── ", "│   ")
+                b_status = str(branch.get("status", ""))
+                name = str(branch.get("internal_name", "")).rsplit(".", 1)[-1]
+                lines.append(f"{indent}{carry}{b_elbow}[{name}]  {_color(b_status, b_status, color)}")
+                walk(branch, indent + carry + b_carry)
+
+    walk(document, "")
+    return lines
+
+
+def _cmd_get(run_logs: S3RunLogs, args: Any) -> int:
+    document = run_logs.read(args.run_id)
+    if args.compact:
+        print(json.dumps(document, separators=(",", ":"), ensure_ascii=False))
+    else:
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _cmd_ls(run_logs: S3RunLogs, args: Any) -> int:
+    runs = run_logs.list()
+    if args.limit:
+        runs = runs[-args.limit:]
+    width = max((len(run.key) for run in runs), default=0)
+    for run in runs:
+        print(f"{run.key.ljust(width)}  {run.last_modified}  {run.size}")
+    return EXIT_OK
+
+
+def _cmd_show(run_logs: S3RunLogs, args: Any) -> int:
+    document = run_logs.read(args.run_id)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print("\n".join(render_tree(document, color=color)))
+    return EXIT_OK
+
+
+def _cmd_put(run_logs: S3RunLogs, args: Any) -> int:
+    source = args.file or "stdin"
+    try:
+        if args.file and args.file != "-":
+            with open(args.file, "rb") as stream:
+                body = stream.read()
+        else:
+            body = sys.stdin.buffer.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from exc
+    document = decode_run_log(body, source)
+    if document["run_id"] != args.run_id:
+        raise UsageError(f"{source} holds run log {document['run_id']!r}, not {args.run_id!r}; nothing written")
+    where = run_logs.where(args.run_id)
+    if args.create:
+        run_logs.create(document)
+    else:
+        etag = args.if_match
+        if not etag:
+            try:
+                etag = run_logs.client.head_object(run_logs.key(args.run_id)).etag
+            except NotFoundError:
+                etag = ""
+        try:
+            if etag:
+                run_logs.replace_if_unchanged(document, etag)
+            else:
+                run_logs.create(document)
+        except (PreconditionFailedError, RunLogExistsError) as exc:
+            raise ConflictError(
+                f"{where} changed while it was being written; nothing written: get it again and retry"
+            ) from exc
+    print(f"wrote {where} ({len(encode_run_log(document))} bytes)")
+    return EXIT_OK
+
+
+def _cmd_rm(run_logs: S3RunLogs, args: Any) -> int:
+    where = run_logs.where(args.run_id)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"refusing to delete {where} without --yes (stdin is not a terminal)")
+        answer = input(f"delete {where}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return EXIT_FAILED
+    run_logs.delete(args.run_id)
+    print(f"deleted {where}")
+    return EXIT_OK
+
+
+@dataclass
+class CheckResult:
+    """One line of `check`."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+
+
+def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult]:
+    """Credentials, identity, bucket and region, read/write/delete, listing, and conditional writes."""
+    results: List[CheckResult] = []
+    bucket = client.bucket
+    scratch = "/".join(filter(None, [client.config.key_prefix, f".runlog-s3-check-{os.getpid()}-{random.getrandbits(32):08x}"]))
+
+    def check(name: str, action: Callable[[], str]) -> bool:
+        try:
+            detail = action()
+        except RunlogS3Error as exc:
+            results.append(CheckResult(name, False, exc.message))
+            return False
+        except Exception as exc:  # a check reports every failure as a line, whatever it is
+            results.append(CheckResult(name, False, f"{type(exc).__name__}: {exc}"))
+            return False
+        results.append(CheckResult(name, True, detail))
+        return True
+
+    def credentials() -> str:
+        found = client.credentials.get()
+        return f"{found.source} (access key {mask_access_key(found.access_key)})"
+
+    def identity() -> str:
+        if client.endpoint_url and not resolve_endpoint_url(client.config, environ, "sts"):
+            return "skipped: custom S3 endpoint and no AWS_ENDPOINT_URL_STS"
+        transport = BotocoreTransport(client.config, environ)
+        return get_caller_identity(client.credentials.get(), client.config, transport, environ)
+
+    def bucket_region() -> str:
+        region = client.head_bucket()
+        if region and region != client.config.region:
+            raise WrongRegionError(
+                f"bucket {bucket!r} is in region {region}, not {client.config.region}: set region: {region}",
+                bucket_region=region,
+            )
+        return f"s3://{bucket} exists" + (f" in {region}" if region else "")
+
+    def read_write_delete() -> str:
+        body = b'{"check":"runlog-s3"}'
+        client.put_object(scratch, body)
+        if client.get_object(scratch).body != body:
+            raise S3Error(f"s3://{bucket}/{scratch} read back different bytes than were written")
+        client.delete_object(scratch)
+        return f"put, get and delete of s3://{bucket}/{scratch}"
+
+    def listing() -> str:
+        prefix = f"{client.config.key_prefix}/" if client.config.key_prefix else ""
+        next(iter(client.list_objects(prefix)), None)
+        return f"ListObjectsV2 on s3://{bucket}/{prefix}"
+
+    def conditional_writes() -> str:
+        etag = client.put_object(scratch, b"{}")
+        try:
+            for description, options in (
+                ("If-None-Match: * on an existing key", {"if_none_match": True}),
+                ("If-Match with a stale ETag", {"if_match": '"00000000000000000000000000000000"'}),
+            ):
+                try:
+                    client.put_object(scratch, b'{"overwritten":true}', **options)
+                except PreconditionFailedError:
+                    continue
+                raise S3Error(
+                    f"the server accepted a PUT with {description}: it ignores conditional writes, so "
+                    "parallel writes are NOT safe on this endpoint (use AWS S3, or a server that honours If-Match)"
+                )
+            if client.get_object(scratch).etag != etag:
+                raise S3Error("the object changed although both conditional PUTs were refused")
+        finally:
+            client.delete_object(scratch)
+        return "conditional PUTs on an existing key are refused (412): parallel writes are safe"
+
+    if not check("credentials", credentials):
+        return results
+    check("caller identity", identity)
+    if check("bucket", bucket_region):
+        check("read, write, delete", read_write_delete)
+        check("list", listing)
+        check("conditional writes", conditional_writes)
+    return results
+
+
+def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:
+    """One writer process of `check --local`: a branch of steps and a parameter, through the store."""
+    import runlog_s3  # the store class is built lazily, with magnus when it is there
+
+    store = runlog_s3.S3RunLogStore(config)
+    branch_name = f"fan-out.writer-{writer:02d}"
+    branch = store.create_branch_log(branch_name)
+    _set(branch, "status", "PROCESSING")
+    store.add_branch_log(branch, run_id)
+    for number in range(steps):
+        step = store.create_step_log(f"step-{number:02d}", f"{branch_name}.step-{number:02d}")
+        _set(step, "status", "SUCCESS")
+        store.add_step_log(step, run_id)
+    store.set_parameters(run_id, {f"writer_{writer:02d}": writer})
+    _set(branch, "status", "SUCCESS")
+    store.add_branch_log(branch, run_id)
+
+
+def _set(log: Any, name: str, value: Any) -> None:
+    if isinstance(log, dict):
+        log[name] = value
+    else:
+        setattr(log, name, value)
+
+
+def run_local_workload(config: Dict[str, Any], writers: int = 16, steps: int = 10) -> Tuple[Dict[str, Any], int, int]:
+    """Writers in parallel processes on one run log; returns (run log, logs written, logs kept)."""
+    import multiprocessing
+
+    import runlog_s3
+
+    store = runlog_s3.S3RunLogStore(config)
+    run_id = f"check-local-{random.getrandbits(32):08x}"
+    store.create_run_log(run_id, status="PROCESSING")
+    fan_out = store.create_step_log("fan-out", "fan-out")
+    _set(fan_out, "status", "PROCESSING")
+    store.add_step_log(fan_out, run_id)
+    processes = [
+        multiprocessing.Process(target=_local_writer, args=(config, run_id, writer, steps)) for writer in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        if process.is_alive():
+            process.terminate()
+    fan_out = store.get_step_log("fan-out", run_id)
+    _set(fan_out, "status", "SUCCESS")
+    store.add_step_log(fan_out, run_id)
+    store.update_run_log_status(run_id, "SUCCESS")
+    document = store.run_logs.read(run_id)
+    branches = find_step(document, "fan-out").get("branches", {})
+    kept = sum(len(branch.get("steps", {})) for branch in branches.values()) + len(document.get("parameters", {}))
+    return document, writers * (steps + 1), kept
+
+
+def _cmd_check(values: Dict[str, Any], args: Any, environ: Mapping[str, str]) -> int:
+    local = args.local or not values.get("s3_bucket")
+    if not local:
+        client = S3Client(Config.from_dict(values), environ=environ)
+        return _report_checks(run_checks(client, environ))
+    print("no bucket configured: checking against an embedded S3 server" if not args.local else "checking against an embedded S3 server")
+    with LocalS3Server() as server:
+        # The embedded server accepts any credentials; name variables of our own so none of the
+        # user's are sent anywhere, and so forked writers find them.
+        os.environ[_LOCAL_KEY_NAMES[0]] = "runlog-s3-local-key"
+        os.environ[_LOCAL_KEY_NAMES[1]] = "runlog-s3-local-secret"
+        os.environ["AWS_ENDPOINT_URL_STS"] = server.endpoint_url
+        config = {
+            "s3_bucket": _LOCAL_BUCKET,
+            "region": values.get("region") or "eu-west-1",
+            "prefix": values.get("prefix") or "",
+            "endpoint_url": server.endpoint_url,
+            "use_credentials": True,
+            "aws_access_key_name": _LOCAL_KEY_NAMES[0],
+            "aws_secret_access_key_name": _LOCAL_KEY_NAMES[1],
+        }
+        client = S3Client(Config.from_dict(config))
+        create_bucket(client)
+        print(f"embedded server {server.endpoint_url}, bucket {_LOCAL_BUCKET}")
+        results = run_checks(client, os.environ)
+        _report_checks(results)
+        if not all(result.passed for result in results):
+            return EXIT_FAILED
+        started = time.monotonic()
+        document, written, kept = run_local_workload(config, writers=args.writers, steps=args.steps)
+        elapsed = time.monotonic() - started
+        print("\n".join(render_tree(document, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"), limit=2)))
+        detail = f"{args.writers} writer processes wrote {written} logs, {kept} kept, {written - kept} lost, in {elapsed:.1f} s"
+        return _report_checks([CheckResult("parallel writes", kept == written, detail)])
+
+
+def _report_checks(results: List[CheckResult]) -> int:
+    for result in results:
+        print(result.line(), flush=True)
+    return EXIT_OK if results and all(result.passed for result in results) else EXIT_FAILED
+
+
+def _parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="runlog-s3",
+        description="Read and manage magnus run logs kept in S3 by runlog_s3.",
+        epilog="Exit codes: 0 ok, 1 not found or check failed, 2 usage or configuration error.",
+    )
+    parser.add_argument("--version", action="version", version=f"runlog-s3 {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON); its run_log_store.config is used")
+    parser.add_argument("--bucket", help="the bucket (env RUNLOG_S3_BUCKET)")
+    parser.add_argument("--prefix", help="the key prefix (env RUNLOG_S3_PREFIX)")
+    parser.add_argument("--region", help="the bucket's region (env RUNLOG_S3_REGION; default eu-west-1)")
+    parser.add_argument("--profile", help="an AWS profile (env RUNLOG_S3_PROFILE; default: the default chain)")
+    parser.add_argument("--endpoint-url", dest="endpoint_url", help="an S3-compatible endpoint (env RUNLOG_S3_ENDPOINT_URL)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-vv for debug)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    get = commands.add_parser("get", help="print a run log as JSON")
+    get.add_argument("run_id")
+    get.add_argument("--compact", action="store_true", help="one line instead of indented")
+    ls = commands.add_parser("ls", help="list runs, oldest first: run id, last modified, size")
+    ls.add_argument("--limit", type=int, default=0, metavar="N", help="only the newest N")
+    show = commands.add_parser("show", help="a run log as a tree of steps and branches")
+    show.add_argument("run_id")
+    put = commands.add_parser("put", help="write a run log from FILE or stdin, validated, with compare-and-swap")
+    put.add_argument("run_id")
+    put.add_argument("file", nargs="?", help="a JSON file (default: stdin)")
+    put.add_argument("--create", action="store_true", help="refuse to replace an existing run log")
+    put.add_argument("--if-match", dest="if_match", default="", metavar="ETAG", help="replace only if the ETag is still this")
+    rm = commands.add_parser("rm", help="delete a run log")
+    rm.add_argument("run_id")
+    rm.add_argument("--yes", action="store_true", help="do not ask")
+    check = commands.add_parser("check", help="verify credentials, bucket, permissions and conditional writes")
+    check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
+    check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
+    check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
+    return parser
+
+
+def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    """The command line; returns the exit code."""
+    environ = os.environ if environ is None else environ
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "rm": _cmd_rm}
+    try:
+        values = cli_config_values(args, environ)
+        if args.command == "check":
+            return _cmd_check(values, args, environ)
+        if not values.get("s3_bucket"):
+            raise ConfigError("no bucket: pass --bucket, set RUNLOG_S3_BUCKET, or --config a magnus config file")
+        run_logs = S3RunLogs(S3Client(Config.from_dict(values), environ=environ))
+        return commands[args.command](run_logs, args)
+    except (RunLogNotFoundError, NotFoundError) as exc:
+        return _fail(exc, EXIT_FAILED, args.debug)
+    except (ConfigError, InvalidRunIdError, UsageError, CredentialsError) as exc:
+        return _fail(exc, EXIT_USAGE, args.debug)
+    except InvalidRunLogError as exc:
+        return _fail(exc, EXIT_USAGE if args.command == "put" else EXIT_FAILED, args.debug)
+    except RunlogS3Error as exc:
+        return _fail(exc, EXIT_FAILED, args.debug)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(error: RunlogS3Error, code: int, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(error), error, error.__traceback__)
+    print(f"runlog-s3: error: {error.message}", file=sys.stderr)
+    return code
+
+
+def main() -> None:
+    """Console script `runlog-s3`."""
+    sys.exit(_main())
+
+
+if __name__ == "__main__":
+    main()
