@@ -581,6 +581,11 @@ class BotocoreTransport(Transport):
         return HttpReply(reply.status_code, dict(reply.headers), reply.content)
 
 
+def _drop_signing_details(record: logging.LogRecord) -> bool:
+    # botocore logs the canonical request at DEBUG, and it holds the x-amz-security-token header.
+    return not str(record.msg).startswith(("CanonicalRequest", "StringToSign", "Signature"))
+
+
 def sign_request(
     method: str, url: str, headers: Mapping[str, str], body: bytes, credentials: Credentials, region: str, service: str
 ) -> Any:
@@ -589,6 +594,7 @@ def sign_request(
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import ReadOnlyCredentials
 
+    logging.getLogger("botocore.auth").addFilter(_drop_signing_details)  # adding it again is a no-op
     request = AWSRequest(method=method, url=url, headers=dict(headers), data=body)
     signer_class = S3SigV4Auth if service == "s3" else SigV4Auth
     signer_class(
@@ -906,9 +912,21 @@ def run_log_key(prefix: str, run_id: str) -> str:
     return key
 
 
+def _to_json_value(value: Any) -> Any:
+    # magnus puts its services' config objects (pydantic models, our Config) into the run config;
+    # pydantic's RunLog.dict() would turn them into dicts, and so does this.
+    if hasattr(value, "dict"):
+        return value.dict()
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def encode_run_log(document: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON: every write rewrites the whole document, so every byte counts."""
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=_to_json_value).encode("utf-8")
 
 
 _RUN_LOG_FIELD_TYPES = {
