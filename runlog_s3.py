@@ -661,14 +661,15 @@ def _error_from_reply(
 ) -> S3Error:
     """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message."""
     fields_ = _xml_fields(reply.body)
-    code = fields_.get("Code") or _STATUS_CODES.get(reply.status, f"HTTP{reply.status}")
+    code = fields_.get("Code") or _STATUS_CODES.get(reply.status, "")
     detail = fields_.get("Message", "")
-    if not fields_ and reply.body:
+    if not fields_.get("Code") and reply.body:  # a proxy's HTML page, a truncated document...
         snippet = reply.body[:120].decode("utf-8", "replace").replace("\n", " ")
         detail = f"unparseable reply: {snippet!r}"
     request_id = fields_.get("RequestId") or reply.header("x-amz-request-id")
     where = f"s3://{bucket}/{key}" if bucket else ""
-    base = f"{operation} {where}".strip() + f" failed: {code} (HTTP {reply.status})"
+    status = f"{code} (HTTP {reply.status})" if code else f"HTTP {reply.status}"
+    base = f"{operation} {where}".strip() + f" failed: {status}"
     if detail:
         base += f": {detail}"
     kwargs = dict(operation=operation, code=code, status=reply.status, bucket=bucket, key=key, request_id=request_id)
@@ -862,7 +863,8 @@ class S3Client:
                 if attempt < self.config.max_attempts:
                     self._backoff(attempt, operation, key, error.code)
                     continue
-                error.args = (f"{error.message} (gave up after {attempt} attempts; raise max_attempts to retry longer)",)
+                error.args = (f"{error.message} (gave up after {attempt} attempt{'s' if attempt > 1 else ''}; "
+                              "raise max_attempts to retry longer)",)
                 error.message = error.args[0]
             raise error
 

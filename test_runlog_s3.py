@@ -1,0 +1,508 @@
+"""Tests for runlog_s3: wire-level cases with `responses`, real HTTP against moto's S3 server in this
+process, writer processes, a real magnus 0.4.16 parallel pipeline, and the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+import responses
+
+import runlog_s3
+from runlog_s3 import (
+    Config,
+    ConfigError,
+    CredentialProvider,
+    CredentialsError,
+    HttpReply,
+    InvalidRunIdError,
+    InvalidRunLogError,
+    NotFoundError,
+    PreconditionFailedError,
+    RunLogExistsError,
+    RunLogNotFoundError,
+    S3Client,
+    S3Error,
+    S3RunLogs,
+    Transport,
+    WrongRegionError,
+)
+
+HERE = Path(__file__).resolve().parent
+ACCESS_KEY, SECRET_KEY = "AKIATESTING00001234", "test-secret-key"
+
+
+# Fixtures #########################################################################################
+
+
+@pytest.fixture(autouse=True)
+def aws_environment(monkeypatch, tmp_path):
+    """No test sees the machine's AWS settings, files or instance metadata."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "RUNLOG_S3_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 (and STS) server in this process, single-threaded, on a free loopback port."""
+    server = runlog_s3.LocalS3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, aws_environment):
+    """A new bucket on the local server; returns a config block for it."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    config = {"s3_bucket": name, "endpoint_url": s3_server.endpoint_url, "prefix": "runs"}
+    runlog_s3.create_bucket(S3Client(Config.from_dict(config)))
+    return config
+
+
+class RequestsTransport(Transport):
+    """Sends through `requests`, so `responses` can answer; the seam the design names for unit tests."""
+
+    def __init__(self):
+        self.session = requests.Session()
+        self.sent = []
+
+    def send(self, request):
+        self.sent.append(request)
+        reply = self.session.request(request.method, request.url, headers=dict(request.headers), data=request.body)
+        return HttpReply(reply.status_code, dict(reply.headers), reply.content)
+
+
+AWS_URL = "https://logs.s3.eu-west-1.amazonaws.com"
+
+
+def fake_client(**config):
+    """A client for bucket `logs` on AWS addressing, sending through `responses`, never sleeping."""
+    values = {"s3_bucket": "logs", **config}
+    transport = RequestsTransport()
+    client = S3Client(Config.from_dict(values), transport=transport, sleep=lambda seconds: None)
+    return client, transport
+
+
+def s3_error(code, message="", status=400, request_id="REQ123", **extra):
+    fields = "".join(f"<{k}>{v}</{k}>" for k, v in extra.items())
+    body = f"<Error><Code>{code}</Code><Message>{message}</Message>{fields}<RequestId>{request_id}</RequestId></Error>"
+    return dict(status=status, body=body, content_type="application/xml")
+
+
+# Config ###########################################################################################
+
+
+def test_config_defaults_are_the_documented_block():
+    config = Config.from_dict({"s3_bucket": "my-bucket"})
+    assert (config.prefix, config.region, config.aws_profile, config.use_credentials) == ("", "eu-west-1", "", False)
+    assert config.aws_credentials_file == "~/.aws/credentials"
+    assert (config.aws_access_key_name, config.aws_secret_access_key_name, config.aws_session_key_name) == (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    )
+    assert (config.role_arn, config.session_duration_in_seconds) == ("", 900)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({}, "needs s3_bucket"),
+        ({"s3_bucket": "b-1", "bukcet": "x"}, "unknown key 'bukcet' in run_log_store.config; valid keys: s3_bucket, prefix"),
+        ({"s3_bucket": "b-1", "use_credentials": "yes"}, "'use_credentials' must be true or false, not str"),
+        ({"s3_bucket": "b-1", "session_duration_in_seconds": "900"}, "'session_duration_in_seconds' must be a whole number"),
+        ({"s3_bucket": "b-1", "max_attempts": True}, "'max_attempts' must be a whole number"),
+        ({"s3_bucket": "b-1", "session_duration_in_seconds": -5}, "between 900 and 43200"),
+        ({"s3_bucket": "My_Bucket"}, "not a valid S3 bucket name"),
+        ({"s3_bucket": "ab"}, "not a valid S3 bucket name"),
+        ({"s3_bucket": "192.168.1.1"}, "not a valid S3 bucket name"),
+        ({"s3_bucket": "b-1", "endpoint_url": "localhost:9000"}, "must be a URL with a scheme"),
+        ({"s3_bucket": "b-1", "region": "Europe"}, "not an AWS region name"),
+        ({"s3_bucket": "b-1", "prefix": "a/../b"}, "empty, '.' or '..' segment"),
+        ({"s3_bucket": "b-1", "read_timeout": 0}, "read_timeout must be a number of seconds above 0"),
+        ({"s3_bucket": "b-1", "server_side_encryption": "AES"}, "server_side_encryption 'AES' is not one of"),
+    ],
+)
+def test_config_errors_name_the_key(values, expected):
+    with pytest.raises(ConfigError) as error:
+        Config.from_dict(values)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "config_value, environ, expected",
+    [
+        ("http://cfg:1", {"AWS_ENDPOINT_URL_S3": "http://s3env:2", "AWS_ENDPOINT_URL": "http://all:3"}, "http://cfg:1"),
+        ("", {"AWS_ENDPOINT_URL_S3": "http://s3env:2/", "AWS_ENDPOINT_URL": "http://all:3"}, "http://s3env:2"),
+        ("", {"AWS_ENDPOINT_URL": "http://all:3"}, "http://all:3"),
+        ("", {}, ""),
+    ],
+)
+def test_endpoint_url_falls_back_to_botocore_variables(config_value, environ, expected):
+    config = Config.from_dict({"s3_bucket": "b-1", "endpoint_url": config_value})
+    assert runlog_s3.resolve_endpoint_url(config, environ) == expected
+
+
+def test_endpoint_variable_without_scheme_names_the_variable():
+    with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL_S3 'minio:9000' must be a URL with a scheme"):
+        runlog_s3.resolve_endpoint_url(Config.from_dict({"s3_bucket": "b-1"}), {"AWS_ENDPOINT_URL_S3": "minio:9000"})
+
+
+# Credentials ######################################################################################
+
+
+def test_use_credentials_reads_the_variables_named_by_config():
+    config = Config.from_dict(
+        {
+            "s3_bucket": "b-1",
+            "use_credentials": True,
+            "aws_access_key_name": "MY_KEY",
+            "aws_secret_access_key_name": "MY_SECRET",
+            "aws_session_key_name": "MY_TOKEN",
+        }
+    )
+    environ = {"MY_KEY": "AKIAMYKEY0000", "MY_SECRET": "my-secret", "MY_TOKEN": "my-token"}
+    credentials = CredentialProvider(config, environ=environ).get()
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == ("AKIAMYKEY0000", "my-secret", "my-token")
+    assert "MY_KEY" in credentials.source
+    assert "my-secret" not in repr(credentials) and "my-token" not in repr(credentials)
+
+
+def test_missing_named_variable_is_named_and_no_value_is_shown():
+    config = Config.from_dict({"s3_bucket": "b-1", "use_credentials": True, "aws_secret_access_key_name": "MY_SECRET"})
+    with pytest.raises(CredentialsError) as error:
+        CredentialProvider(config, environ={"AWS_ACCESS_KEY_ID": "AKIAVISIBLE"}).get()
+    assert "environment variable MY_SECRET is not set" in str(error.value)
+    assert "AKIAVISIBLE" not in str(error.value)
+
+
+def test_credentials_file_at_custom_path_with_named_profile(tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    credentials_file = tmp_path / "creds.ini"
+    credentials_file.write_text("[other]\naws_access_key_id = AKIAOTHER\naws_secret_access_key = other\n"
+                                "[dev]\naws_access_key_id = AKIADEV\naws_secret_access_key = dev-secret\n")
+    config = Config.from_dict({"s3_bucket": "b-1", "aws_profile": "dev", "aws_credentials_file": str(credentials_file)})
+    credentials = CredentialProvider(config).get()
+    assert (credentials.access_key, credentials.secret_key) == ("AKIADEV", "dev-secret")
+
+
+def test_unknown_profile_is_a_clear_error(tmp_path):
+    config = Config.from_dict({"s3_bucket": "b-1", "aws_profile": "nope", "aws_credentials_file": str(tmp_path / "x")})
+    with pytest.raises(CredentialsError, match="AWS profile 'nope' is in neither"):
+        CredentialProvider(config).get()
+
+
+def test_empty_profile_is_the_default_chain_without_any_file():
+    # The old store raised ProfileNotFound here: aws_profile '' and no credentials file.
+    config = Config.from_dict({"s3_bucket": "b-1", "aws_profile": ""})
+    assert not os.path.exists(os.path.expanduser(config.aws_credentials_file))
+    credentials = CredentialProvider(config).get()
+    assert credentials.access_key == ACCESS_KEY
+    assert "default credential chain" in credentials.source
+
+
+def test_no_credentials_anywhere_says_where_it_looked(monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(CredentialsError, match="no AWS credentials found in the default credential chain"):
+        CredentialProvider(Config.from_dict({"s3_bucket": "b-1"})).get()
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_assume_role_against_sts_and_refresh_before_expiry(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", s3_server.endpoint_url)
+    monkeypatch.setenv("ROLE_BASE_KEY", "AKIABASE0000")
+    monkeypatch.setenv("ROLE_BASE_SECRET", "base-secret")
+    config = Config.from_dict(
+        {
+            "s3_bucket": "b-1",
+            "use_credentials": True,
+            "aws_access_key_name": "ROLE_BASE_KEY",
+            "aws_secret_access_key_name": "ROLE_BASE_SECRET",
+            "role_arn": "arn:aws:iam::123456789012:role/runlogs",
+            "session_duration_in_seconds": 1800,
+        }
+    )
+    clock = Clock(time.time())
+    provider = CredentialProvider(config, clock=clock)
+    first = provider.get()
+    assert first.access_key != "AKIABASE0000" and first.token
+    assert first.expiry - clock.now == pytest.approx(1800, abs=60)  # DurationSeconds was sent
+    assert "role arn:aws:iam::123456789012:role/runlogs assumed with environment variables ROLE_BASE_KEY" in first.source
+    clock.now = first.expiry - 700  # more than the refresh margin (5 minutes) left: keep them
+    assert provider.get() is first
+    clock.now = first.expiry - 200  # inside the margin: assume the role again before expiry
+    second = provider.get()
+    assert second.access_key != first.access_key
+    clock.now = second.expiry - 700  # the new ones are kept until they, too, come close to expiry
+    assert provider.get() is second
+
+
+# S3 client: the wire ##############################################################################
+
+
+@responses.activate
+def test_put_sends_signed_conditional_request_with_body_hash():
+    client, transport = fake_client(region="us-west-2")
+    responses.add(responses.PUT, "https://logs.s3.us-west-2.amazonaws.com/runs/a%20b%2Bc%3Dd%C3%A9.json",
+                  headers={"ETag": '"e2"'})
+    body = b'{"run_id":"x"}'
+    etag = client.put_object("runs/a b+c=dé.json", body, if_match='"e1"')
+    assert etag == '"e2"'
+    sent = responses.calls[0].request
+    assert sent.method == "PUT"
+    assert sent.headers["If-Match"] == '"e1"' and "If-None-Match" not in sent.headers
+    assert sent.headers["X-Amz-Content-SHA256"] == hashlib.sha256(body).hexdigest()
+    assert f"Credential={ACCESS_KEY}/" in sent.headers["Authorization"]
+    assert "/us-west-2/s3/aws4_request" in sent.headers["Authorization"]
+    assert "X-Amz-Security-Token" not in sent.headers
+    assert sent.body == body
+
+
+@responses.activate
+def test_create_sends_if_none_match_star_and_session_token(monkeypatch):
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-value")
+    client, _ = fake_client()
+    responses.add(responses.PUT, f"{AWS_URL}/k.json", headers={"ETag": '"e1"'})
+    client.put_object("k.json", b"{}", if_none_match=True)
+    sent = responses.calls[0].request
+    assert sent.headers["If-None-Match"] == "*" and "If-Match" not in sent.headers
+    assert sent.headers["X-Amz-Security-Token"] == "session-token-value"
+
+
+@pytest.mark.parametrize(
+    "endpoint, bucket, expected",
+    [
+        ("", "logs", "https://logs.s3.eu-west-1.amazonaws.com/runs/r%201.json"),
+        ("", "my.logs", "https://s3.eu-west-1.amazonaws.com/my.logs/runs/r%201.json"),
+        ("http://127.0.0.1:9000", "logs", "http://127.0.0.1:9000/logs/runs/r%201.json"),
+    ],
+)
+def test_addressing_virtual_hosted_on_aws_path_style_on_endpoints(endpoint, bucket, expected):
+    client = S3Client(Config.from_dict({"s3_bucket": bucket, "endpoint_url": endpoint}))
+    assert client.object_url("runs/r 1.json") == expected
+
+
+@pytest.mark.parametrize(
+    "reply, error_type, expected",
+    [
+        (s3_error("NoSuchKey", "The specified key does not exist.", 404), NotFoundError,
+         "GET s3://logs/k.json failed: NoSuchKey (HTTP 404): The specified key does not exist. [request id REQ123]"),
+        (s3_error("NoSuchBucket", "The specified bucket does not exist", 404), runlog_s3.NoSuchBucketError,
+         "check s3_bucket"),
+        (s3_error("AccessDenied", "Access Denied", 403), S3Error,
+         "s3:ListBucket on the bucket so that a missing run log reads as not found"),
+        (s3_error("PermanentRedirect", "use the right endpoint", 301, Endpoint="logs.s3.us-east-2.amazonaws.com"),
+         WrongRegionError, None),
+        (s3_error("AuthorizationHeaderMalformed", "wrong region", 400, Region="us-east-2"), WrongRegionError,
+         "bucket 'logs' is in region us-east-2, not eu-west-1: set region: us-east-2"),
+        (dict(status=400, body="<Error><Code>Bad", content_type="application/xml"), S3Error,
+         "failed: HTTP 400: unparseable reply: '<Error><Code>Bad'"),
+        (dict(status=502, body="<html>bad gateway</html>", content_type="text/html"), S3Error,
+         "unparseable reply: '<html>bad gateway</html>'"),
+    ],
+)
+@responses.activate
+def test_error_replies_become_typed_one_line_errors(reply, error_type, expected):
+    client, _ = fake_client(max_attempts=1)
+    headers = {"x-amz-bucket-region": "us-east-2"} if reply["status"] == 301 else {}
+    responses.add(responses.GET, f"{AWS_URL}/k.json", headers=headers, **reply)
+    with pytest.raises(error_type) as error:
+        client.get_object("k.json")
+    message = str(error.value)
+    assert "\n" not in message
+    assert (error.value.bucket, error.value.key) == ("logs", "k.json")
+    if expected:
+        assert expected in message
+    if error_type is WrongRegionError:
+        assert error.value.bucket_region == "us-east-2" and "set region: us-east-2" in message
+
+
+@responses.activate
+def test_precondition_failed_and_conditional_conflict_are_one_type():
+    client, _ = fake_client()
+    responses.add(responses.PUT, f"{AWS_URL}/k.json", **s3_error("PreconditionFailed", "At least one...", 412))
+    responses.add(responses.PUT, f"{AWS_URL}/k.json", **s3_error("ConditionalRequestConflict", "retry", 409))
+    for _ in range(2):
+        with pytest.raises(PreconditionFailedError):
+            client.put_object("k.json", b"{}", if_match='"x"')
+    assert len(responses.calls) == 2  # neither is retried by the client: compare-and-swap handles them
+
+
+@responses.activate
+def test_slow_down_then_success_is_retried_with_backoff():
+    sleeps = []
+    client, _ = fake_client()
+    client._sleep = sleeps.append
+    responses.add(responses.GET, f"{AWS_URL}/k.json", **s3_error("SlowDown", "Please reduce", 503))
+    responses.add(responses.GET, f"{AWS_URL}/k.json", **s3_error("SlowDown", "Please reduce", 503))
+    responses.add(responses.GET, f"{AWS_URL}/k.json", body=b"{}", headers={"ETag": '"e"'})
+    assert client.get_object("k.json").body == b"{}"
+    assert len(responses.calls) == 3
+    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.1 and 0 <= sleeps[1] <= 0.2  # full jitter, growing cap
+
+
+@responses.activate
+def test_server_errors_until_attempts_run_out():
+    client, _ = fake_client(max_attempts=4)
+    responses.add(responses.GET, f"{AWS_URL}/k.json", **s3_error("InternalError", "We encountered", 500))
+    with pytest.raises(S3Error) as error:
+        client.get_object("k.json")
+    assert len(responses.calls) == 4
+    assert "InternalError (HTTP 500)" in str(error.value) and "gave up after 4 attempts" in str(error.value)
+
+
+@responses.activate
+def test_connection_errors_are_retried_then_reported():
+    client, _ = fake_client(max_attempts=3)
+    responses.add(responses.GET, f"{AWS_URL}/k.json", body=requests.ConnectionError("reset by peer"))
+    responses.add(responses.GET, f"{AWS_URL}/k.json", body=b"ok", headers={"ETag": '"e"'})
+    assert client.get_object("k.json").body == b"ok"
+    responses.replace(responses.GET, f"{AWS_URL}/k.json", body=requests.ConnectionError("reset by peer"))
+    with pytest.raises(S3Error, match=r"GET s3://logs/k.json failed after 3 attempts: ConnectionError: reset by peer"):
+        client.get_object("k.json")
+
+
+@responses.activate
+def test_other_client_errors_are_raised_at_once():
+    client, _ = fake_client()
+    responses.add(responses.PUT, f"{AWS_URL}/k.json", **s3_error("InvalidArgument", "bad header", 400))
+    with pytest.raises(S3Error, match="InvalidArgument"):
+        client.put_object("k.json", b"{}")
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_expired_token_refreshes_credentials_once_and_retries():
+    environ = {"K": "AKIAFIRST0000", "S": "first-secret"}
+    config = Config.from_dict({"s3_bucket": "logs", "use_credentials": True, "aws_access_key_name": "K",
+                               "aws_secret_access_key_name": "S"})
+    transport = RequestsTransport()
+    client = S3Client(config, CredentialProvider(config, environ=environ), transport, sleep=lambda s: None)
+    responses.add(responses.GET, f"{AWS_URL}/k.json", **s3_error("ExpiredToken", "The provided token has expired.", 400))
+    responses.add(responses.GET, f"{AWS_URL}/k.json", body=b"{}", headers={"ETag": '"e"'})
+    client.get_object("k.json")  # warm: reads AKIAFIRST
+    environ["K"] = "AKIASECOND000"  # what a refresh finds
+    responses.add(responses.GET, f"{AWS_URL}/k.json", **s3_error("ExpiredToken", "expired", 400))
+    responses.add(responses.GET, f"{AWS_URL}/k.json", **s3_error("ExpiredToken", "expired", 400))
+    with pytest.raises(S3Error, match="ExpiredToken"):
+        client.get_object("k.json")  # refreshed once, still expired: raised
+    authorizations = [call.request.headers["Authorization"] for call in responses.calls]
+    assert "AKIAFIRST0000/" in authorizations[0] and "AKIAFIRST0000/" in authorizations[1]
+    assert "AKIASECOND000/" in authorizations[3]
+    assert len(responses.calls) == 4
+
+
+@responses.activate
+def test_list_objects_follows_every_continuation_token():
+    client, _ = fake_client()
+    pages = [
+        ("<IsTruncated>true</IsTruncated><NextContinuationToken>tok/1+=</NextContinuationToken>", ["a.json", "b.json"]),
+        ("<IsTruncated>true</IsTruncated><NextContinuationToken>tok2</NextContinuationToken>", ["c d.json"]),
+        ("<IsTruncated>false</IsTruncated>", ["é.json"]),
+    ]
+    for tail, keys in pages:
+        contents = "".join(
+            f"<Contents><Key>{k}</Key><Size>7</Size><LastModified>2026-11-24T00:00:0{i}.000Z</LastModified>"
+            f"<ETag>\"e{i}\"</ETag></Contents>" for i, k in enumerate(keys)
+        )
+        body = f'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{contents}{tail}</ListBucketResult>'
+        responses.add(responses.GET, f"{AWS_URL}/", body=body, content_type="application/xml")
+    found = list(client.list_objects("runs/"))
+    assert [info.key for info in found] == ["a.json", "b.json", "c d.json", "é.json"]
+    assert found[0].size == 7 and found[1].etag == '"e1"'
+    queries = [parse_qs(urlsplit(call.request.url).query) for call in responses.calls]
+    assert [q.get("continuation-token") for q in queries] == [None, ["tok/1+="], ["tok2"]]
+    assert all(q["list-type"] == ["2"] and q["prefix"] == ["runs/"] for q in queries)
+
+
+# S3 client: real HTTP #############################################################################
+
+
+def test_round_trips_against_a_real_server(bucket):
+    client = S3Client(Config.from_dict(bucket))
+    keys = ["runs/plain.json", "runs/with space.json", "runs/plus+equals=.json", "runs/ünï©ødé.json"]
+    for number, key in enumerate(keys):
+        etag = client.put_object(key, f'{{"n":{number}}}'.encode())
+        stored = client.get_object(key)
+        assert stored.body == f'{{"n":{number}}}'.encode() and stored.etag == etag
+        assert client.head_object(key).size == len(stored.body)
+    assert sorted(info.key for info in client.list_objects("runs/")) == sorted(keys)
+    client.delete_object(keys[1])
+    with pytest.raises(NotFoundError):
+        client.get_object(keys[1])
+    with pytest.raises(NotFoundError):
+        client.head_object(keys[1])
+
+
+def test_conditional_puts_are_refused_by_a_real_server(bucket):
+    client = S3Client(Config.from_dict(bucket))
+    etag = client.put_object("runs/c.json", b"1", if_none_match=True)
+    with pytest.raises(PreconditionFailedError):
+        client.put_object("runs/c.json", b"2", if_none_match=True)
+    with pytest.raises(PreconditionFailedError):
+        client.put_object("runs/c.json", b"3", if_match='"0123456789abcdef0123456789abcdef"')
+    new_etag = client.put_object("runs/c.json", b"4", if_match=etag)
+    assert client.get_object("runs/c.json").body == b"4" and new_etag != etag
+
+
+def test_missing_bucket_is_its_own_error(s3_server):
+    client = S3Client(Config.from_dict({"s3_bucket": "no-such-bucket-here", "endpoint_url": s3_server.endpoint_url}))
+    with pytest.raises(runlog_s3.NoSuchBucketError, match="check s3_bucket"):
+        client.get_object("x.json")
+
+
+def test_one_connection_pool_is_reused(bucket):
+    client = S3Client(Config.from_dict(bucket))
+    client.put_object("runs/p.json", b"{}")
+    session = client.transport._http_session()
+    for _ in range(3):
+        client.get_object("runs/p.json")
+    assert client.transport._http_session() is session
+
+
+def _report_session_in_child(client, queue):
+    transport = client.transport
+    inherited = transport._session
+    client.get_object("runs/f.json")
+    queue.put(transport._session is not inherited and transport._pid == os.getpid())
+
+
+def test_forked_child_opens_its_own_connections(bucket):
+    client = S3Client(Config.from_dict(bucket))
+    client.put_object("runs/f.json", b"{}")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_report_session_in_child, args=(client, queue))
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) is True
