@@ -506,3 +506,308 @@ def test_forked_child_opens_its_own_connections(bucket):
     child.start()
     child.join(30)
     assert queue.get(timeout=5) is True
+
+
+# Run log documents and the compare-and-swap store ##################################################
+
+
+@pytest.mark.parametrize(
+    "run_id, expected",
+    [
+        ("", "non-empty string"),
+        (None, "non-empty string"),
+        (".", "path segment"),
+        ("..", "path segment"),
+        ("a/b", "must not contain '/'"),
+        ("a\\b", "must not contain '/' or '\\'"),
+        ("a\nb", "control characters"),
+        ("tab\there", "control characters"),
+        ("nul\x00", "control characters"),
+        ("  ", "white space"),
+        (" padded", "white space"),
+        ("x" * 2000, "longer than S3's 1024 bytes"),
+    ],
+)
+@responses.activate
+def test_bad_run_ids_are_refused_before_any_request(run_id, expected):
+    client, _ = fake_client()
+    store = runlog_s3.S3RunLogStore({"s3_bucket": "logs"})
+    store._run_logs = S3RunLogs(client)
+    for action in (lambda: store.get_run_log_by_id(run_id), lambda: store.create_run_log(run_id),
+                   lambda: store.set_parameters(run_id, {"a": 1})):
+        with pytest.raises(InvalidRunIdError) as error:
+            action()
+        assert expected in str(error.value)
+    assert len(responses.calls) == 0
+
+
+def test_unicode_and_inner_space_run_ids_round_trip(bucket):
+    store = runlog_s3.S3RunLogStore(bucket)
+    for run_id in ("run ünïcødé ✓", "2026-11-24 nightly"):
+        store.create_run_log(run_id)
+        assert store.get_run_log_by_id(run_id).run_id == run_id
+
+
+def test_a_write_through_a_parent_keeps_children_written_by_others():
+    document = {"run_id": "r", "status": "PROCESSING", "steps": {}, "parameters": {"p": 1}, "run_config": {}}
+    runlog_s3.put_step_log(document, {"name": "par", "internal_name": "par", "status": "PROCESSING", "branches": {}})
+    runlog_s3.put_branch_log(document, {"internal_name": "par.a", "status": "PROCESSING", "steps": {}})
+    runlog_s3.put_step_log(document, {"name": "w", "internal_name": "par.a.w", "status": "SUCCESS", "branches": {}})
+    stale_parent = {"name": "par", "internal_name": "par", "status": "SUCCESS", "branches": {}}  # read before par.a
+    runlog_s3.put_step_log(document, stale_parent)
+    assert document["steps"]["par"]["status"] == "SUCCESS"
+    assert list(document["steps"]["par"]["branches"]) == ["par.a"]
+    runlog_s3.put_branch_log(document, {"internal_name": "par.a", "status": "SUCCESS", "steps": {}})
+    assert document["steps"]["par"]["branches"]["par.a"]["status"] == "SUCCESS"
+    assert "par.a.w" in document["steps"]["par"]["branches"]["par.a"]["steps"]
+    runlog_s3.put_run_fields(document, {"run_id": "r", "status": "SUCCESS", "steps": {}, "parameters": {"q": 2}})
+    assert document["status"] == "SUCCESS" and document["parameters"] == {"p": 1, "q": 2} and "par" in document["steps"]
+
+
+def test_store_is_found_through_both_entry_points():
+    from importlib.metadata import entry_points
+
+    from magnus.datastore import BaseRunLogStore
+
+    found = entry_points()
+    group = found.select(group="run_log_store") if hasattr(found, "select") else found["run_log_store"]
+    by_name = {ep.name: ep for ep in group}
+    for name in ("s3", "runlog-s3"):
+        store_class = by_name[name].load()
+        assert store_class.__name__ == "S3RunLogStore" and issubclass(store_class, BaseRunLogStore)
+        assert store_class.service_name == "s3"
+
+
+def test_magnus_errors_are_magnus_own_types(bucket):
+    from magnus import exceptions
+
+    store = runlog_s3.S3RunLogStore(bucket)
+    with pytest.raises(exceptions.RunLogNotFoundError) as missing:
+        store.get_run_log_by_id("absent")
+    assert f"s3://{bucket['s3_bucket']}/runs/absent.json" in str(missing.value)
+    store.create_run_log("present")
+    with pytest.raises(exceptions.RunLogExistsError):
+        store.create_run_log("present", tag="another")
+    with pytest.raises(exceptions.StepLogNotFoundError):
+        store.get_step_log("nope", "present")
+    assert store.get_aws_credentials_file() == os.path.expanduser("~/.aws/credentials")
+
+
+def test_full_interface_round_trip(bucket):
+    store = runlog_s3.S3RunLogStore(bucket)
+    run_log = store.create_run_log("iface", dag_hash="abc", tag="t", status="PROCESSING")
+    assert run_log.run_id == "iface"
+    store.set_parameters("iface", {"x": 1})
+    store.set_run_config("iface", {"executor": {"type": "local"}})
+    step = store.create_step_log("first", "first")
+    step.status = "SUCCESS"
+    step.attempts.append(store.create_attempt_log())
+    store.add_step_log(step, "iface")
+    branch = store.create_branch_log("first.b")
+    store.add_branch_log(branch, "iface")
+    store.update_run_log_status("iface", "SUCCESS")
+    assert store.get_parameters("iface") == {"x": 1}
+    assert store.get_run_config("iface") == {"executor": {"type": "local"}}
+    assert store.get_step_log("first", "iface").status == "SUCCESS"
+    assert store.get_branch_log("first.b", "iface").internal_name == "first.b"
+    assert store.get_branch_log("", "iface").run_id == "iface"
+    final = store.get_run_log_by_id("iface", full=True)
+    assert (final.status, final.dag_hash, final.tag) == ("SUCCESS", "abc", "t")
+
+
+def test_uncontended_mutation_costs_one_request(bucket):
+    store = runlog_s3.S3RunLogStore(bucket)
+    store.create_run_log("cheap")
+    counted = []
+    send = store.run_logs.client.transport.send
+    store.run_logs.client.transport.send = lambda request: counted.append(request.method) or send(request)
+    store.set_parameters("cheap", {"a": 1})
+    store.set_parameters("cheap", {"b": 2})
+    assert counted == ["PUT", "PUT"]
+    store.get_run_log_by_id("cheap")  # reads are always fresh
+    assert counted[-1] == "GET"
+
+
+def test_stale_remembered_version_is_re_read_and_nothing_is_lost(bucket):
+    first, second = runlog_s3.S3RunLogStore(bucket), runlog_s3.S3RunLogStore(bucket)
+    first.create_run_log("race")
+    second.set_parameters("race", {"from_second": 1})  # first's remembered ETag is now stale
+    first.set_parameters("race", {"from_first": 1})
+    assert first.get_parameters("race") == {"from_second": 1, "from_first": 1}
+
+
+def _write_steps(config, run_id, writer, steps):
+    store = runlog_s3.S3RunLogStore(config)
+    for number in range(steps):
+        step = store.create_step_log(f"w{writer:02d}-s{number:02d}", f"w{writer:02d}-s{number:02d}")
+        step.status = "SUCCESS"
+        store.add_step_log(step, run_id)
+    store.set_parameters(run_id, {f"writer_{writer:02d}": writer})
+
+
+def test_sixteen_writer_processes_lose_nothing(bucket):
+    writers, steps = 16, 10
+    store = runlog_s3.S3RunLogStore(bucket)
+    store.create_run_log("many", status="PROCESSING")
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_write_steps, args=(bucket, "many", w, steps)) for w in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0] * writers
+    run_log = store.get_run_log_by_id("many")
+    expected_steps = {f"w{w:02d}-s{n:02d}" for w in range(writers) for n in range(steps)}
+    assert set(run_log.steps) == expected_steps
+    assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)}
+
+
+class DropFirstReply(runlog_s3.BotocoreTransport):
+    """Delivers the first request matching `header` to the server, then loses the reply."""
+
+    def __init__(self, config, header):
+        super().__init__(config, os.environ, config.endpoint_url)
+        self.header, self.dropped = header, 0
+
+    def send(self, request):
+        reply = super().send(request)
+        if self.header in request.headers and not self.dropped:
+            self.dropped += 1
+            import botocore.exceptions
+
+            raise botocore.exceptions.ReadTimeoutError(endpoint_url=request.url)
+        return reply
+
+
+def test_create_whose_reply_was_lost_succeeds_on_retry(bucket):
+    config = Config.from_dict(bucket)
+    transport = DropFirstReply(config, "If-None-Match")
+    store = runlog_s3.S3RunLogStore(bucket)
+    store._run_logs = S3RunLogs(S3Client(config, transport=transport, sleep=lambda s: None))
+    run_log = store.create_run_log("lost-reply", tag="mine")
+    assert transport.dropped == 1 and run_log.tag == "mine"
+    assert store.get_run_log_by_id("lost-reply").tag == "mine"
+    with pytest.raises(RunLogExistsError):  # a create by someone else is still "exists"
+        store.create_run_log("lost-reply", tag="theirs")
+
+
+def test_mutation_whose_reply_was_lost_is_applied_once(bucket):
+    config = Config.from_dict(bucket)
+    transport = DropFirstReply(config, "If-Match")
+    store = runlog_s3.S3RunLogStore(bucket)
+    store._run_logs = S3RunLogs(S3Client(config, transport=transport, sleep=lambda s: None))
+    store.create_run_log("ambiguous")
+    step = store.create_step_log("s", "s")
+    step.attempts.append(store.create_attempt_log())
+    store.add_step_log(step, "ambiguous")
+    run_log = store.get_run_log_by_id("ambiguous")
+    assert transport.dropped == 1 and list(run_log.steps) == ["s"] and len(run_log.steps["s"].attempts) == 1
+
+
+def test_reads_logs_written_by_the_old_store_and_writes_what_magnus_reads(bucket):
+    from magnus.datastore import RunLog, StepLog
+
+    old = RunLog(run_id="legacy", status="PROCESSING", parameters={"x": [1, 2]})
+    old.steps["a"] = StepLog(name="a", internal_name="a", status="SUCCESS")
+    client = S3Client(Config.from_dict(bucket))
+    # magnus_extensions 0.2.13 S3Store: json.dump(run_log.dict(), ensure_ascii=True, indent=4) at <prefix>/<run_id>.json
+    client.put_object("runs/legacy.json", json.dumps(old.dict(), ensure_ascii=True, indent=4).encode())
+    store = runlog_s3.S3RunLogStore(bucket)
+    assert store.get_run_log_by_id("legacy") == old
+    store.add_step_log(StepLog(name="b", internal_name="b", status="SUCCESS"), "legacy")
+    written = json.loads(client.get_object("runs/legacy.json").body)
+    assert list(RunLog(**written).steps) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b"", "not valid JSON (it is empty)"),
+        (b"not json at all", "not valid JSON"),
+        (b'{"run_id": "bad", "steps": {"a": {"name": "a"', "not valid JSON"),
+        (b"[1, 2, 3]", "JSON list, not an object"),
+        (b'{"status": "SUCCESS"}', "it has no run_id"),
+        (b'{"run_id": "bad", "steps": []}', "steps is list, not dict"),
+        (b'{"run_id": "bad", "steps": {"a": 5}}', "step 'a' is not a step log object"),
+    ],
+)
+def test_foreign_objects_are_named_and_left_untouched(bucket, body, expected):
+    client = S3Client(Config.from_dict(bucket))
+    client.put_object("runs/bad.json", body)
+    store = runlog_s3.S3RunLogStore(bucket)
+    for action in (lambda: store.get_run_log_by_id("bad"), lambda: store.set_parameters("bad", {"a": 1})):
+        with pytest.raises(InvalidRunLogError) as error:
+            action()
+        assert f"s3://{bucket['s3_bucket']}/runs/bad.json is not a run log" in str(error.value)
+        assert expected in str(error.value)
+    assert client.get_object("runs/bad.json").body == body
+
+
+def test_module_and_store_work_on_dicts_without_magnus(bucket):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["magnus"] = None  # as if magnus were not installed
+        import runlog_s3
+        store = runlog_s3.S3RunLogStore({bucket!r})
+        assert store.create_run_log("plain")["run_id"] == "plain"
+        step = store.create_step_log("s", "s")
+        step["status"] = "SUCCESS"
+        store.add_step_log(step, "plain")
+        store.set_parameters("plain", {{"k": "v"}})
+        run_log = store.get_run_log_by_id("plain")
+        print(type(run_log).__name__, sorted(run_log["steps"]), run_log["parameters"])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "dict ['s'] {'k': 'v'}"
+
+
+# A real magnus 0.4.16 pipeline ####################################################################
+
+BRANCH = {"start_at": "work", "steps": {
+    "work": {"type": "task", "command_type": "shell", "command": "echo working", "next": "success"},
+    "success": {"type": "success"}, "fail": {"type": "fail"}}}
+
+
+def magnus_pipeline(tmp_path, endpoint_url, bucket_name, store_type="s3", branches=8, items=8, parallel=True):
+    """Write pipeline, config and parameters files; return the magnus command that runs them."""
+    pipeline = {"dag": {"start_at": "prepare", "steps": {
+        "prepare": {"type": "task", "command_type": "shell", "command": "echo prepare", "next": "fan-out"},
+        "fan-out": {"type": "parallel", "next": "over-items", "branches": {f"b{i}": BRANCH for i in range(branches)}},
+        "over-items": {"type": "map", "iterate_on": "items", "iterate_as": "item", "next": "success", "branch": BRANCH},
+        "success": {"type": "success"}, "fail": {"type": "fail"}}}}
+    config = {
+        "executor": {"type": "local", "config": {"enable_parallel": parallel}},
+        "run_log_store": {"type": store_type, "config": {"s3_bucket": bucket_name, "endpoint_url": endpoint_url}},
+        "catalog": {"type": "do-nothing"},
+    }
+    # magnus 0.4.16 cannot map over integers in parallel mode (str.replace with an int): use strings.
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(pipeline))
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    (tmp_path / "params.yaml").write_text(json.dumps({"items": [f"item{i}" for i in range(items)]}))
+    magnus = Path(sys.executable).parent / "magnus"
+    return [str(magnus), "execute", "--file", "pipeline.yaml", "--config-file", "config.yaml",
+            "--parameters-file", "params.yaml", "--log-level", "WARNING"]
+
+
+def test_magnus_parallel_pipeline_with_type_s3_loses_nothing(s3_server, bucket, tmp_path):
+    command = magnus_pipeline(tmp_path, s3_server.endpoint_url, bucket["s3_bucket"]) + ["--run-id", "e2e"]
+    bucket_config = {**bucket, "prefix": ""}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_log = runlog_s3.S3RunLogStore(bucket_config).get_run_log_by_id("e2e")
+    assert run_log.status == "SUCCESS"
+    assert list(run_log.steps) == ["prepare", "fan-out", "over-items", "success"]
+    for name, expected in (("fan-out", [f"fan-out.b{i}" for i in range(8)]),
+                           ("over-items", [f"over-items.item{i}" for i in range(8)])):
+        step = run_log.steps[name]
+        assert step.status == "SUCCESS"
+        assert sorted(step.branches) == sorted(expected)
+        for branch_name, branch in step.branches.items():
+            assert branch.status == "SUCCESS", branch_name
+            assert list(branch.steps) == [f"{branch_name}.work", f"{branch_name}.success"]
+            assert all(s.status == "SUCCESS" for s in branch.steps.values())
+    assert run_log.parameters["items"] == [f"item{i}" for i in range(8)]
+    assert run_log.run_config["run_log_store"]["type"] == "s3"
