@@ -300,6 +300,20 @@ def read_env_credentials(config: Config, environ: Mapping[str, str]) -> Credenti
     )
 
 
+# botocore's names for where its chain found credentials, in words for messages.
+_BOTOCORE_METHODS = {
+    "env": "environment variables AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY",
+    "shared-credentials-file": "shared credentials file",
+    "config-file": "AWS config file",
+    "assume-role": "role assumed from the AWS config file",
+    "sso": "AWS IAM Identity Center (SSO)",
+    "container-role": "container credentials",
+    "iam-role": "instance metadata (IAM role)",
+    "custom-process": "credential_process",
+    "assume-role-with-web-identity": "web identity token",
+}
+
+
 class _BotocoreChain:
     """botocore's default credential chain, honouring aws_profile and aws_credentials_file."""
 
@@ -328,7 +342,7 @@ class _BotocoreChain:
                 "name a profile with aws_profile, or set use_credentials: true"
             )
         method = getattr(self._credentials, "method", "") or "unknown"
-        self.source = f"{where} ({method})"
+        self.source = f"{where}: {_BOTOCORE_METHODS.get(method, method)}"
 
     def get(self) -> Credentials:
         # botocore refreshes its own refreshable credentials (SSO, process, metadata) here.
@@ -1891,39 +1905,46 @@ def _report_checks(results: List[CheckResult]) -> int:
 def _parser() -> Any:
     import argparse
 
+    # The options are accepted before or after the command; SUPPRESS keeps a command's parser from
+    # resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON); its run_log_store.config is used")
+    common.add_argument("--bucket", help="the bucket (env RUNLOG_S3_BUCKET)")
+    common.add_argument("--prefix", help="the key prefix (env RUNLOG_S3_PREFIX)")
+    common.add_argument("--region", help="the bucket's region (env RUNLOG_S3_REGION; default eu-west-1)")
+    common.add_argument("--profile", help="an AWS profile (env RUNLOG_S3_PROFILE; default: the default chain)")
+    common.add_argument("--endpoint-url", dest="endpoint_url", help="an S3-compatible endpoint (env RUNLOG_S3_ENDPOINT_URL)")
+    common.add_argument("-v", "--verbose", action="count", help="log to stderr (-vv for debug)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
     parser = argparse.ArgumentParser(
         prog="runlog-s3",
         description="Read and manage magnus run logs kept in S3 by runlog_s3.",
         epilog="Exit codes: 0 ok, 1 not found or check failed, 2 usage or configuration error.",
+        parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"runlog-s3 {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON); its run_log_store.config is used")
-    parser.add_argument("--bucket", help="the bucket (env RUNLOG_S3_BUCKET)")
-    parser.add_argument("--prefix", help="the key prefix (env RUNLOG_S3_PREFIX)")
-    parser.add_argument("--region", help="the bucket's region (env RUNLOG_S3_REGION; default eu-west-1)")
-    parser.add_argument("--profile", help="an AWS profile (env RUNLOG_S3_PROFILE; default: the default chain)")
-    parser.add_argument("--endpoint-url", dest="endpoint_url", help="an S3-compatible endpoint (env RUNLOG_S3_ENDPOINT_URL)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-vv for debug)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    get = commands.add_parser("get", help="print a run log as JSON")
+    def command(name: str, help: str) -> Any:
+        return commands.add_parser(name, help=help, description=help, parents=[common])
+
+    get = command("get", help="print a run log as JSON")
     get.add_argument("run_id")
     get.add_argument("--compact", action="store_true", help="one line instead of indented")
-    ls = commands.add_parser("ls", help="list runs, oldest first: run id, last modified, size")
+    ls = command("ls", help="list runs, oldest first: run id, last modified, size")
     ls.add_argument("--limit", type=int, default=0, metavar="N", help="only the newest N")
-    show = commands.add_parser("show", help="a run log as a tree of steps and branches")
+    show = command("show", help="a run log as a tree of steps and branches")
     show.add_argument("run_id")
-    put = commands.add_parser("put", help="write a run log from FILE or stdin, validated, with compare-and-swap")
+    put = command("put", help="write a run log from FILE or stdin, validated, with compare-and-swap")
     put.add_argument("run_id")
     put.add_argument("file", nargs="?", help="a JSON file (default: stdin)")
     put.add_argument("--create", action="store_true", help="refuse to replace an existing run log")
     put.add_argument("--if-match", dest="if_match", default="", metavar="ETAG", help="replace only if the ETag is still this")
-    rm = commands.add_parser("rm", help="delete a run log")
+    rm = command("rm", help="delete a run log")
     rm.add_argument("run_id")
     rm.add_argument("--yes", action="store_true", help="do not ask")
-    check = commands.add_parser("check", help="verify credentials, bucket, permissions and conditional writes")
+    check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
     check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
     check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
@@ -1935,6 +1956,8 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     environ = os.environ if environ is None else environ
     parser = _parser()
     args = parser.parse_args(argv)
+    for name, default in (("config", None), ("verbose", 0), ("debug", False)):
+        setattr(args, name, getattr(args, name, default))
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")

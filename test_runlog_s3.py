@@ -811,3 +811,237 @@ def test_magnus_parallel_pipeline_with_type_s3_loses_nothing(s3_server, bucket, 
             assert all(s.status == "SUCCESS" for s in branch.steps.values())
     assert run_log.parameters["items"] == [f"item{i}" for i in range(8)]
     assert run_log.run_config["run_log_store"]["type"] == "s3"
+
+
+# Command line #####################################################################################
+
+
+def cli(*args, env=None, stdin="", timeout=120):
+    """`python -m runlog_s3 ARGS` as a user runs it; returns the CompletedProcess."""
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "runlog_s3", *args], input=stdin, capture_output=True, text=True,
+                          env=environ, cwd=HERE, timeout=timeout)
+
+
+@pytest.fixture
+def cli_env(bucket):
+    """RUNLOG_S3_* variables naming the test bucket."""
+    return {"RUNLOG_S3_BUCKET": bucket["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": bucket["endpoint_url"],
+            "RUNLOG_S3_PREFIX": bucket["prefix"]}
+
+
+def stored_run(bucket, run_id, steps=("one",), status="SUCCESS"):
+    store = runlog_s3.S3RunLogStore(bucket)
+    store.create_run_log(run_id, status=status)
+    for name in steps:
+        step = store.create_step_log(name, name)
+        step.status = "SUCCESS"
+        store.add_step_log(step, run_id)
+    return store
+
+
+def test_cli_get_prints_the_run_log_as_json(bucket, cli_env):
+    stored_run(bucket, "r-get")
+    result = cli("get", "r-get", env=cli_env)
+    assert result.returncode == 0 and result.stderr == ""
+    assert json.loads(result.stdout)["steps"]["one"]["status"] == "SUCCESS"
+    assert result.stdout.startswith("{\n  ")
+    compact = cli("get", "r-get", "--compact", env=cli_env)
+    assert compact.stdout.count("\n") == 1 and json.loads(compact.stdout) == json.loads(result.stdout)
+
+
+def test_cli_get_absent_is_exit_1_with_one_line(bucket, cli_env):
+    result = cli("get", "absent", env=cli_env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"runlog-s3: error: no run log for run id 'absent' at s3://{bucket['s3_bucket']}/runs/absent.json\n"
+
+
+def test_cli_ls_oldest_first_and_limit(bucket, cli_env):
+    for run_id in ("first", "second", "third"):
+        stored_run(bucket, run_id)
+        time.sleep(1.05)  # S3 last-modified has one-second resolution on moto
+    result = cli("ls", env=cli_env)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and [line.split()[0] for line in lines] == ["first", "second", "third"]
+    assert all(len(line.split()) == 3 and line.split()[2].isdigit() for line in lines)
+    limited = cli("ls", "--limit", "2", env=cli_env)
+    assert [line.split()[0] for line in limited.stdout.splitlines()] == ["second", "third"]
+
+
+def test_cli_show_draws_the_tree_plainly_when_piped(bucket, cli_env):
+    store = stored_run(bucket, "r-show", steps=("prepare",))
+    parallel = store.create_step_log("fan", "fan")
+    store.add_step_log(parallel, "r-show")
+    branch = store.create_branch_log("fan.left")
+    branch.status = "FAIL"
+    store.add_branch_log(branch, "r-show")
+    inner = store.create_step_log("inner", "fan.left.inner")
+    inner.attempts.append(store.create_attempt_log(attempt_number=1))
+    inner.attempts[0].duration = "0:00:01.5"
+    store.add_step_log(inner, "r-show")
+    result = cli("show", "r-show", env=cli_env)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        "run r-show  SUCCESS  0 parameters",
+        "├── prepare  SUCCESS",
+        "└── fan  CREATED",
+        "    └── [left]  FAIL",
+        "        └── inner  CREATED  1 attempt  0:00:01.5",
+    ]
+    assert "\033[" not in result.stdout
+    lines = runlog_s3.render_tree(store.run_logs.read("r-show"), color=True)
+    assert "\033[31mFAIL\033[0m" in lines[3]
+
+
+def test_cli_put_then_get_round_trips_identical_json(bucket, cli_env, tmp_path):
+    document = {"run_id": "r-put", "dag_hash": "", "use_cached": False, "tag": "ünï", "original_run_id": "",
+                "status": "SUCCESS", "steps": {}, "parameters": {"x": [1, 2.5, None]}, "run_config": {}}
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    (tmp_path / "log.json").write_text(text, encoding="utf-8")
+    put = cli("put", "r-put", str(tmp_path / "log.json"), env=cli_env)
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.startswith(f"wrote s3://{bucket['s3_bucket']}/runs/r-put.json")
+    assert cli("get", "r-put", "--compact", env=cli_env).stdout == text + "\n"
+    again = cli("put", "r-put", env=cli_env, stdin=text.replace("SUCCESS", "FAIL"))  # stdin, replacing
+    assert again.returncode == 0
+    assert json.loads(cli("get", "r-put", env=cli_env).stdout)["status"] == "FAIL"
+
+
+@pytest.mark.parametrize(
+    "args, stdin, code, message",
+    [
+        (("put", "r-x"), '{"run_id": "other"}', 2, "stdin holds run log 'other', not 'r-x'; nothing written"),
+        (("put", "r-x"), "{broken", 2, "stdin is not a run log: not valid JSON"),
+        (("put", "r-x"), '["list"]', 2, "stdin is not a run log: JSON list"),
+        (("put", "bad/id"), '{"run_id": "bad/id"}', 2, "must not contain '/'"),
+        (("rm", "r-x"), "", 2, "refusing to delete"),
+        (("get", ".."), "", 2, "path segment"),
+    ],
+)
+def test_cli_refuses_bad_input_with_one_line(bucket, cli_env, args, stdin, code, message):
+    result = cli(*args, env=cli_env, stdin=stdin)
+    assert result.returncode == code
+    assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert list(S3Client(Config.from_dict(bucket)).list_objects("runs/")) == []  # nothing written
+
+
+def test_cli_put_create_refuses_to_replace(bucket, cli_env):
+    stored_run(bucket, "r-exists")
+    result = cli("put", "r-exists", "--create", env=cli_env, stdin='{"run_id": "r-exists"}')
+    assert result.returncode == 1 and "already exists" in result.stderr
+    assert json.loads(cli("get", "r-exists", env=cli_env).stdout)["steps"]  # unchanged
+
+
+def test_cli_put_with_stale_etag_writes_nothing(bucket, cli_env):
+    stored_run(bucket, "r-stale")
+    result = cli("put", "r-stale", "--if-match", '"0123456789abcdef0123456789abcdef"', env=cli_env,
+                 stdin='{"run_id": "r-stale"}')
+    assert result.returncode == 1 and "changed while it was being written; nothing written" in result.stderr
+    assert json.loads(cli("get", "r-stale", env=cli_env).stdout)["steps"]
+
+
+def test_cli_rm_with_yes_deletes_and_absent_is_exit_1(bucket, cli_env):
+    stored_run(bucket, "r-rm")
+    result = cli("rm", "r-rm", "--yes", env=cli_env)
+    assert result.returncode == 0 and "deleted" in result.stdout
+    assert cli("get", "r-rm", env=cli_env).returncode == 1
+    assert cli("rm", "r-rm", "--yes", env=cli_env).returncode == 1
+
+
+def test_cli_config_file_and_flags_override_it(bucket, tmp_path):
+    stored_run(bucket, "r-cfg")
+    config = {"run_log_store": {"type": "s3", "config": {"s3_bucket": "wrong-bucket-name", "prefix": "runs",
+                                                        "endpoint_url": bucket["endpoint_url"]}}}
+    (tmp_path / "magnus.yaml").write_text("run_log_store:\n  type: s3\n  config:\n"
+                                           + "".join(f"    {k}: {v}\n" for k, v in config["run_log_store"]["config"].items()))
+    from_file = cli("--config", str(tmp_path / "magnus.yaml"), "get", "r-cfg")
+    assert from_file.returncode == 1 and "wrong-bucket-name" in from_file.stderr
+    overridden = cli("--config", str(tmp_path / "magnus.yaml"), "--bucket", bucket["s3_bucket"], "get", "r-cfg")
+    assert overridden.returncode == 0 and json.loads(overridden.stdout)["run_id"] == "r-cfg"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("get", "x"), "no bucket: pass --bucket, set RUNLOG_S3_BUCKET, or --config"),
+        (("--bucket", "Bad_Name", "get", "x"), "not a valid S3 bucket name"),
+        (("--bucket", "ok-bucket", "--endpoint-url", "localhost:9", "get", "x"), "must be a URL with a scheme"),
+        (("--config", "/no/such/file.yaml", "get", "x"), "cannot read config file /no/such/file.yaml"),
+    ],
+)
+def test_cli_configuration_errors_are_exit_2(args, message):
+    result = cli(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_get_imports_neither_magnus_moto_nor_yaml(bucket, cli_env):
+    stored_run(bucket, "r-lean")
+    script = ("import sys, runlog_s3; code = runlog_s3._main(['get', 'r-lean']); "
+              "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'magnus', 'moto', 'yaml', 'pydantic', 'boto3'}); "
+              "print('HEAVY', heavy, file=sys.stderr); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE,
+                            env={**os.environ, **cli_env})
+    assert result.returncode == 0 and "HEAVY []" in result.stderr
+
+
+def test_cli_check_passes_against_a_good_bucket(bucket, cli_env, s3_server):
+    result = cli("check", env={**cli_env, "AWS_ENDPOINT_URL_STS": s3_server.endpoint_url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "PASS  credentials", "PASS  caller identity", "PASS  bucket", "PASS  read, write, delete", "PASS  list",
+        "PASS  conditional writes"]
+    assert "environment" in lines[0] and ACCESS_KEY[-4:] in lines[0] and SECRET_KEY not in result.stdout
+
+
+def test_cli_check_fails_for_a_missing_bucket(s3_server):
+    result = cli("check", "--bucket", "no-such-bucket-xyz", "--endpoint-url", s3_server.endpoint_url)
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL  bucket: HEAD bucket s3://no-such-bucket-xyz/ failed: ")
+    assert "check s3_bucket" in failed[0]
+
+
+class IgnoreConditionalHeaders:
+    """WSGI middleware: a server that ignores If-Match and If-None-Match, as some S3 look-alikes do."""
+
+    def __init__(self, application):
+        self.application = application
+
+    def __call__(self, environ, start_response):
+        environ.pop("HTTP_IF_MATCH", None)
+        environ.pop("HTTP_IF_NONE_MATCH", None)
+        return self.application(environ, start_response)
+
+
+def test_cli_check_fails_loudly_when_the_server_ignores_conditional_writes(bucket, cli_env):
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, IgnoreConditionalHeaders(DomainDispatcherApplication(create_backend_app)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = cli("check", env={**cli_env, "RUNLOG_S3_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL  conditional writes: ")
+    assert "parallel writes are NOT safe on this endpoint" in failed[0]
+
+
+def test_cli_check_local_passes_with_only_the_local_extra(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"{HERE}[local]"],
+                             capture_output=True, text=True, timeout=400,
+                             env={**os.environ, "HOME": os.environ.get("RUNLOG_S3_REAL_HOME", str(Path.home()))})
+    assert install.returncode == 0, install.stderr[-2000:]
+    result = subprocess.run([str(python), "-m", "runlog_s3", "check", "--local"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS  parallel writes: 16 writer processes wrote 176 logs, 176 kept, 0 lost" in result.stdout
+    assert "magnus" not in subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True).stdout
