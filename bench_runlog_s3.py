@@ -1,0 +1,407 @@
+"""Benchmark runlog_s3 side by side against the old store, magnus on local disk and the round-trip floor.
+
+One command, one local S3-compatible server (moto's, in this process, single-threaded, loopback
+only), every comparison in the same run, one table with PASS/FAIL against the targets. Times are
+medians of repeated runs; on a shared machine the ratios are what count.
+
+    python bench_runlog_s3.py            # every row, under 5 minutes on 2 cores
+    python bench_runlog_s3.py --quick    # smaller sizes, no old-store rows, under 1 minute
+
+Rows:
+  1. Parallel pipeline: magnus 0.4.16, local executor, enable_parallel, a parallel node of 8 branches
+     and a map over 8 items. Wall time and lost logs for this store, magnus_extensions' S3Store and
+     ChunkedS3Store (run from their own virtual environment, .bench-venv/old, made on first use),
+     and magnus's file-system store running the same pipeline sequentially on local disk.
+  2. Uncontended mutation: add_step_log on a run log of 10 steps vs one signed PUT and one signed
+     GET+PUT from a bare loop on the same server.
+  3. Contention: 1, 4, 16, 32 writer processes on one run log: mutations/s, 412s per mutation, lost.
+  4. Document size: add_step_log latency with 10, 100 and 1000 steps in the log; bytes per write.
+  5. Cold start: `python -m runlog_s3 get RUN_ID` as a whole process vs a boto3 one-liner (and
+     `aws s3 cp ... -` when the AWS CLI is installed): wall time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import py_compile
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import runlog_s3
+
+HERE = Path(__file__).resolve().parent
+OLD_VENV = HERE / ".bench-venv" / "old"
+OLD_PACKAGES = ["magnus==0.4.16", "magnus_extensions[aws]==0.2.13"]
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    name: str
+    measured: str
+    target: str = ""
+    passed: Optional[bool] = None  # None: informative, no target
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.passed is None else ("PASS" if self.passed else "FAIL")
+
+
+def median_seconds(action: Callable[[], Any], repeat: int) -> float:
+    """Median wall time of `repeat` calls."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# The magnus pipeline (also used by the tests) #####################################################
+
+BRANCH = {"start_at": "work", "steps": {
+    "work": {"type": "task", "command_type": "shell", "command": "echo working", "next": "success"},
+    "success": {"type": "success"}, "fail": {"type": "fail"}}}
+
+
+def write_magnus_pipeline(folder: Path, run_log_store: Dict[str, Any], branches: int = 8, items: int = 8,
+                          parallel: bool = True, magnus: str = "") -> List[str]:
+    """Write pipeline, config and parameters files into `folder`; return the magnus command that runs them."""
+    pipeline = {"dag": {"start_at": "prepare", "steps": {
+        "prepare": {"type": "task", "command_type": "shell", "command": "echo prepare", "next": "fan-out"},
+        "fan-out": {"type": "parallel", "next": "over-items", "branches": {f"b{i}": BRANCH for i in range(branches)}},
+        "over-items": {"type": "map", "iterate_on": "items", "iterate_as": "item", "next": "success", "branch": BRANCH},
+        "success": {"type": "success"}, "fail": {"type": "fail"}}}}
+    config = {"executor": {"type": "local", "config": {"enable_parallel": parallel}},
+              "run_log_store": run_log_store, "catalog": {"type": "do-nothing"}}
+    (folder / "pipeline.yaml").write_text(json.dumps(pipeline))
+    (folder / "config.yaml").write_text(json.dumps(config))
+    # magnus 0.4.16 cannot map over integers in parallel mode (str.replace with an int): use strings.
+    (folder / "params.yaml").write_text(json.dumps({"items": [f"item{i}" for i in range(items)]}))
+    magnus = magnus or str(Path(sys.executable).parent / "magnus")
+    return [magnus, "execute", "--file", "pipeline.yaml", "--config-file", "config.yaml",
+            "--parameters-file", "params.yaml", "--log-level", "ERROR"]
+
+
+def expected_logs(branches: int, items: int) -> int:
+    """Step and branch logs a complete run of that pipeline holds: 4 top steps, 2 steps per branch."""
+    return 4 + (branches + items) * 3
+
+
+_COUNT_SUCCESS = """
+import json, sys
+from magnus import utils
+config = json.load(open("config.yaml"))
+store = utils.get_provider_by_name_and_type("run_log_store", config["run_log_store"])
+run_log = store.get_run_log_by_id(sys.argv[1], full=True).dict()
+def count(container):
+    total = 0
+    for step in container["steps"].values():
+        total += step["status"] == "SUCCESS"
+        for branch in step["branches"].values():
+            total += branch["status"] == "SUCCESS"
+            total += count(branch)
+    return total
+print(json.dumps({"status": run_log["status"], "success": count(run_log)}))
+"""
+
+
+def run_pipeline(python: str, command: List[str], folder: Path, environ: Dict[str, str], run_id: str) -> Tuple[float, dict]:
+    """Run the pipeline once; return (wall seconds, {"status", "success"} read back through the store)."""
+    started = time.perf_counter()
+    result = subprocess.run(command + ["--run-id", run_id], cwd=folder, env=environ, capture_output=True, text=True,
+                            timeout=600)
+    wall = time.perf_counter() - started
+    counted = subprocess.run([python, "-c", _COUNT_SUCCESS, run_id], cwd=folder, env=environ, capture_output=True,
+                             text=True, timeout=120)
+    if counted.returncode != 0:
+        return wall, {"status": f"unreadable (magnus exit {result.returncode})", "success": 0}
+    return wall, json.loads(counted.stdout)
+
+
+def ensure_old_venv() -> Optional[str]:
+    """The old store's virtual environment (magnus_extensions 0.2.13, boto3, pydantic v1); made once."""
+    python = OLD_VENV / "bin" / "python"
+    if not (OLD_VENV / "bin" / "magnus").exists():
+        print(f"making {OLD_VENV} for the old store (once) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(OLD_VENV)], check=True)
+        installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *OLD_PACKAGES],
+                                   capture_output=True, text=True)
+        if installed.returncode != 0:
+            print(f"could not install the old store: {installed.stderr.strip()[-300:]}", file=sys.stderr)
+            return None
+    return str(python)
+
+
+def bench_pipeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    branches = items = 4 if quick else 8
+    expected = expected_logs(branches, items)
+    base = {**os.environ, **CREDENTIALS}
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    results: Dict[str, Tuple[float, dict]] = {}
+
+    def one(name: str, store: Dict[str, Any], parallel: bool, python: str = sys.executable,
+            environ: Optional[Dict[str, str]] = None) -> None:
+        folder = work / name.replace(" ", "-")
+        folder.mkdir()
+        magnus = str(Path(python).parent / "magnus")
+        command = write_magnus_pipeline(folder, store, branches, items, parallel, magnus)
+        results[name] = run_pipeline(python, command, folder, environ or base, f"bench-{folder.name}")
+
+    bucket = make_bucket(server, "bench-pipeline")
+    s3_config = {"s3_bucket": bucket, "endpoint_url": server.endpoint_url}
+    one("runlog_s3 s3, parallel", {"type": "s3", "config": s3_config}, True)
+    one("magnus file-system, sequential", {"type": "file-system", "config": {"log_folder": str(work / "fs-logs")}}, False)
+    old_python = None if quick else ensure_old_venv()
+    if old_python:
+        home = work / "home"
+        (home / ".aws").mkdir(parents=True)
+        (home / ".aws" / "credentials").write_text(
+            f"[default]\naws_access_key_id = {CREDENTIALS['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {CREDENTIALS['AWS_SECRET_ACCESS_KEY']}\n")
+        old_environ = {**base, "HOME": str(home), "AWS_ENDPOINT_URL": server.endpoint_url}
+        old_config = {"s3_bucket": bucket, "prefix": "old", "region": "eu-west-1"}
+        one("magnus_extensions S3Store, parallel", {"type": "s3", "config": old_config}, True, old_python, old_environ)
+        one("magnus_extensions ChunkedS3Store, parallel", {"type": "chunked-s3", "config": {**old_config, "prefix": "old-chunked"}},
+            True, old_python, old_environ)
+
+    ours_wall = results["runlog_s3 s3, parallel"][0]
+    disk_wall = results["magnus file-system, sequential"][0]
+    rows = []
+    for name, (wall, found) in results.items():
+        lost = expected - found["success"]
+        rows.append(Row(f"pipeline {branches}+{items}: {name}", f"{wall:.2f} s, {lost} of {expected} logs lost, run {found['status']}",
+                        "0 lost" if name.startswith("runlog_s3") else "", (lost == 0) if name.startswith("runlog_s3") else None))
+    old = results.get("magnus_extensions S3Store, parallel")
+    rows.append(Row("pipeline: runlog_s3 wall / old S3Store wall",
+                    f"{ours_wall / old[0]:.3f}" if old else "skipped (--quick)", "<= 0.1", (ours_wall <= old[0] / 10) if old else None))
+    rows.append(Row("pipeline: runlog_s3 parallel / file-system sequential", f"{ours_wall / disk_wall:.2f}",
+                    "<= 2 (aim < 1)", ours_wall <= 2 * disk_wall))
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+# In-process rows ##################################################################################
+
+
+def make_bucket(server: runlog_s3.LocalS3Server, name: str) -> str:
+    client = runlog_s3.S3Client(runlog_s3.Config.from_dict({"s3_bucket": name, "endpoint_url": server.endpoint_url}))
+    try:
+        runlog_s3.create_bucket(client)
+    except runlog_s3.S3Error as error:
+        if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+    return name
+
+
+def seeded_store(server: runlog_s3.LocalS3Server, bucket: str, run_id: str, steps: int) -> Any:
+    """A store and a run log already holding `steps` step logs (written in one PUT)."""
+    store = runlog_s3.S3RunLogStore({"s3_bucket": bucket, "endpoint_url": server.endpoint_url})
+    run_log = store.create_run_log(run_id, status="PROCESSING")
+    for number in range(steps):
+        step = store.create_step_log(f"step-{number:04d}", f"step-{number:04d}")
+        step.status = "SUCCESS"
+        step.attempts.append(store.create_attempt_log(attempt_number=1, status="SUCCESS"))
+        run_log.steps[step.internal_name] = step
+    store.put_run_log(run_log)
+    return store
+
+
+def add_step_log_latency(store: Any, run_id: str, repeat: int) -> float:
+    """Median add_step_log of one existing step, its status flipped each time so every call writes."""
+    step = store.get_step_log("step-0005", run_id)
+    statuses = iter(["FAIL", "SUCCESS"] * repeat)
+
+    def mutate() -> None:
+        step.status = next(statuses)
+        store.add_step_log(step, run_id)
+
+    return median_seconds(mutate, repeat)
+
+
+def bench_uncontended(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    repeat = 30 if quick else 100
+    bucket = make_bucket(server, "bench-uncontended")
+    store = seeded_store(server, bucket, "floor", 10)
+    mutation = add_step_log_latency(store, "floor", repeat)
+    client = store.run_logs.client
+    key = store.run_logs.key("floor")
+    body = client.get_object(key).body
+    put = median_seconds(lambda: client.put_object(key + ".floor", body), repeat)
+    get_put = median_seconds(lambda: client.put_object(key + ".floor", client.get_object(key).body), repeat)
+    return [
+        Row("uncontended add_step_log (10 steps)", f"{mutation * 1000:.2f} ms"),
+        Row("floor: one signed PUT / one signed GET+PUT", f"{put * 1000:.2f} ms / {get_put * 1000:.2f} ms"),
+        Row("uncontended add_step_log / one signed PUT", f"{mutation / put:.2f}", "<= 1.2", mutation <= 1.2 * put),
+    ]
+
+
+def _contending_writer(config: Dict[str, Any], run_id: str, writer: int, mutations: int, queue: Any) -> None:
+    store = runlog_s3.S3RunLogStore(config)
+    for number in range(mutations):
+        step = store.create_step_log(f"w{writer:02d}-{number:03d}", f"w{writer:02d}-{number:03d}")
+        step.status = "SUCCESS"
+        store.add_step_log(step, run_id)
+    queue.put(store.run_logs.conflicts)
+
+
+def bench_contention(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    counts = (1, 4, 16) if quick else (1, 4, 16, 32)
+    mutations = 5 if quick else 10
+    bucket = make_bucket(server, "bench-contention")
+    config = {"s3_bucket": bucket, "endpoint_url": server.endpoint_url}
+    context = multiprocessing.get_context("fork")
+    rows, rates = [], {}
+    for writers in counts:
+        run_id = f"contention-{writers}"
+        store = runlog_s3.S3RunLogStore(config)
+        store.create_run_log(run_id)
+        queue = context.Queue()
+        processes = [context.Process(target=_contending_writer, args=(config, run_id, w, mutations, queue))
+                     for w in range(writers)]
+        started = time.perf_counter()
+        for process in processes:
+            process.start()
+        conflicts = sum(queue.get(timeout=300) for _ in processes)
+        for process in processes:
+            process.join(60)
+        wall = time.perf_counter() - started
+        total = writers * mutations
+        lost = total - len(store.get_run_log_by_id(run_id).steps)
+        rates[writers] = total / wall
+        rows.append(Row(f"contention: {writers} writers x {mutations}",
+                        f"{rates[writers]:.0f} mutations/s, {conflicts / total:.2f} 412s/mutation, {lost} lost",
+                        "0 lost", lost == 0))
+    widest = counts[-1]
+    rows.append(Row(f"contention: {widest} writers' rate / 1 writer's", f"{rates[widest] / rates[1]:.0%}", ">= 50%",
+                    rates[widest] >= 0.5 * rates[1]))
+    return rows
+
+
+def bench_document_size(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    repeat = 15 if quick else 40
+    bucket = make_bucket(server, "bench-size")
+    latencies, rows = {}, []
+    for steps in (10, 100, 1000):
+        store = seeded_store(server, bucket, f"size-{steps}", steps)
+        latencies[steps] = add_step_log_latency(store, f"size-{steps}", repeat)
+        size = len(store.run_logs.client.get_object(store.run_logs.key(f"size-{steps}")).body)
+        rows.append(Row(f"document size: add_step_log at {steps} steps", f"{latencies[steps] * 1000:.2f} ms, {size:,} bytes per write"))
+    ratio = latencies[1000] / latencies[10]
+    rows.append(Row("document size: 1000 steps / 10 steps", f"{ratio:.2f}", "<= 3", ratio <= 3))
+    return rows
+
+
+# Cold start #######################################################################################
+
+
+# A forked child's ru_maxrss starts at its parent's high-water mark, and this process holds moto:
+# so the command is started by a small helper process, which reports the command's own figures.
+_MEASURE = """
+import json, os, subprocess, sys, time
+command = json.loads(sys.argv[1])
+started = time.perf_counter()
+process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(process.pid, 0)
+wall = time.perf_counter() - started
+error = process.stderr.read().decode()[-300:] if status else ""
+print(json.dumps([wall, usage.ru_maxrss / 1024, status, error]))
+"""
+
+
+def peak_and_wall(command: List[str], environ: Dict[str, str]) -> Tuple[float, float]:
+    """(wall seconds, peak resident MiB) of one whole process."""
+    measured = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(command)], env=environ, cwd=HERE,
+                              capture_output=True, text=True, timeout=120)
+    wall, peak, status, error = json.loads(measured.stdout)
+    if status:
+        raise RuntimeError(f"{command[:3]} failed: {error}")
+    return wall, peak
+
+
+def bench_cold_start(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    repeat = 5
+    bucket = make_bucket(server, "bench-cold")
+    seeded_store(server, bucket, "cold", 10)
+    environ = {**os.environ, **CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true"}
+    key = "cold.json"
+    # An installed module has its bytecode compiled at install time, as boto3's has.
+    py_compile.compile(str(HERE / "runlog_s3.py"), doraise=True)
+    commands = {
+        "python -c pass (interpreter floor)": [sys.executable, "-c", "pass"],
+        "python -m runlog_s3 get": [sys.executable, "-m", "runlog_s3", "--bucket", bucket, "--endpoint-url",
+                                    server.endpoint_url, "get", "cold"],
+        "boto3 one-liner": [sys.executable, "-c",
+                            "import boto3,sys; sys.stdout.write(boto3.client('s3', region_name='eu-west-1', "
+                            f"endpoint_url='{server.endpoint_url}').get_object(Bucket='{bucket}', Key='{key}')"
+                            "['Body'].read().decode())"],
+    }
+    if shutil.which("aws"):
+        commands["aws s3 cp - (AWS CLI)"] = ["aws", "s3", "cp", f"s3://{bucket}/{key}", "-", "--endpoint-url",
+                                             server.endpoint_url]
+    measured = {}
+    for name, command in commands.items():
+        try:
+            samples = [peak_and_wall(command, environ) for _ in range(repeat)]
+        except (RuntimeError, OSError) as error:
+            measured[name] = None
+            print(f"cold start {name}: {error}", file=sys.stderr)
+            continue
+        measured[name] = (statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+    rows = [Row(f"cold start: {name}", f"{m[0] * 1000:.0f} ms, {m[1]:.1f} MiB peak" if m else "not available")
+            for name, m in measured.items()]
+    ours, boto = measured["python -m runlog_s3 get"], measured.get("boto3 one-liner")
+    if ours and boto:
+        rows.append(Row("cold start: runlog_s3 get / boto3 one-liner (wall)", f"{ours[0] / boto[0]:.2f}", "<= 0.5",
+                        ours[0] <= 0.5 * boto[0]))
+    if ours:
+        rows.append(Row("cold start: runlog_s3 get peak memory", f"{ours[1]:.1f} MiB", "<= 32 MiB", ours[1] <= 32))
+    return rows
+
+
+# Table ############################################################################################
+
+
+def print_table(rows: List[Row], stream: Any = sys.stdout) -> None:
+    """A Markdown table: row, measured, target, verdict."""
+    print("| row | measured | target | |", file=stream)
+    print("| --- | --- | --- | --- |", file=stream)
+    for row in rows:
+        print(f"| {row.name} | {row.measured} | {row.target} | {row.verdict} |", file=stream)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and no old-store rows (under a minute)")
+    args = parser.parse_args(argv)
+    os.environ.update(CREDENTIALS)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    started = time.perf_counter()
+    rows: List[Row] = []
+    with runlog_s3.LocalS3Server() as server:
+        for section in (bench_pipeline, bench_uncontended, bench_contention, bench_document_size, bench_cold_start):
+            rows.extend(section(server, args.quick))
+            print(f"{section.__name__} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(f"runlog_s3 {runlog_s3.__version__} benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}, moto's server in-process on loopback{' (--quick)' if args.quick else ''}\n")
+    print_table(rows)
+    failed = [row.name for row in rows if row.passed is False]
+    print(f"\n{len(rows)} rows, {sum(row.passed is True for row in rows)} targets met, {len(failed)} missed "
+          f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
