@@ -29,7 +29,7 @@ import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -616,19 +616,25 @@ def _drop_signing_details(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(("CanonicalRequest", "StringToSign", "Signature"))
 
 
+class _SignerCredentials(NamedTuple):
+    # What botocore's signer reads; botocore.credentials would cost 10 ms of import for a namedtuple.
+    access_key: str
+    secret_key: str
+    token: Optional[str]
+
+
 def sign_request(
     method: str, url: str, headers: Mapping[str, str], body: bytes, credentials: Credentials, region: str, service: str
 ) -> Any:
     """A SigV4-signed, prepared request; for S3 the signature covers the SHA-256 of the real body."""
     from botocore.auth import S3SigV4Auth, SigV4Auth
     from botocore.awsrequest import AWSRequest
-    from botocore.credentials import ReadOnlyCredentials
 
     logging.getLogger("botocore.auth").addFilter(_drop_signing_details)  # adding it again is a no-op
     request = AWSRequest(method=method, url=url, headers=dict(headers), data=body)
     signer_class = S3SigV4Auth if service == "s3" else SigV4Auth
     signer_class(
-        ReadOnlyCredentials(credentials.access_key, credentials.secret_key, credentials.token or None),
+        _SignerCredentials(credentials.access_key, credentials.secret_key, credentials.token or None),
         service,
         region,
     ).add_auth(request)
@@ -956,6 +962,11 @@ def _to_json_value(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def _json_copy(value: Any) -> Any:
+    """A deep copy holding only JSON values: what the document will hold once stored."""
+    return json.loads(json.dumps(value, default=_to_json_value))
+
+
 def encode_run_log(document: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON: every write rewrites the whole document, so every byte counts."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=_to_json_value).encode("utf-8")
@@ -1046,7 +1057,7 @@ def put_step_log(document: Dict[str, Any], step_log: Mapping[str, Any]) -> None:
     internal_name = step_log["internal_name"]
     parent = find_branch(document, ".".join(internal_name.split(".")[:-1]))
     steps = parent.setdefault("steps", {})
-    new = dict(step_log)
+    new = _json_copy(step_log)
     stored = steps.get(internal_name)
     if stored:
         new["branches"] = _keep_stored_children(stored.get("branches", {}), step_log.get("branches", {}))
@@ -1058,7 +1069,7 @@ def put_branch_log(document: Dict[str, Any], branch_log: Mapping[str, Any]) -> N
     internal_name = branch_log["internal_name"]
     step = find_step(document, ".".join(internal_name.split(".")[:-1]))
     branches = step.setdefault("branches", {})
-    new = dict(branch_log)
+    new = _json_copy(branch_log)
     stored = branches.get(internal_name)
     if stored:
         new["steps"] = _keep_stored_children(stored.get("steps", {}), branch_log.get("steps", {}))
@@ -1068,11 +1079,26 @@ def put_branch_log(document: Dict[str, Any], branch_log: Mapping[str, Any]) -> N
 def put_run_fields(document: Dict[str, Any], run_log: Mapping[str, Any]) -> None:
     """Set the run's own fields (status, tag, ...) from a whole run log; its steps, parameters and run
     config keep what is stored and gain only what is new."""
-    for name, value in run_log.items():
+    for name, value in _json_copy(dict(run_log)).items():
         if name in ("steps", "parameters", "run_config"):
             document[name] = _keep_stored_children(document.get(name, {}), value or {})
         elif name != "run_id":
             document[name] = value
+
+
+def update_parameters(document: Dict[str, Any], parameters: Mapping[str, Any]) -> None:
+    """Add or overwrite parameters."""
+    document.setdefault("parameters", {}).update(_json_copy(dict(parameters)))
+
+
+def update_run_config(document: Dict[str, Any], run_config: Mapping[str, Any]) -> None:
+    """Add or overwrite run config entries."""
+    document.setdefault("run_config", {}).update(_json_copy(dict(run_config)))
+
+
+def set_run_status(document: Dict[str, Any], status: str) -> None:
+    """Set the run's status."""
+    document["status"] = str(status)
 
 
 def iter_steps(container: Mapping[str, Any], depth: int = 0) -> Iterator[Tuple[int, str, Dict[str, Any]]]:
@@ -1088,6 +1114,7 @@ def iter_steps(container: Mapping[str, Any], depth: int = 0) -> Iterator[Tuple[i
 class _Version:
     etag: str
     body: bytes
+    document: Optional[Dict[str, Any]] = None  # parsed, when no caller holds a reference to it
 
 
 class S3RunLogs:
@@ -1095,7 +1122,8 @@ class S3RunLogs:
 
     Reads are always one fresh GET. Each mutation is applied to a fresh document and written with
     If-Match on its ETag; a 412 means another writer won the race, so read again and re-apply. The
-    last version seen of each run log is kept, so an uncontended mutation costs one PUT.
+    last version seen of each run log is kept (with its parsed document after our own writes: parsing
+    a 1000-step log costs more than sending it), so an uncontended mutation costs one PUT.
     """
 
     _KEEP_VERSIONS = 16
@@ -1163,10 +1191,11 @@ class S3RunLogs:
         new_etag = self.client.put_object(self.key(run_id), body, if_match=etag)
         self._remember(run_id, new_etag, body)
 
-    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
-        """Apply `change` to the run log and store it with compare-and-swap; returns the stored document.
+    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> None:
+        """Apply `change` to the run log and store it with compare-and-swap.
 
-        `change` must only set values (it may run more than once, on fresher documents).
+        `change` must only set values (it may run more than once, on fresher documents), and only
+        values it owns: the document functions above copy what they are given.
         """
         key = self.key(run_id)
         where = self.where(run_id)
@@ -1183,12 +1212,12 @@ class S3RunLogs:
                         raise
                     raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {where}") from exc
                 version = _Version(stored.etag, stored.body)
-            document = decode_run_log(version.body, where)
+            document = version.document if version.document is not None else decode_run_log(version.body, where)
             change(document)
             body = encode_run_log(document)
             if fresh and body == version.body:
-                self._remember(run_id, version.etag, body)  # nothing to change
-                return document
+                self._remember(run_id, version.etag, body, document)  # nothing to change
+                return
             try:
                 etag = self.client.put_object(key, body, if_match=version.etag)
             except PreconditionFailedError:
@@ -1207,8 +1236,8 @@ class S3RunLogs:
                 continue
             except NotFoundError as exc:  # deleted since we read it
                 raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {where}") from exc
-            self._remember(run_id, etag, body)
-            return document
+            self._remember(run_id, etag, body, document)
+            return
 
     def delete(self, run_id: str) -> None:
         """Delete the run log; RunLogNotFoundError when there is none."""
@@ -1231,11 +1260,11 @@ class S3RunLogs:
         runs.sort(key=lambda run: (run.last_modified, run.key))
         return runs
 
-    def _remember(self, run_id: str, etag: str, body: bytes) -> None:
+    def _remember(self, run_id: str, etag: str, body: bytes, document: Optional[Dict[str, Any]] = None) -> None:
         if not etag:
             return
         self._versions.pop(run_id, None)
-        self._versions[run_id] = _Version(etag, body)
+        self._versions[run_id] = _Version(etag, body, document)
         while len(self._versions) > self._KEEP_VERSIONS:
             self._versions.pop(next(iter(self._versions)))
 
@@ -1309,9 +1338,9 @@ class _S3StoreMethods:
             self._raise("RunLogNotFoundError", exc, run_id)
             raise
 
-    def _mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
+    def _mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> None:
         try:
-            return self.run_logs.mutate(run_id, change)
+            self.run_logs.mutate(run_id, change)
         except RunLogNotFoundError as exc:
             self._raise("RunLogNotFoundError", exc, run_id)
             raise
@@ -1359,7 +1388,7 @@ class _S3StoreMethods:
 
     def update_run_log_status(self, run_id: str, status: str) -> None:
         """Set the run's status."""
-        self._mutate(run_id, lambda document: document.__setitem__("status", status))
+        self._mutate(run_id, lambda document: set_run_status(document, status))
 
     def get_parameters(self, run_id: str, **kwargs: Any) -> dict:
         """The run's parameters."""
@@ -1367,7 +1396,7 @@ class _S3StoreMethods:
 
     def set_parameters(self, run_id: str, parameters: dict, **kwargs: Any) -> None:
         """Add or overwrite parameters."""
-        self._mutate(run_id, lambda document: document.setdefault("parameters", {}).update(parameters))
+        self._mutate(run_id, lambda document: update_parameters(document, parameters))
 
     def get_run_config(self, run_id: str, **kwargs: Any) -> dict:
         """The run config of the run."""
@@ -1375,7 +1404,7 @@ class _S3StoreMethods:
 
     def set_run_config(self, run_id: str, run_config: dict, **kwargs: Any) -> None:
         """Add or overwrite run config entries."""
-        self._mutate(run_id, lambda document: document.setdefault("run_config", {}).update(run_config))
+        self._mutate(run_id, lambda document: update_run_config(document, run_config))
 
     def get_step_log(self, internal_name: str, run_id: str, **kwargs: Any) -> Any:
         """A step log by its internal name."""

@@ -1045,3 +1045,13 @@ def test_cli_check_local_passes_with_only_the_local_extra(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS  parallel writes: 16 writer processes wrote 176 logs, 176 kept, 0 lost" in result.stdout
     assert "magnus" not in subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True).stdout
+
+
+def test_remembered_document_never_shares_a_callers_objects(bucket):
+    store = runlog_s3.S3RunLogStore(bucket)
+    store.create_run_log("alias")
+    values = {"list": [1, 2]}
+    store.set_parameters("alias", values)
+    values["list"].append(3)  # the caller changes its own object afterwards, without telling the store
+    store.set_run_config("alias", {"other": True})  # served from the remembered document
+    assert store.get_parameters("alias") == {"list": [1, 2]}
