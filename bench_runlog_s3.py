@@ -172,10 +172,15 @@ def bench_pipeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
             f"[default]\naws_access_key_id = {CREDENTIALS['AWS_ACCESS_KEY_ID']}\n"
             f"aws_secret_access_key = {CREDENTIALS['AWS_SECRET_ACCESS_KEY']}\n")
         old_environ = {**base, "HOME": str(home), "AWS_ENDPOINT_URL": server.endpoint_url}
-        old_config = {"s3_bucket": bucket, "prefix": "old", "region": "eu-west-1"}
-        one("magnus_extensions S3Store, parallel", {"type": "s3", "config": old_config}, True, old_python, old_environ)
-        one("magnus_extensions ChunkedS3Store, parallel", {"type": "chunked-s3", "config": {**old_config, "prefix": "old-chunked"}},
-            True, old_python, old_environ)
+        # Its documented default, aws_profile '', raises ProfileNotFound on current botocore: shown in a
+        # row of its own, then worked around with the profile named.
+        one("magnus_extensions S3Store, its default aws_profile ''",
+            {"type": "s3", "config": {"s3_bucket": bucket, "prefix": "old-default"}}, True, old_python, old_environ)
+        old_config = {"s3_bucket": bucket, "prefix": "old", "region": "eu-west-1", "aws_profile": "default"}
+        one("magnus_extensions S3Store (aws_profile: default), parallel", {"type": "s3", "config": old_config}, True,
+            old_python, old_environ)
+        one("magnus_extensions ChunkedS3Store (aws_profile: default), parallel",
+            {"type": "chunked-s3", "config": {**old_config, "prefix": "old-chunked"}}, True, old_python, old_environ)
 
     ours_wall = results["runlog_s3 s3, parallel"][0]
     disk_wall = results["magnus file-system, sequential"][0]
@@ -184,7 +189,7 @@ def bench_pipeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
         lost = expected - found["success"]
         rows.append(Row(f"pipeline {branches}+{items}: {name}", f"{wall:.2f} s, {lost} of {expected} logs lost, run {found['status']}",
                         "0 lost" if name.startswith("runlog_s3") else "", (lost == 0) if name.startswith("runlog_s3") else None))
-    old = results.get("magnus_extensions S3Store, parallel")
+    old = results.get("magnus_extensions S3Store (aws_profile: default), parallel")
     rows.append(Row("pipeline: runlog_s3 wall / old S3Store wall",
                     f"{ours_wall / old[0]:.3f}" if old else "skipped (--quick)", "<= 0.1", (ours_wall <= old[0] / 10) if old else None))
     rows.append(Row("pipeline: runlog_s3 parallel / file-system sequential", f"{ours_wall / disk_wall:.2f}",

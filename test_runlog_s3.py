@@ -20,6 +20,7 @@ import pytest
 import requests
 import responses
 
+import bench_runlog_s3
 import runlog_s3
 from runlog_s3 import (
     Config,
@@ -766,34 +767,10 @@ def test_module_and_store_work_on_dicts_without_magnus(bucket):
 
 # A real magnus 0.4.16 pipeline ####################################################################
 
-BRANCH = {"start_at": "work", "steps": {
-    "work": {"type": "task", "command_type": "shell", "command": "echo working", "next": "success"},
-    "success": {"type": "success"}, "fail": {"type": "fail"}}}
-
-
-def magnus_pipeline(tmp_path, endpoint_url, bucket_name, store_type="s3", branches=8, items=8, parallel=True):
-    """Write pipeline, config and parameters files; return the magnus command that runs them."""
-    pipeline = {"dag": {"start_at": "prepare", "steps": {
-        "prepare": {"type": "task", "command_type": "shell", "command": "echo prepare", "next": "fan-out"},
-        "fan-out": {"type": "parallel", "next": "over-items", "branches": {f"b{i}": BRANCH for i in range(branches)}},
-        "over-items": {"type": "map", "iterate_on": "items", "iterate_as": "item", "next": "success", "branch": BRANCH},
-        "success": {"type": "success"}, "fail": {"type": "fail"}}}}
-    config = {
-        "executor": {"type": "local", "config": {"enable_parallel": parallel}},
-        "run_log_store": {"type": store_type, "config": {"s3_bucket": bucket_name, "endpoint_url": endpoint_url}},
-        "catalog": {"type": "do-nothing"},
-    }
-    # magnus 0.4.16 cannot map over integers in parallel mode (str.replace with an int): use strings.
-    (tmp_path / "pipeline.yaml").write_text(json.dumps(pipeline))
-    (tmp_path / "config.yaml").write_text(json.dumps(config))
-    (tmp_path / "params.yaml").write_text(json.dumps({"items": [f"item{i}" for i in range(items)]}))
-    magnus = Path(sys.executable).parent / "magnus"
-    return [str(magnus), "execute", "--file", "pipeline.yaml", "--config-file", "config.yaml",
-            "--parameters-file", "params.yaml", "--log-level", "WARNING"]
-
 
 def test_magnus_parallel_pipeline_with_type_s3_loses_nothing(s3_server, bucket, tmp_path):
-    command = magnus_pipeline(tmp_path, s3_server.endpoint_url, bucket["s3_bucket"]) + ["--run-id", "e2e"]
+    store = {"type": "s3", "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": s3_server.endpoint_url}}
+    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store) + ["--run-id", "e2e"]
     bucket_config = {**bucket, "prefix": ""}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -1055,3 +1032,27 @@ def test_remembered_document_never_shares_a_callers_objects(bucket):
     values["list"].append(3)  # the caller changes its own object afterwards, without telling the store
     store.set_run_config("alias", {"other": True})  # served from the remembered document
     assert store.get_parameters("alias") == {"list": [1, 2]}
+
+
+# Benchmark ########################################################################################
+
+
+def test_bench_quick_completes_and_prints_every_row():
+    result = subprocess.run([sys.executable, "bench_runlog_s3.py", "--quick"], capture_output=True, text=True,
+                            cwd=HERE, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = [line.split(" | ")[0].lstrip("| ") for line in result.stdout.splitlines() if line.startswith("| ")]
+    expected_prefixes = [
+        "row", "---", "pipeline 4+4: runlog_s3 s3, parallel", "pipeline 4+4: magnus file-system, sequential",
+        "pipeline: runlog_s3 wall / old S3Store wall", "pipeline: runlog_s3 parallel / file-system sequential",
+        "uncontended add_step_log (10 steps)", "floor: one signed PUT / one signed GET+PUT",
+        "uncontended add_step_log / one signed PUT", "contention: 1 writers", "contention: 4 writers",
+        "contention: 16 writers x", "contention: 16 writers' rate", "document size: add_step_log at 10 steps",
+        "document size: add_step_log at 100 steps", "document size: add_step_log at 1000 steps",
+        "document size: 1000 steps / 10 steps", "cold start: python -c pass", "cold start: python -m runlog_s3 get",
+        "cold start: boto3 one-liner",
+    ]
+    for prefix in expected_prefixes:
+        assert any(name.startswith(prefix) for name in names), prefix
+    assert "cold start: runlog_s3 get peak memory" in result.stdout
+    assert "0 of 28 logs lost" in result.stdout  # the quick pipeline's row reports its count
