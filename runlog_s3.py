@@ -401,9 +401,9 @@ class CredentialProvider:
     def refresh(self) -> Credentials:
         """Forget cached credentials (after an ExpiredToken reply) and read or assume them anew."""
         with self._fresh_lock():
+            # Every source is read again: named variables, the environment fast path, botocore's chain.
             self._assumed = None
-            if self._config.use_credentials:
-                self._base = None
+            self._base = None
         return self.get()
 
     def _fresh_lock(self) -> threading.Lock:

@@ -1056,3 +1056,15 @@ def test_bench_quick_completes_and_prints_every_row():
         assert any(name.startswith(prefix) for name in names), prefix
     assert "cold start: runlog_s3 get peak memory" in result.stdout
     assert "0 of 28 logs lost" in result.stdout  # the quick pipeline's row reports its count
+
+
+@responses.activate
+def test_expired_token_rereads_default_chain_environment_credentials(monkeypatch):
+    client, _ = fake_client()
+    responses.add(responses.GET, f"{AWS_URL}/k.json", body=b"{}", headers={"ETag": '"e"'})
+    client.get_object("k.json")  # reads AWS_ACCESS_KEY_ID through the default chain
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAROTATED00")
+    responses.add(responses.GET, f"{AWS_URL}/k.json", **s3_error("ExpiredToken", "expired", 400))
+    responses.add(responses.GET, f"{AWS_URL}/k.json", body=b"{}", headers={"ETag": '"e"'})
+    client.get_object("k.json")
+    assert "AKIAROTATED00/" in responses.calls[-1].request.headers["Authorization"]
