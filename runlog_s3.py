@@ -528,6 +528,7 @@ _RETRYABLE_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "Se
 _EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired"})
 _BACKOFF_BASE = 0.1  # seconds; full jitter over base * 2**attempt, capped
 _BACKOFF_CAP = 10.0
+_METADATA_HEADER = "x-amz-meta-"
 
 
 @dataclass
@@ -563,6 +564,7 @@ class S3Object:
     body: bytes
     etag: str
     last_modified: str = ""
+    metadata: Dict[str, str] = field(default_factory=dict)  # the x-amz-meta-* headers, without the prefix
 
 
 def _transport_errors() -> Tuple[type, ...]:
@@ -783,11 +785,26 @@ class S3Client:
     def get_object(self, key: str) -> S3Object:
         """GET: the body and its ETag. Raises NotFoundError when there is no such key."""
         reply = self._request("GET", key)
-        return S3Object(key, reply.body, reply.header("ETag"), reply.header("Last-Modified"))
+        metadata = {
+            name.lower()[len(_METADATA_HEADER):]: value
+            for name, value in reply.headers.items()
+            if name.lower().startswith(_METADATA_HEADER)
+        }
+        return S3Object(key, reply.body, reply.header("ETag"), reply.header("Last-Modified"), metadata)
 
-    def put_object(self, key: str, body: bytes, *, if_match: str = "", if_none_match: bool = False) -> str:
+    def put_object(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str = "",
+        if_none_match: bool = False,
+        metadata: Optional[Mapping[str, str]] = None,
+    ) -> str:
         """PUT, optionally only if the ETag matches or only if no object exists; returns the new ETag."""
         headers = {"Content-Type": "application/json"}
+        for name, value in (metadata or {}).items():
+            headers[_METADATA_HEADER + name] = value
         if if_match:
             headers["If-Match"] = if_match
         if if_none_match:
@@ -1115,6 +1132,7 @@ class _Version:
     etag: str
     body: bytes
     document: Optional[Dict[str, Any]] = None  # parsed, when no caller holds a reference to it
+    metadata: Optional[Dict[str, str]] = None  # sent again with every rewrite (a PUT replaces it)
 
 
 class S3RunLogs:
@@ -1122,10 +1140,13 @@ class S3RunLogs:
 
     Reads are always one fresh GET. Each mutation is applied to a fresh document and written with
     If-Match on its ETag; a 412 means another writer won the race, so read again and re-apply. The
-    last version seen of each run log is kept (with its parsed document after our own writes: parsing
+    last version seen of each object is kept (with its parsed document after our own writes: parsing
     a 1000-step log costs more than sending it), so an uncontended mutation costs one PUT.
+
+    Layout `s3`: one object per run, `<prefix>/<run_id>.json`.
     """
 
+    layout = "s3"
     _KEEP_VERSIONS = 16
 
     def __init__(self, client: S3Client, *, clock: Callable[[], float] = time.monotonic):
@@ -1133,10 +1154,11 @@ class S3RunLogs:
         self.prefix = client.config.key_prefix
         self._clock = clock
         self._versions: Dict[str, _Version] = {}
+        self._versions_lock = threading.Lock()
         self.conflicts = 0  # compare-and-swaps lost to another writer, for logs and the benchmark
 
     def __repr__(self) -> str:
-        return f"S3RunLogs(bucket={self.client.bucket!r}, prefix={self.prefix!r})"
+        return f"{type(self).__name__}(bucket={self.client.bucket!r}, prefix={self.prefix!r})"
 
     def key(self, run_id: str) -> str:
         """The key of a run's log."""
@@ -1144,82 +1166,210 @@ class S3RunLogs:
 
     def where(self, run_id: str) -> str:
         """s3://bucket/key, for messages."""
-        return f"s3://{self.client.bucket}/{self.key(run_id)}"
+        return self._url(self.key(run_id))
 
-    def read(self, run_id: str) -> Dict[str, Any]:
+    def _url(self, key: str) -> str:
+        return f"s3://{self.client.bucket}/{key}"
+
+    def _not_found(self, run_id: str) -> RunLogNotFoundError:
+        return RunLogNotFoundError(f"no run log for run id {run_id!r} at {self.where(run_id)}")
+
+    # Reading.
+
+    def read(self, run_id: str, full: bool = True) -> Dict[str, Any]:
         """The stored run log. Raises RunLogNotFoundError, or InvalidRunLogError for a foreign object."""
-        key = self.key(run_id)
+        stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
+        document = decode_run_log(stored.body, self.where(run_id))
+        self._remember(stored.key, stored.etag, stored.body)
+        return document
+
+    def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
+        """A step log by its internal name (LogNotFoundError when absent)."""
+        return find_step(self.read(run_id), internal_name)
+
+    def read_branch(self, run_id: str, internal_name: str) -> Dict[str, Any]:
+        """A branch log by its internal name, or the run log itself for '' (the base dag)."""
+        return find_branch(self.read(run_id, full=not internal_name), internal_name)
+
+    def exists(self, run_id: str) -> bool:
+        """Whether the run has a log in this layout (one HEAD)."""
         try:
-            stored = self.client.get_object(key)
+            self.client.head_object(self.key(run_id))
         except NotFoundError as exc:
             if isinstance(exc, NoSuchBucketError):
                 raise
-            raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {self.where(run_id)}") from exc
-        document = decode_run_log(stored.body, self.where(run_id))
-        self._remember(run_id, stored.etag, stored.body)
-        return document
+            return False
+        return True
+
+    # Writing: the operations of magnus's interface.
 
     def create(self, document: Dict[str, Any]) -> None:
         """Store a new run log; RunLogExistsError if one is there (unless it is ours, whose reply was lost)."""
         run_id = document["run_id"]
-        key = self.key(run_id)
         body = encode_run_log(check_run_log(document, "the run log to create"))
-        try:
-            etag = self.client.put_object(key, body, if_none_match=True)
-        except PreconditionFailedError as exc:
-            # Our own first attempt may have been stored with its reply lost: then the body is ours.
-            try:
-                stored = self.client.get_object(key)
-            except NotFoundError:
-                stored = None
-            if stored is None or stored.body != body:
-                raise RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}") from exc
-            etag = stored.etag
-        self._remember(run_id, etag, body)
+        self._create_object(
+            self.key(run_id),
+            body,
+            lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+        )
 
     def write(self, document: Dict[str, Any]) -> None:
         """Replace the whole run log, unconditionally: the last writer wins."""
         run_id = document["run_id"]
         body = encode_run_log(check_run_log(document, "the run log to write"))
-        etag = self.client.put_object(self.key(run_id), body)
-        self._remember(run_id, etag, body)
+        key = self.key(run_id)
+        self._remember(key, self.client.put_object(key, body), body)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
         """Replace the whole run log only if its ETag is still `etag` (PreconditionFailedError if not)."""
         run_id = document["run_id"]
         body = encode_run_log(check_run_log(document, "the run log to write"))
-        new_etag = self.client.put_object(self.key(run_id), body, if_match=etag)
-        self._remember(run_id, new_etag, body)
+        key = self.key(run_id)
+        self._remember(key, self.client.put_object(key, body, if_match=etag), body)
+
+    def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
+        """Set a step log in its branch; branches stored under it by other writers are kept."""
+        self.mutate(run_id, lambda document: put_step_log(document, step_log))
+
+    def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
+        """Set a branch log in its step; its stored steps are kept."""
+        self.mutate(run_id, lambda document: put_branch_log(document, branch_log))
+
+    def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
+        """Set the run's own fields from a run log (the base dag's branch log); stored children are kept."""
+        self.mutate(run_id, lambda document: put_run_fields(document, run_log))
+
+    def set_parameters(self, run_id: str, parameters: Mapping[str, Any]) -> None:
+        """Add or overwrite parameters."""
+        self.mutate(run_id, lambda document: update_parameters(document, parameters))
+
+    def set_run_config(self, run_id: str, run_config: Mapping[str, Any]) -> None:
+        """Add or overwrite run config entries."""
+        self.mutate(run_id, lambda document: update_run_config(document, run_config))
+
+    def set_status(self, run_id: str, status: str) -> None:
+        """Set the run's status."""
+        self.mutate(run_id, lambda document: set_run_status(document, status))
 
     def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> None:
-        """Apply `change` to the run log and store it with compare-and-swap.
+        """Apply `change` to the run log and store it with compare-and-swap."""
+        self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id))
+
+    # Removing and listing.
+
+    def delete(self, run_id: str) -> int:
+        """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted."""
+        if not self.exists(run_id):
+            raise self._not_found(run_id)
+        key = self.key(run_id)
+        self.client.delete_object(key)
+        self._versions.pop(key, None)
+        return 1
+
+    def list(self) -> List[ObjectInfo]:
+        """Every run of this layout under the prefix as (run id in .key, size, last-modified), oldest first."""
+        return self.runs_in(self.list_top_level())
+
+    def list_top_level(self) -> List[ObjectInfo]:
+        """One delimited LIST of the prefix: objects and (as keys ending in '/') common prefixes."""
+        return list(self.client.list_objects(self._list_prefix(), delimiter="/"))
+
+    def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
+        """The runs of this layout in a top-level listing, oldest first."""
+        prefix = self._list_prefix()
+        runs = []
+        for info in entries:
+            name = info.key[len(prefix):]
+            if name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
+                runs.append(ObjectInfo(name[: -len(RUN_LOG_SUFFIX)], info.size, info.etag, info.last_modified))
+        return sorted(runs, key=lambda run: (run.last_modified, run.key))
+
+    def _list_prefix(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
+    # Compare-and-swap on one object, shared by both layouts.
+
+    def _get(self, key: str, missing: Callable[[], RunlogS3Error]) -> S3Object:
+        try:
+            return self.client.get_object(key)
+        except NotFoundError as exc:
+            if isinstance(exc, NoSuchBucketError):
+                raise
+            raise missing() from exc
+
+    def _create_object(
+        self,
+        key: str,
+        body: bytes,
+        exists: Optional[Callable[[], RunlogS3Error]],
+        document: Optional[Dict[str, Any]] = None,
+        metadata: Optional[Dict[str, str]] = None,
+    ) -> bool:
+        """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None)."""
+        try:
+            etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+        except PreconditionFailedError as exc:
+            # Our own first attempt may have been stored with its reply lost: then the body is ours.
+            try:
+                stored: Optional[S3Object] = self.client.get_object(key)
+            except NotFoundError:
+                stored = None
+            if stored is None or stored.body != body:
+                if exists is None:
+                    return False
+                raise exists() from exc
+            etag = stored.etag
+        self._remember(key, etag, body, document, metadata)
+        return True
+
+    def _mutate_object(
+        self,
+        key: str,
+        change: Callable[[Dict[str, Any]], Any],
+        decode: Callable[[bytes, str], Dict[str, Any]],
+        missing: Optional[Callable[[], RunlogS3Error]],
+        new_metadata: Optional[Callable[[], Dict[str, str]]] = None,
+    ) -> None:
+        """Apply `change` to the object's document and store it with If-Match, re-applying after a 412.
 
         `change` must only set values (it may run more than once, on fresher documents), and only
-        values it owns: the document functions above copy what they are given.
+        values it owns: the document functions above copy what they are given. With `missing` None an
+        absent object is created from `change({})` with If-None-Match: * (one PUT for a new object).
         """
-        key = self.key(run_id)
-        where = self.where(run_id)
+        where = self._url(key)
         deadline = self._clock() + self.client.config.conflict_timeout
         conflicts = 0
+        may_create = missing is None
         while True:
-            version = self._versions.pop(run_id, None)
+            version = self._versions.pop(key, None)
             fresh = version is None
+            if fresh and may_create:
+                document: Dict[str, Any] = {}
+                change(document)
+                body = encode_run_log(document)
+                if self._create_object(key, body, None, document, new_metadata() if new_metadata else None):
+                    return
+                may_create = False  # it exists: read it and apply the change to what is stored
+                continue
             if fresh:
                 try:
                     stored = self.client.get_object(key)
                 except NotFoundError as exc:
                     if isinstance(exc, NoSuchBucketError):
                         raise
-                    raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {where}") from exc
-                version = _Version(stored.etag, stored.body)
-            document = version.document if version.document is not None else decode_run_log(version.body, where)
+                    if missing is None:  # deleted since we saw it: create it again
+                        may_create = True
+                        continue
+                    raise missing() from exc
+                version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
+            document = version.document if version.document is not None else decode(version.body, where)
             change(document)
             body = encode_run_log(document)
             if fresh and body == version.body:
-                self._remember(run_id, version.etag, body, document)  # nothing to change
+                self._remember(key, version.etag, body, document, version.metadata)  # nothing to change
                 return
             try:
-                etag = self.client.put_object(key, body, if_match=version.etag)
+                etag = self.client.put_object(key, body, if_match=version.etag, metadata=version.metadata)
             except PreconditionFailedError:
                 conflicts += 1
                 self.conflicts += 1
@@ -1229,44 +1379,34 @@ class S3RunLogs:
                         f"{self.client.config.conflict_timeout:g} s: other writers kept changing it; "
                         "raise conflict_timeout, or use the chunked-s3 store for wide fan-outs"
                     ) from None
-                logger.debug("run log %s changed under us (conflict %d); reading it again", where, conflicts)
+                logger.debug("%s changed under us (conflict %d); reading it again", where, conflicts)
                 if not fresh and conflicts == 1:
                     continue  # our remembered version was stale: read again at once
                 self._backoff(conflicts)
                 continue
             except NotFoundError as exc:  # deleted since we read it
-                raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {where}") from exc
-            self._remember(run_id, etag, body, document)
+                if missing is None:
+                    may_create = True
+                    continue
+                raise missing() from exc
+            self._remember(key, etag, body, document, version.metadata)
             return
 
-    def delete(self, run_id: str) -> None:
-        """Delete the run log; RunLogNotFoundError when there is none."""
-        key = self.key(run_id)
-        try:
-            self.client.head_object(key)
-        except NotFoundError as exc:
-            raise RunLogNotFoundError(f"no run log for run id {run_id!r} at {self.where(run_id)}") from exc
-        self.client.delete_object(key)
-        self._versions.pop(run_id, None)
-
-    def list(self) -> List[ObjectInfo]:
-        """Every run log under the prefix as (run id in .key, size, last-modified), oldest first."""
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        runs = []
-        for info in self.client.list_objects(prefix, delimiter="/"):
-            name = info.key[len(prefix):]
-            if name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
-                runs.append(ObjectInfo(name[: -len(RUN_LOG_SUFFIX)], info.size, info.etag, info.last_modified))
-        runs.sort(key=lambda run: (run.last_modified, run.key))
-        return runs
-
-    def _remember(self, run_id: str, etag: str, body: bytes, document: Optional[Dict[str, Any]] = None) -> None:
+    def _remember(
+        self,
+        key: str,
+        etag: str,
+        body: bytes,
+        document: Optional[Dict[str, Any]] = None,
+        metadata: Optional[Dict[str, str]] = None,
+    ) -> None:
         if not etag:
             return
-        self._versions.pop(run_id, None)
-        self._versions[run_id] = _Version(etag, body, document)
-        while len(self._versions) > self._KEEP_VERSIONS:
-            self._versions.pop(next(iter(self._versions)))
+        with self._versions_lock:  # the chunked layout writes from a pool of threads
+            self._versions.pop(key, None)
+            self._versions[key] = _Version(etag, body, document, metadata)
+            while len(self._versions) > self._KEEP_VERSIONS:
+                self._versions.pop(next(iter(self._versions)))
 
     @staticmethod
     def _backoff(conflicts: int) -> None:
@@ -1275,11 +1415,354 @@ class S3RunLogs:
         time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(conflicts, 10))))
 
 
-def open_run_logs(config: Mapping[str, Any] | Config, **client_options: Any) -> S3RunLogs:
-    """S3RunLogs for a config block (dict or Config)."""
+# Layout `chunked-s3`: under <prefix>/<run_id>/ one object per step log and per branch log, named
+# after its internal name, and RunLog.json with the run's own fields, parameters and run config.
+# Writers of different steps never touch the same object; the same object is written with the
+# compare-and-swap above. Reading the whole tree is one LIST and concurrent GETs.
+
+CHUNK_RUN_OBJECT = "RunLog.json"
+_CHUNK_KINDS = {"StepLog-": "step", "BranchLog-": "branch"}
+_CHUNK_CHILDREN = {"step": "branches", "branch": "steps"}
+ASSEMBLY_THREADS = 16  # GETs in flight while assembling a run (the HTTP pool holds 16 connections)
+
+
+def chunk_name(kind: str, internal_name: str) -> str:
+    """The object name of a step or branch log: StepLog-<name>.json, the name percent-encoded."""
+    prefix = "StepLog-" if kind == "step" else "BranchLog-"
+    return f"{prefix}{urllib.parse.quote(internal_name, safe='')}{RUN_LOG_SUFFIX}"
+
+
+def decode_log_object(body: bytes, where: str) -> Dict[str, Any]:
+    """Parse a stored step or branch log object; InvalidRunLogError naming `where` if it is not one."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRunLogError(f"{where} is not a step or branch log: not valid JSON; it was left as is") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("internal_name"), str):
+        raise InvalidRunLogError(f"{where} is not a step or branch log: it has no internal_name")
+    return document
+
+
+def _own_fields(kind: str, log: Mapping[str, Any]) -> Dict[str, Any]:
+    # What a chunk holds: the log without its children, which are chunks of their own.
+    own = _json_copy({name: value for name, value in log.items() if name != _CHUNK_CHILDREN[kind]})
+    return own
+
+
+def _chunks_under(kind: str, log: Mapping[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(kind, own fields) for every descendant of a step or branch log, parents first."""
+    child_kind = "branch" if kind == "step" else "step"
+    for child in (log.get(_CHUNK_CHILDREN[kind]) or {}).values():
+        yield child_kind, _own_fields(child_kind, child)
+        yield from _chunks_under(child_kind, child)
+
+
+def assemble_run_log(
+    run: Dict[str, Any], steps: List[Dict[str, Any]], branches: List[Dict[str, Any]], where: str = ""
+) -> Dict[str, Any]:
+    """The run log tree from its chunks (given oldest first), placed by their internal names."""
+    document = dict(run)
+    document["steps"] = {}
+    steps_by_name = {step["internal_name"]: dict(step, branches={}) for step in steps}
+    branches_by_name = {branch["internal_name"]: dict(branch, steps={}) for branch in branches}
+    orphans = []
+    for name, branch in branches_by_name.items():
+        parent = steps_by_name.get(name.rpartition(".")[0])
+        if parent is None:
+            orphans.append(name)
+        else:
+            parent["branches"][name] = branch
+    for name, step in steps_by_name.items():
+        parent_name = name.rpartition(".")[0]
+        parent = document if not parent_name else branches_by_name.get(parent_name)
+        if parent is None:
+            orphans.append(name)
+        else:
+            parent["steps"][name] = step
+    if orphans:
+        logger.warning("%s: %d logs have no parent log and were left out: %s", where, len(orphans), ", ".join(orphans[:5]))
+    return document
+
+
+class ChunkedS3RunLogs(S3RunLogs):
+    """Layout `chunked-s3`: a run is a folder of objects, one per step log and per branch log."""
+
+    layout = "chunked-s3"
+    _KEEP_VERSIONS = 1024  # one per step this process writes: a rewrite of a step is then one PUT
+
+    def __init__(self, client: S3Client, *, clock: Callable[[], float] = time.monotonic):
+        super().__init__(client, clock=clock)
+        self._known_runs: set = set()
+
+    def folder(self, run_id: str) -> str:
+        """`<prefix>/<run_id>/`, the folder of a run's objects."""
+        validate_run_id(run_id)
+        return f"{self._list_prefix()}{run_id}/"
+
+    def key(self, run_id: str) -> str:
+        """The key of the run's own object (its fields, parameters and run config)."""
+        return self._checked_key(self.folder(run_id) + CHUNK_RUN_OBJECT)
+
+    def chunk_key(self, run_id: str, kind: str, internal_name: str) -> str:
+        """The key of a step ('step') or branch ('branch') log: derived from its name, so no LIST is needed."""
+        if not isinstance(internal_name, str) or not internal_name:
+            raise InvalidRunLogError(f"a {kind} log needs a non-empty internal_name, not {internal_name!r}")
+        return self._checked_key(self.folder(run_id) + chunk_name(kind, internal_name))
+
+    def where(self, run_id: str) -> str:
+        return self._url(self.folder(run_id))
+
+    @staticmethod
+    def _checked_key(key: str) -> str:
+        if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+            raise InvalidRunIdError(
+                f"key {key[:60]}... is longer than S3's {_MAX_KEY_BYTES} bytes; use shorter run ids and step names"
+            )
+        return key
+
+    # Reading.
+
+    def read(self, run_id: str, full: bool = True) -> Dict[str, Any]:
+        """The run log: with full, the whole tree (one LIST, concurrent GETs); else the run object only."""
+        if not full:
+            stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
+            document = decode_run_log(stored.body, self._url(stored.key))
+            self._remember(stored.key, stored.etag, stored.body)
+            return document
+        folder = self.folder(run_id)
+        entries = sorted(self.client.list_objects(folder), key=lambda info: (info.last_modified, info.key))
+        run_key = self.key(run_id)
+        if not any(info.key == run_key for info in entries):
+            if entries:
+                raise InvalidRunLogError(
+                    f"{self.where(run_id)} holds {len(entries)} objects but no {CHUNK_RUN_OBJECT}: "
+                    "not a complete chunked run log; it was left as is"
+                )
+            raise self._not_found(run_id)
+        chunks = [info.key for info in entries if info.key != run_key and self._kind_of(info.key, folder)]
+        bodies = self._get_many([run_key] + chunks, run_id)
+        run = decode_run_log(bodies[run_key].body, self._url(run_key))
+        steps, branches = [], []
+        for key in sorted((key for key in chunks if key in bodies), key=lambda key: _creation_order(bodies[key])):
+            log = decode_log_object(bodies[key].body, self._url(key))
+            (steps if self._kind_of(key, folder) == "step" else branches).append(log)
+        return assemble_run_log(run, steps, branches, self.where(run_id))
+
+    def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
+        """A step log's own fields (its branches are their own objects): one GET."""
+        return self._read_chunk(run_id, "step", internal_name)
+
+    def read_branch(self, run_id: str, internal_name: str) -> Dict[str, Any]:
+        """A branch log's own fields, or the run object for '' (the base dag): one GET."""
+        if not internal_name:
+            return self.read(run_id, full=False)
+        return self._read_chunk(run_id, "branch", internal_name)
+
+    def _read_chunk(self, run_id: str, kind: str, internal_name: str) -> Dict[str, Any]:
+        key = self.chunk_key(run_id, kind, internal_name)
+
+        def missing() -> RunlogS3Error:
+            if not self.exists(run_id):
+                return self._not_found(run_id)
+            return LogNotFoundError(f"{kind} log {internal_name!r} is not in run log {run_id!r} ({self._url(key)})")
+
+        stored = self._get(key, missing)
+        document = decode_log_object(stored.body, self._url(key))
+        document.setdefault(_CHUNK_CHILDREN[kind], {})
+        return document
+
+    def _get_many(self, keys: List[str], run_id: str) -> Dict[str, S3Object]:
+        """GET the keys from a bounded pool of threads; a key deleted since the LIST is left out."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def get(key: str) -> Optional[S3Object]:
+            try:
+                return self.client.get_object(key)
+            except NotFoundError as exc:
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                return None
+
+        if len(keys) == 1:
+            results = [get(keys[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(ASSEMBLY_THREADS, len(keys))) as pool:
+                results = list(pool.map(get, keys))
+        found = {key: result for key, result in zip(keys, results) if result is not None}
+        if keys[0] not in found:
+            raise self._not_found(run_id)
+        return found
+
+    @staticmethod
+    def _kind_of(key: str, folder: str) -> str:
+        name = key[len(folder):]
+        for prefix, kind in _CHUNK_KINDS.items():
+            if name.startswith(prefix) and name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
+                return kind
+        return ""
+
+    # Writing.
+
+    def create(self, document: Dict[str, Any]) -> None:
+        """Store a new run's object, and any logs it carries; RunLogExistsError if the run is there."""
+        run_id = document["run_id"]
+        check_run_log(document, "the run log to create")
+        body = encode_run_log(_run_fields(document))
+        self._create_object(
+            self.key(run_id),
+            body,
+            lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+        )
+        self._known_runs.add(run_id)
+        self._put_chunks(run_id, _chunks_of_run(document), replace=True)
+
+    def write(self, document: Dict[str, Any]) -> None:
+        """Replace the run object and every log the run log carries (last writer wins for each);
+        logs stored but not carried stay."""
+        run_id = document["run_id"]
+        check_run_log(document, "the run log to write")
+        key = self.key(run_id)
+        body = encode_run_log(_run_fields(document))
+        self._remember(key, self.client.put_object(key, body), body)
+        self._known_runs.add(run_id)
+        self._put_chunks(run_id, _chunks_of_run(document), replace=True)
+
+    def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
+        """Set a step log's object (one PUT when new or last written here); logs it carries are added if absent."""
+        self._check_run(run_id)
+        own = _own_fields("step", step_log)
+        self._replace_chunk(run_id, "step", own)
+        self._put_chunks(run_id, list(_chunks_under("step", step_log)), replace=False)
+
+    def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
+        """Set a branch log's object; logs it carries are added if absent."""
+        self._check_run(run_id)
+        own = _own_fields("branch", branch_log)
+        self._replace_chunk(run_id, "branch", own)
+        self._put_chunks(run_id, list(_chunks_under("branch", branch_log)), replace=False)
+
+    def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
+        """Set the run's own fields; its parameters and run config gain only what is new; steps it
+        carries are added if absent."""
+        fields_ = {name: value for name, value in run_log.items() if name != "steps"}
+        self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+        self._put_chunks(run_id, _chunks_of_run(run_log), replace=False)
+
+    def delete(self, run_id: str) -> int:
+        """Delete every object of the run, its own object last (so a failed rm can be run again)."""
+        folder = self.folder(run_id)
+        keys = [info.key for info in self.client.list_objects(folder)]
+        if not keys:
+            raise self._not_found(run_id)
+        run_key = self.key(run_id)
+        others = [key for key in keys if key != run_key]
+        self._in_pool(self.client.delete_object, others)
+        if run_key in keys:
+            self.client.delete_object(run_key)
+        for key in keys:
+            self._versions.pop(key, None)
+        self._known_runs.discard(run_id)
+        return len(keys)
+
+    def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
+        """The chunked runs in a top-level listing: each folder's objects counted and sized (one LIST each)."""
+        prefix = self._list_prefix()
+        folders = [info.key for info in entries if info.key.endswith("/") and not info.size and not info.etag]
+
+        def summary(folder: str) -> Optional[ObjectInfo]:
+            objects = list(self.client.list_objects(folder))
+            if not any(info.key == folder + CHUNK_RUN_OBJECT for info in objects):
+                return None  # a folder, but not a run of this layout
+            return ObjectInfo(
+                folder[len(prefix):-1],
+                sum(info.size for info in objects),
+                f"{len(objects)} objects",
+                max(info.last_modified for info in objects),
+            )
+
+        runs = [run for run in self._in_pool(summary, folders) if run is not None]
+        return sorted(runs, key=lambda run: (run.last_modified, run.key))
+
+    def _check_run(self, run_id: str) -> None:
+        # A step written to a run that does not exist would be an orphan: look once per run and process.
+        if run_id not in self._known_runs:
+            if not self.exists(run_id):
+                raise self._not_found(run_id)
+            self._known_runs.add(run_id)
+
+    def _replace_chunk(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
+        def replace(document: Dict[str, Any]) -> None:
+            document.clear()
+            document.update(own)
+
+        key = self.chunk_key(run_id, kind, own.get("internal_name"))
+        self._mutate_object(key, replace, decode_log_object, None, lambda: {_CREATED: str(time.time_ns())})
+
+    def _put_chunks(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]], *, replace: bool) -> None:
+        # replace: last writer wins (put_run_log); else only where absent (a parent never undoes a child).
+        # Creation times in the document's order keep that order when the run is assembled.
+        first = time.time_ns()
+
+        def put(numbered: Tuple[int, Tuple[str, Dict[str, Any]]]) -> None:
+            number, (kind, own) = numbered
+            key = self.chunk_key(run_id, kind, own.get("internal_name"))
+            body = encode_run_log(own)
+            metadata = {_CREATED: str(first + number)}
+            if replace:
+                self._remember(key, self.client.put_object(key, body, metadata=metadata), body, metadata=metadata)
+            else:
+                self._create_object(key, body, None, metadata=metadata)
+
+        self._in_pool(put, list(enumerate(chunks)))
+
+    @staticmethod
+    def _in_pool(function: Callable[[Any], Any], items: List[Any]) -> List[Any]:
+        if len(items) <= 1:
+            return [function(item) for item in items]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(ASSEMBLY_THREADS, len(items))) as pool:
+            return list(pool.map(function, items))
+
+
+_CREATED = "created-ns"  # x-amz-meta-created-ns: when the chunk was first written, kept on rewrites
+
+
+def _creation_order(stored: S3Object) -> Tuple[int, str]:
+    """Chunks are assembled in the order they were created (the s3 layout keeps insertion order too);
+    an object without the metadata falls back to its last-modified time."""
+    created = stored.metadata.get(_CREATED, "")
+    if created.isdigit():
+        return int(created), stored.key
+    try:
+        from email.utils import parsedate_to_datetime  # Last-Modified is an HTTP date
+
+        return int(parsedate_to_datetime(stored.last_modified).timestamp() * 1e9), stored.key
+    except (TypeError, ValueError):
+        return 0, stored.key
+
+
+def _run_fields(document: Mapping[str, Any]) -> Dict[str, Any]:
+    """The run object of the chunked layout: the run log without its steps."""
+    return _json_copy({name: value for name, value in document.items() if name != "steps"})
+
+
+def _chunks_of_run(document: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    chunks: List[Tuple[str, Dict[str, Any]]] = []
+    for step in (document.get("steps") or {}).values():
+        chunks.append(("step", _own_fields("step", step)))
+        chunks.extend(_chunks_under("step", step))
+    return chunks
+
+
+LAYOUTS = {"s3": S3RunLogs, "chunked-s3": ChunkedS3RunLogs}
+
+
+def open_run_logs(config: Mapping[str, Any] | Config, layout: str = "s3", **client_options: Any) -> S3RunLogs:
+    """The run logs of a layout ('s3' or 'chunked-s3') for a config block (dict or Config)."""
     if not isinstance(config, Config):
         config = Config.from_dict(config)
-    return S3RunLogs(S3Client(config, **client_options))
+    return LAYOUTS[layout](S3Client(config, **client_options))
 
 
 # magnus stores ####################################################################################
@@ -1290,9 +1773,10 @@ def open_run_logs(config: Mapping[str, Any] | Config, **client_options: Any) -> 
 
 
 class _S3StoreMethods:
-    """The magnus 0.4 run log store interface, written on S3RunLogs with compare-and-swap."""
+    """The magnus 0.4 run log store interface, written on a layout's run logs with compare-and-swap."""
 
     service_name = "s3"
+    _layout: type = S3RunLogs
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
         self.config = Config.from_dict(config)
@@ -1303,9 +1787,9 @@ class _S3StoreMethods:
 
     @property
     def run_logs(self) -> S3RunLogs:
-        """The S3RunLogs behind this store, made on first use (the client is fork-safe)."""
+        """The run logs behind this store, made on first use (the client is fork-safe)."""
         if self._run_logs is None:
-            self._run_logs = S3RunLogs(S3Client(self.config))
+            self._run_logs = self._layout(S3Client(self.config))
         return self._run_logs
 
     def get_aws_credentials_file(self) -> str:
@@ -1325,28 +1809,23 @@ class _S3StoreMethods:
     def _as_dict(log: Any) -> Dict[str, Any]:
         return log.dict() if hasattr(log, "dict") else dict(log)
 
-    def _raise(self, kind: str, error: RunlogS3Error, *args: Any) -> None:
-        magnus_error = self._errors.get(kind)
+    def _call(
+        self, run_id: str, operation: Callable[..., Any], *args: Any, name: str = "", missing: str = "BranchLogNotFoundError"
+    ) -> Any:
+        # Our errors become magnus's own (which magnus catches), keeping our message. `missing` is
+        # magnus's name for a step or branch log that is not there.
+        try:
+            return operation(*args)
+        except RunLogNotFoundError as exc:
+            error, error_args = exc, ("RunLogNotFoundError", run_id)
+        except RunLogExistsError as exc:
+            error, error_args = exc, ("RunLogExistsError", run_id)
+        except LogNotFoundError as exc:
+            error, error_args = exc, (missing, run_id, name)
+        magnus_error = self._errors.get(error_args[0])
         if magnus_error is None:
             raise error
-        raise magnus_error(error.message, *args) from error
-
-    def _read(self, run_id: str) -> Dict[str, Any]:
-        try:
-            return self.run_logs.read(run_id)
-        except RunLogNotFoundError as exc:
-            self._raise("RunLogNotFoundError", exc, run_id)
-            raise
-
-    def _mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> None:
-        try:
-            self.run_logs.mutate(run_id, change)
-        except RunLogNotFoundError as exc:
-            self._raise("RunLogNotFoundError", exc, run_id)
-            raise
-        except LogNotFoundError as exc:
-            self._raise("BranchLogNotFoundError", exc, run_id, "")
-            raise
+        raise magnus_error(error.message, *error_args[1:]) from error
 
     # The interface.
 
@@ -1371,16 +1850,13 @@ class _S3StoreMethods:
         )
         run_log = self._model("RunLog", fields_)
         document = self._as_dict(run_log) if self._models else {**fields_, "steps": {}, "parameters": {}, "run_config": {}}
-        try:
-            self.run_logs.create(document)
-        except RunLogExistsError as exc:
-            self._raise("RunLogExistsError", exc, run_id)
-            raise
+        self._call(run_id, self.run_logs.create, document)
         return run_log
 
     def get_run_log_by_id(self, run_id: str, full: bool = False, **kwargs: Any) -> Any:
-        """The run log, read fresh (one GET)."""
-        return self._model("RunLog", self._read(run_id))
+        """The run log, read fresh: one GET for `s3`; for `chunked-s3` the run object, or with full
+        the whole tree (one LIST and concurrent GETs)."""
+        return self._model("RunLog", self._call(run_id, self.run_logs.read, run_id, full))
 
     def put_run_log(self, run_log: Any, **kwargs: Any) -> None:
         """Replace the whole run log: the last writer wins (use the add_* methods to merge)."""
@@ -1388,57 +1864,49 @@ class _S3StoreMethods:
 
     def update_run_log_status(self, run_id: str, status: str) -> None:
         """Set the run's status."""
-        self._mutate(run_id, lambda document: set_run_status(document, status))
+        self._call(run_id, self.run_logs.set_status, run_id, status)
 
     def get_parameters(self, run_id: str, **kwargs: Any) -> dict:
         """The run's parameters."""
-        return self._read(run_id).get("parameters", {})
+        return self._call(run_id, self.run_logs.read, run_id, False).get("parameters", {})
 
     def set_parameters(self, run_id: str, parameters: dict, **kwargs: Any) -> None:
         """Add or overwrite parameters."""
-        self._mutate(run_id, lambda document: update_parameters(document, parameters))
+        self._call(run_id, self.run_logs.set_parameters, run_id, parameters)
 
     def get_run_config(self, run_id: str, **kwargs: Any) -> dict:
         """The run config of the run."""
-        return self._read(run_id).get("run_config", {})
+        return self._call(run_id, self.run_logs.read, run_id, False).get("run_config", {})
 
     def set_run_config(self, run_id: str, run_config: dict, **kwargs: Any) -> None:
         """Add or overwrite run config entries."""
-        self._mutate(run_id, lambda document: update_run_config(document, run_config))
+        self._call(run_id, self.run_logs.set_run_config, run_id, run_config)
 
     def get_step_log(self, internal_name: str, run_id: str, **kwargs: Any) -> Any:
         """A step log by its internal name."""
-        document = self._read(run_id)
-        try:
-            return self._model("StepLog", find_step(document, internal_name))
-        except LogNotFoundError as exc:
-            self._raise("StepLogNotFoundError", exc, run_id, internal_name)
-            raise
+        step = self._call(
+            run_id, self.run_logs.read_step, run_id, internal_name, name=internal_name, missing="StepLogNotFoundError"
+        )
+        return self._model("StepLog", step)
 
     def add_step_log(self, step_log: Any, run_id: str, **kwargs: Any) -> None:
         """Set a step log in its branch; branches stored under it by other writers are kept."""
         step = self._as_dict(step_log)
         logger.debug("add step log %s to run %s", step.get("internal_name"), run_id)
-        self._mutate(run_id, lambda document: put_step_log(document, step))
+        self._call(run_id, self.run_logs.add_step, run_id, step, name=step.get("internal_name", ""))
 
     def get_branch_log(self, internal_branch_name: str, run_id: str, **kwargs: Any) -> Any:
         """A branch log by its internal name, or the run log for '' (the base dag)."""
-        document = self._read(run_id)
-        if not internal_branch_name:
-            return self._model("RunLog", document)
-        try:
-            return self._model("BranchLog", find_branch(document, internal_branch_name))
-        except LogNotFoundError as exc:
-            self._raise("BranchLogNotFoundError", exc, run_id, internal_branch_name)
-            raise
+        log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name, name=internal_branch_name)
+        return self._model("BranchLog" if internal_branch_name else "RunLog", log)
 
     def add_branch_log(self, branch_log: Any, run_id: str, **kwargs: Any) -> None:
         """Set a branch log in its step; for a run log (the base dag) set the run's own fields."""
         branch = self._as_dict(branch_log)
         if "run_id" in branch:
-            self._mutate(run_id, lambda document: put_run_fields(document, branch))
+            self._call(run_id, self.run_logs.set_run_fields, run_id, branch)
         else:
-            self._mutate(run_id, lambda document: put_branch_log(document, branch))
+            self._call(run_id, self.run_logs.add_branch, run_id, branch, name=branch.get("internal_name", ""))
 
     # The factories for magnus's models come from BaseRunLogStore; without magnus, plain dicts.
 
@@ -1451,13 +1919,23 @@ class _S3StoreMethods:
         return self._model("BranchLog", dict(internal_name=internal_branch_name, status="CREATED", steps={}))
 
 
+class _ChunkedS3StoreMethods(_S3StoreMethods):
+    """The same interface on the chunked-s3 layout: one object per step and branch log."""
+
+    service_name = "chunked-s3"
+    _layout = ChunkedS3RunLogs
+
+
 def _build_magnus_stores() -> Dict[str, type]:
     """The store classes, subclassing magnus's BaseRunLogStore and raising its errors when magnus is there."""
     try:
         from magnus import datastore as magnus_datastore
         from magnus import exceptions as magnus_exceptions
     except ImportError:
-        return {"S3RunLogStore": type("S3RunLogStore", (_S3StoreMethods,), {"__module__": __name__})}
+        return {
+            "S3RunLogStore": type("S3RunLogStore", (_S3StoreMethods,), {"__module__": __name__}),
+            "ChunkedS3RunLogStore": type("ChunkedS3RunLogStore", (_ChunkedS3StoreMethods,), {"__module__": __name__}),
+        }
 
     def combined(ours: type, theirs: type) -> type:
         # Raised as magnus's own class (magnus catches it) and as ours (with a real message).
@@ -1489,15 +1967,24 @@ def _build_magnus_stores() -> Dict[str, type]:
         create_step_log = magnus_datastore.BaseRunLogStore.create_step_log
         create_branch_log = magnus_datastore.BaseRunLogStore.create_branch_log
 
-    return {"S3RunLogStore": S3RunLogStore}
+    class ChunkedS3RunLogStore(_ChunkedS3StoreMethods, magnus_datastore.BaseRunLogStore):
+        """magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
+
+        service_name = "chunked-s3"
+        _models = models
+        _errors = errors
+        create_step_log = magnus_datastore.BaseRunLogStore.create_step_log
+        create_branch_log = magnus_datastore.BaseRunLogStore.create_branch_log
+
+    return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
 
 
 _lazy_names: Dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: S3RunLogStore is built (importing magnus) the first time someone asks for it.
-    if name == "S3RunLogStore":
+    # PEP 562: the store classes are built (importing magnus) the first time someone asks for one.
+    if name in ("S3RunLogStore", "ChunkedS3RunLogStore"):
         if not _lazy_names:
             _lazy_names.update(_build_magnus_stores())
         return _lazy_names[name]
@@ -1577,8 +2064,12 @@ def create_bucket(client: S3Client) -> None:
     client._request("PUT", "", body=body, operation="CreateBucket")
 
 
-def _load_config_file(path: str) -> Dict[str, Any]:
-    """The run_log_store.config block of a magnus config file (YAML when PyYAML is there, or JSON)."""
+_STORE_TYPES = {"s3": "s3", "runlog-s3": "s3", "chunked-s3": "chunked-s3", "runlog-chunked-s3": "chunked-s3"}
+
+
+def _load_config_file(path: str) -> Tuple[Dict[str, Any], str]:
+    """The run_log_store.config block of a magnus config file (YAML when PyYAML is there, or JSON),
+    and the layout its store type writes."""
     try:
         with open(path, "rb") as stream:
             text = stream.read().decode("utf-8")
@@ -1598,12 +2089,16 @@ def _load_config_file(path: str) -> Dict[str, Any]:
     store = data.get("run_log_store") if isinstance(data, dict) else None
     if not isinstance(store, dict):
         raise ConfigError(f"config file {path} has no run_log_store block")
-    if store.get("type") not in (None, "s3", "runlog-s3"):
-        raise ConfigError(f"config file {path}: run_log_store type {store.get('type')!r} is not one of this module's stores (s3)")
+    store_type = store.get("type") or "s3"
+    if store_type not in _STORE_TYPES:
+        raise ConfigError(
+            f"config file {path}: run_log_store type {store_type!r} is not one of this module's stores "
+            f"({', '.join(_STORE_TYPES)})"
+        )
     config = store.get("config") or {}
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path}: run_log_store.config must be a mapping")
-    return config
+    return config, _STORE_TYPES[store_type]
 
 
 def cli_config_values(args: Any, environ: Mapping[str, str]) -> Dict[str, Any]:
@@ -1613,7 +2108,10 @@ def cli_config_values(args: Any, environ: Mapping[str, str]) -> Dict[str, Any]:
         if environ.get(variable):
             values[key] = environ[variable]
     if args.config:
-        values.update(_load_config_file(args.config))
+        config, layout = _load_config_file(args.config)
+        values.update(config)
+        if getattr(args, "layout", None) is None:
+            args.layout = layout
     for flag, _variable, key in _CLI_SETTINGS:
         if getattr(args, flag, None) is not None:
             values[key] = getattr(args, flag)
@@ -1682,8 +2180,49 @@ def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0
     return lines
 
 
-def _cmd_get(run_logs: S3RunLogs, args: Any) -> int:
-    document = run_logs.read(args.run_id)
+class BucketRuns:
+    """The runs of both layouts under one bucket and prefix: the command line finds a run wherever it is."""
+
+    def __init__(self, client: S3Client):
+        self.plain = S3RunLogs(client)
+        self.chunked = ChunkedS3RunLogs(client)
+
+    def __repr__(self) -> str:
+        return f"BucketRuns(bucket={self.plain.client.bucket!r}, prefix={self.plain.prefix!r})"
+
+    def read(self, run_id: str) -> Dict[str, Any]:
+        """The whole run log: one GET for the s3 layout, else one LIST and the GETs of a chunked run."""
+        try:
+            return self.plain.read(run_id)
+        except RunLogNotFoundError:
+            pass
+        try:
+            return self.chunked.read(run_id)
+        except RunLogNotFoundError:
+            raise self._not_found(run_id) from None
+
+    def holding(self, run_id: str) -> S3RunLogs:
+        """The layout the run is stored in; RunLogNotFoundError when it is in neither."""
+        for run_logs in (self.plain, self.chunked):
+            if run_logs.exists(run_id):
+                return run_logs
+        raise self._not_found(run_id)
+
+    def list(self) -> List[Tuple[ObjectInfo, str]]:
+        """(run, layout) for the runs of both layouts, oldest first."""
+        entries = self.plain.list_top_level()
+        runs = [(run, run_logs.layout) for run_logs in (self.plain, self.chunked) for run in run_logs.runs_in(entries)]
+        return sorted(runs, key=lambda item: (item[0].last_modified, item[0].key))
+
+    def _not_found(self, run_id: str) -> RunLogNotFoundError:
+        return RunLogNotFoundError(
+            f"no run log for run id {run_id!r} at {self.plain.where(run_id)} (layout s3) "
+            f"or under {self.chunked.where(run_id)} (layout chunked-s3)"
+        )
+
+
+def _cmd_get(runs: BucketRuns, args: Any) -> int:
+    document = runs.read(args.run_id)
     if args.compact:
         print(json.dumps(document, separators=(",", ":"), ensure_ascii=False))
     else:
@@ -1691,24 +2230,25 @@ def _cmd_get(run_logs: S3RunLogs, args: Any) -> int:
     return EXIT_OK
 
 
-def _cmd_ls(run_logs: S3RunLogs, args: Any) -> int:
-    runs = run_logs.list()
+def _cmd_ls(runs: BucketRuns, args: Any) -> int:
+    listed = runs.list()
     if args.limit:
-        runs = runs[-args.limit:]
-    width = max((len(run.key) for run in runs), default=0)
-    for run in runs:
-        print(f"{run.key.ljust(width)}  {run.last_modified}  {run.size}")
+        listed = listed[-args.limit:]
+    width = max((len(run.key) for run, _layout in listed), default=0)
+    for run, layout in listed:
+        chunked = f"  chunked-s3, {run.etag}" if layout == "chunked-s3" else ""
+        print(f"{run.key.ljust(width)}  {run.last_modified}  {run.size}{chunked}")
     return EXIT_OK
 
 
-def _cmd_show(run_logs: S3RunLogs, args: Any) -> int:
-    document = run_logs.read(args.run_id)
+def _cmd_show(runs: BucketRuns, args: Any) -> int:
+    document = runs.read(args.run_id)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print("\n".join(render_tree(document, color=color)))
     return EXIT_OK
 
 
-def _cmd_put(run_logs: S3RunLogs, args: Any) -> int:
+def _cmd_put(runs: BucketRuns, args: Any) -> int:
     source = args.file or "stdin"
     try:
         if args.file and args.file != "-":
@@ -1721,9 +2261,19 @@ def _cmd_put(run_logs: S3RunLogs, args: Any) -> int:
     document = decode_run_log(body, source)
     if document["run_id"] != args.run_id:
         raise UsageError(f"{source} holds run log {document['run_id']!r}, not {args.run_id!r}; nothing written")
+    try:
+        run_logs = runs.holding(args.run_id)
+    except RunLogNotFoundError:
+        run_logs = runs.chunked if (args.layout or "s3") == "chunked-s3" else runs.plain
+    if args.layout and args.layout != run_logs.layout:
+        raise UsageError(f"run {args.run_id!r} is stored in layout {run_logs.layout}, not {args.layout}; nothing written")
     where = run_logs.where(args.run_id)
     if args.create:
         run_logs.create(document)
+    elif run_logs.layout == "chunked-s3":
+        if args.if_match:
+            raise UsageError(f"--if-match needs the s3 layout; {where} is a chunked run of many objects; nothing written")
+        run_logs.write(document)
     else:
         etag = args.if_match
         if not etag:
@@ -1744,17 +2294,18 @@ def _cmd_put(run_logs: S3RunLogs, args: Any) -> int:
     return EXIT_OK
 
 
-def _cmd_rm(run_logs: S3RunLogs, args: Any) -> int:
+def _cmd_rm(runs: BucketRuns, args: Any) -> int:
+    if not args.yes and not sys.stdin.isatty():
+        raise UsageError(f"refusing to delete run {args.run_id!r} without --yes (stdin is not a terminal)")
+    run_logs = runs.holding(args.run_id)
     where = run_logs.where(args.run_id)
     if not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"refusing to delete {where} without --yes (stdin is not a terminal)")
         answer = input(f"delete {where}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
             return EXIT_FAILED
-    run_logs.delete(args.run_id)
-    print(f"deleted {where}")
+    deleted = run_logs.delete(args.run_id)
+    print(f"deleted {where}" + (f" ({deleted} objects)" if run_logs.layout == "chunked-s3" else ""))
     return EXIT_OK
 
 
@@ -1988,7 +2539,11 @@ def _parser() -> Any:
     put.add_argument("file", nargs="?", help="a JSON file (default: stdin)")
     put.add_argument("--create", action="store_true", help="refuse to replace an existing run log")
     put.add_argument("--if-match", dest="if_match", default="", metavar="ETAG", help="replace only if the ETag is still this")
-    rm = command("rm", help="delete a run log")
+    put.add_argument(
+        "--layout", choices=sorted(LAYOUTS), default=None,
+        help="the layout of a new run (default: the --config file's store type, else s3)",
+    )
+    rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
     rm.add_argument("run_id")
     rm.add_argument("--yes", action="store_true", help="do not ask")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
@@ -2003,7 +2558,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     environ = os.environ if environ is None else environ
     parser = _parser()
     args = parser.parse_args(argv)
-    for name, default in (("config", None), ("verbose", 0), ("debug", False)):
+    for name, default in (("config", None), ("verbose", 0), ("debug", False), ("layout", None)):
         setattr(args, name, getattr(args, name, default))
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
@@ -2015,8 +2570,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
             return _cmd_check(values, args, environ)
         if not values.get("s3_bucket"):
             raise ConfigError("no bucket: pass --bucket, set RUNLOG_S3_BUCKET, or --config a magnus config file")
-        run_logs = S3RunLogs(S3Client(Config.from_dict(values), environ=environ))
-        return commands[args.command](run_logs, args)
+        return commands[args.command](BucketRuns(S3Client(Config.from_dict(values), environ=environ)), args)
     except (RunLogNotFoundError, NotFoundError) as exc:
         return _fail(exc, EXIT_FAILED, args.debug)
     except (ConfigError, InvalidRunIdError, UsageError, CredentialsError) as exc:

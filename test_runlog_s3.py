@@ -565,7 +565,18 @@ def test_a_write_through_a_parent_keeps_children_written_by_others():
     assert document["status"] == "SUCCESS" and document["parameters"] == {"p": 1, "q": 2} and "par" in document["steps"]
 
 
-def test_store_is_found_through_both_entry_points():
+STORES = ["S3RunLogStore", "ChunkedS3RunLogStore"]
+
+
+def store_class(name):
+    return getattr(runlog_s3, name)
+
+
+@pytest.mark.parametrize("names, class_name, service_name", [
+    (("s3", "runlog-s3"), "S3RunLogStore", "s3"),
+    (("chunked-s3", "runlog-chunked-s3"), "ChunkedS3RunLogStore", "chunked-s3"),
+])
+def test_store_is_found_through_both_entry_points(names, class_name, service_name):
     from importlib.metadata import entry_points
 
     from magnus.datastore import BaseRunLogStore
@@ -573,19 +584,22 @@ def test_store_is_found_through_both_entry_points():
     found = entry_points()
     group = found.select(group="run_log_store") if hasattr(found, "select") else found["run_log_store"]
     by_name = {ep.name: ep for ep in group}
-    for name in ("s3", "runlog-s3"):
+    for name in names:
         store_class = by_name[name].load()
-        assert store_class.__name__ == "S3RunLogStore" and issubclass(store_class, BaseRunLogStore)
-        assert store_class.service_name == "s3"
+        assert store_class.__name__ == class_name and issubclass(store_class, BaseRunLogStore)
+        assert store_class.service_name == service_name
 
 
-def test_magnus_errors_are_magnus_own_types(bucket):
+@pytest.mark.parametrize("store_name, absent_where", [
+    ("S3RunLogStore", "runs/absent.json"), ("ChunkedS3RunLogStore", "runs/absent/")
+])
+def test_magnus_errors_are_magnus_own_types(bucket, store_name, absent_where):
     from magnus import exceptions
 
-    store = runlog_s3.S3RunLogStore(bucket)
+    store = store_class(store_name)(bucket)
     with pytest.raises(exceptions.RunLogNotFoundError) as missing:
         store.get_run_log_by_id("absent")
-    assert f"s3://{bucket['s3_bucket']}/runs/absent.json" in str(missing.value)
+    assert f"s3://{bucket['s3_bucket']}/{absent_where}" in str(missing.value)
     store.create_run_log("present")
     with pytest.raises(exceptions.RunLogExistsError):
         store.create_run_log("present", tag="another")
@@ -594,8 +608,9 @@ def test_magnus_errors_are_magnus_own_types(bucket):
     assert store.get_aws_credentials_file() == os.path.expanduser("~/.aws/credentials")
 
 
-def test_full_interface_round_trip(bucket):
-    store = runlog_s3.S3RunLogStore(bucket)
+@pytest.mark.parametrize("store_name", STORES)
+def test_full_interface_round_trip(bucket, store_name):
+    store = store_class(store_name)(bucket)
     run_log = store.create_run_log("iface", dag_hash="abc", tag="t", status="PROCESSING")
     assert run_log.run_id == "iface"
     store.set_parameters("iface", {"x": 1})
@@ -614,6 +629,9 @@ def test_full_interface_round_trip(bucket):
     assert store.get_branch_log("", "iface").run_id == "iface"
     final = store.get_run_log_by_id("iface", full=True)
     assert (final.status, final.dag_hash, final.tag) == ("SUCCESS", "abc", "t")
+    assert final.steps["first"].attempts[0].status == step.attempts[0].status
+    assert list(final.steps["first"].branches) == ["first.b"]
+    assert final.parameters == {"x": 1}
 
 
 def test_uncontended_mutation_costs_one_request(bucket):
@@ -629,16 +647,17 @@ def test_uncontended_mutation_costs_one_request(bucket):
     assert counted[-1] == "GET"
 
 
-def test_stale_remembered_version_is_re_read_and_nothing_is_lost(bucket):
-    first, second = runlog_s3.S3RunLogStore(bucket), runlog_s3.S3RunLogStore(bucket)
+@pytest.mark.parametrize("store_name", STORES)
+def test_stale_remembered_version_is_re_read_and_nothing_is_lost(bucket, store_name):
+    first, second = store_class(store_name)(bucket), store_class(store_name)(bucket)
     first.create_run_log("race")
     second.set_parameters("race", {"from_second": 1})  # first's remembered ETag is now stale
     first.set_parameters("race", {"from_first": 1})
     assert first.get_parameters("race") == {"from_second": 1, "from_first": 1}
 
 
-def _write_steps(config, run_id, writer, steps):
-    store = runlog_s3.S3RunLogStore(config)
+def _write_steps(config, run_id, writer, steps, store_name="S3RunLogStore"):
+    store = store_class(store_name)(config)
     for number in range(steps):
         step = store.create_step_log(f"w{writer:02d}-s{number:02d}", f"w{writer:02d}-s{number:02d}")
         step.status = "SUCCESS"
@@ -646,18 +665,20 @@ def _write_steps(config, run_id, writer, steps):
     store.set_parameters(run_id, {f"writer_{writer:02d}": writer})
 
 
-def test_sixteen_writer_processes_lose_nothing(bucket):
+@pytest.mark.parametrize("store_name", STORES)
+def test_sixteen_writer_processes_lose_nothing(bucket, store_name):
     writers, steps = 16, 10
-    store = runlog_s3.S3RunLogStore(bucket)
+    store = store_class(store_name)(bucket)
     store.create_run_log("many", status="PROCESSING")
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_write_steps, args=(bucket, "many", w, steps)) for w in range(writers)]
+    processes = [context.Process(target=_write_steps, args=(bucket, "many", w, steps, store_name))
+                 for w in range(writers)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(120)
     assert [process.exitcode for process in processes] == [0] * writers
-    run_log = store.get_run_log_by_id("many")
+    run_log = store.get_run_log_by_id("many", full=True)
     expected_steps = {f"w{w:02d}-s{n:02d}" for w in range(writers) for n in range(steps)}
     assert set(run_log.steps) == expected_steps
     assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)}
@@ -765,16 +786,197 @@ def test_module_and_store_work_on_dicts_without_magnus(bucket):
     assert result.stdout.strip() == "dict ['s'] {'k': 'v'}"
 
 
+# The chunked-s3 layout ############################################################################
+
+
+class CountingTransport(runlog_s3.BotocoreTransport):
+    """The production transport, recording each request (method, path, query) and the most in flight."""
+
+    def __init__(self, config):
+        super().__init__(Config.from_dict(config), os.environ, config["endpoint_url"])
+        self.sent = []
+        self.in_flight = self.most_in_flight = 0
+        self._lock = threading.Lock()
+
+    def send(self, request):
+        url = urlsplit(request.url)
+        with self._lock:
+            self.sent.append((request.method, url.path, url.query))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(0.002)  # long enough for the pool's threads to overlap on a fast loopback server
+            return super().send(request)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def methods(self):
+        return [method if not query else f"{method} ?{query.split('&')[0]}" for method, _path, query in self.sent]
+
+
+def chunked_store(config):
+    store = runlog_s3.ChunkedS3RunLogStore(config)
+    transport = CountingTransport(config)
+    store._run_logs = runlog_s3.ChunkedS3RunLogs(S3Client(Config.from_dict(config), transport=transport))
+    return store, transport
+
+
+def test_chunked_layout_one_object_per_log_named_after_it(bucket):
+    store, transport = chunked_store(bucket)
+    store.create_run_log("wide", status="PROCESSING")
+    for name in ("z-first", "par", "a-last"):
+        store.add_step_log(store.create_step_log(name, name), "wide")
+    store.add_branch_log(store.create_branch_log("par.ünï cödé/b"), "wide")
+    step = store.create_step_log("w", "par.ünï cödé/b.w")
+    store.add_step_log(step, "wide")
+    keys = sorted(info.key for info in store.run_logs.client.list_objects("runs/wide/"))
+    assert keys == [
+        "runs/wide/BranchLog-par.%C3%BCn%C3%AF%20c%C3%B6d%C3%A9%2Fb.json",
+        "runs/wide/RunLog.json",
+        "runs/wide/StepLog-a-last.json",
+        "runs/wide/StepLog-par.%C3%BCn%C3%AF%20c%C3%B6d%C3%A9%2Fb.w.json",
+        "runs/wide/StepLog-par.json",
+        "runs/wide/StepLog-z-first.json",
+    ]
+    # A targeted write or read needs no LIST: a new step is one PUT, a rewrite one PUT, a read one GET.
+    transport.sent.clear()
+    store.add_step_log(store.create_step_log("new", "new"), "wide")
+    step.status = "SUCCESS"
+    store.add_step_log(step, "wide")
+    assert store.get_step_log("par.ünï cödé/b.w", "wide").status == "SUCCESS"
+    assert store.get_run_log_by_id("wide", full=False).steps == {}
+    assert transport.methods() == ["PUT", "PUT", "GET", "GET"]
+    # The whole tree: one LIST, then a GET per object; steps come back in the order they were created.
+    transport.sent.clear()
+    run_log = store.get_run_log_by_id("wide", full=True)
+    assert transport.methods().count("GET ?list-type=2") == 1 and transport.methods().count("GET") == 7
+    assert list(run_log.steps) == ["z-first", "par", "a-last", "new"]
+    branch = run_log.steps["par"].branches["par.ünï cödé/b"]
+    assert branch.steps["par.ünï cödé/b.w"].status == "SUCCESS"
+
+
+def test_chunked_step_written_with_branches_adds_missing_ones_and_keeps_stored_ones(bucket):
+    store = runlog_s3.ChunkedS3RunLogStore(bucket)
+    store.create_run_log("merge")
+    par = store.create_step_log("par", "par")
+    store.add_step_log(par, "merge")
+    done = store.create_branch_log("par.done")
+    done.status = "SUCCESS"
+    store.add_branch_log(done, "merge")  # written by another process, say
+    par.branches = {"par.done": store.create_branch_log("par.done"), "par.new": store.create_branch_log("par.new")}
+    par.status = "SUCCESS"
+    store.add_step_log(par, "merge")
+    run_log = store.get_run_log_by_id("merge", full=True)
+    assert run_log.steps["par"].status == "SUCCESS"
+    assert {name: b.status for name, b in run_log.steps["par"].branches.items()} == {
+        "par.done": "SUCCESS", "par.new": "CREATED"}
+
+
+def test_chunked_write_to_a_missing_run_is_refused_and_writes_nothing(bucket):
+    from magnus import exceptions
+
+    store = runlog_s3.ChunkedS3RunLogStore(bucket)
+    with pytest.raises(exceptions.RunLogNotFoundError, match="no run log for run id 'ghost'"):
+        store.add_step_log(store.create_step_log("s", "s"), "ghost")
+    assert list(store.run_logs.client.list_objects("runs/ghost/")) == []
+
+
+def test_chunked_assembly_uses_a_bounded_pool_of_concurrent_gets(bucket):
+    store, transport = chunked_store(bucket)
+    store.create_run_log("pooled")
+    for number in range(60):
+        store.add_step_log(store.create_step_log(f"s{number:02d}", f"s{number:02d}"), "pooled")
+    transport.most_in_flight = 0
+    run_log = store.get_run_log_by_id("pooled", full=True)
+    assert list(run_log.steps) == [f"s{number:02d}" for number in range(60)]
+    assert 1 < transport.most_in_flight <= runlog_s3.ASSEMBLY_THREADS
+
+
+def _wide_writer(config, run_id, writer, writers, branches):
+    store = runlog_s3.ChunkedS3RunLogStore(config)
+    for number in range(writer, branches, writers):
+        name = f"map.item{number:03d}"
+        branch = store.create_branch_log(name)
+        branch.status = "PROCESSING"
+        store.add_branch_log(branch, run_id)
+        for step_name in ("work", "success"):
+            step = store.create_step_log(step_name, f"{name}.{step_name}")
+            step.status = "SUCCESS"
+            store.add_step_log(step, run_id)
+        branch.status = "SUCCESS"
+        store.add_branch_log(branch, run_id)
+
+
+def test_chunked_wide_run_500_branches_by_16_writer_processes(bucket):
+    writers, branches = 16, 500
+    store = runlog_s3.ChunkedS3RunLogStore(bucket)
+    store.create_run_log("wide", status="PROCESSING")
+    store.add_step_log(store.create_step_log("map", "map"), "wide")
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_wide_writer, args=(bucket, "wide", w, writers, branches))
+                 for w in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(240)
+    assert [process.exitcode for process in processes] == [0] * writers
+    assert store.run_logs.conflicts == 0
+    run_log = store.get_run_log_by_id("wide", full=True)  # 1,502 objects: two LIST pages
+    found = run_log.steps["map"].branches
+    assert sorted(found) == [f"map.item{number:03d}" for number in range(branches)]
+    for name, branch in found.items():
+        assert branch.status == "SUCCESS", name
+        assert list(branch.steps) == [f"{name}.work", f"{name}.success"]
+        assert all(step.status == "SUCCESS" for step in branch.steps.values())
+
+
+def test_cli_works_on_a_chunked_run_without_being_told(bucket, cli_env):
+    store = runlog_s3.ChunkedS3RunLogStore(bucket)
+    store.create_run_log("chunky", status="SUCCESS")
+    store.add_step_log(store.create_step_log("par", "par"), "chunky")
+    store.add_branch_log(store.create_branch_log("par.b"), "chunky")
+    store.add_step_log(store.create_step_log("w", "par.b.w"), "chunky")
+    stored_run(bucket, "plain")
+    got = cli("get", "chunky", env=cli_env)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == store.get_run_log_by_id("chunky", full=True).dict()
+    shown = cli("show", "chunky", env=cli_env)
+    assert shown.returncode == 0 and "w  CREATED" in shown.stdout and "[b]" in shown.stdout
+    listed = cli("ls", env=cli_env).stdout.splitlines()
+    assert sorted(line.split()[0] for line in listed) == ["chunky", "plain"]
+    assert "chunked-s3, 4 objects" in [line for line in listed if line.startswith("chunky")][0]
+    removed = cli("rm", "chunky", "--yes", env=cli_env)
+    assert removed.returncode == 0 and "(4 objects)" in removed.stdout
+    assert list(store.run_logs.client.list_objects("runs/chunky/")) == []
+    absent = cli("get", "chunky", env=cli_env)
+    assert absent.returncode == 1 and "runs/chunky.json (layout s3) or under" in absent.stderr
+    assert cli("get", "plain", env=cli_env).returncode == 0
+
+
+def test_cli_put_new_run_in_the_config_files_layout(bucket, tmp_path):
+    config = tmp_path / "magnus.yaml"
+    config.write_text(json.dumps({"run_log_store": {"type": "chunked-s3", "config": bucket}}))
+    document = {"run_id": "from-file", "status": "SUCCESS", "parameters": {"p": 1}, "run_config": {},
+                "steps": {"one": {"name": "one", "internal_name": "one", "status": "SUCCESS", "branches": {}}}}
+    put = cli("put", "from-file", "--config", str(config), stdin=json.dumps(document))
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.startswith(f"wrote s3://{bucket['s3_bucket']}/runs/from-file/")
+    stored = runlog_s3.ChunkedS3RunLogStore(bucket).get_run_log_by_id("from-file", full=True)
+    assert stored.steps["one"].status == "SUCCESS" and stored.parameters == {"p": 1}
+
+
 # A real magnus 0.4.16 pipeline ####################################################################
 
 
-def test_magnus_parallel_pipeline_with_type_s3_loses_nothing(s3_server, bucket, tmp_path):
-    store = {"type": "s3", "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": s3_server.endpoint_url}}
+@pytest.mark.parametrize("store_type, store_name", [("s3", "S3RunLogStore"), ("chunked-s3", "ChunkedS3RunLogStore")])
+def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, store_type, store_name):
+    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": s3_server.endpoint_url}}
     command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store) + ["--run-id", "e2e"]
     bucket_config = {**bucket, "prefix": ""}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_log = runlog_s3.S3RunLogStore(bucket_config).get_run_log_by_id("e2e")
+    run_log = store_class(store_name)(bucket_config).get_run_log_by_id("e2e", full=True)
     assert run_log.status == "SUCCESS"
     assert list(run_log.steps) == ["prepare", "fan-out", "over-items", "success"]
     for name, expected in (("fan-out", [f"fan-out.b{i}" for i in range(8)]),
@@ -787,7 +989,7 @@ def test_magnus_parallel_pipeline_with_type_s3_loses_nothing(s3_server, bucket, 
             assert list(branch.steps) == [f"{branch_name}.work", f"{branch_name}.success"]
             assert all(s.status == "SUCCESS" for s in branch.steps.values())
     assert run_log.parameters["items"] == [f"item{i}" for i in range(8)]
-    assert run_log.run_config["run_log_store"]["type"] == "s3"
+    assert run_log.run_config["run_log_store"]["type"] == store_type
 
 
 # Command line #####################################################################################
@@ -830,7 +1032,9 @@ def test_cli_get_prints_the_run_log_as_json(bucket, cli_env):
 def test_cli_get_absent_is_exit_1_with_one_line(bucket, cli_env):
     result = cli("get", "absent", env=cli_env)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == f"runlog-s3: error: no run log for run id 'absent' at s3://{bucket['s3_bucket']}/runs/absent.json\n"
+    where = f"s3://{bucket['s3_bucket']}/runs/absent"
+    assert result.stderr == (f"runlog-s3: error: no run log for run id 'absent' at {where}.json (layout s3) "
+                             f"or under {where}/ (layout chunked-s3)\n")
 
 
 def test_cli_ls_oldest_first_and_limit(bucket, cli_env):
