@@ -16,7 +16,11 @@ Rows:
      GET+PUT from a bare loop on the same server.
   3. Contention: 1, 4, 16, 32 writer processes on one run log: mutations/s, 412s per mutation, lost.
   4. Document size: add_step_log latency with 10, 100 and 1000 steps in the log; bytes per write.
-  5. Cold start: `python -m runlog_s3 get RUN_ID` as a whole process vs a boto3 one-liner (and
+  5. chunked-s3: add_step_log latency at 10 and 1000 steps; assembling a 1000-step run with the
+     pool of GETs vs one GET after another, from a server in its own process (on bare loopback, and
+     with a 10 ms round trip added to each request, as S3 has and loopback does not); 32 writers on
+     distinct steps: conflicts, lost.
+  6. Cold start: `python -m runlog_s3 get RUN_ID` as a whole process vs a boto3 one-liner (and
      `aws s3 cp ... -` when the AWS CLI is installed): wall time and peak memory.
 """
 
@@ -163,6 +167,7 @@ def bench_pipeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
     bucket = make_bucket(server, "bench-pipeline")
     s3_config = {"s3_bucket": bucket, "endpoint_url": server.endpoint_url}
     one("runlog_s3 s3, parallel", {"type": "s3", "config": s3_config}, True)
+    one("runlog_s3 chunked-s3, parallel", {"type": "chunked-s3", "config": {**s3_config, "prefix": "chunked"}}, True)
     one("magnus file-system, sequential", {"type": "file-system", "config": {"log_folder": str(work / "fs-logs")}}, False)
     old_python = None if quick else ensure_old_venv()
     if old_python:
@@ -211,9 +216,10 @@ def make_bucket(server: runlog_s3.LocalS3Server, name: str) -> str:
     return name
 
 
-def seeded_store(server: runlog_s3.LocalS3Server, bucket: str, run_id: str, steps: int) -> Any:
-    """A store and a run log already holding `steps` step logs (written in one PUT)."""
-    store = runlog_s3.S3RunLogStore({"s3_bucket": bucket, "endpoint_url": server.endpoint_url})
+def seeded_store(server: runlog_s3.LocalS3Server, bucket: str, run_id: str, steps: int,
+                 store_class: str = "S3RunLogStore") -> Any:
+    """A store and a run log already holding `steps` step logs (written by one put_run_log)."""
+    store = getattr(runlog_s3, store_class)({"s3_bucket": bucket, "endpoint_url": server.endpoint_url})
     run_log = store.create_run_log(run_id, status="PROCESSING")
     for number in range(steps):
         step = store.create_step_log(f"step-{number:04d}", f"step-{number:04d}")
@@ -253,8 +259,9 @@ def bench_uncontended(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]
     ]
 
 
-def _contending_writer(config: Dict[str, Any], run_id: str, writer: int, mutations: int, queue: Any) -> None:
-    store = runlog_s3.S3RunLogStore(config)
+def _contending_writer(config: Dict[str, Any], run_id: str, writer: int, mutations: int, queue: Any,
+                       store_class: str = "S3RunLogStore") -> None:
+    store = getattr(runlog_s3, store_class)(config)
     for number in range(mutations):
         step = store.create_step_log(f"w{writer:02d}-{number:03d}", f"w{writer:02d}-{number:03d}")
         step.status = "SUCCESS"
@@ -306,6 +313,107 @@ def bench_document_size(server: runlog_s3.LocalS3Server, quick: bool) -> List[Ro
         rows.append(Row(f"document size: add_step_log at {steps} steps", f"{latencies[steps] * 1000:.2f} ms, {size:,} bytes per write"))
     ratio = latencies[1000] / latencies[10]
     rows.append(Row("document size: 1000 steps / 10 steps", f"{ratio:.2f}", "<= 3", ratio <= 3))
+    return rows
+
+
+# chunked-s3 #######################################################################################
+
+
+class RoundTripDelay(runlog_s3.BotocoreTransport):
+    """botocore's transport with a fixed wait before each request: a network round trip to S3,
+    which loopback does not have and which concurrent GETs exist to overlap."""
+
+    def __init__(self, config: runlog_s3.Config, delay: float):
+        super().__init__(config, os.environ, config.endpoint_url)
+        self.delay = delay
+
+    def send(self, request: Any) -> runlog_s3.HttpReply:
+        time.sleep(self.delay)
+        return super().send(request)
+
+
+class ServerProcess:
+    """moto's server (single-threaded, loopback) in a process of its own, as S3 is: requests in flight
+    from a pool then overlap with the server's work instead of sharing this process's GIL with it."""
+
+    _CODE = "import runlog_s3, time; s = runlog_s3.LocalS3Server(); print(s.endpoint_url, flush=True); time.sleep(3600)"
+
+    def __enter__(self) -> "ServerProcess":
+        self.process = subprocess.Popen([sys.executable, "-c", self._CODE], stdout=subprocess.PIPE, text=True)
+        self.endpoint_url = self.process.stdout.readline().strip()
+        if not self.endpoint_url.startswith("http://127.0.0.1:"):
+            self.process.kill()
+            raise RuntimeError("the S3 server process did not start")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+def assembly_seconds(run_logs: runlog_s3.ChunkedS3RunLogs, run_id: str, threads: int, repeat: int) -> float:
+    """Median get_run_log_by_id(full=True) with the GETs from a pool of `threads` (1: one after another)."""
+    saved = runlog_s3.ASSEMBLY_THREADS
+    runlog_s3.ASSEMBLY_THREADS = threads
+    try:
+        return median_seconds(lambda: run_logs.read(run_id, full=True), repeat)
+    finally:
+        runlog_s3.ASSEMBLY_THREADS = saved
+
+
+def bench_chunked(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    repeat = 15 if quick else 40
+    bucket = make_bucket(server, "bench-chunked")
+    config = {"s3_bucket": bucket, "endpoint_url": server.endpoint_url}
+    rows: List[Row] = []
+
+    latencies = {}
+    for steps in (10, 1000):
+        store = seeded_store(server, bucket, f"chunked-size-{steps}", steps, "ChunkedS3RunLogStore")
+        latencies[steps] = add_step_log_latency(store, f"chunked-size-{steps}", repeat)
+        rows.append(Row(f"chunked-s3: add_step_log at {steps} steps", f"{latencies[steps] * 1000:.2f} ms"))
+    ratio = latencies[1000] / latencies[10]
+    rows.append(Row("chunked-s3: add_step_log at 1000 steps / at 10", f"{ratio:.2f}", "<= 1.2", ratio <= 1.2))
+
+    # The whole run read back: 1000 steps (200 with --quick) and the run's own object, from a server in
+    # its own process; once on bare loopback, once with a round trip added to each request.
+    steps = 200 if quick else 1000
+    runs = 1 if quick else 3
+    delay = 0.010
+    with ServerProcess() as remote:
+        make_bucket(remote, bucket)
+        seeded_store(remote, bucket, "assembled", steps, "ChunkedS3RunLogStore")
+        remote_config = runlog_s3.Config.from_dict({"s3_bucket": bucket, "endpoint_url": remote.endpoint_url})
+        for label, transport in (("loopback", None), (f"{delay * 1000:.0f} ms round trip", RoundTripDelay(remote_config, delay))):
+            run_logs = runlog_s3.ChunkedS3RunLogs(runlog_s3.S3Client(remote_config, transport=transport))
+            sequential = assembly_seconds(run_logs, "assembled", 1, 1 if transport else runs)
+            pooled = assembly_seconds(run_logs, "assembled", runlog_s3.ASSEMBLY_THREADS, runs)
+            rows.append(Row(f"chunked-s3: assemble {steps + 1} objects, {label}, sequential / pooled GETs",
+                            f"{sequential:.2f} s / {pooled:.2f} s = {sequential / pooled:.1f}x",
+                            ">= 4x" if transport else "", (sequential >= 4 * pooled) if transport else None))
+
+    writers = 16 if quick else 32
+    mutations = 5 if quick else 10
+    context = multiprocessing.get_context("fork")
+    run_id = f"chunked-contention-{writers}"
+    store = runlog_s3.ChunkedS3RunLogStore(config)
+    store.create_run_log(run_id)
+    queue = context.Queue()
+    processes = [context.Process(target=_contending_writer,
+                                 args=(config, run_id, w, mutations, queue, "ChunkedS3RunLogStore"))
+                 for w in range(writers)]
+    started = time.perf_counter()
+    for process in processes:
+        process.start()
+    conflicts = sum(queue.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(60)
+    wall = time.perf_counter() - started
+    total = writers * mutations
+    lost = total - len(store.get_run_log_by_id(run_id, full=True).steps)
+    rows.append(Row(f"chunked-s3: {writers} writers x {mutations} on distinct steps",
+                    f"{total / wall:.0f} mutations/s, {conflicts} conflicts, {lost} lost", "0 conflicts, 0 lost",
+                    conflicts == 0 and lost == 0))
     return rows
 
 
@@ -396,7 +504,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     rows: List[Row] = []
     with runlog_s3.LocalS3Server() as server:
-        for section in (bench_pipeline, bench_uncontended, bench_contention, bench_document_size, bench_cold_start):
+        for section in (bench_pipeline, bench_uncontended, bench_contention, bench_document_size, bench_chunked,
+                        bench_cold_start):
             rows.extend(section(server, args.quick))
             print(f"{section.__name__} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(f"runlog_s3 {runlog_s3.__version__} benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "

@@ -574,6 +574,19 @@ def _transport_errors() -> Tuple[type, ...]:
     return (botocore.exceptions.HTTPClientError, OSError)
 
 
+def _is_certificate_error(exc: BaseException) -> bool:
+    import ssl
+
+    import botocore.exceptions
+
+    return isinstance(exc, (botocore.exceptions.SSLError, ssl.SSLError)) or "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
 class Transport:
     """The seam between the client and the network: send a signed, prepared request, get an HttpReply."""
 
@@ -891,6 +904,16 @@ class S3Client:
             try:
                 reply = self.transport.send(request)
             except _transport_errors() as exc:
+                if _is_certificate_error(exc):  # retrying cannot make a certificate trusted
+                    raise S3Error(
+                        f"{operation} s3://{self.bucket}/{key} failed: the TLS certificate of {self._base_url} is "
+                        f"not trusted ({_first_line(exc)}); set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE) "
+                        "to the CA that signed it",
+                        operation=operation,
+                        code="SSLError",
+                        bucket=self.bucket,
+                        key=key,
+                    ) from exc
                 if attempt >= self.config.max_attempts:
                     raise S3Error(
                         f"{operation} s3://{self.bucket}/{key} failed after {attempt} attempts: "
@@ -907,6 +930,14 @@ class S3Client:
             error = _error_from_reply(
                 reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method
             )
+            if error.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                # Which credentials were refused, never what they are beyond the masked key id.
+                error.message = error.args[0].replace(
+                    "; check the access key and secret",
+                    f"; check the access key and secret of {self.credentials.source()} "
+                    f"(access key {mask_access_key(credentials.access_key)})",
+                )
+                error.args = (error.message,)
             if error.code in _EXPIRED_CODES and not refreshed:
                 logger.info("credentials expired during %s s3://%s/%s; refreshing once", operation, self.bucket, key)
                 self.credentials.refresh()

@@ -1253,13 +1253,19 @@ def test_bench_quick_completes_and_prints_every_row():
         "uncontended add_step_log / one signed PUT", "contention: 1 writers", "contention: 4 writers",
         "contention: 16 writers x", "contention: 16 writers' rate", "document size: add_step_log at 10 steps",
         "document size: add_step_log at 100 steps", "document size: add_step_log at 1000 steps",
-        "document size: 1000 steps / 10 steps", "cold start: python -c pass", "cold start: python -m runlog_s3 get",
+        "document size: 1000 steps / 10 steps", "pipeline 4+4: runlog_s3 chunked-s3, parallel",
+        "chunked-s3: add_step_log at 10 steps", "chunked-s3: add_step_log at 1000 steps / at 10",
+        "chunked-s3: assemble 201 objects, loopback", "chunked-s3: assemble 201 objects, 10 ms round trip",
+        "chunked-s3: 16 writers x 5 on distinct steps", "cold start: python -c pass", "cold start: python -m runlog_s3 get",
         "cold start: boto3 one-liner",
     ]
     for prefix in expected_prefixes:
         assert any(name.startswith(prefix) for name in names), prefix
     assert "cold start: runlog_s3 get peak memory" in result.stdout
-    assert "0 of 28 logs lost" in result.stdout  # the quick pipeline's row reports its count
+    for store_type in ("s3", "chunked-s3"):  # each quick pipeline row reports its count
+        assert f"| pipeline 4+4: runlog_s3 {store_type}, parallel | " in result.stdout
+        row = result.stdout.split(f"| pipeline 4+4: runlog_s3 {store_type}, parallel | ")[1].splitlines()[0]
+        assert "0 of 28 logs lost, run SUCCESS" in row, row
 
 
 @responses.activate
