@@ -992,6 +992,223 @@ def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, sto
     assert run_log.run_config["run_log_store"]["type"] == store_type
 
 
+# Faults injected ##################################################################################
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 between the client and the S3 server that speaks just enough HTTP to
+    inject faults per request: reset the connection, stall past the client's read timeout, answer
+    503 SlowDown in bursts, or apply a PUT on the server and then drop its reply."""
+
+    KINDS = ("reset", "stall", "slowdown", "drop_reply")
+
+    def __init__(self, upstream_url, rate=0.06, stall_seconds=1.0, seed=20261124):
+        import http.server
+        import random
+        import socketserver
+        from collections import Counter
+
+        self.upstream = urlsplit(upstream_url)
+        self.rate, self.stall_seconds = rate, stall_seconds
+        self.forced = None  # a kind to inject on every request, or "off"
+        self.injected, self.requests = Counter(), 0
+        self._random, self._burst, self._lock = random.Random(seed), 0, threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_one_request(self):
+                self.close_connection = True
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline or not self.parse_request():
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy.choose(self.command)
+                if fault == "slowdown":
+                    error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response_only(503)
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                if fault == "stall":
+                    time.sleep(proxy.stall_seconds)
+                if fault in ("reset", "stall"):
+                    return self.reset()
+                status, headers, data = proxy.forward(self.command, self.path, dict(self.headers), body)
+                if fault == "drop_reply":
+                    return self.reset()
+                self.send_response_only(status)
+                for name, value in headers:
+                    if name.lower() not in ("connection", "transfer-encoding", "server", "date"):
+                        self.send_header(name, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def reset(self):
+                import socket
+                import struct
+
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+
+            def finish(self):
+                try:
+                    super().finish()
+                except (OSError, ValueError):
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            request_queue_size = 128  # 16 writer processes connect at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def choose(self, method):
+        with self._lock:
+            self.requests += 1
+            if self.forced:
+                kind = None if self.forced == "off" else self.forced
+            elif self._burst:
+                self._burst -= 1
+                kind = "slowdown"
+            elif self._random.random() >= self.rate:
+                kind = None
+            else:
+                kind = self._random.choice(self.KINDS)
+                if kind == "slowdown":
+                    self._burst = self._random.randint(1, 3)  # a burst of 2 to 4 answers
+                if kind == "stall" and self._random.random() < 0.6:
+                    kind = "reset"  # stalls cost a second each: fewer of them
+                if kind == "drop_reply" and method != "PUT":
+                    kind = "reset"
+            if kind:
+                self.injected[kind] += 1
+            return kind
+
+    def forward(self, method, path, headers, body):
+        import http.client
+
+        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            reply = connection.getresponse()
+            return reply.status, reply.getheaders(), reply.read()
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def faulty(s3_server, bucket):
+    """(proxy, config block reaching the test bucket through it, with a short read timeout)."""
+    proxy = FaultProxy(s3_server.endpoint_url)
+    config = {**bucket, "endpoint_url": proxy.endpoint_url, "read_timeout": 0.5, "connect_timeout": 1}
+    yield proxy, config
+    proxy.stop()
+
+
+def _write_steps_with_attempts(config, run_id, writer, steps, store_name, errors):
+    try:
+        _write_steps_with_attempts_unguarded(config, run_id, writer, steps, store_name)
+    except BaseException:
+        import traceback
+
+        Path(errors, f"writer-{writer}").write_text(traceback.format_exc())
+        raise
+
+
+def _write_steps_with_attempts_unguarded(config, run_id, writer, steps, store_name):
+    store = store_class(store_name)(config)
+    for number in range(steps):
+        step = store.create_step_log(f"w{writer:02d}-s{number:02d}", f"w{writer:02d}-s{number:02d}")
+        step.status = "PROCESSING"
+        store.add_step_log(step, run_id)
+        step.attempts.append(store.create_attempt_log(attempt_number=1, status="SUCCESS"))
+        step.status = "SUCCESS"
+        store.add_step_log(step, run_id)
+    store.set_parameters(run_id, {f"writer_{writer:02d}": writer})
+
+
+@pytest.mark.parametrize("store_name", STORES)
+def test_sixteen_writers_through_injected_faults_lose_nothing(faulty, store_name, tmp_path):
+    proxy, config = faulty
+    writers, steps = 16, 6
+    store = store_class(store_name)(config)
+    store.create_run_log("faults", status="PROCESSING")
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_write_steps_with_attempts,
+                                 args=(config, "faults", w, steps, store_name, str(tmp_path)))
+                 for w in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(240)
+    errors = [path.read_text() for path in tmp_path.glob("writer-*")]
+    assert [process.exitcode for process in processes] == [0] * writers, errors
+    store.update_run_log_status("faults", "SUCCESS")
+    proxy.forced = "off"
+    run_log = store.get_run_log_by_id("faults", full=True)
+    assert set(run_log.steps) == {f"w{w:02d}-s{n:02d}" for w in range(writers) for n in range(steps)}
+    for name, step in run_log.steps.items():  # nothing moved back to PROCESSING, nothing applied twice
+        assert (step.status, len(step.attempts)) == ("SUCCESS", 1), name
+    assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)}
+    assert run_log.status == "SUCCESS"
+    assert all(proxy.injected[kind] > 0 for kind in FaultProxy.KINDS), proxy.injected
+    print(f"\n{store_name}: {sum(proxy.injected.values())} faults in {proxy.requests} requests "
+          f"{dict(proxy.injected)}, 0 lost")
+
+
+def test_magnus_pipeline_through_injected_faults_loses_nothing(faulty, tmp_path):
+    proxy, config = faulty
+    store = {"type": "s3", "config": {"s3_bucket": config["s3_bucket"], "endpoint_url": proxy.endpoint_url,
+                                      "read_timeout": 0.5, "connect_timeout": 1}}
+    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, branches=4, items=4) + ["--run-id", "faulty"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    proxy.forced = "off"
+    run_log = runlog_s3.S3RunLogStore({**config, "prefix": ""}).get_run_log_by_id("faulty")
+    assert run_log.status == "SUCCESS"
+    assert list(run_log.steps) == ["prepare", "fan-out", "over-items", "success"]
+    for name in ("fan-out", "over-items"):
+        assert len(run_log.steps[name].branches) == 4
+        for branch in run_log.steps[name].branches.values():
+            assert branch.status == "SUCCESS" and len(branch.steps) == 2
+            assert all(step.status == "SUCCESS" for step in branch.steps.values())
+    assert sum(proxy.injected.values()) > 0, proxy.injected
+    print(f"\nmagnus pipeline: {sum(proxy.injected.values())} faults in {proxy.requests} requests {dict(proxy.injected)}")
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("slowdown", "PUT s3://{bucket}/runs/spent.json failed: SlowDown (HTTP 503): Please reduce your request rate. "
+                 "(gave up after 3 attempts; raise max_attempts to retry longer)"),
+    ("reset", "PUT s3://{bucket}/runs/spent.json failed after 3 attempts: ConnectionClosedError"),
+    ("stall", "PUT s3://{bucket}/runs/spent.json failed after 3 attempts: ReadTimeoutError"),
+])
+def test_faults_outlasting_the_retry_budget_say_so_in_one_line(faulty, kind, expected):
+    proxy, config = faulty
+    proxy.stall_seconds = 0.7
+    store = runlog_s3.S3RunLogStore({**config, "max_attempts": 3})
+    proxy.forced = kind
+    with pytest.raises(runlog_s3.S3Error) as raised:
+        store.create_run_log("spent")
+    message = str(raised.value)
+    assert message.startswith(expected.format(bucket=config["s3_bucket"])) and "\n" not in message
+    assert proxy.injected[kind] == 3
+
+
 # Command line #####################################################################################
 
 
