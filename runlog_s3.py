@@ -934,7 +934,7 @@ class S3Client:
                 # Which credentials were refused, never what they are beyond the masked key id.
                 error.message = error.args[0].replace(
                     "; check the access key and secret",
-                    f"; check the access key and secret of {self.credentials.source()} "
+                    f"; check the access key and secret of {self.credentials.source} "
                     f"(access key {mask_access_key(credentials.access_key)})",
                 )
                 error.args = (error.message,)

@@ -1209,6 +1209,105 @@ def test_faults_outlasting_the_retry_budget_say_so_in_one_line(faulty, kind, exp
     assert proxy.injected[kind] == 3
 
 
+# Signatures verified by a real verifier ###########################################################
+
+
+@pytest.fixture(scope="module")
+def auth_server():
+    """moto's server in its own process with request authentication on: after the first five
+    actions (the IAM set-up below) every request's SigV4 signature and IAM policy are checked.
+    Yields (endpoint, access key, secret, role arn)."""
+    import boto3
+
+    code = "import runlog_s3, time; s = runlog_s3.LocalS3Server(); print(s.endpoint_url, flush=True); time.sleep(600)"
+    environ = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "5"}
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=environ)
+    try:
+        endpoint = process.stdout.readline().strip()
+        assert endpoint.startswith("http://127.0.0.1:"), endpoint
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="runner")
+        key = iam.create_access_key(UserName="runner")["AccessKey"]
+        policy = json.dumps({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": ["s3:*", "sts:*"], "Resource": "*"}]})
+        iam.put_user_policy(UserName="runner", PolicyName="runlog", PolicyDocument=policy)
+        trust = json.dumps({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]})
+        role = iam.create_role(RoleName="runlog-writer", AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+        iam.put_role_policy(RoleName="runlog-writer", PolicyName="runlog", PolicyDocument=policy)
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"], role
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.fixture
+def authed(auth_server, monkeypatch):
+    """A bucket on the authenticating server and a config block with the IAM user's key in named variables."""
+    endpoint, access_key, secret, role = auth_server
+    monkeypatch.setenv("RUNNER_KEY_ID", access_key)
+    monkeypatch.setenv("RUNNER_SECRET", secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", endpoint)
+    config = {"s3_bucket": f"auth-{uuid.uuid4().hex[:12]}", "endpoint_url": endpoint, "prefix": "runs",
+              "use_credentials": True, "aws_access_key_name": "RUNNER_KEY_ID",
+              "aws_secret_access_key_name": "RUNNER_SECRET"}
+    runlog_s3.create_bucket(S3Client(Config.from_dict(config)))
+    return config, role
+
+
+@pytest.mark.parametrize("store_name", STORES)
+@pytest.mark.parametrize("assume_role", [False, True], ids=["user-key", "assumed-role"])
+def test_every_store_operation_is_accepted_by_a_signature_verifier(authed, store_name, assume_role):
+    config, role = authed
+    if assume_role:
+        config = {**config, "role_arn": role}
+    store = store_class(store_name)(config)
+    store.create_run_log("signed", status="PROCESSING")
+    store.set_parameters("signed", {"key with spaces/and+plus": "välue"})
+    store.set_run_config("signed", {"executor": {"type": "local"}})
+    step = store.create_step_log("ünï step", "ünï step")
+    step.status = "SUCCESS"
+    store.add_step_log(step, "signed")
+    store.add_branch_log(store.create_branch_log("ünï step.b 1"), "signed")
+    store.update_run_log_status("signed", "SUCCESS")
+    run_log = store.get_run_log_by_id("signed", full=True)
+    assert run_log.status == "SUCCESS" and list(run_log.steps["ünï step"].branches) == ["ünï step.b 1"]
+    assert store.get_step_log("ünï step", "signed").status == "SUCCESS"
+    assert store.run_logs.list()[0].key == "signed"
+    assert store.run_logs.delete("signed") >= 1
+    if assume_role:
+        assert store.run_logs.client.credentials.get().access_key.startswith("ASIA")
+
+
+def test_the_command_line_is_accepted_by_a_signature_verifier(authed):
+    config, _role = authed
+    runlog_s3.S3RunLogStore(config).create_run_log("cli-signed", status="SUCCESS")
+    env = {"RUNLOG_S3_BUCKET": config["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": config["endpoint_url"],
+           "RUNLOG_S3_PREFIX": "runs", "AWS_ACCESS_KEY_ID": os.environ["RUNNER_KEY_ID"],
+           "AWS_SECRET_ACCESS_KEY": os.environ["RUNNER_SECRET"]}
+    for args in (("get", "cli-signed"), ("ls",), ("show", "cli-signed"), ("check",), ("rm", "cli-signed", "--yes")):
+        result = cli(*args, env=env)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert "PASS  conditional writes" in cli("check", env=env).stdout
+
+
+@pytest.mark.parametrize("variable, value, code", [
+    ("RUNNER_SECRET", "wrong-secret-0123456789", "SignatureDoesNotMatch"),
+    ("RUNNER_KEY_ID", "AKIAUNKNOWNKEY000042", "InvalidAccessKeyId"),
+])
+def test_wrong_credentials_are_refused_with_a_message_naming_their_source(authed, monkeypatch, variable, value, code):
+    config, _role = authed
+    monkeypatch.setenv(variable, value)
+    store = runlog_s3.S3RunLogStore(config)
+    with pytest.raises(runlog_s3.S3Error) as raised:
+        store.create_run_log("refused")
+    message = str(raised.value)
+    assert raised.value.code == code and raised.value.status == 403
+    assert "environment variables RUNNER_KEY_ID, RUNNER_SECRET" in message
+    assert "wrong-secret" not in message and os.environ["RUNNER_SECRET"] not in message and "\n" not in message
+
+
 # Command line #####################################################################################
 
 
