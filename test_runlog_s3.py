@@ -1308,6 +1308,77 @@ def test_wrong_credentials_are_refused_with_a_message_naming_their_source(authed
     assert "wrong-secret" not in message and os.environ["RUNNER_SECRET"] not in message and "\n" not in message
 
 
+# Secrets ##########################################################################################
+
+SENTINEL_SECRET = "SENTINELsecret0f4c9b7e2d"
+SENTINEL_TOKEN = "SENTINELtoken83a1c5d9f0"
+
+
+def test_no_secret_reaches_logs_messages_reprs_or_cli_output(s3_server, bucket, auth_server, caplog, monkeypatch):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SENTINEL_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", SENTINEL_TOKEN)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", s3_server.endpoint_url)
+    seen = []  # every text a user or a log could show
+
+    def attempt(action):
+        try:
+            return action()
+        except Exception as error:  # every failure path: its message and repr
+            seen.extend([str(error), repr(error)])
+            return None
+
+    secrets = {SENTINEL_SECRET, SENTINEL_TOKEN}
+    for store_name in STORES:
+        store = store_class(store_name)(bucket)
+        store.create_run_log("secret-run")
+        step = store.create_step_log("s", "s")
+        store.add_step_log(step, "secret-run")
+        store.set_parameters("secret-run", {"p": 1})
+        store.update_run_log_status("secret-run", "SUCCESS")
+        store.get_run_log_by_id("secret-run", full=True)
+        attempt(lambda: store.create_run_log("secret-run"))            # exists
+        attempt(lambda: store.get_run_log_by_id("absent"))             # not found
+        attempt(lambda: store.get_step_log("absent", "secret-run"))    # no such step
+        attempt(lambda: store.create_run_log("bad/id"))                # invalid run id
+        client = store.run_logs.client
+        attempt(lambda: client.put_object(store.run_logs.key("secret-run"), b"{}", if_match='"stale"'))  # 412
+        seen.extend([repr(store), repr(store.run_logs), repr(client), repr(client.credentials),
+                     repr(client.credentials.get()), repr(store.config)])
+        store.run_logs.delete("secret-run")
+    # Assumed-role credentials: the role's own secret and token must not show either.
+    assumed = runlog_s3.S3RunLogStore({**bucket, "role_arn": "arn:aws:iam::123456789012:role/runner"})
+    assumed.create_run_log("assumed")
+    role_credentials = assumed.run_logs.client.credentials.get()
+    secrets |= {role_credentials.secret_key, role_credentials.token}
+    seen.extend([repr(assumed.run_logs.client.credentials), repr(role_credentials)])
+    attempt(lambda: runlog_s3.S3RunLogStore({**bucket, "s3_bucket": "no-such-bucket-here"}).create_run_log("x"))
+    attempt(lambda: runlog_s3.S3RunLogStore({**bucket, "endpoint_url": "http://127.0.0.1:9", "max_attempts": 1})
+            .create_run_log("x"))  # nothing listens on port 9
+    # A verifier refusing the sentinel secret (with a real key id) and an unknown key id.
+    endpoint, access_key, _secret, _role = auth_server
+    monkeypatch.delenv("AWS_SESSION_TOKEN")  # a user's key: the verifier then checks the signature itself
+    for key_id in (access_key, "AKIAUNKNOWNKEY000042"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        attempt(lambda: runlog_s3.S3RunLogStore({**bucket, "endpoint_url": endpoint}).create_run_log("x"))
+    # The command line, at its most talkative, on success and failure.
+    env = {"RUNLOG_S3_BUCKET": bucket["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": bucket["endpoint_url"],
+           "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET,
+           "AWS_SESSION_TOKEN": SENTINEL_TOKEN}
+    for args in (("ls",), ("get", "assumed"), ("get", "absent"), ("check",), ("show", "bad/id")):
+        result = cli("-vv", "--debug", *args, env=env)
+        seen.extend([result.stdout, result.stderr])
+    failed = [text for text in seen if text and "SignatureDoesNotMatch" in text]
+    assert failed, "the verifier never refused the sentinel secret: the failure path was not exercised"
+    records = [logging.Formatter("%(name)s %(message)s").format(record) for record in caplog.records]
+    assert any("botocore" in record or "urllib3" in record for record in records)  # DEBUG logging was on
+    for secret in secrets:
+        leaks = [text for text in seen + records if secret in text]
+        assert not leaks, f"a secret appeared in: {leaks[0][:300]}"
+
+
 # Command line #####################################################################################
 
 
