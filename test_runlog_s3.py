@@ -1379,6 +1379,74 @@ def test_no_secret_reaches_logs_messages_reprs_or_cli_output(s3_server, bucket, 
         assert not leaks, f"a secret appeared in: {leaks[0][:300]}"
 
 
+# TLS ##############################################################################################
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """moto's S3 server behind HTTPS with a self-signed certificate for 127.0.0.1; (endpoint, CA file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    folder = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "runlog-s3 test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False,
+                         ssl_context=(str(cert_file), str(key_file)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_port}", str(cert_file)
+    server.shutdown()
+    thread.join(10)
+
+
+def test_https_endpoint_with_an_untrusted_certificate_fails_clearly_at_once(tls_server):
+    endpoint, _ca_file = tls_server
+    sleeps = []
+    client = S3Client(Config.from_dict({"s3_bucket": "tls-refused", "endpoint_url": endpoint}), sleep=sleeps.append)
+    with pytest.raises(runlog_s3.S3Error) as raised:
+        runlog_s3.S3RunLogs(client).create({"run_id": "r", "steps": {}})
+    message = str(raised.value)
+    assert message.startswith(f"PUT s3://tls-refused/r.json failed: the TLS certificate of {endpoint} is not trusted")
+    assert "set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE)" in message and "\n" not in message
+    assert raised.value.code == "SSLError" and sleeps == []  # not retried: a retry cannot make it trusted
+
+
+@pytest.mark.parametrize("how", ["ca_bundle", "AWS_CA_BUNDLE"])
+def test_https_endpoint_is_trusted_with_its_ca_bundle(tls_server, monkeypatch, how):
+    endpoint, ca_file = tls_server
+    config = {"s3_bucket": f"tls-{how.lower().replace('_', '-')}", "endpoint_url": endpoint}
+    if how == "ca_bundle":
+        config["ca_bundle"] = ca_file
+    else:
+        monkeypatch.setenv("AWS_CA_BUNDLE", ca_file)
+    client = S3Client(Config.from_dict(config))
+    runlog_s3.create_bucket(client)
+    run_logs = runlog_s3.S3RunLogs(client)
+    run_logs.create({"run_id": "over-tls", "status": "SUCCESS", "steps": {}})
+    assert run_logs.read("over-tls")["status"] == "SUCCESS"
+
+
 # Command line #####################################################################################
 
 
