@@ -969,6 +969,9 @@ class S3Client:
 
 RUN_LOG_SUFFIX = ".json"
 _MAX_KEY_BYTES = 1024  # S3's limit on a key
+# A 1000-step run log is 330 KB; an object far past this is not one this store wrote, and parsing and
+# rewriting it on every update would stall a pipeline (chunked-s3 is the layout for runs that large).
+MAX_RUN_LOG_BYTES = 32 * 2**20
 
 
 def validate_run_id(run_id: Any) -> str:
@@ -1047,8 +1050,17 @@ def check_run_log(document: Any, where: str) -> Dict[str, Any]:
     return document
 
 
+def _check_size(body: bytes, where: str) -> None:
+    if len(body) > MAX_RUN_LOG_BYTES:
+        raise InvalidRunLogError(
+            f"{where} is not a run log: it is {len(body) / 2**20:.0f} MiB, over the {MAX_RUN_LOG_BYTES // 2**20} MiB "
+            "this store reads; it was left as is"
+        )
+
+
 def decode_run_log(body: bytes, where: str) -> Dict[str, Any]:
     """Parse and check a stored run log; `where` (s3://bucket/key) goes into the error."""
+    _check_size(body, where)
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -1465,6 +1477,7 @@ def chunk_name(kind: str, internal_name: str) -> str:
 
 def decode_log_object(body: bytes, where: str) -> Dict[str, Any]:
     """Parse a stored step or branch log object; InvalidRunLogError naming `where` if it is not one."""
+    _check_size(body, where)
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -141,6 +141,10 @@ def test_config_defaults_are_the_documented_block():
         ({"s3_bucket": "b-1", "region": "Europe"}, "not an AWS region name"),
         ({"s3_bucket": "b-1", "prefix": "a/../b"}, "empty, '.' or '..' segment"),
         ({"s3_bucket": "b-1", "read_timeout": 0}, "read_timeout must be a number of seconds above 0"),
+        ({"s3_bucket": "b-1", "connect_timeout": -1}, "connect_timeout must be a number of seconds above 0"),
+        ({"s3_bucket": "b-1", "conflict_timeout": -30}, "conflict_timeout must be a number of seconds above 0"),
+        ({"s3_bucket": "-starts-with-hyphen"}, "not a valid S3 bucket name"),
+        ({"s3_bucket": "b-1", "endpoint_url": "ftp://127.0.0.1:9000"}, "endpoint_url"),
         ({"s3_bucket": "b-1", "server_side_encryption": "AES"}, "server_side_encryption 'AES' is not one of"),
     ],
 )
@@ -751,7 +755,9 @@ def test_reads_logs_written_by_the_old_store_and_writes_what_magnus_reads(bucket
         (b'{"status": "SUCCESS"}', "it has no run_id"),
         (b'{"run_id": "bad", "steps": []}', "steps is list, not dict"),
         (b'{"run_id": "bad", "steps": {"a": 5}}', "step 'a' is not a step log object"),
+        (b'{"run_id": "bad", "tag": "' + b"x" * (50 * 2**20) + b'"}', "it is 50 MiB, over the 32 MiB this store reads"),
     ],
+    ids=["empty", "not-json", "truncated", "list", "no-run-id", "steps-list", "step-not-object", "50-MB"],
 )
 def test_foreign_objects_are_named_and_left_untouched(bucket, body, expected):
     client = S3Client(Config.from_dict(bucket))
@@ -763,6 +769,18 @@ def test_foreign_objects_are_named_and_left_untouched(bucket, body, expected):
         assert f"s3://{bucket['s3_bucket']}/runs/bad.json is not a run log" in str(error.value)
         assert expected in str(error.value)
     assert client.get_object("runs/bad.json").body == body
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b'{"status": "SUCCESS"}'], ids=["empty", "not-json", "no-name"])
+def test_foreign_chunk_in_a_chunked_run_is_named_and_left_untouched(bucket, body):
+    store = runlog_s3.ChunkedS3RunLogStore(bucket)
+    store.create_run_log("foreign")
+    store.run_logs.client.put_object("runs/foreign/StepLog-a.json", body)
+    with pytest.raises(InvalidRunLogError, match=r"runs/foreign/StepLog-a.json is not a step or branch log"):
+        store.get_run_log_by_id("foreign", full=True)
+    with pytest.raises(InvalidRunLogError, match=r"runs/foreign/StepLog-a.json is not a step or branch log"):
+        store.get_step_log("a", "foreign")
+    assert store.run_logs.client.get_object("runs/foreign/StepLog-a.json").body == body
 
 
 def test_module_and_store_work_on_dicts_without_magnus(bucket):
@@ -1200,7 +1218,8 @@ def test_magnus_pipeline_through_injected_faults_loses_nothing(faulty, tmp_path)
 def test_faults_outlasting_the_retry_budget_say_so_in_one_line(faulty, kind, expected):
     proxy, config = faulty
     proxy.stall_seconds = 0.7
-    store = runlog_s3.S3RunLogStore({**config, "max_attempts": 3})
+    # Only the stall should time out: elsewhere a slow moment of a busy machine must not pass for one.
+    store = runlog_s3.S3RunLogStore({**config, "max_attempts": 3, "read_timeout": 0.5 if kind == "stall" else 10})
     proxy.forced = kind
     with pytest.raises(runlog_s3.S3Error) as raised:
         store.create_run_log("spent")
