@@ -1039,8 +1039,10 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
+            def handle(self):
+                self.handle_one_request()  # one request per connection: the client then opens another
+
             def handle_one_request(self):
-                self.close_connection = True
                 self.raw_requestline = self.rfile.readline(65537)
                 if not self.raw_requestline or not self.parse_request():
                     return
@@ -1073,7 +1075,8 @@ class FaultProxy:
                 import struct
 
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.connection.close()
+                self.rfile.close()  # its reference would keep the socket open past close()
+                self.connection.close()  # linger 0: the peer gets a RST, not a FIN
 
             def finish(self):
                 try:
