@@ -269,29 +269,35 @@ def _contending_writer(config: Dict[str, Any], run_id: str, writer: int, mutatio
     queue.put(store.run_logs.conflicts)
 
 
+def run_writers(config: Dict[str, Any], run_id: str, writers: int, mutations: int,
+                store_class: str = "S3RunLogStore") -> Tuple[float, int, int]:
+    """`writers` processes each adding `mutations` new steps to a new run: (wall s, conflicts, steps lost)."""
+    context = multiprocessing.get_context("fork")
+    store = getattr(runlog_s3, store_class)(config)
+    store.create_run_log(run_id)
+    queue = context.Queue()
+    processes = [context.Process(target=_contending_writer, args=(config, run_id, w, mutations, queue, store_class))
+                 for w in range(writers)]
+    started = time.perf_counter()
+    for process in processes:
+        process.start()
+    conflicts = sum(queue.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(60)
+    wall = time.perf_counter() - started
+    lost = writers * mutations - len(store.get_run_log_by_id(run_id, full=True).steps)
+    return wall, conflicts, lost
+
+
 def bench_contention(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
     counts = (1, 4, 16) if quick else (1, 4, 16, 32)
     mutations = 5 if quick else 10
     bucket = make_bucket(server, "bench-contention")
     config = {"s3_bucket": bucket, "endpoint_url": server.endpoint_url}
-    context = multiprocessing.get_context("fork")
     rows, rates = [], {}
     for writers in counts:
-        run_id = f"contention-{writers}"
-        store = runlog_s3.S3RunLogStore(config)
-        store.create_run_log(run_id)
-        queue = context.Queue()
-        processes = [context.Process(target=_contending_writer, args=(config, run_id, w, mutations, queue))
-                     for w in range(writers)]
-        started = time.perf_counter()
-        for process in processes:
-            process.start()
-        conflicts = sum(queue.get(timeout=300) for _ in processes)
-        for process in processes:
-            process.join(60)
-        wall = time.perf_counter() - started
+        wall, conflicts, lost = run_writers(config, f"contention-{writers}", writers, mutations)
         total = writers * mutations
-        lost = total - len(store.get_run_log_by_id(run_id).steps)
         rates[writers] = total / wall
         rows.append(Row(f"contention: {writers} writers x {mutations}",
                         f"{rates[writers]:.0f} mutations/s, {conflicts / total:.2f} 412s/mutation, {lost} lost",
@@ -394,23 +400,9 @@ def bench_chunked(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
 
     writers = 16 if quick else 32
     mutations = 5 if quick else 10
-    context = multiprocessing.get_context("fork")
-    run_id = f"chunked-contention-{writers}"
-    store = runlog_s3.ChunkedS3RunLogStore(config)
-    store.create_run_log(run_id)
-    queue = context.Queue()
-    processes = [context.Process(target=_contending_writer,
-                                 args=(config, run_id, w, mutations, queue, "ChunkedS3RunLogStore"))
-                 for w in range(writers)]
-    started = time.perf_counter()
-    for process in processes:
-        process.start()
-    conflicts = sum(queue.get(timeout=300) for _ in processes)
-    for process in processes:
-        process.join(60)
-    wall = time.perf_counter() - started
+    wall, conflicts, lost = run_writers(config, f"chunked-contention-{writers}", writers, mutations,
+                                        "ChunkedS3RunLogStore")
     total = writers * mutations
-    lost = total - len(store.get_run_log_by_id(run_id, full=True).steps)
     rows.append(Row(f"chunked-s3: {writers} writers x {mutations} on distinct steps",
                     f"{total / wall:.0f} mutations/s, {conflicts} conflicts, {lost} lost", "0 conflicts, 0 lost",
                     conflicts == 0 and lost == 0))
