@@ -1489,8 +1489,7 @@ def decode_log_object(body: bytes, where: str) -> Dict[str, Any]:
 
 def _own_fields(kind: str, log: Mapping[str, Any]) -> Dict[str, Any]:
     # What a chunk holds: the log without its children, which are chunks of their own.
-    own = _json_copy({name: value for name, value in log.items() if name != _CHUNK_CHILDREN[kind]})
-    return own
+    return _json_copy({name: value for name, value in log.items() if name != _CHUNK_CHILDREN[kind]})
 
 
 def _chunks_under(kind: str, log: Mapping[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
@@ -1617,7 +1616,6 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     def _get_many(self, keys: List[str], run_id: str) -> Dict[str, S3Object]:
         """GET the keys from a bounded pool of threads; a key deleted since the LIST is left out."""
-        from concurrent.futures import ThreadPoolExecutor
 
         def get(key: str) -> Optional[S3Object]:
             try:
@@ -1627,12 +1625,7 @@ class ChunkedS3RunLogs(S3RunLogs):
                     raise
                 return None
 
-        if len(keys) == 1:
-            results = [get(keys[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(ASSEMBLY_THREADS, len(keys))) as pool:
-                results = list(pool.map(get, keys))
-        found = {key: result for key, result in zip(keys, results) if result is not None}
+        found = {key: result for key, result in zip(keys, self._in_pool(get, keys)) if result is not None}
         if keys[0] not in found:
             raise self._not_found(run_id)
         return found
@@ -2000,25 +1993,24 @@ def _build_magnus_stores() -> Dict[str, type]:
         "BranchLog": magnus_datastore.BranchLog,
     }
 
-    class S3RunLogStore(_S3StoreMethods, magnus_datastore.BaseRunLogStore):
-        """magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
-
-        service_name = "s3"
-        _models = models
-        _errors = errors
-
-        # magnus's factories build its own models.
-        create_step_log = magnus_datastore.BaseRunLogStore.create_step_log
-        create_branch_log = magnus_datastore.BaseRunLogStore.create_branch_log
-
-    class ChunkedS3RunLogStore(_ChunkedS3StoreMethods, magnus_datastore.BaseRunLogStore):
-        """magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
-
-        service_name = "chunked-s3"
-        _models = models
-        _errors = errors
-        create_step_log = magnus_datastore.BaseRunLogStore.create_step_log
-        create_branch_log = magnus_datastore.BaseRunLogStore.create_branch_log
+    # magnus's models and errors; its factories build its own models.
+    magnus_parts = dict(
+        _models=models,
+        _errors=errors,
+        create_step_log=magnus_datastore.BaseRunLogStore.create_step_log,
+        create_branch_log=magnus_datastore.BaseRunLogStore.create_branch_log,
+        __module__=__name__,
+    )
+    S3RunLogStore = type("S3RunLogStore", (_S3StoreMethods, magnus_datastore.BaseRunLogStore), {
+        **magnus_parts,
+        "service_name": "s3",
+        "__doc__": "magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap.",
+    })
+    ChunkedS3RunLogStore = type("ChunkedS3RunLogStore", (_ChunkedS3StoreMethods, magnus_datastore.BaseRunLogStore), {
+        **magnus_parts,
+        "service_name": "chunked-s3",
+        "__doc__": "magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs.",
+    })
 
     return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
 
