@@ -88,7 +88,9 @@ class NoSuchBucketError(NotFoundError):
 
 
 class PreconditionFailedError(S3Error):
-    """A conditional write was refused: 412 PreconditionFailed, or 409 ConditionalRequestConflict."""
+    """A conditional write was refused (412 PreconditionFailed): the object is not as the condition said."""
+
+    after_lost_reply = False  # an earlier attempt of the same request may have landed: it may be ours
 
 
 class WrongRegionError(S3Error):
@@ -271,6 +273,22 @@ class Credentials:
     expiry: Optional[float] = None  # seconds since the epoch; None for credentials that do not expire
     source: str = ""
 
+    def __post_init__(self) -> None:
+        # A value written with `echo` into a Kubernetes Secret ends in a newline; sent as a header it
+        # would fail in the HTTP library with the whole value in the message. Strip the ends; refuse
+        # anything else that cannot be in a key, before any request.
+        for name, what in (("access_key", "access key id"), ("secret_key", "secret key"), ("token", "session token")):
+            value = getattr(self, name)
+            clean = value.strip()
+            if any(not (" " < ch < "\x7f") for ch in clean):
+                raise CredentialsError(
+                    f"the {what} from {self.source or 'the credentials'} holds white space or control characters; "
+                    "write the value again without them (e.g. printf instead of echo)"
+                )
+            if clean != value:
+                logger.info("removed white space around the %s from %s", what, self.source or "the credentials")
+                object.__setattr__(self, name, clean)
+
     def __repr__(self) -> str:
         return (
             f"Credentials(access_key={mask_access_key(self.access_key)!r}, secret_key='***', "
@@ -444,7 +462,7 @@ class CredentialProvider:
 
     def _sts_transport(self) -> "Transport":
         if self._transport is None:
-            self._transport = BotocoreTransport(self._config, self._environ)
+            self._transport = BotocoreTransport(self._config, self._environ, sts_endpoint_url(self._config, self._environ))
         return self._transport
 
 
@@ -463,19 +481,48 @@ def _sts_request(
     config: Config,
     transport: "Transport",
     environ: Mapping[str, str],
+    sleep: Callable[[float], None] = time.sleep,
 ) -> ElementTree.Element:
-    """One signed STS query-API call; returns the parsed XML reply or raises S3Error."""
+    """One signed STS query-API call, retried as S3 requests are; the parsed XML reply, or S3Error."""
     body = urllib.parse.urlencode({"Action": action, "Version": "2011-06-15", **params}).encode()
     headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
     url = sts_endpoint_url(config, environ) + "/"
-    request = sign_request("POST", url, headers, body, credentials, config.region, "sts")
-    try:
-        reply = transport.send(request)
-    except _transport_errors() as exc:
-        raise S3Error(f"STS {action} at {url} failed: {exc}", operation=action, code="ConnectionError") from exc
-    if reply.status != 200:
-        raise _error_from_reply(reply, operation=f"STS {action}", bucket="", key="")
-    return _parse_xml(reply.body)
+    skew_corrected = False
+    for attempt in range(1, config.max_attempts + 1):
+        request = sign_request("POST", url, headers, body, credentials, config.region, "sts")
+        last = attempt == config.max_attempts
+        try:
+            reply = transport.send(request)
+        except _transport_errors() as exc:
+            failure = classify_transport_error(exc)
+            if failure.retry and not last:
+                sleep(retry_delay(attempt))
+                continue
+            detail = redact(f"{type(exc).__name__}: {_first_line(exc)}", credentials)
+            raise S3Error(
+                f"STS {action} at {url} failed{f' after {attempt} attempts' if attempt > 1 else ''}: {failure.what} "
+                f"({detail}); {failure.check}",
+                operation=action, code="ConnectionError",
+            ) from None
+        if reply.status == 200:
+            try:
+                return _parse_xml(reply.body)
+            except ElementTree.ParseError:
+                if not last:  # a 200 cut short: the reply was lost, not refused
+                    sleep(retry_delay(attempt))
+                    continue
+                raise S3Error(f"STS {action} at {url} failed: its reply is not complete XML", operation=action) from None
+        error = _error_from_reply(reply, operation=f"STS {action}", bucket="", key="")
+        if _is_clock_skew(error):
+            if not skew_corrected and not last and _correct_clock(reply):
+                skew_corrected = True
+                continue
+            raise _clock_skew_error(error, reply, url)
+        if (error.status in _RETRYABLE_STATUS or error.code in _RETRYABLE_CODES) and not last:
+            sleep(retry_delay(attempt))
+            continue
+        raise error
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def assume_role(
@@ -524,9 +571,13 @@ def _parse_iso_time(text: str) -> float:
 # S3 client ########################################################################################
 
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
-_RETRYABLE_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"})
+# 409 ConditionalRequestConflict: a concurrent write to the key was in flight; S3 says to retry.
+_RETRYABLE_CODES = frozenset({
+    "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
+    "RequestThrottled", "ConditionalRequestConflict",
+})
 _EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired"})
-_BACKOFF_BASE = 0.1  # seconds; full jitter over base * 2**attempt, capped
+_BACKOFF_BASE = 0.1  # seconds; the wait after attempt n is jittered over base * 2**(n-1), capped
 _BACKOFF_CAP = 10.0
 _METADATA_HEADER = "x-amz-meta-"
 
@@ -567,19 +618,60 @@ class S3Object:
     metadata: Dict[str, str] = field(default_factory=dict)  # the x-amz-meta-* headers, without the prefix
 
 
+class ShortReplyError(OSError):
+    """A reply whose body ended before its Content-Length: the connection dropped mid-reply."""
+
+
+class TransportFailure(NamedTuple):
+    """What a transport exception means: whether a retry can help, and in words for the message."""
+
+    retry: bool
+    what: str
+    check: str
+
+
 def _transport_errors() -> Tuple[type, ...]:
-    """Exceptions that mean "the request may not have arrived, or its reply was lost": retry them."""
+    """Everything botocore's HTTP session (or a test transport) raises for a request that got no reply."""
     import botocore.exceptions
 
-    return (botocore.exceptions.HTTPClientError, OSError)
+    return (botocore.exceptions.HTTPClientError, botocore.exceptions.ConnectionError, OSError, ValueError)
 
 
-def _is_certificate_error(exc: BaseException) -> bool:
-    import ssl
+def classify_transport_error(exc: BaseException) -> TransportFailure:
+    """The one table of transport failures: retried where the request may not have arrived or its reply
+    was lost; fatal where no retry can help (an untrusted certificate, an invalid URL or header)."""
+    import socket
 
-    import botocore.exceptions
+    import botocore.exceptions as errors
 
-    return isinstance(exc, (botocore.exceptions.SSLError, ssl.SSLError)) or "CERTIFICATE_VERIFY_FAILED" in str(exc)
+    cause = getattr(exc, "kwargs", {}).get("error") or exc.__cause__ or exc.__context__
+    text = f"{exc} {cause or ''}"
+    if isinstance(exc, errors.SSLError) or "SSL" in type(exc).__name__ or "CERTIFICATE_VERIFY_FAILED" in text:
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text or "hostname" in text.lower():
+            return TransportFailure(False, "its TLS certificate is not trusted",
+                                    "set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE) to the CA that signed it")
+        return TransportFailure(True, "the TLS handshake was cut short", "check the endpoint and any proxy in between")
+    if isinstance(exc, errors.ProxyConnectionError):
+        return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy")
+    if isinstance(exc, errors.ConnectTimeoutError):
+        return TransportFailure(True, "the connection timed out", "check the endpoint and the network, or connect_timeout")
+    if isinstance(exc, errors.ReadTimeoutError):
+        return TransportFailure(True, "no reply came within read_timeout", "check the endpoint, or raise read_timeout")
+    if isinstance(exc, errors.EndpointConnectionError):
+        if isinstance(cause, socket.gaierror) or "Name or service not known" in text or "getaddrinfo" in text:
+            if getattr(cause, "errno", None) == socket.EAI_AGAIN or "Temporary failure" in text:
+                return TransportFailure(True, "its name did not resolve (temporary DNS failure)", "check DNS")
+            return TransportFailure(False, "its host name is unknown", "check endpoint_url and region")
+        return TransportFailure(True, "the connection was refused", "check that the endpoint is up and endpoint_url is right")
+    if isinstance(exc, (errors.ConnectionClosedError, ShortReplyError, ConnectionError, errors.ResponseStreamingError)):
+        return TransportFailure(True, "the connection closed before a whole reply came", "check the endpoint and the network")
+    location_errors = ("LocationParseError", "LocationValueError", "InvalidURL", "InvalidHeader", "InvalidSchema")
+    if isinstance(exc, ValueError) or type(cause).__name__ in location_errors or isinstance(cause, ValueError):
+        return TransportFailure(False, "the request is not valid HTTP (a bad URL or header value)",
+                                "check endpoint_url and the credentials' values")
+    if isinstance(exc, (errors.HTTPClientError, OSError)):
+        return TransportFailure(True, "the connection failed", "check the endpoint and the network")
+    return TransportFailure(False, "the request failed", "run with --debug")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -600,7 +692,7 @@ class BotocoreTransport(Transport):
     def __init__(self, config: Config, environ: Mapping[str, str], endpoint_url: str = ""):
         self._config = config
         self._environ = environ
-        self._endpoint_url = endpoint_url
+        self._endpoint_url = endpoint_url  # the URL whose proxy settings apply (HTTPS_PROXY, NO_PROXY)
         self._session: Any = None
         self._pid = 0
 
@@ -611,10 +703,9 @@ class BotocoreTransport(Transport):
             import botocore.utils
 
             verify: Any = self._config.ca_bundle or self._environ.get("AWS_CA_BUNDLE") or True
-            proxies = botocore.utils.get_environ_proxies(self._endpoint_url) if self._endpoint_url else {}
             self._session = botocore.httpsession.URLLib3Session(
                 verify=verify,
-                proxies=proxies,
+                proxies=botocore.utils.get_environ_proxies(self._endpoint_url) if self._endpoint_url else {},
                 timeout=(self._config.connect_timeout, self._config.read_timeout),
                 max_pool_connections=16,
             )
@@ -623,7 +714,12 @@ class BotocoreTransport(Transport):
 
     def send(self, request: Any) -> HttpReply:
         reply = self._http_session().send(request)
-        return HttpReply(reply.status_code, dict(reply.headers), reply.content)
+        body = reply.content
+        # botocore's session does not enforce Content-Length; a reply cut short is a lost reply.
+        expected = reply.headers.get("Content-Length", "")
+        if request.method != "HEAD" and expected.isdigit() and int(expected) != len(body):
+            raise ShortReplyError(f"reply body ended after {len(body)} of {expected} bytes")
+        return HttpReply(reply.status_code, dict(reply.headers), body)
 
 
 def _drop_signing_details(record: logging.LogRecord) -> bool:
@@ -631,28 +727,68 @@ def _drop_signing_details(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(("CanonicalRequest", "StringToSign", "Signature"))
 
 
-class _SignerCredentials(NamedTuple):
-    # What botocore's signer reads; botocore.credentials would cost 10 ms of import for a namedtuple.
-    access_key: str
-    secret_key: str
-    token: Optional[str]
+class _SignerCredentials:
+    """What botocore's signer reads (botocore.credentials would cost 10 ms of import); repr masks it."""
+
+    __slots__ = ("access_key", "secret_key", "token")
+
+    def __init__(self, access_key: str, secret_key: str, token: Optional[str]):
+        self.access_key, self.secret_key, self.token = access_key, secret_key, token
+
+    def __repr__(self) -> str:
+        return f"_SignerCredentials(access_key={mask_access_key(self.access_key)!r}, secret_key='***', token='***')"
+
+    __str__ = __repr__
+
+    def get_frozen_credentials(self) -> "_SignerCredentials":
+        return self
+
+
+# The clock correction of this process, in seconds (server time minus ours): learnt from a reply's Date
+# header when a server refuses a request as skewed, kept for every later request.
+_clock_offset = {"seconds": 0.0}
+
+
+def wall_clock() -> float:
+    """The time requests are signed with: this machine's clock plus the learnt correction."""
+    return time.time() + _clock_offset["seconds"]
+
+
+_signer_classes: Dict[str, type] = {}
+
+
+def _signer_class(service: str) -> type:
+    # botocore's signers read the clock themselves; these set the signing time from wall_clock().
+    if not _signer_classes:
+        from datetime import datetime, timezone
+
+        from botocore.auth import SIGV4_TIMESTAMP, S3SigV4Auth, SigV4Auth
+
+        def at_wall_clock(base: type) -> type:
+            class Signer(base):  # type: ignore[misc, valid-type]
+                def _modify_request_before_signing(self, request: Any) -> None:
+                    now = datetime.fromtimestamp(wall_clock(), timezone.utc)
+                    request.context["timestamp"] = now.strftime(SIGV4_TIMESTAMP)
+                    super()._modify_request_before_signing(request)
+
+            return Signer
+
+        _signer_classes.update(s3=at_wall_clock(S3SigV4Auth), other=at_wall_clock(SigV4Auth))
+    return _signer_classes["s3" if service == "s3" else "other"]
 
 
 def sign_request(
     method: str, url: str, headers: Mapping[str, str], body: bytes, credentials: Credentials, region: str, service: str
 ) -> Any:
     """A SigV4-signed, prepared request; for S3 the signature covers the SHA-256 of the real body."""
-    from botocore.auth import S3SigV4Auth, SigV4Auth
     from botocore.awsrequest import AWSRequest
 
     logging.getLogger("botocore.auth").addFilter(_drop_signing_details)  # adding it again is a no-op
     request = AWSRequest(method=method, url=url, headers=dict(headers), data=body)
-    signer_class = S3SigV4Auth if service == "s3" else SigV4Auth
-    signer_class(
-        _SignerCredentials(credentials.access_key, credentials.secret_key, credentials.token or None),
-        service,
-        region,
-    ).add_auth(request)
+    signer = _signer_class(service)(
+        _SignerCredentials(credentials.access_key, credentials.secret_key, credentials.token or None), service, region
+    )
+    signer.add_auth(request)
     return request.prepare()
 
 
@@ -741,7 +877,7 @@ def _error_from_reply(
         return NoSuchBucketError(f"{base}; check s3_bucket (and endpoint_url, region){tail}", **kwargs)
     if reply.status == 404:
         return NotFoundError(f"{base}{tail}", **kwargs)
-    if reply.status == 412 or code == "ConditionalRequestConflict":
+    if reply.status == 412:
         return PreconditionFailedError(f"{base}{tail}", **kwargs)
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return S3Error(f"{base}; check the access key and secret{tail}", **kwargs)
@@ -772,9 +908,9 @@ class S3Client:
         self._environ = os.environ if environ is None else environ
         self.endpoint_url = resolve_endpoint_url(config, self._environ)
         self.credentials = credentials or CredentialProvider(config, environ=self._environ)
-        self.transport = transport or BotocoreTransport(config, self._environ, self.endpoint_url)
         self._sleep = sleep
         self._base_url, self._path_prefix = self._addressing()
+        self.transport = transport or BotocoreTransport(config, self._environ, self._base_url)
 
     def __repr__(self) -> str:
         return f"S3Client(bucket={self.bucket!r}, region={self.config.region!r}, endpoint={self._base_url!r})"
@@ -842,6 +978,7 @@ class S3Client:
     def list_objects(self, prefix: str = "", delimiter: str = "") -> Iterator[ObjectInfo]:
         """ListObjectsV2 over every page; with a delimiter, common prefixes come as keys ending in it."""
         token = ""
+        seen_tokens = set()
         while True:
             query = {"list-type": "2", "prefix": prefix}
             if delimiter:
@@ -872,6 +1009,13 @@ class S3Client:
             token = values.get("NextContinuationToken", "")
             if values.get("IsTruncated") != "true" or not token:
                 return
+            if token in seen_tokens:  # a server (or proxy) that repeats itself would list forever
+                raise S3Error(
+                    f"LIST s3://{self.bucket}/{prefix} failed: the server sent continuation token {token[:40]!r} "
+                    "twice; its listing does not advance", operation="LIST", code="RepeatedContinuationToken",
+                    bucket=self.bucket,
+                )
+            seen_tokens.add(token)
 
     def head_bucket(self) -> str:
         """HEAD on the bucket; returns the region S3 reports for it ('' when the server does not say)."""
@@ -895,7 +1039,9 @@ class S3Client:
         headers = dict(headers or {})
         if self.config.expected_bucket_owner:
             headers["x-amz-expected-bucket-owner"] = self.config.expected_bucket_owner
-        refreshed = False
+        where = f"s3://{self.bucket}/{key}"
+        refreshed = skew_corrected = False
+        may_have_landed = False  # an earlier attempt may have been applied with its reply lost
         attempt = 0
         while True:
             attempt += 1
@@ -904,32 +1050,19 @@ class S3Client:
             try:
                 reply = self.transport.send(request)
             except _transport_errors() as exc:
-                if _is_certificate_error(exc):  # retrying cannot make a certificate trusted
-                    raise S3Error(
-                        f"{operation} s3://{self.bucket}/{key} failed: the TLS certificate of {self._base_url} is "
-                        f"not trusted ({_first_line(exc)}); set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE) "
-                        "to the CA that signed it",
-                        operation=operation,
-                        code="SSLError",
-                        bucket=self.bucket,
-                        key=key,
-                    ) from exc
-                if attempt >= self.config.max_attempts:
-                    raise S3Error(
-                        f"{operation} s3://{self.bucket}/{key} failed after {attempt} attempts: "
-                        f"{type(exc).__name__}: {exc}; check endpoint_url and the network, or raise max_attempts",
-                        operation=operation,
-                        code="ConnectionError",
-                        bucket=self.bucket,
-                        key=key,
-                    ) from exc
-                self._backoff(attempt, operation, key, type(exc).__name__)
+                failure = classify_transport_error(exc)
+                if not failure.retry or attempt >= self.config.max_attempts:
+                    raise self._transport_error(operation, where, failure, attempt, exc, credentials) from None
+                may_have_landed = may_have_landed or "refused" not in failure.what
+                self._backoff(attempt, operation, key, failure.what)
                 continue
             if 200 <= reply.status < 300:
                 return reply
             error = _error_from_reply(
                 reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method
             )
+            if isinstance(error, PreconditionFailedError):
+                error.after_lost_reply = may_have_landed
             if error.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 # Which credentials were refused, never what they are beyond the masked key id.
                 error.message = error.args[0].replace(
@@ -938,27 +1071,108 @@ class S3Client:
                     f"(access key {mask_access_key(credentials.access_key)})",
                 )
                 error.args = (error.message,)
+            if _is_clock_skew(error):
+                if not skew_corrected and _correct_clock(reply):
+                    skew_corrected = True
+                    continue
+                raise _clock_skew_error(error, reply, where)
             if error.code in _EXPIRED_CODES and not refreshed:
-                logger.info("credentials expired during %s s3://%s/%s; refreshing once", operation, self.bucket, key)
+                logger.info("credentials expired during %s %s; refreshing once", operation, where)
                 self.credentials.refresh()
                 refreshed = True
                 continue
             if error.status in _RETRYABLE_STATUS or error.code in _RETRYABLE_CODES:
                 if attempt < self.config.max_attempts:
-                    self._backoff(attempt, operation, key, error.code)
+                    self._backoff(attempt, operation, key, error.code or f"HTTP {error.status}")
                     continue
                 error.args = (f"{error.message} (gave up after {attempt} attempt{'s' if attempt > 1 else ''}; "
                               "raise max_attempts to retry longer)",)
                 error.message = error.args[0]
             raise error
 
+    def _transport_error(
+        self, operation: str, where: str, failure: TransportFailure, attempt: int, exc: BaseException,
+        credentials: Credentials,
+    ) -> S3Error:
+        tries = f" after {attempt} attempts" if attempt > 1 else ""
+        detail = redact(f"{type(exc).__name__}: {_first_line(exc)}", credentials)
+        return S3Error(
+            f"{operation} {where} failed{tries}: {self._base_url} could not be reached: {failure.what} ({detail}); "
+            f"{failure.check}" + (", or raise max_attempts" if failure.retry else ""),
+            operation=operation,
+            code="SSLError" if "TLS certificate" in failure.what else "ConnectionError",
+            bucket=self.bucket,
+            key=where.split("/", 3)[-1],
+        )
+
     def _backoff(self, attempt: int, operation: str, key: str, reason: str) -> None:
-        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))
+        delay = retry_delay(attempt)
         logger.debug(
             "retrying %s s3://%s/%s after %s (attempt %d of %d) in %.3f s",
             operation, self.bucket, key, reason, attempt, self.config.max_attempts, delay,
         )
         self._sleep(delay)
+
+
+def retry_delay(attempt: int) -> float:
+    """Exponential backoff with jitter over its upper half: waits after attempts 1-7 add up to 6.4-12.7 s,
+    so the default max_attempts rides out a server restart of several seconds."""
+    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def redact(text: str, credentials: Credentials) -> str:
+    """The text with the secret key and token (and any whitespace-mangled copy of them) masked."""
+    for secret in (credentials.secret_key, credentials.token):
+        for form in {secret, secret.strip(), repr(secret.encode())[2:-1]}:
+            if len(form) >= 4:
+                text = text.replace(form, "***")
+    return text
+
+
+_SKEW_CODES = frozenset({"RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture", "SignatureExpired"})
+
+
+def _is_clock_skew(error: S3Error) -> bool:
+    message = error.message.lower()
+    return error.code in _SKEW_CODES or (
+        error.code in ("InvalidSignatureException", "AccessDenied", "SignatureDoesNotMatch")
+        and ("skew" in message or "signature expired" in message or "not yet current" in message)
+    )
+
+
+def _server_time(reply: HttpReply) -> Optional[float]:
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return parsedate_to_datetime(reply.header("Date")).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _correct_clock(reply: HttpReply) -> bool:
+    """Learn the offset from the reply's Date header; False when the reply has no usable Date."""
+    server = _server_time(reply)
+    if server is None:
+        return False
+    offset = server - time.time()
+    if abs(offset - _clock_offset["seconds"]) < 1:
+        return False  # already corrected: the refusal is not about our clock
+    _clock_offset["seconds"] = offset
+    logger.info("this machine's clock is %+.0f s off the S3 server's; signing with the server's time from now on",
+                -offset)
+    return True
+
+
+def _clock_skew_error(error: S3Error, reply: HttpReply, where: str) -> S3Error:
+    server = _server_time(reply)
+    measured = f"this machine's clock is {time.time() - server:+.0f} s off the server's" if server else (
+        "the reply has no Date header to measure the offset")
+    return S3Error(
+        f"{error.operation} {where} failed: clock skew ({error.code}): {measured}; set the clock right (NTP)",
+        operation=error.operation, code=error.code, status=error.status, bucket=error.bucket, key=error.key,
+        request_id=error.request_id,
+    )
 
 
 # Run log documents ################################################################################
@@ -1050,12 +1264,16 @@ def check_run_log(document: Any, where: str) -> Dict[str, Any]:
     return document
 
 
+def _too_large(size: int, where: str, outcome: str) -> str:
+    return (
+        f"{where} is {size / 2**20:.1f} MiB, over the {MAX_RUN_LOG_BYTES // 2**20} MiB limit of a run log; {outcome} "
+        "(the chunked-s3 layout keeps each step and branch log in an object of its own)"
+    )
+
+
 def _check_size(body: bytes, where: str) -> None:
     if len(body) > MAX_RUN_LOG_BYTES:
-        raise InvalidRunLogError(
-            f"{where} is not a run log: it is {len(body) / 2**20:.0f} MiB, over the {MAX_RUN_LOG_BYTES // 2**20} MiB "
-            "this store reads; it was left as is"
-        )
+        raise InvalidRunLogError(_too_large(len(body), where, "it was left as is"))
 
 
 def decode_run_log(body: bytes, where: str) -> Dict[str, Any]:
@@ -1069,39 +1287,65 @@ def decode_run_log(body: bytes, where: str) -> Dict[str, Any]:
     return check_run_log(document, where)
 
 
+# Internal names are dot paths (step.branch.step...). magnus forbids dots in step names, but a map's
+# branch is named after its item (`each.data.csv` for the item "data.csv"), so a name is resolved
+# against the logs that exist, never by splitting on every dot.
+_BRANCHING_STEP_TYPES = ("parallel", "map", "dag")
+
+
+def _parent_names(internal_name: str) -> Iterator[str]:
+    """The proper dot prefixes of a name, longest first: the candidates for a branch's parent step."""
+    position = len(internal_name)
+    while True:
+        position = internal_name.rfind(".", 0, position)
+        if position <= 0:
+            return
+        yield internal_name[:position]
+
+
+def _can_branch(step: Mapping[str, Any]) -> bool:
+    return step.get("step_type", "parallel") in _BRANCHING_STEP_TYPES or bool(step.get("branches"))
+
+
 def find_step(document: Dict[str, Any], internal_name: str) -> Dict[str, Any]:
-    """The step log at a dot path (step.branch.step...), as magnus's search_step_by_internal_name finds it."""
-    parts = internal_name.split(".")
-    steps = document.get("steps", {})
-    step: Optional[Dict[str, Any]] = None
-    for i in range(len(parts)):
-        name = ".".join(parts[: i + 1])
-        if i % 2 == 0:  # even depth: a step
-            step = steps.get(name)
-            if step is None:
-                raise LogNotFoundError(f"step log {internal_name!r} is not in run log {document.get('run_id')!r}")
-        else:  # odd depth: a branch of that step
-            branch = (step or {}).get("branches", {}).get(name)
-            if branch is None:
-                raise LogNotFoundError(f"branch log {name!r} is not in run log {document.get('run_id')!r}")
-            steps = branch.setdefault("steps", {})
-    if step is None or len(parts) % 2 == 0:
-        raise LogNotFoundError(f"{internal_name!r} does not name a step log")
+    """The step log of an internal name: a step's own name has no dot, so its branch is what precedes
+    the last one (or the run itself)."""
+    parent_name = internal_name.rpartition(".")[0]
+    container = find_branch(document, parent_name) if parent_name else document
+    step = (container.get("steps") or {}).get(internal_name)
+    if not isinstance(step, dict):
+        raise LogNotFoundError(f"step log {internal_name!r} is not in run log {document.get('run_id')!r}")
     return step
 
 
+def find_branch_parent(document: Dict[str, Any], internal_name: str, *, holding: bool) -> Dict[str, Any]:
+    """The step a branch belongs to: the longest existing step whose name (plus '.') begins the branch's
+    name; with holding, the one that already holds the branch."""
+    candidates = []
+    for candidate in _parent_names(internal_name):
+        try:
+            step = find_step(document, candidate)
+        except LogNotFoundError:
+            continue
+        if internal_name in (step.get("branches") or {}):
+            return step
+        candidates.append(step)
+    # A new branch: the longest step that can hold branches (by its step_type), else the longest step.
+    if not holding and candidates:
+        return next((step for step in candidates if _can_branch(step)), candidates[0])
+    raise LogNotFoundError(
+        f"branch log {internal_name!r} is not in run log {document.get('run_id')!r}"
+        if holding
+        else f"no step in run log {document.get('run_id')!r} can hold branch log {internal_name!r}"
+    )
+
+
 def find_branch(document: Dict[str, Any], internal_name: str) -> Dict[str, Any]:
-    """The branch log at a dot path, or the run log itself for '' (the base dag)."""
+    """The branch log of an internal name, or the run log itself for '' (the base dag)."""
     if not internal_name:
         return document
-    parts = internal_name.split(".")
-    if len(parts) % 2:
-        raise LogNotFoundError(f"{internal_name!r} does not name a branch log")
-    step = find_step(document, ".".join(parts[:-1]))
-    branch = step.get("branches", {}).get(internal_name)
-    if branch is None:
-        raise LogNotFoundError(f"branch log {internal_name!r} is not in run log {document.get('run_id')!r}")
-    return branch
+    step = find_branch_parent(document, internal_name, holding=True)
+    return step["branches"][internal_name]
 
 
 def _keep_stored_children(stored: Mapping[str, Any], given: Mapping[str, Any]) -> Dict[str, Any]:
@@ -1115,7 +1359,8 @@ def _keep_stored_children(stored: Mapping[str, Any], given: Mapping[str, Any]) -
 def put_step_log(document: Dict[str, Any], step_log: Mapping[str, Any]) -> None:
     """Set a step log in its branch (or the run); its stored branches stay as they are."""
     internal_name = step_log["internal_name"]
-    parent = find_branch(document, ".".join(internal_name.split(".")[:-1]))
+    parent_name = internal_name.rpartition(".")[0]
+    parent = find_branch(document, parent_name) if parent_name else document
     steps = parent.setdefault("steps", {})
     new = _json_copy(step_log)
     stored = steps.get(internal_name)
@@ -1127,7 +1372,7 @@ def put_step_log(document: Dict[str, Any], step_log: Mapping[str, Any]) -> None:
 def put_branch_log(document: Dict[str, Any], branch_log: Mapping[str, Any]) -> None:
     """Set a branch log in its step; its stored steps stay as they are."""
     internal_name = branch_log["internal_name"]
-    step = find_step(document, ".".join(internal_name.split(".")[:-1]))
+    step = find_branch_parent(document, internal_name, holding=False)
     branches = step.setdefault("branches", {})
     new = _json_copy(branch_log)
     stored = branches.get(internal_name)
@@ -1170,6 +1415,27 @@ def iter_steps(container: Mapping[str, Any], depth: int = 0) -> Iterator[Tuple[i
             yield from iter_steps(branch, depth + 2)
 
 
+def _is_strong_etag(etag: str) -> bool:
+    return bool(etag) and not etag.startswith("W/")
+
+
+def _require_strong_etag(etag: str, where: str, client: "S3Client") -> None:
+    """Refuse to update an object whose version cannot be named: the PUT would be a blind write."""
+    if not _is_strong_etag(etag):
+        given = f"a weak ETag {etag}" if etag else "no ETag"
+        raise S3Error(
+            f"{client.endpoint_url or 'the S3 endpoint'} answered GET {where} with {given}, so a compare-and-swap "
+            "cannot protect the update; nothing written (a proxy may rewrite replies): run `runlog-s3 check`",
+            operation="GET", code="NoETag", bucket=client.bucket, key=where.split("/", 3)[-1],
+        )
+
+
+def _check_write_size(body: bytes, where: str) -> None:
+    # The limit holds on write too: a log no later read would accept is never stored.
+    if len(body) > MAX_RUN_LOG_BYTES:
+        raise InvalidRunLogError(_too_large(len(body), where, "nothing written"))
+
+
 @dataclass
 class _Version:
     etag: str
@@ -1198,6 +1464,7 @@ class S3RunLogs:
         self._clock = clock
         self._versions: Dict[str, _Version] = {}
         self._versions_lock = threading.Lock()
+        self._lock_pid = os.getpid()
         self.conflicts = 0  # compare-and-swaps lost to another writer, for logs and the benchmark
 
     def __repr__(self) -> str:
@@ -1261,6 +1528,7 @@ class S3RunLogs:
         run_id = document["run_id"]
         body = encode_run_log(check_run_log(document, "the run log to write"))
         key = self.key(run_id)
+        _check_write_size(body, self._url(key))
         self._remember(key, self.client.put_object(key, body), body)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
@@ -1268,6 +1536,7 @@ class S3RunLogs:
         run_id = document["run_id"]
         body = encode_run_log(check_run_log(document, "the run log to write"))
         key = self.key(run_id)
+        _check_write_size(body, self._url(key))
         self._remember(key, self.client.put_object(key, body, if_match=etag), body)
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
@@ -1349,14 +1618,18 @@ class S3RunLogs:
         metadata: Optional[Dict[str, str]] = None,
     ) -> bool:
         """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None)."""
+        _check_write_size(body, self._url(key))
         try:
             etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
         except PreconditionFailedError as exc:
-            # Our own first attempt may have been stored with its reply lost: then the body is ours.
-            try:
-                stored: Optional[S3Object] = self.client.get_object(key)
-            except NotFoundError:
-                stored = None
+            # Ours only if an earlier attempt of this PUT may have landed with its reply lost, and the
+            # stored bytes are ours; an equal body written by someone else is not our write.
+            stored: Optional[S3Object] = None
+            if exc.after_lost_reply:
+                try:
+                    stored = self.client.get_object(key)
+                except NotFoundError:
+                    stored = None
             if stored is None or stored.body != body:
                 if exists is None:
                     return False
@@ -1378,13 +1651,15 @@ class S3RunLogs:
         `change` must only set values (it may run more than once, on fresher documents), and only
         values it owns: the document functions above copy what they are given. With `missing` None an
         absent object is created from `change({})` with If-None-Match: * (one PUT for a new object).
+        Every round after the first waits (jittered, growing) and counts against conflict_timeout.
         """
         where = self._url(key)
         deadline = self._clock() + self.client.config.conflict_timeout
-        conflicts = 0
+        rounds = 0
         may_create = missing is None
         while True:
-            version = self._versions.pop(key, None)
+            rounds += 1
+            version = self._pop_version(key)
             fresh = version is None
             if fresh and may_create:
                 document: Dict[str, Any] = {}
@@ -1393,17 +1668,18 @@ class S3RunLogs:
                 if self._create_object(key, body, None, document, new_metadata() if new_metadata else None):
                     return
                 may_create = False  # it exists: read it and apply the change to what is stored
+                self._next_round(rounds, deadline, where, "it was created by another writer")
                 continue
             if fresh:
                 try:
                     stored = self.client.get_object(key)
                 except NotFoundError as exc:
-                    if isinstance(exc, NoSuchBucketError):
-                        raise
-                    if missing is None:  # deleted since we saw it: create it again
-                        may_create = True
-                        continue
-                    raise missing() from exc
+                    if isinstance(exc, NoSuchBucketError) or missing is not None:
+                        raise (exc if isinstance(exc, NoSuchBucketError) else missing()) from exc  # type: ignore[misc]
+                    may_create = True  # deleted since we saw it: create it again
+                    self._next_round(rounds, deadline, where, "it was deleted while being written")
+                    continue
+                _require_strong_etag(stored.etag, where, self.client)
                 version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
             document = version.document if version.document is not None else decode(version.body, where)
             change(document)
@@ -1411,29 +1687,43 @@ class S3RunLogs:
             if fresh and body == version.body:
                 self._remember(key, version.etag, body, document, version.metadata)  # nothing to change
                 return
+            _check_write_size(body, where)
             try:
                 etag = self.client.put_object(key, body, if_match=version.etag, metadata=version.metadata)
-            except PreconditionFailedError:
-                conflicts += 1
+            except PreconditionFailedError as exc:
                 self.conflicts += 1
-                if self._clock() >= deadline:
-                    raise ConflictError(
-                        f"gave up updating {where} after {conflicts} conflicts in "
-                        f"{self.client.config.conflict_timeout:g} s: other writers kept changing it; "
-                        "raise conflict_timeout, or use the chunked-s3 store for wide fan-outs"
-                    ) from None
-                logger.debug("%s changed under us (conflict %d); reading it again", where, conflicts)
-                if not fresh and conflicts == 1:
-                    continue  # our remembered version was stale: read again at once
-                self._backoff(conflicts)
+                logger.debug("%s changed under us (round %d); reading it again", where, rounds)
+                if exc.after_lost_reply or (not fresh and rounds == 1):
+                    continue  # our own write may have landed, or our remembered version was stale: read again
+                self._next_round(rounds, deadline, where, "other writers kept changing it")
                 continue
             except NotFoundError as exc:  # deleted since we read it
-                if missing is None:
-                    may_create = True
-                    continue
-                raise missing() from exc
+                if missing is not None:
+                    raise missing() from exc
+                may_create = True
+                self._next_round(rounds, deadline, where, "it was deleted while being written")
+                continue
             self._remember(key, etag, body, document, version.metadata)
             return
+
+    def _next_round(self, rounds: int, deadline: float, where: str, reason: str) -> None:
+        # Every retry loop of a write ends at the conflict deadline, and waits between rounds.
+        if self._clock() >= deadline:
+            raise ConflictError(
+                f"gave up updating {where} after {rounds} rounds in {self.client.config.conflict_timeout:g} s: "
+                f"{reason}; raise conflict_timeout, or use the chunked-s3 store for wide fan-outs"
+            )
+        self._backoff(rounds)
+
+    def _pop_version(self, key: str) -> Optional[_Version]:
+        with self._lock():
+            return self._versions.pop(key, None)
+
+    def _lock(self) -> threading.Lock:
+        # A child forked while a thread of the parent held the lock must not wait for it forever.
+        if self._lock_pid != os.getpid():
+            self._versions_lock, self._lock_pid = threading.Lock(), os.getpid()
+        return self._versions_lock
 
     def _remember(
         self,
@@ -1443,9 +1733,9 @@ class S3RunLogs:
         document: Optional[Dict[str, Any]] = None,
         metadata: Optional[Dict[str, str]] = None,
     ) -> None:
-        if not etag:
+        if not _is_strong_etag(etag):
             return
-        with self._versions_lock:  # the chunked layout writes from a pool of threads
+        with self._lock():  # the chunked layout writes from a pool of threads
             self._versions.pop(key, None)
             self._versions[key] = _Version(etag, body, document, metadata)
             while len(self._versions) > self._KEEP_VERSIONS:
@@ -1510,7 +1800,8 @@ def assemble_run_log(
     branches_by_name = {branch["internal_name"]: dict(branch, steps={}) for branch in branches}
     orphans = []
     for name, branch in branches_by_name.items():
-        parent = steps_by_name.get(name.rpartition(".")[0])
+        candidates = [steps_by_name[c] for c in _parent_names(name) if c in steps_by_name]
+        parent = next((step for step in candidates if _can_branch(step)), candidates[0] if candidates else None)
         if parent is None:
             orphans.append(name)
         else:
@@ -1644,6 +1935,8 @@ class ChunkedS3RunLogs(S3RunLogs):
         """Store a new run's object, and any logs it carries; RunLogExistsError if the run is there."""
         run_id = document["run_id"]
         check_run_log(document, "the run log to create")
+        chunks = _chunks_of_run(document)
+        self._check_chunk_keys(run_id, chunks)
         body = encode_run_log(_run_fields(document))
         self._create_object(
             self.key(run_id),
@@ -1651,7 +1944,7 @@ class ChunkedS3RunLogs(S3RunLogs):
             lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
         )
         self._known_runs.add(run_id)
-        self._put_chunks(run_id, _chunks_of_run(document), replace=True)
+        self._put_chunks(run_id, chunks, replace=True)
 
     def write(self, document: Dict[str, Any]) -> None:
         """Replace the run object and every log the run log carries (last writer wins for each);
@@ -1666,24 +1959,30 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
         """Set a step log's object (one PUT when new or last written here); logs it carries are added if absent."""
-        self._check_run(run_id)
         own = _own_fields("step", step_log)
+        children = list(_chunks_under("step", step_log))
+        self._check_chunk_keys(run_id, [("step", own)] + children)
+        self._check_run(run_id)
         self._replace_chunk(run_id, "step", own)
-        self._put_chunks(run_id, list(_chunks_under("step", step_log)), replace=False)
+        self._put_chunks(run_id, children, replace=False)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
         """Set a branch log's object; logs it carries are added if absent."""
-        self._check_run(run_id)
         own = _own_fields("branch", branch_log)
+        children = list(_chunks_under("branch", branch_log))
+        self._check_chunk_keys(run_id, [("branch", own)] + children)
+        self._check_run(run_id)
         self._replace_chunk(run_id, "branch", own)
-        self._put_chunks(run_id, list(_chunks_under("branch", branch_log)), replace=False)
+        self._put_chunks(run_id, children, replace=False)
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
         """Set the run's own fields; its parameters and run config gain only what is new; steps it
         carries are added if absent."""
         fields_ = {name: value for name, value in run_log.items() if name != "steps"}
+        chunks = _chunks_of_run(run_log)
+        self._check_chunk_keys(run_id, chunks)
         self.mutate(run_id, lambda document: put_run_fields(document, fields_))
-        self._put_chunks(run_id, _chunks_of_run(run_log), replace=False)
+        self._put_chunks(run_id, chunks, replace=False)
 
     def delete(self, run_id: str) -> int:
         """Delete every object of the run, its own object last (so a failed rm can be run again)."""
@@ -1719,6 +2018,12 @@ class ChunkedS3RunLogs(S3RunLogs):
 
         runs = [run for run in self._in_pool(summary, folders) if run is not None]
         return sorted(runs, key=lambda run: (run.last_modified, run.key))
+
+    def _check_chunk_keys(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> None:
+        # Every key is derived and checked before the first PUT: a name that cannot be stored fails
+        # the whole call, never after its parent and siblings were written.
+        for kind, own in chunks:
+            self.chunk_key(run_id, kind, own.get("internal_name"))
 
     def _check_run(self, run_id: str) -> None:
         # A step written to a run that does not exist would be an orphan: look once per run and process.
@@ -2382,7 +2687,7 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
     def identity() -> str:
         if client.endpoint_url and not resolve_endpoint_url(client.config, environ, "sts"):
             return "skipped: custom S3 endpoint and no AWS_ENDPOINT_URL_STS"
-        transport = BotocoreTransport(client.config, environ)
+        transport = BotocoreTransport(client.config, environ, sts_endpoint_url(client.config, environ))
         return get_caller_identity(client.credentials.get(), client.config, transport, environ)
 
     def bucket_region() -> str:
