@@ -1493,6 +1493,11 @@ class S3RunLogs:
         self._remember(stored.key, stored.etag, stored.body)
         return document
 
+    def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """The stored run log and its ETag: what a later replace_if_unchanged must find unchanged."""
+        stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
+        return decode_run_log(stored.body, self.where(run_id)), stored.etag
+
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A step log by its internal name (LogNotFoundError when absent)."""
         return find_step(self.read(run_id), internal_name)
@@ -2562,12 +2567,23 @@ class BucketRuns:
         )
 
 
-def _cmd_get(runs: BucketRuns, args: Any) -> int:
-    document = runs.read(args.run_id)
-    if args.compact:
+def _print_json(document: Mapping[str, Any], compact: bool = False) -> None:
+    if compact:
         print(json.dumps(document, separators=(",", ":"), ensure_ascii=False))
     else:
         print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _cmd_get(runs: BucketRuns, args: Any) -> int:
+    if args.etag:
+        run_logs = runs.holding(args.run_id)
+        if run_logs.layout != "s3":
+            raise UsageError(f"--etag needs the s3 layout; {run_logs.where(args.run_id)} is a chunked run of many objects")
+        document, etag = run_logs.read_version(args.run_id)
+        _print_json(document, args.compact)
+        print(f"ETag: {etag}", file=sys.stderr)  # stdout stays the JSON document
+        return EXIT_OK
+    _print_json(runs.read(args.run_id), args.compact)
     return EXIT_OK
 
 
@@ -2589,49 +2605,106 @@ def _cmd_show(runs: BucketRuns, args: Any) -> int:
     return EXIT_OK
 
 
-def _cmd_put(runs: BucketRuns, args: Any) -> int:
-    source = args.file or "stdin"
+def _read_run_log_input(path: str, run_id: str) -> Tuple[Dict[str, Any], str]:
+    """The run log in a file ('-' or '' for stdin), checked before anything is written."""
+    source = path if path and path != "-" else "stdin"
+    if source == "stdin" and sys.stdin.isatty():
+        raise UsageError("put reads the run log from a FILE argument or from stdin; stdin is a terminal")
     try:
-        if args.file and args.file != "-":
-            with open(args.file, "rb") as stream:
+        if source != "stdin":
+            with open(path, "rb") as stream:
                 body = stream.read()
         else:
             body = sys.stdin.buffer.read()
     except OSError as exc:
-        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from exc
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    _check_write_size(body, source)
     document = decode_run_log(body, source)
-    if document["run_id"] != args.run_id:
-        raise UsageError(f"{source} holds run log {document['run_id']!r}, not {args.run_id!r}; nothing written")
+    if document["run_id"] != run_id:
+        raise UsageError(f"{source} holds run log {document['run_id']!r}, not {run_id!r}; nothing written")
+    return document, source
+
+
+def _cmd_put(runs: BucketRuns, args: Any) -> int:
+    document, _source = _read_run_log_input(args.file, args.run_id)
     try:
         run_logs = runs.holding(args.run_id)
+        exists = True
     except RunLogNotFoundError:
         run_logs = runs.chunked if (args.layout or "s3") == "chunked-s3" else runs.plain
+        exists = False
     if args.layout and args.layout != run_logs.layout:
         raise UsageError(f"run {args.run_id!r} is stored in layout {run_logs.layout}, not {args.layout}; nothing written")
     where = run_logs.where(args.run_id)
-    if args.create:
-        run_logs.create(document)
-    elif run_logs.layout == "chunked-s3":
-        if args.if_match:
+    if args.create or not exists:
+        run_logs.create(document)  # If-None-Match: a run created meanwhile is refused, not replaced
+    elif args.if_match:
+        if run_logs.layout == "chunked-s3":
             raise UsageError(f"--if-match needs the s3 layout; {where} is a chunked run of many objects; nothing written")
+        try:
+            run_logs.replace_if_unchanged(document, args.if_match)
+        except PreconditionFailedError as exc:
+            raise ConflictError(
+                f"{where} changed since ETag {args.if_match}; nothing written: get it again (get --etag), "
+                "apply your change, and put again"
+            ) from exc
+    elif args.force:
         run_logs.write(document)
     else:
-        etag = args.if_match
-        if not etag:
-            try:
-                etag = run_logs.client.head_object(run_logs.key(args.run_id)).etag
-            except NotFoundError:
-                etag = ""
-        try:
-            if etag:
-                run_logs.replace_if_unchanged(document, etag)
-            else:
-                run_logs.create(document)
-        except (PreconditionFailedError, RunLogExistsError) as exc:
-            raise ConflictError(
-                f"{where} changed while it was being written; nothing written: get it again and retry"
-            ) from exc
+        raise UsageError(
+            f"{where} exists; nothing written: use edit {args.run_id} (compare-and-swap), put --if-match ETAG "
+            "(from get --etag), or put --force to replace it whatever it holds"
+        )
     print(f"wrote {where} ({len(encode_run_log(document))} bytes)")
+    return EXIT_OK
+
+
+def _cmd_edit(runs: BucketRuns, args: Any) -> int:
+    """get, $EDITOR, then put with If-Match on the ETag read: like kubectl edit, nothing is lost on conflict."""
+    import shlex
+    import subprocess
+    import tempfile
+
+    run_logs = runs.holding(args.run_id)
+    where = run_logs.where(args.run_id)
+    if run_logs.layout != "s3":
+        raise UsageError(f"edit needs the s3 layout; {where} is a chunked run of many objects: get, then put --force")
+    document, etag = run_logs.read_version(args.run_id)
+    original = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    handle, path = tempfile.mkstemp(prefix=f"runlog-{args.run_id[:40]}-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(original)
+    kept = f"your edit is kept in {path}"
+    try:
+        status = subprocess.call(shlex.split(editor) + [path])
+    except OSError as exc:
+        os.unlink(path)
+        raise UsageError(f"cannot start the editor {editor!r} ({exc.strerror}); set VISUAL or EDITOR") from exc
+    with open(path, encoding="utf-8") as stream:
+        edited = stream.read()
+    if status != 0:
+        raise UsageError(f"the editor {editor!r} exited with {status}; nothing written; {kept}")
+    if edited == original:
+        os.unlink(path)
+        print(f"no change; nothing written to {where}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        new = check_run_log(json.loads(edited), path)
+    except ValueError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); nothing written; {kept}") from exc
+    except InvalidRunLogError as exc:
+        raise UsageError(f"{exc.message}; nothing written; {kept}") from exc
+    if new["run_id"] != args.run_id:
+        raise UsageError(f"the edit changed run_id to {new['run_id']!r}; nothing written; {kept}")
+    try:
+        run_logs.replace_if_unchanged(new, etag)
+    except PreconditionFailedError as exc:
+        raise ConflictError(
+            f"{where} changed while you edited it; nothing written; {kept}: run edit again and re-apply it"
+        ) from exc
+    os.unlink(path)
+    print(f"wrote {where} ({len(encode_run_log(new))} bytes)")
     return EXIT_OK
 
 
@@ -2871,6 +2944,7 @@ def _parser() -> Any:
     get = command("get", help="print a run log as JSON")
     get.add_argument("run_id")
     get.add_argument("--compact", action="store_true", help="one line instead of indented")
+    get.add_argument("--etag", action="store_true", help="also print the ETag on stderr, for put --if-match")
     ls = command("ls", help="list runs, oldest first: run id, last modified, size")
     ls.add_argument("--limit", type=int, default=0, metavar="N", help="only the newest N")
     show = command("show", help="a run log as a tree of steps and branches")
@@ -2879,11 +2953,14 @@ def _parser() -> Any:
     put.add_argument("run_id")
     put.add_argument("file", nargs="?", help="a JSON file (default: stdin)")
     put.add_argument("--create", action="store_true", help="refuse to replace an existing run log")
+    put.add_argument("--force", action="store_true", help="replace an existing run log whatever it holds now")
     put.add_argument("--if-match", dest="if_match", default="", metavar="ETAG", help="replace only if the ETag is still this")
     put.add_argument(
         "--layout", choices=sorted(LAYOUTS), default=None,
         help="the layout of a new run (default: the --config file's store type, else s3)",
     )
+    edit = command("edit", help="edit a run log in $VISUAL/$EDITOR, written back with compare-and-swap")
+    edit.add_argument("run_id")
     rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
     rm.add_argument("run_id")
     rm.add_argument("--yes", action="store_true", help="do not ask")
@@ -2904,7 +2981,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "rm": _cmd_rm}
+    commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm}
     try:
         values = cli_config_values(args, environ)
         if args.command == "check":
@@ -2922,13 +2999,17 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         return _fail(exc, EXIT_FAILED, args.debug)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a defect of ours: still one line, the traceback with --debug
+        return _fail(RunlogS3Error(f"unexpected {type(exc).__name__}: {_first_line(exc)} (--debug shows where)"),
+                     EXIT_FAILED, args.debug, exc)
 
 
-def _fail(error: RunlogS3Error, code: int, debug: bool) -> int:
+def _fail(error: RunlogS3Error, code: int, debug: bool, cause: Optional[BaseException] = None) -> int:
     if debug:
         import traceback
 
-        traceback.print_exception(type(error), error, error.__traceback__)
+        shown = cause or error
+        traceback.print_exception(type(shown), shown, shown.__traceback__)
     print(f"runlog-s3: error: {error.message}", file=sys.stderr)
     return code
 

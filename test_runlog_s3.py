@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -1568,7 +1569,10 @@ def test_cli_put_then_get_round_trips_identical_json(bucket, cli_env, tmp_path):
     assert put.returncode == 0, put.stderr
     assert put.stdout.startswith(f"wrote s3://{bucket['s3_bucket']}/runs/r-put.json")
     assert cli("get", "r-put", "--compact", env=cli_env).stdout == text + "\n"
-    again = cli("put", "r-put", env=cli_env, stdin=text.replace("SUCCESS", "FAIL"))  # stdin, replacing
+    refused = cli("put", "r-put", env=cli_env, stdin=text.replace("SUCCESS", "FAIL"))  # over a stored log
+    assert refused.returncode == 2 and "exists; nothing written: use edit r-put" in refused.stderr
+    assert json.loads(cli("get", "r-put", env=cli_env).stdout)["status"] == "SUCCESS"
+    again = cli("put", "r-put", "--force", env=cli_env, stdin=text.replace("SUCCESS", "FAIL"))  # stdin, replacing
     assert again.returncode == 0
     assert json.loads(cli("get", "r-put", env=cli_env).stdout)["status"] == "FAIL"
 
@@ -1602,7 +1606,7 @@ def test_cli_put_with_stale_etag_writes_nothing(bucket, cli_env):
     stored_run(bucket, "r-stale")
     result = cli("put", "r-stale", "--if-match", '"0123456789abcdef0123456789abcdef"', env=cli_env,
                  stdin='{"run_id": "r-stale"}')
-    assert result.returncode == 1 and "changed while it was being written; nothing written" in result.stderr
+    assert result.returncode == 1 and "changed since ETag" in result.stderr and "nothing written" in result.stderr
     assert json.loads(cli("get", "r-stale", env=cli_env).stdout)["steps"]
 
 
@@ -1763,3 +1767,324 @@ def test_expired_token_rereads_default_chain_environment_credentials(monkeypatch
     responses.add(responses.GET, f"{AWS_URL}/k.json", body=b"{}", headers={"ETag": '"e"'})
     client.get_object("k.json")
     assert "AKIAROTATED00/" in responses.calls[-1].request.headers["Authorization"]
+
+
+# Never lose, hide or leak #########################################################################
+
+
+MAP_ITEMS_WITH_DOTS = ["data.csv", "model.v2", "plain"]
+
+
+@pytest.mark.parametrize("store_type, store_name", [("s3", "S3RunLogStore"), ("chunked-s3", "ChunkedS3RunLogStore")])
+def test_magnus_map_over_items_with_dots_keeps_every_log(s3_server, bucket, tmp_path, store_type, store_name):
+    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": s3_server.endpoint_url}}
+    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, branches=2, items=3)
+    (tmp_path / "params.yaml").write_text(json.dumps({"items": MAP_ITEMS_WITH_DOTS}))
+    result = subprocess.run(command + ["--run-id", "dots"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "left out" not in result.stderr
+    run_log = store_class(store_name)({**bucket, "prefix": ""}).get_run_log_by_id("dots", full=True)
+    over_items = run_log.steps["over-items"]
+    assert sorted(over_items.branches) == sorted(f"over-items.{item}" for item in MAP_ITEMS_WITH_DOTS)
+    logs = [log for _depth, _kind, log in runlog_s3.iter_steps(run_log.dict())]
+    assert len(logs) == bench_runlog_s3.expected_logs(2, 3)  # 4 + (2 + 3) * 3 = 19, every one kept
+    assert all(log["status"] == "SUCCESS" for log in logs) and run_log.status == "SUCCESS"
+    branch = over_items.branches["over-items.data.csv"]
+    assert list(branch.steps) == ["over-items.data.csv.work", "over-items.data.csv.success"]
+
+
+def test_names_resolve_against_the_logs_that_exist_not_every_dot():
+    document = {"run_id": "r", "steps": {}}
+    runlog_s3.put_step_log(document, {"name": "each", "internal_name": "each", "step_type": "map", "branches": {}})
+    # Items "data" and "data.csv": the branch each.data holds a step each.data.csv (a task named csv).
+    for item in ("data", "data.csv"):
+        runlog_s3.put_branch_log(document, {"internal_name": f"each.{item}", "status": "SUCCESS", "steps": {}})
+    runlog_s3.put_step_log(document, {"name": "csv", "internal_name": "each.data.csv", "step_type": "task"})
+    runlog_s3.put_step_log(document, {"name": "work", "internal_name": "each.data.csv.work", "step_type": "task"})
+    assert sorted(document["steps"]["each"]["branches"]) == ["each.data", "each.data.csv"]
+    assert list(runlog_s3.find_branch(document, "each.data")["steps"]) == ["each.data.csv"]
+    assert list(runlog_s3.find_branch(document, "each.data.csv")["steps"]) == ["each.data.csv.work"]
+    assert runlog_s3.find_step(document, "each.data.csv")["name"] == "csv"
+    with pytest.raises(runlog_s3.LogNotFoundError):
+        runlog_s3.find_branch(document, "each.model.v2")
+    # The chunked layout assembles the same tree from its objects.
+    steps = [{"internal_name": n, "step_type": t} for n, t in
+             [("each", "map"), ("each.data.csv", "task"), ("each.data.csv.work", "task")]]
+    branches = [{"internal_name": "each.data"}, {"internal_name": "each.data.csv"}]
+    tree = runlog_s3.assemble_run_log({"run_id": "r"}, steps, branches)
+    assert sorted(tree["steps"]["each"]["branches"]) == ["each.data", "each.data.csv"]
+    assert list(tree["steps"]["each"]["branches"]["each.data.csv"]["steps"]) == ["each.data.csv.work"]
+
+
+def test_chunked_name_too_long_fails_before_anything_is_written(bucket):
+    run_logs = runlog_s3.open_run_logs(bucket, "chunked-s3")
+    run_logs.create({"run_id": "long", "status": "PROCESSING", "steps": {}})
+    long_item = "x" * 1000
+    step = {"name": "each", "internal_name": "each", "status": "PROCESSING", "branches": {
+        "each.short": {"internal_name": "each.short", "status": "SUCCESS", "steps": {}},
+        f"each.{long_item}": {"internal_name": f"each.{long_item}", "status": "SUCCESS", "steps": {}},
+    }}
+    with pytest.raises(InvalidRunIdError, match="longer than S3's 1024 bytes"):
+        run_logs.add_step("long", step)
+    keys = [info.key for info in run_logs.client.list_objects(run_logs.folder("long"))]
+    assert keys == [run_logs.key("long")]  # neither the step nor its short sibling was written
+
+
+@responses.activate
+@pytest.mark.parametrize("etag, said", [(None, "no ETag"), ('W/"abc"', 'a weak ETag W/"abc"')])
+def test_an_update_is_never_sent_without_a_condition(etag, said):
+    client, transport = fake_client()
+    headers = {"ETag": etag} if etag else {}
+    responses.add(responses.GET, f"{AWS_URL}/r.json", body=b'{"run_id":"r","parameters":{}}', headers=headers)
+    with pytest.raises(S3Error) as raised:
+        S3RunLogs(client).set_parameters("r", {"a": 1})
+    assert said in str(raised.value) and "runlog-s3 check" in str(raised.value) and "nothing written" in str(raised.value)
+    assert [request.method for request in transport.sent] == ["GET"]  # no PUT at all, blind or not
+
+
+class StepClock:
+    """A monotonic clock that advances a fixed step each time it is read."""
+
+    def __init__(self, step):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+@responses.activate
+def test_create_refused_then_absent_ends_at_the_deadline_with_backoff(monkeypatch):
+    # 412 on If-None-Match, then 404 on the GET (a delete and re-create, or a caching proxy): the old
+    # loop alternated between the two forever with no wait.
+    sleeps = []
+    monkeypatch.setattr(runlog_s3.time, "sleep", sleeps.append)
+    client, transport = fake_client(conflict_timeout=1)
+    responses.add(responses.HEAD, f"{AWS_URL}/r/RunLog.json", status=200, headers={"ETag": '"run"'})
+    responses.add(responses.PUT, f"{AWS_URL}/r/StepLog-a.json", **s3_error("PreconditionFailed", "", 412))
+    responses.add(responses.GET, f"{AWS_URL}/r/StepLog-a.json", **s3_error("NoSuchKey", "", 404))
+    run_logs = runlog_s3.ChunkedS3RunLogs(client, clock=StepClock(0.1))
+    with pytest.raises(runlog_s3.ConflictError, match="gave up updating .*StepLog-a.json after .* rounds in 1 s"):
+        run_logs.add_step("r", {"name": "a", "internal_name": "a", "status": "SUCCESS"})
+    assert 4 <= len(transport.sent) <= 12 and len(sleeps) >= 3 and all(s > 0 for s in sleeps[:3])
+
+
+@responses.activate
+def test_list_whose_server_repeats_its_continuation_token_stops():
+    client, _ = fake_client()
+    body = ('<ListBucketResult><Contents><Key>a.json</Key></Contents><IsTruncated>true</IsTruncated>'
+            '<NextContinuationToken>same</NextContinuationToken></ListBucketResult>')
+    responses.add(responses.GET, f"{AWS_URL}/", body=body, content_type="application/xml")
+    with pytest.raises(S3Error, match="sent continuation token 'same' twice"):
+        list(client.list_objects("runs/"))
+    assert len(responses.calls) == 2
+
+
+@responses.activate
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_conditional_request_conflict_on_create_is_retried_not_taken_as_exists(layout):
+    client, transport = fake_client()
+    run_logs = runlog_s3.LAYOUTS[layout](client)
+    url = f"{AWS_URL}/{run_logs.key('r')}"
+    responses.add(responses.PUT, url, **s3_error("ConditionalRequestConflict", "retry", 409))
+    responses.add(responses.PUT, url, status=200, headers={"ETag": '"e"'})
+    run_logs.create({"run_id": "r", "status": "CREATED", "steps": {}})
+    assert [r.method for r in transport.sent] == ["PUT", "PUT"]
+    assert all(r.headers["If-None-Match"] == "*" for r in transport.sent)
+
+
+def test_a_run_log_over_the_limit_is_never_written(bucket):
+    run_logs = runlog_s3.open_run_logs(bucket)
+    run_logs.create({"run_id": "big", "status": "PROCESSING", "steps": {}, "parameters": {}})
+    before = run_logs.client.get_object(run_logs.key("big"))
+    huge = "x" * (runlog_s3.MAX_RUN_LOG_BYTES + 1)
+    for write in (lambda: run_logs.set_parameters("big", {"blob": huge}),
+                  lambda: run_logs.write({"run_id": "big", "status": "X", "steps": {}, "tag": huge})):
+        with pytest.raises(InvalidRunLogError, match=r"runs/big.json is 32.0 MiB, over the 32 MiB limit of a run "
+                                                     r"log; nothing written"):
+            write()
+    after = run_logs.client.get_object(run_logs.key("big"))
+    assert after.body == before.body and after.etag == before.etag
+
+
+@pytest.mark.parametrize("value, outcome", [
+    ("SENTINEL-TOKEN-1\n", "stripped"),
+    ("  SENTINEL-TOKEN-1 \r\n", "stripped"),
+    ("SENTINEL-TOKEN-1\nSENTINEL-TOKEN-2", "refused"),
+    ("SENTINEL-TOKEN-1\tX", "refused"),
+])
+def test_credential_values_with_white_space_are_stripped_or_refused_before_any_request(bucket, monkeypatch, value,
+                                                                                       outcome):
+    monkeypatch.setenv("AWS_SESSION_TOKEN", value)
+    client = S3Client(Config.from_dict(bucket))
+    if outcome == "stripped":
+        assert client.credentials.get().token == "SENTINEL-TOKEN-1"
+        client.put_object("runs/ok.json", b"{}")  # and it is accepted as a header
+        return
+    sent = []
+    client.transport = type("Recorder", (Transport,), {"send": lambda self, request: sent.append(request)})()
+    with pytest.raises(CredentialsError) as raised:
+        client.get_object("runs/ok.json")
+    message = str(raised.value)
+    assert "session token from the default credential chain: environment variables" in message
+    assert "SENTINEL" not in message and sent == []
+
+
+def test_cli_with_a_mangled_token_says_one_line_and_shows_no_value(bucket, cli_env):
+    env = {**cli_env, "AWS_SESSION_TOKEN": "SENTINEL-TOKEN-4321\nmore"}
+    result = cli("ls", env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "SENTINEL" not in result.stderr
+    assert "session token from the default credential chain" in result.stderr
+
+
+def test_no_holder_of_a_secret_shows_it(bucket, caplog):
+    secret, token = "SENTINEL-SECRET-9876", "SENTINEL-TOKEN-5432"
+    credentials = runlog_s3.Credentials("AKIASENTINEL0001", secret, token, source="test")
+    holders = [credentials, runlog_s3._SignerCredentials("AKIASENTINEL0001", secret, token)]
+    client = S3Client(Config.from_dict(bucket))
+    holders += [client, client.credentials, runlog_s3.S3RunLogs(client), runlog_s3.S3RunLogStore(bucket)]
+    for holder in holders:
+        for text in (repr(holder), str(holder), f"{holder}", repr([holder])):
+            assert secret not in text and token not in text, type(holder).__name__
+    # A failing request at DEBUG: the error, its traceback and every log record hold neither.
+    import traceback
+
+    caplog.set_level(logging.DEBUG)
+    failing = S3Client(Config.from_dict({**bucket, "endpoint_url": "http://127.0.0.1:9", "max_attempts": 2}),
+                       runlog_s3.CredentialProvider(Config.from_dict(bucket), environ={
+                           "AWS_ACCESS_KEY_ID": "AKIASENTINEL0001", "AWS_SECRET_ACCESS_KEY": secret,
+                           "AWS_SESSION_TOKEN": token}), sleep=lambda s: None)
+    with pytest.raises(S3Error) as raised:
+        failing.get_object("k")
+    shown = "".join(traceback.format_exception(raised.type, raised.value, raised.tb)) + caplog.text
+    assert "could not be reached: the connection was refused" in shown
+    assert secret not in shown and token not in shown
+
+
+def _mutate_in_child(run_logs, provider, queue):
+    run_logs.set_parameters("forked", {"child": True})
+    queue.put(provider.get().access_key)
+
+
+def test_fork_while_a_thread_holds_the_clients_locks_does_not_deadlock(bucket):
+    run_logs = runlog_s3.open_run_logs(bucket)
+    run_logs.create({"run_id": "forked", "status": "PROCESSING", "steps": {}, "parameters": {}})
+    provider = run_logs.client.credentials
+    provider.get()
+    held, release = threading.Event(), threading.Event()
+
+    def hold_locks():
+        with run_logs._lock(), provider._fresh_lock():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_locks)
+    holder.start()
+    held.wait(10)
+    try:
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_mutate_in_child, args=(run_logs, provider, queue))
+        child.start()
+        child.join(30)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive and child.exitcode == 0
+        assert queue.get(timeout=5) == ACCESS_KEY
+    finally:
+        release.set()
+        holder.join()
+    assert run_logs.read("forked")["parameters"] == {"child": True}
+
+
+def test_cli_get_etag_then_put_if_match_refuses_a_write_it_never_saw(bucket, cli_env):
+    store = stored_run(bucket, "r-race")
+    got = cli("get", "r-race", "--etag", env=cli_env)
+    assert got.returncode == 0 and got.stderr.startswith('ETag: "')
+    etag = got.stderr.split("ETag: ", 1)[1].strip()
+    edited = json.loads(got.stdout)
+    edited["status"] = "FAIL"
+    step = store.create_step_log("written-meanwhile", "written-meanwhile")  # the pipeline writes in between
+    store.add_step_log(step, "r-race")
+    put = cli("put", "r-race", "--if-match", etag, env=cli_env, stdin=json.dumps(edited))
+    assert put.returncode == 1 and "changed since ETag" in put.stderr and put.stdout == ""
+    stored = json.loads(cli("get", "r-race", env=cli_env).stdout)
+    assert "written-meanwhile" in stored["steps"] and stored["status"] == "SUCCESS"
+    fresh = cli("get", "r-race", "--etag", env=cli_env)
+    edited = json.loads(fresh.stdout)
+    edited["status"] = "FAIL"
+    put = cli("put", "r-race", "--if-match", fresh.stderr.split("ETag: ", 1)[1].strip(), env=cli_env,
+              stdin=json.dumps(edited))
+    assert put.returncode == 0 and json.loads(cli("get", "r-race", env=cli_env).stdout)["status"] == "FAIL"
+
+
+EDITOR_SCRIPT = """
+import json, os, sys, time
+path = sys.argv[1]
+document = json.load(open(path))
+document["status"] = "FAIL"
+if os.environ.get("RACE_WITH"):  # a pipeline writes while the editor is open
+    import runlog_s3
+    store = runlog_s3.S3RunLogStore(json.loads(os.environ["RACE_WITH"]))
+    store.add_step_log(store.create_step_log("meanwhile", "meanwhile"), document["run_id"])
+if os.environ.get("BREAK_JSON"):
+    open(path, "w").write("{not json")
+else:
+    json.dump(document, open(path, "w"))
+"""
+
+
+@pytest.mark.parametrize("case", ["clean", "conflict", "invalid", "unchanged"])
+def test_cli_edit_writes_with_compare_and_swap_and_loses_nothing(bucket, cli_env, tmp_path, case):
+    stored_run(bucket, "r-edit")
+    editor = tmp_path / "editor.py"
+    editor.write_text(EDITOR_SCRIPT)
+    env = {**cli_env, "EDITOR": f"{sys.executable} {editor}"}
+    if case == "unchanged":
+        env["EDITOR"] = "true"
+    if case == "conflict":
+        env["RACE_WITH"] = json.dumps(bucket)
+    if case == "invalid":
+        env["BREAK_JSON"] = "1"
+    result = cli("edit", "r-edit", env=env)
+    stored = json.loads(cli("get", "r-edit", env=cli_env).stdout)
+    if case == "clean":
+        assert result.returncode == 0 and result.stdout.startswith("wrote s3://")
+        assert stored["status"] == "FAIL" and "one" in stored["steps"]
+        return
+    if case == "unchanged":
+        assert result.returncode == 0 and "no change; nothing written" in result.stderr
+        assert stored["status"] == "SUCCESS"
+        return
+    assert result.returncode == (1 if case == "conflict" else 2) and result.stderr.count("\n") == 1
+    assert "nothing written; your edit is kept in " in result.stderr
+    kept = Path(result.stderr.split("your edit is kept in ", 1)[1].split(":")[0].strip())
+    assert kept.exists()
+    if case == "conflict":
+        assert "changed while you edited it" in result.stderr
+        assert json.load(open(kept))["status"] == "FAIL"  # the user's edit is not lost
+        assert stored["status"] == "SUCCESS" and "meanwhile" in stored["steps"]  # nor the pipeline's write
+    kept.unlink()
+
+
+def test_cli_put_create_over_the_same_content_says_it_exists(bucket, cli_env):
+    document = {"run_id": "r-same", "status": "SUCCESS", "steps": {}, "parameters": {}, "run_config": {}}
+    first = cli("put", "r-same", "--create", env=cli_env, stdin=json.dumps(document))
+    assert first.returncode == 0 and first.stdout.startswith("wrote ")
+    second = cli("put", "r-same", "--create", env=cli_env, stdin=json.dumps(document))
+    assert second.returncode == 1 and "already exists" in second.stderr and second.stdout == ""
+
+
+def test_cli_unreachable_endpoint_is_one_line_not_a_traceback(bucket, cli_env):
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {**cli_env, "RUNLOG_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    result = cli("ls", env=env)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("runlog-s3: error: LIST s3://")
+    assert "could not be reached: the connection was refused" in result.stderr
