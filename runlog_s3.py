@@ -1952,15 +1952,26 @@ class ChunkedS3RunLogs(S3RunLogs):
         self._put_chunks(run_id, chunks, replace=True)
 
     def write(self, document: Dict[str, Any]) -> None:
-        """Replace the run object and every log the run log carries (last writer wins for each);
-        logs stored but not carried stay."""
+        """Replace the run: the run object and every log the run log carries are written (last writer
+        wins for each), then the stored logs it does not carry are deleted. Not atomic for a reader
+        that reads while it runs: see the README."""
         run_id = document["run_id"]
         check_run_log(document, "the run log to write")
+        chunks = _chunks_of_run(document)
+        self._check_chunk_keys(run_id, chunks)
         key = self.key(run_id)
         body = encode_run_log(_run_fields(document))
+        _check_write_size(body, self._url(key))
         self._remember(key, self.client.put_object(key, body), body)
         self._known_runs.add(run_id)
-        self._put_chunks(run_id, _chunks_of_run(document), replace=True)
+        self._put_chunks(run_id, chunks, replace=True)
+        carried = {self.chunk_key(run_id, kind, own.get("internal_name")) for kind, own in chunks}
+        folder = self.folder(run_id)
+        dropped = [info.key for info in self.client.list_objects(folder)
+                   if self._kind_of(info.key, folder) and info.key not in carried]
+        self._in_pool(self.client.delete_object, dropped)
+        for dropped_key in dropped:
+            self._pop_version(dropped_key)
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
         """Set a step log's object (one PUT when new or last written here); logs it carries are added if absent."""

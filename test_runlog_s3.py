@@ -2479,3 +2479,19 @@ def test_seaweedfs_restarted_in_the_middle_of_a_16_writer_run_loses_nothing(tmp_
         assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)} and run_log.status == "SUCCESS"
     finally:
         server.stop()
+
+
+def test_chunked_put_force_leaves_exactly_the_new_document(bucket, cli_env):
+    run_logs = runlog_s3.open_run_logs(bucket, "chunked-s3")
+    branches = {f"fan.{name}": {"internal_name": f"fan.{name}", "status": "SUCCESS", "steps": {}}
+                for name in ("left", "middle", "right")}
+    run_logs.create({"run_id": "plain-chunk", "status": "SUCCESS", "steps": {
+        "fan": {"name": "fan", "internal_name": "fan", "status": "SUCCESS", "branches": branches}}})
+    document = json.loads(cli("get", "plain-chunk", env=cli_env).stdout)
+    del document["steps"]["fan"]["branches"]["fan.middle"]
+    put = cli("put", "plain-chunk", "--force", env=cli_env, stdin=json.dumps(document))
+    assert put.returncode == 0, put.stderr
+    stored = json.loads(cli("get", "plain-chunk", env=cli_env).stdout)
+    assert sorted(stored["steps"]["fan"]["branches"]) == ["fan.left", "fan.right"]
+    keys = [info.key for info in run_logs.client.list_objects(run_logs.folder("plain-chunk"))]
+    assert not any("middle" in key for key in keys)
