@@ -91,7 +91,8 @@ class SeaweedFS:
         self.ports = dict(zip(self.PORTS, free_ports(len(self.PORTS))))
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.process = None
-        self.version = subprocess.run([weed, "version"], capture_output=True, text=True).stdout.split()[1]
+        printed = subprocess.run([weed, "version"], capture_output=True, text=True).stdout  # "version 8000GB 4.48 ..."
+        self.version = next((word for word in printed.split() if word[:1].isdigit() and "." in word), printed.strip())
 
     def start(self, timeout=60):
         command = [self.weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -2495,3 +2496,24 @@ def test_chunked_put_force_leaves_exactly_the_new_document(bucket, cli_env):
     assert sorted(stored["steps"]["fan"]["branches"]) == ["fan.left", "fan.right"]
     keys = [info.key for info in run_logs.client.list_objects(run_logs.folder("plain-chunk"))]
     assert not any("middle" in key for key in keys)
+
+
+def test_a_write_that_landed_is_not_reported_as_a_conflict_however_long_the_retries_took(moto_bucket):
+    config = Config.from_dict({**moto_bucket, "conflict_timeout": 1})
+    transport = DropFirstReply(config, "If-Match")
+    run_logs = S3RunLogs(S3Client(config, transport=transport), clock=StepClock(100.0))  # every read: 100 s later
+    run_logs.create({"run_id": "landed", "status": "PROCESSING", "steps": {}, "parameters": {}})
+    run_logs.set_parameters("landed", {"a": 1})  # applied; its reply lost; the retry meets 412
+    assert transport.dropped == 1
+    assert run_logs.read("landed")["parameters"] == {"a": 1}
+
+
+def test_a_wrong_secret_on_seaweedfs_is_one_line_naming_the_source(seaweedfs, monkeypatch):
+    config = new_bucket(seaweedfs.endpoint_url)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SENTINEL-wrong-secret-0123")
+    with pytest.raises(S3Error) as raised:
+        runlog_s3.S3RunLogStore(config).create_run_log("refused")
+    message = str(raised.value)
+    assert raised.value.status == 403 and "\n" not in message and "SENTINEL" not in message
+    assert "check the access key and secret of the default credential chain (access key ...1234)" in message
+    print(f"\nSeaweedFS {seaweedfs.version} says: {message}")
