@@ -263,6 +263,9 @@ def resolve_endpoint_url(config: Config, environ: Mapping[str, str], service: st
 # Credentials ######################################################################################
 
 
+_stripped_noted: set = set()  # (field, source) pairs whose white space was removed and logged
+
+
 @dataclass(frozen=True)
 class Credentials:
     """One set of AWS credentials and where they came from; repr never shows the secret or token."""
@@ -286,7 +289,9 @@ class Credentials:
                     "write the value again without them (e.g. printf instead of echo)"
                 )
             if clean != value:
-                logger.info("removed white space around the %s from %s", what, self.source or "the credentials")
+                if (what, self.source) not in _stripped_noted:  # the chain hands out credentials per request
+                    _stripped_noted.add((what, self.source))
+                    logger.info("removed white space around the %s from %s", what, self.source or "the credentials")
                 object.__setattr__(self, name, clean)
 
     def __repr__(self) -> str:
@@ -623,11 +628,14 @@ class ShortReplyError(OSError):
 
 
 class TransportFailure(NamedTuple):
-    """What a transport exception means: whether a retry can help, and in words for the message."""
+    """What a transport exception means: whether a retry can help, whether the request may have reached
+    the server (so a PUT may have landed), and in words for the message."""
 
     retry: bool
     what: str
     check: str
+    may_have_arrived: bool = True
+    code: str = "ConnectionError"
 
 
 def _transport_errors() -> Tuple[type, ...]:
@@ -649,26 +657,33 @@ def classify_transport_error(exc: BaseException) -> TransportFailure:
     if isinstance(exc, errors.SSLError) or "SSL" in type(exc).__name__ or "CERTIFICATE_VERIFY_FAILED" in text:
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text or "hostname" in text.lower():
             return TransportFailure(False, "its TLS certificate is not trusted",
-                                    "set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE) to the CA that signed it")
-        return TransportFailure(True, "the TLS handshake was cut short", "check the endpoint and any proxy in between")
+                                    "set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE) to the CA that signed it",
+                                    may_have_arrived=False, code="SSLError")
+        return TransportFailure(True, "the TLS handshake was cut short", "check the endpoint and any proxy in between",
+                                may_have_arrived=False)
     if isinstance(exc, errors.ProxyConnectionError):
-        return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy")
+        return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy",
+                                may_have_arrived=False)
     if isinstance(exc, errors.ConnectTimeoutError):
-        return TransportFailure(True, "the connection timed out", "check the endpoint and the network, or connect_timeout")
+        return TransportFailure(True, "the connection timed out", "check the endpoint and the network, or connect_timeout",
+                                may_have_arrived=False)
     if isinstance(exc, errors.ReadTimeoutError):
         return TransportFailure(True, "no reply came within read_timeout", "check the endpoint, or raise read_timeout")
     if isinstance(exc, errors.EndpointConnectionError):
         if isinstance(cause, socket.gaierror) or "Name or service not known" in text or "getaddrinfo" in text:
             if getattr(cause, "errno", None) == socket.EAI_AGAIN or "Temporary failure" in text:
-                return TransportFailure(True, "its name did not resolve (temporary DNS failure)", "check DNS")
-            return TransportFailure(False, "its host name is unknown", "check endpoint_url and region")
-        return TransportFailure(True, "the connection was refused", "check that the endpoint is up and endpoint_url is right")
+                return TransportFailure(True, "its name did not resolve (temporary DNS failure)", "check DNS",
+                                        may_have_arrived=False)
+            return TransportFailure(False, "its host name is unknown", "check endpoint_url and region",
+                                    may_have_arrived=False)
+        return TransportFailure(True, "the connection was refused", "check that the endpoint is up and endpoint_url is right",
+                                may_have_arrived=False)
     if isinstance(exc, (errors.ConnectionClosedError, ShortReplyError, ConnectionError, errors.ResponseStreamingError)):
         return TransportFailure(True, "the connection closed before a whole reply came", "check the endpoint and the network")
     location_errors = ("LocationParseError", "LocationValueError", "InvalidURL", "InvalidHeader", "InvalidSchema")
     if isinstance(exc, ValueError) or type(cause).__name__ in location_errors or isinstance(cause, ValueError):
         return TransportFailure(False, "the request is not valid HTTP (a bad URL or header value)",
-                                "check endpoint_url and the credentials' values")
+                                "check endpoint_url and the credentials' values", may_have_arrived=False)
     if isinstance(exc, (errors.HTTPClientError, OSError)):
         return TransportFailure(True, "the connection failed", "check the endpoint and the network")
     return TransportFailure(False, "the request failed", "run with --debug")
@@ -1052,8 +1067,8 @@ class S3Client:
             except _transport_errors() as exc:
                 failure = classify_transport_error(exc)
                 if not failure.retry or attempt >= self.config.max_attempts:
-                    raise self._transport_error(operation, where, failure, attempt, exc, credentials) from None
-                may_have_landed = may_have_landed or "refused" not in failure.what
+                    raise self._transport_error(operation, key, failure, attempt, exc, credentials) from None
+                may_have_landed = may_have_landed or failure.may_have_arrived
                 self._backoff(attempt, operation, key, failure.what)
                 continue
             if 200 <= reply.status < 300:
@@ -1091,18 +1106,18 @@ class S3Client:
             raise error
 
     def _transport_error(
-        self, operation: str, where: str, failure: TransportFailure, attempt: int, exc: BaseException,
+        self, operation: str, key: str, failure: TransportFailure, attempt: int, exc: BaseException,
         credentials: Credentials,
     ) -> S3Error:
         tries = f" after {attempt} attempts" if attempt > 1 else ""
         detail = redact(f"{type(exc).__name__}: {_first_line(exc)}", credentials)
         return S3Error(
-            f"{operation} {where} failed{tries}: {self._base_url} could not be reached: {failure.what} ({detail}); "
-            f"{failure.check}" + (", or raise max_attempts" if failure.retry else ""),
+            f"{operation} s3://{self.bucket}/{key} failed{tries}: {self._base_url} could not be reached: {failure.what} "
+            f"({detail}); {failure.check}" + (", or raise max_attempts" if failure.retry else ""),
             operation=operation,
-            code="SSLError" if "TLS certificate" in failure.what else "ConnectionError",
+            code=failure.code,
             bucket=self.bucket,
-            key=where.split("/", 3)[-1],
+            key=key,
         )
 
     def _backoff(self, attempt: int, operation: str, key: str, reason: str) -> None:
@@ -1419,14 +1434,15 @@ def _is_strong_etag(etag: str) -> bool:
     return bool(etag) and not etag.startswith("W/")
 
 
-def _require_strong_etag(etag: str, where: str, client: "S3Client") -> None:
+def _require_strong_etag(etag: str, key: str, client: "S3Client") -> None:
     """Refuse to update an object whose version cannot be named: the PUT would be a blind write."""
     if not _is_strong_etag(etag):
         given = f"a weak ETag {etag}" if etag else "no ETag"
         raise S3Error(
-            f"{client.endpoint_url or 'the S3 endpoint'} answered GET {where} with {given}, so a compare-and-swap "
-            "cannot protect the update; nothing written (a proxy may rewrite replies): run `runlog-s3 check`",
-            operation="GET", code="NoETag", bucket=client.bucket, key=where.split("/", 3)[-1],
+            f"{client.endpoint_url or 'the S3 endpoint'} answered GET s3://{client.bucket}/{key} with {given}, so a "
+            "compare-and-swap cannot protect the update; nothing written (a proxy may rewrite replies): "
+            "run `runlog-s3 check`",
+            operation="GET", code="NoETag", bucket=client.bucket, key=key,
         )
 
 
@@ -1488,15 +1504,14 @@ class S3RunLogs:
 
     def read(self, run_id: str, full: bool = True) -> Dict[str, Any]:
         """The stored run log. Raises RunLogNotFoundError, or InvalidRunLogError for a foreign object."""
-        stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
-        document = decode_run_log(stored.body, self.where(run_id))
-        self._remember(stored.key, stored.etag, stored.body)
-        return document
+        return self.read_version(run_id)[0]
 
     def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str]:
         """The stored run log and its ETag: what a later replace_if_unchanged must find unchanged."""
         stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
-        return decode_run_log(stored.body, self.where(run_id)), stored.etag
+        document = decode_run_log(stored.body, self.where(run_id))
+        self._remember(stored.key, stored.etag, stored.body)
+        return document, stored.etag
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A step log by its internal name (LogNotFoundError when absent)."""
@@ -1679,12 +1694,14 @@ class S3RunLogs:
                 try:
                     stored = self.client.get_object(key)
                 except NotFoundError as exc:
-                    if isinstance(exc, NoSuchBucketError) or missing is not None:
-                        raise (exc if isinstance(exc, NoSuchBucketError) else missing()) from exc  # type: ignore[misc]
+                    if isinstance(exc, NoSuchBucketError):
+                        raise
+                    if missing is not None:
+                        raise missing() from exc
                     may_create = True  # deleted since we saw it: create it again
                     self._next_round(rounds, deadline, where, "it was deleted while being written")
                     continue
-                _require_strong_etag(stored.etag, where, self.client)
+                _require_strong_etag(stored.etag, key, self.client)
                 version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
             document = version.document if version.document is not None else decode(version.body, where)
             change(document)
@@ -2558,6 +2575,15 @@ class BucketRuns:
         except RunLogNotFoundError:
             raise self._not_found(run_id) from None
 
+    def read_version(self, run_id: str, needed_by: str) -> Tuple[Dict[str, Any], str]:
+        """(run log, ETag) of a run in the s3 layout: one GET; a chunked run is a UsageError naming `needed_by`."""
+        try:
+            return self.plain.read_version(run_id)
+        except RunLogNotFoundError:
+            if not self.chunked.exists(run_id):
+                raise self._not_found(run_id) from None
+        raise UsageError(f"{needed_by} needs the s3 layout; {self.chunked.where(run_id)} is a chunked run of many objects")
+
     def holding(self, run_id: str) -> S3RunLogs:
         """The layout the run is stored in; RunLogNotFoundError when it is in neither."""
         for run_logs in (self.plain, self.chunked):
@@ -2587,10 +2613,7 @@ def _print_json(document: Mapping[str, Any], compact: bool = False) -> None:
 
 def _cmd_get(runs: BucketRuns, args: Any) -> int:
     if args.etag:
-        run_logs = runs.holding(args.run_id)
-        if run_logs.layout != "s3":
-            raise UsageError(f"--etag needs the s3 layout; {run_logs.where(args.run_id)} is a chunked run of many objects")
-        document, etag = run_logs.read_version(args.run_id)
+        document, etag = runs.read_version(args.run_id, "--etag")
         _print_json(document, args.compact)
         print(f"ETag: {etag}", file=sys.stderr)  # stdout stays the JSON document
         return EXIT_OK
@@ -2676,11 +2699,9 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
     import subprocess
     import tempfile
 
-    run_logs = runs.holding(args.run_id)
+    document, etag = runs.read_version(args.run_id, "edit (get, then put --force, for a chunked run)")
+    run_logs = runs.plain
     where = run_logs.where(args.run_id)
-    if run_logs.layout != "s3":
-        raise UsageError(f"edit needs the s3 layout; {where} is a chunked run of many objects: get, then put --force")
-    document, etag = run_logs.read_version(args.run_id)
     original = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     handle, path = tempfile.mkstemp(prefix=f"runlog-{args.run_id[:40]}-", suffix=".json")

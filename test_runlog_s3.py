@@ -1292,30 +1292,42 @@ def _write_steps_with_attempts_unguarded(config, run_id, writer, steps, store_na
     store.set_parameters(run_id, {f"writer_{writer:02d}": writer})
 
 
-@pytest.mark.parametrize("store_name", STORES)
-def test_sixteen_writers_through_injected_faults_lose_nothing(faulty, store_name, tmp_path):
-    proxy, config = faulty
-    writers, steps = 16, 6
+def run_attempt_writers(config, run_id, writers, steps, store_name, folder, while_running=lambda: None):
+    """Writer processes (forked), each writing `steps` step logs with one attempt and a parameter; the
+    run is created first, `while_running` is called once they are started; every writer must end well."""
     store = store_class(store_name)(config)
-    store.create_run_log("faults", status="PROCESSING")
+    store.create_run_log(run_id, status="PROCESSING")
     context = multiprocessing.get_context("fork")
     processes = [context.Process(target=_write_steps_with_attempts,
-                                 args=(config, "faults", w, steps, store_name, str(tmp_path)))
+                                 args=(config, run_id, w, steps, store_name, str(folder)))
                  for w in range(writers)]
     for process in processes:
         process.start()
+    while_running()
     for process in processes:
         process.join(240)
-    errors = [path.read_text() for path in tmp_path.glob("writer-*")]
+    errors = [path.read_text() for path in Path(folder).glob("writer-*")]
     assert [process.exitcode for process in processes] == [0] * writers, errors
-    store.update_run_log_status("faults", "SUCCESS")
-    proxy.forced = "off"
-    run_log = store.get_run_log_by_id("faults", full=True)
+    store.update_run_log_status(run_id, "SUCCESS")
+    return store
+
+
+def assert_every_attempt_kept(run_log, writers, steps):
+    """Every writer's steps are there, each applied once (one attempt, SUCCESS), with every parameter."""
     assert set(run_log.steps) == {f"w{w:02d}-s{n:02d}" for w in range(writers) for n in range(steps)}
     for name, step in run_log.steps.items():  # nothing moved back to PROCESSING, nothing applied twice
         assert (step.status, len(step.attempts)) == ("SUCCESS", 1), name
     assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)}
     assert run_log.status == "SUCCESS"
+
+
+@pytest.mark.parametrize("store_name", STORES)
+def test_sixteen_writers_through_injected_faults_lose_nothing(faulty, store_name, tmp_path):
+    proxy, config = faulty
+    writers, steps = 16, 6
+    store = run_attempt_writers(config, "faults", writers, steps, store_name, tmp_path)
+    proxy.forced = "off"
+    assert_every_attempt_kept(store.get_run_log_by_id("faults", full=True), writers, steps)
     assert all(proxy.injected[kind] > 0 for kind in FaultProxy.KINDS if kind != "truncate"), proxy.injected
     print(f"\n{store_name}: {sum(proxy.injected.values())} faults in {proxy.requests} requests "
           f"{dict(proxy.injected)}, 0 lost")
@@ -2457,27 +2469,14 @@ def test_seaweedfs_restarted_in_the_middle_of_a_16_writer_run_loses_nothing(tmp_
     server = SeaweedFS(weed, tmp_path / "weed").start()
     try:
         config = new_bucket(server.endpoint_url)
-        writers, steps = 16, 8
-        store = store_class(store_name)(config)
-        store.create_run_log("restart", status="PROCESSING")
-        context = multiprocessing.get_context("fork")
-        processes = [context.Process(target=_write_steps_with_attempts,
-                                     args=(config, "restart", w, steps, store_name, str(tmp_path)))
-                     for w in range(writers)]
-        for process in processes:
-            process.start()
-        time.sleep(1.0)
-        server.stop()  # killed mid-run; the same data directory and ports come back
-        server.start()
-        for process in processes:
-            process.join(240)
-        errors = [path.read_text() for path in tmp_path.glob("writer-*")]
-        assert [process.exitcode for process in processes] == [0] * writers, errors
-        store.update_run_log_status("restart", "SUCCESS")
-        run_log = store.get_run_log_by_id("restart", full=True)
-        assert set(run_log.steps) == {f"w{w:02d}-s{n:02d}" for w in range(writers) for n in range(steps)}
-        assert all((step.status, len(step.attempts)) == ("SUCCESS", 1) for step in run_log.steps.values())
-        assert run_log.parameters == {f"writer_{w:02d}": w for w in range(writers)} and run_log.status == "SUCCESS"
+
+        def restart():
+            time.sleep(1.0)
+            server.stop()  # killed mid-run; the same data directory and ports come back
+            server.start()
+
+        store = run_attempt_writers(config, "restart", 16, 8, store_name, tmp_path, while_running=restart)
+        assert_every_attempt_kept(store.get_run_log_by_id("restart", full=True), 16, 8)
     finally:
         server.stop()
 
