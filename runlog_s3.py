@@ -1957,8 +1957,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         """Store a new run's object, and any logs it carries; RunLogExistsError if the run is there."""
         run_id = document["run_id"]
         check_run_log(document, "the run log to create")
-        chunks = _chunks_of_run(document)
-        self._check_chunk_keys(run_id, chunks)
+        chunks = self._prepare_chunks(run_id, _chunks_of_run(document))
         body = encode_run_log(_run_fields(document))
         self._create_object(
             self.key(run_id),
@@ -1966,7 +1965,7 @@ class ChunkedS3RunLogs(S3RunLogs):
             lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
         )
         self._known_runs.add(run_id)
-        self._put_chunks(run_id, chunks, replace=True)
+        self._put_chunks(chunks, replace=True)
 
     def write(self, document: Dict[str, Any]) -> None:
         """Replace the run: the run object and every log the run log carries are written (last writer
@@ -1974,15 +1973,14 @@ class ChunkedS3RunLogs(S3RunLogs):
         that reads while it runs: see the README."""
         run_id = document["run_id"]
         check_run_log(document, "the run log to write")
-        chunks = _chunks_of_run(document)
-        self._check_chunk_keys(run_id, chunks)
+        chunks = self._prepare_chunks(run_id, _chunks_of_run(document))
         key = self.key(run_id)
         body = encode_run_log(_run_fields(document))
         _check_write_size(body, self._url(key))
         self._remember(key, self.client.put_object(key, body), body)
         self._known_runs.add(run_id)
-        self._put_chunks(run_id, chunks, replace=True)
-        carried = {self.chunk_key(run_id, kind, own.get("internal_name")) for kind, own in chunks}
+        self._put_chunks(chunks, replace=True)
+        carried = {chunk_key for chunk_key, _body in chunks}
         folder = self.folder(run_id)
         dropped = [info.key for info in self.client.list_objects(folder)
                    if self._kind_of(info.key, folder) and info.key not in carried]
@@ -1993,29 +1991,28 @@ class ChunkedS3RunLogs(S3RunLogs):
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
         """Set a step log's object (one PUT when new or last written here); logs it carries are added if absent."""
         own = _own_fields("step", step_log)
-        children = list(_chunks_under("step", step_log))
-        self._check_chunk_keys(run_id, [("step", own)] + children)
+        self.chunk_key(run_id, "step", own.get("internal_name"))
+        children = self._prepare_chunks(run_id, list(_chunks_under("step", step_log)))
         self._check_run(run_id)
         self._replace_chunk(run_id, "step", own)
-        self._put_chunks(run_id, children, replace=False)
+        self._put_chunks(children, replace=False)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
         """Set a branch log's object; logs it carries are added if absent."""
         own = _own_fields("branch", branch_log)
-        children = list(_chunks_under("branch", branch_log))
-        self._check_chunk_keys(run_id, [("branch", own)] + children)
+        self.chunk_key(run_id, "branch", own.get("internal_name"))
+        children = self._prepare_chunks(run_id, list(_chunks_under("branch", branch_log)))
         self._check_run(run_id)
         self._replace_chunk(run_id, "branch", own)
-        self._put_chunks(run_id, children, replace=False)
+        self._put_chunks(children, replace=False)
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
         """Set the run's own fields; its parameters and run config gain only what is new; steps it
         carries are added if absent."""
         fields_ = {name: value for name, value in run_log.items() if name != "steps"}
-        chunks = _chunks_of_run(run_log)
-        self._check_chunk_keys(run_id, chunks)
+        chunks = self._prepare_chunks(run_id, _chunks_of_run(run_log))
         self.mutate(run_id, lambda document: put_run_fields(document, fields_))
-        self._put_chunks(run_id, chunks, replace=False)
+        self._put_chunks(chunks, replace=False)
 
     def delete(self, run_id: str) -> int:
         """Delete every object of the run, its own object last (so a failed rm can be run again)."""
@@ -2052,11 +2049,16 @@ class ChunkedS3RunLogs(S3RunLogs):
         runs = [run for run in self._in_pool(summary, folders) if run is not None]
         return sorted(runs, key=lambda run: (run.last_modified, run.key))
 
-    def _check_chunk_keys(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> None:
-        # Every key is derived and checked before the first PUT: a name that cannot be stored fails
-        # the whole call, never after its parent and siblings were written.
+    def _prepare_chunks(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> List[Tuple[str, bytes]]:
+        """(key, body) of each chunk, every key and size checked before the first PUT: a log that cannot be
+        stored fails the whole call, never after its parent and siblings were written."""
+        prepared = []
         for kind, own in chunks:
-            self.chunk_key(run_id, kind, own.get("internal_name"))
+            key = self.chunk_key(run_id, kind, own.get("internal_name"))
+            body = encode_run_log(own)
+            _check_write_size(body, self._url(key))
+            prepared.append((key, body))
+        return prepared
 
     def _check_run(self, run_id: str) -> None:
         # A step written to a run that does not exist would be an orphan: look once per run and process.
@@ -2073,15 +2075,13 @@ class ChunkedS3RunLogs(S3RunLogs):
         key = self.chunk_key(run_id, kind, own.get("internal_name"))
         self._mutate_object(key, replace, decode_log_object, None, lambda: {_CREATED: str(time.time_ns())})
 
-    def _put_chunks(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]], *, replace: bool) -> None:
+    def _put_chunks(self, chunks: List[Tuple[str, bytes]], *, replace: bool) -> None:
         # replace: last writer wins (put_run_log); else only where absent (a parent never undoes a child).
         # Creation times in the document's order keep that order when the run is assembled.
         first = time.time_ns()
 
-        def put(numbered: Tuple[int, Tuple[str, Dict[str, Any]]]) -> None:
-            number, (kind, own) = numbered
-            key = self.chunk_key(run_id, kind, own.get("internal_name"))
-            body = encode_run_log(own)
+        def put(numbered: Tuple[int, Tuple[str, bytes]]) -> None:
+            number, (key, body) = numbered
             metadata = {_CREATED: str(first + number)}
             if replace:
                 self._remember(key, self.client.put_object(key, body, metadata=metadata), body, metadata=metadata)

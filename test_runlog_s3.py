@@ -2044,6 +2044,13 @@ def test_a_run_log_over_the_limit_is_never_written(bucket):
             write()
     after = run_logs.client.get_object(run_logs.key("big"))
     assert after.body == before.body and after.etag == before.etag
+    chunked = runlog_s3.open_run_logs(bucket, "chunked-s3")
+    chunked.create({"run_id": "big", "status": "PROCESSING", "steps": {}})
+    with pytest.raises(InvalidRunLogError, match=r"StepLog-s.json is 32.0 MiB, over the 32 MiB limit of a run log; "
+                                                 r"nothing written"):
+        chunked.write({"run_id": "big", "status": "X", "steps": {"s": {"name": "s", "internal_name": "s", "tag": huge}}})
+    assert chunked.read("big")["status"] == "PROCESSING"  # the run object was not replaced either
+    assert not any("StepLog" in info.key for info in chunked.client.list_objects(chunked.folder("big")))
 
 
 @pytest.mark.parametrize("value, outcome", [
