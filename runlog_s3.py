@@ -467,7 +467,8 @@ class CredentialProvider:
 
     def _sts_transport(self) -> "Transport":
         if self._transport is None:
-            self._transport = BotocoreTransport(self._config, self._environ, sts_endpoint_url(self._config, self._environ))
+            sts_url = sts_endpoint_url(self._config, self._environ)
+            self._transport = BotocoreTransport(self._config, self._environ, sts_url)
         return self._transport
 
 
@@ -516,7 +517,8 @@ def _sts_request(
                 if not last:  # a 200 cut short: the reply was lost, not refused
                     sleep(retry_delay(attempt))
                     continue
-                raise S3Error(f"STS {action} at {url} failed: its reply is not complete XML", operation=action) from None
+                raise S3Error(f"STS {action} at {url} failed: its reply is not complete XML",
+                              operation=action) from None
         error = _error_from_reply(reply, operation=f"STS {action}", bucket="", key="")
         if _is_clock_skew(error):
             if not skew_corrected and not last and _correct_clock(reply):
@@ -665,7 +667,8 @@ def classify_transport_error(exc: BaseException) -> TransportFailure:
         return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy",
                                 may_have_arrived=False)
     if isinstance(exc, errors.ConnectTimeoutError):
-        return TransportFailure(True, "the connection timed out", "check the endpoint and the network, or connect_timeout",
+        return TransportFailure(True, "the connection timed out",
+                                "check the endpoint and the network, or connect_timeout",
                                 may_have_arrived=False)
     if isinstance(exc, errors.ReadTimeoutError):
         return TransportFailure(True, "no reply came within read_timeout", "check the endpoint, or raise read_timeout")
@@ -676,10 +679,12 @@ def classify_transport_error(exc: BaseException) -> TransportFailure:
                                         may_have_arrived=False)
             return TransportFailure(False, "its host name is unknown", "check endpoint_url and region",
                                     may_have_arrived=False)
-        return TransportFailure(True, "the connection was refused", "check that the endpoint is up and endpoint_url is right",
+        return TransportFailure(True, "the connection was refused",
+                                "check that the endpoint is up and endpoint_url is right",
                                 may_have_arrived=False)
     if isinstance(exc, (errors.ConnectionClosedError, ShortReplyError, ConnectionError, errors.ResponseStreamingError)):
-        return TransportFailure(True, "the connection closed before a whole reply came", "check the endpoint and the network")
+        return TransportFailure(True, "the connection closed before a whole reply came",
+                                "check the endpoint and the network")
     location_errors = ("LocationParseError", "LocationValueError", "InvalidURL", "InvalidHeader", "InvalidSchema")
     if isinstance(exc, ValueError) or type(cause).__name__ in location_errors or isinstance(cause, ValueError):
         return TransportFailure(False, "the request is not valid HTTP (a bad URL or header value)",
@@ -1112,8 +1117,8 @@ class S3Client:
         tries = f" after {attempt} attempts" if attempt > 1 else ""
         detail = redact(f"{type(exc).__name__}: {_first_line(exc)}", credentials)
         return S3Error(
-            f"{operation} s3://{self.bucket}/{key} failed{tries}: {self._base_url} could not be reached: {failure.what} "
-            f"({detail}); {failure.check}" + (", or raise max_attempts" if failure.retry else ""),
+            f"{operation} s3://{self.bucket}/{key} failed{tries}: {self._base_url} could not be reached: "
+            f"{failure.what} ({detail}); {failure.check}" + (", or raise max_attempts" if failure.retry else ""),
             operation=operation,
             code=failure.code,
             bucket=self.bucket,
@@ -2582,7 +2587,9 @@ class BucketRuns:
         except RunLogNotFoundError:
             if not self.chunked.exists(run_id):
                 raise self._not_found(run_id) from None
-        raise UsageError(f"{needed_by} needs the s3 layout; {self.chunked.where(run_id)} is a chunked run of many objects")
+        raise UsageError(
+            f"{needed_by} needs the s3 layout; {self.chunked.where(run_id)} is a chunked run of many objects"
+        )
 
     def holding(self, run_id: str) -> S3RunLogs:
         """The layout the run is stored in; RunLogNotFoundError when it is in neither."""

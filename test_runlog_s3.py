@@ -85,7 +85,8 @@ class SeaweedFS:
     def __init__(self, weed, folder):
         self.weed, self.folder = weed, Path(folder)
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
-        identities = {"identities": [{"name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        key = {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}
+        identities = {"identities": [{"name": "tester", "credentials": [key],
                                       "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
         (self.folder / "identities.json").write_text(json.dumps(identities))
         self.ports = dict(zip(self.PORTS, free_ports(len(self.PORTS))))
@@ -860,7 +861,8 @@ def test_reads_logs_written_by_the_old_store_and_writes_what_magnus_reads(bucket
         (b'{"status": "SUCCESS"}', "it has no run_id"),
         (b'{"run_id": "bad", "steps": []}', "steps is list, not dict"),
         (b'{"run_id": "bad", "steps": {"a": 5}}', "step 'a' is not a step log object"),
-        (b'{"run_id": "bad", "tag": "' + b"x" * (50 * 2**20) + b'"}', "is 50.0 MiB, over the 32 MiB limit of a run log; it was left as is"),
+        (b'{"run_id": "bad", "tag": "' + b"x" * (50 * 2**20) + b'"}',
+         "is 50.0 MiB, over the 32 MiB limit of a run log; it was left as is"),
     ],
     ids=["empty", "not-json", "truncated", "list", "no-run-id", "steps-list", "step-not-object", "50-MB"],
 )
@@ -1262,9 +1264,10 @@ class FaultProxy:
 
 
 @pytest.fixture
-def faulty(bucket):
+def faulty(bucket, request):
     """(proxy, config block reaching the test bucket through it, with a short read timeout)."""
     proxy = FaultProxy(bucket["endpoint_url"])
+    proxy.upstream_name = request.node.callspec.params["bucket"]  # which test server is behind it, for the printout
     config = {**bucket, "endpoint_url": proxy.endpoint_url, "read_timeout": 0.5, "connect_timeout": 1}
     yield proxy, config
     proxy.stop()
@@ -1329,7 +1332,7 @@ def test_sixteen_writers_through_injected_faults_lose_nothing(faulty, store_name
     proxy.forced = "off"
     assert_every_attempt_kept(store.get_run_log_by_id("faults", full=True), writers, steps)
     assert all(proxy.injected[kind] > 0 for kind in FaultProxy.KINDS if kind != "truncate"), proxy.injected
-    print(f"\n{store_name}: {sum(proxy.injected.values())} faults in {proxy.requests} requests "
+    print(f"\n{proxy.upstream_name}, {store_name}: {sum(proxy.injected.values())} faults in {proxy.requests} requests "
           f"{dict(proxy.injected)}, 0 lost")
 
 
@@ -1350,7 +1353,8 @@ def test_magnus_pipeline_through_injected_faults_loses_nothing(faulty, tmp_path)
             assert branch.status == "SUCCESS" and len(branch.steps) == 2
             assert all(step.status == "SUCCESS" for step in branch.steps.values())
     assert sum(proxy.injected.values()) > 0, proxy.injected
-    print(f"\nmagnus pipeline: {sum(proxy.injected.values())} faults in {proxy.requests} requests {dict(proxy.injected)}")
+    print(f"\n{proxy.upstream_name}, magnus pipeline: {sum(proxy.injected.values())} faults in {proxy.requests} "
+          f"requests {dict(proxy.injected)}")
 
 
 @pytest.mark.parametrize("kind, expected", [
@@ -1594,8 +1598,8 @@ def test_https_endpoint_with_an_untrusted_certificate_fails_clearly_at_once(tls_
     with pytest.raises(runlog_s3.S3Error) as raised:
         runlog_s3.S3RunLogs(client).create({"run_id": "r", "steps": {}})
     message = str(raised.value)
-    assert message.startswith(f"PUT s3://tls-refused/r.json failed: {endpoint} could not be reached: its TLS certificate "
-                              "is not trusted")
+    assert message.startswith(f"PUT s3://tls-refused/r.json failed: {endpoint} could not be reached: "
+                              "its TLS certificate is not trusted")
     assert "set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE)" in message and "\n" not in message
     assert raised.value.code == "SSLError" and sleeps == []  # not retried: a retry cannot make it trusted
 
@@ -1977,7 +1981,8 @@ def test_an_update_is_never_sent_without_a_condition(etag, said):
     responses.add(responses.GET, f"{AWS_URL}/r.json", body=b'{"run_id":"r","parameters":{}}', headers=headers)
     with pytest.raises(S3Error) as raised:
         S3RunLogs(client).set_parameters("r", {"a": 1})
-    assert said in str(raised.value) and "runlog-s3 check" in str(raised.value) and "nothing written" in str(raised.value)
+    message = str(raised.value)
+    assert said in message and "runlog-s3 check" in message and "nothing written" in message
     assert [request.method for request in transport.sent] == ["GET"]  # no PUT at all, blind or not
 
 
@@ -2048,7 +2053,8 @@ def test_a_run_log_over_the_limit_is_never_written(bucket):
     chunked.create({"run_id": "big", "status": "PROCESSING", "steps": {}})
     with pytest.raises(InvalidRunLogError, match=r"StepLog-s.json is 32.0 MiB, over the 32 MiB limit of a run log; "
                                                  r"nothing written"):
-        chunked.write({"run_id": "big", "status": "X", "steps": {"s": {"name": "s", "internal_name": "s", "tag": huge}}})
+        chunked.write({"run_id": "big", "status": "X",
+                       "steps": {"s": {"name": "s", "internal_name": "s", "tag": huge}}})
     assert chunked.read("big")["status"] == "PROCESSING"  # the run object was not replaced either
     assert not any("StepLog" in info.key for info in chunked.client.list_objects(chunked.folder("big")))
 
