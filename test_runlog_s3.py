@@ -2520,10 +2520,10 @@ def test_chunked_put_force_leaves_exactly_the_new_document(bucket, cli_env):
 
 def test_a_write_that_landed_is_not_reported_as_a_conflict_however_long_the_retries_took(moto_bucket):
     config = Config.from_dict({**moto_bucket, "conflict_timeout": 1})
+    runlog_s3.open_run_logs(config).create({"run_id": "landed", "status": "PROCESSING", "steps": {}, "parameters": {}})
     transport = DropFirstReply(config, "If-Match")
     run_logs = S3RunLogs(S3Client(config, transport=transport), clock=StepClock(100.0))  # every read: 100 s later
-    run_logs.create({"run_id": "landed", "status": "PROCESSING", "steps": {}, "parameters": {}})
-    run_logs.set_parameters("landed", {"a": 1})  # applied; its reply lost; the retry meets 412
+    run_logs.set_parameters("landed", {"a": 1})  # read fresh, applied, its reply lost; the retry meets 412
     assert transport.dropped == 1
     assert run_logs.read("landed")["parameters"] == {"a": 1}
 
