@@ -1515,7 +1515,7 @@ class S3RunLogs:
         """The stored run log and its ETag: what a later replace_if_unchanged must find unchanged."""
         stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
         document = decode_run_log(stored.body, self.where(run_id))
-        self._remember(stored.key, stored.etag, stored.body)
+        self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
         return document, stored.etag
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
@@ -1670,12 +1670,14 @@ class S3RunLogs:
         decode: Callable[[bytes, str], Dict[str, Any]],
         missing: Optional[Callable[[], RunlogS3Error]],
         new_metadata: Optional[Callable[[], Dict[str, str]]] = None,
+        change_metadata: Optional[Callable[[Dict[str, str]], Any]] = None,
     ) -> None:
         """Apply `change` to the object's document and store it with If-Match, re-applying after a 412.
 
         `change` must only set values (it may run more than once, on fresher documents), and only
         values it owns: the document functions above copy what they are given. With `missing` None an
         absent object is created from `change({})` with If-None-Match: * (one PUT for a new object).
+        `change_metadata` changes the object's x-amz-meta-* the same way (they are kept otherwise).
         Every round after the first waits (jittered, growing) and counts against conflict_timeout.
         """
         where = self._url(key)
@@ -1711,12 +1713,16 @@ class S3RunLogs:
             document = version.document if version.document is not None else decode(version.body, where)
             change(document)
             body = encode_run_log(document)
-            if fresh and body == version.body:
+            metadata = version.metadata
+            if change_metadata is not None:
+                metadata = dict(version.metadata or {})
+                change_metadata(metadata)
+            if fresh and body == version.body and (metadata or {}) == (version.metadata or {}):
                 self._remember(key, version.etag, body, document, version.metadata)  # nothing to change
                 return
             _check_write_size(body, where)
             try:
-                etag = self.client.put_object(key, body, if_match=version.etag, metadata=version.metadata)
+                etag = self.client.put_object(key, body, if_match=version.etag, metadata=metadata)
             except PreconditionFailedError as exc:
                 self.conflicts += 1
                 logger.debug("%s changed under us (round %d); reading it again", where, rounds)
@@ -1730,15 +1736,18 @@ class S3RunLogs:
                 may_create = True
                 self._next_round(rounds, deadline, where, "it was deleted while being written")
                 continue
-            self._remember(key, etag, body, document, version.metadata)
+            self._remember(key, etag, body, document, metadata)
             return
 
-    def _next_round(self, rounds: int, deadline: float, where: str, reason: str) -> None:
-        # Every retry loop of a write ends at the conflict deadline, and waits between rounds.
+    def _next_round(
+        self, rounds: int, deadline: float, where: str, reason: str, doing: str = "updating",
+        remedy: str = "raise conflict_timeout, or use the chunked-s3 store for wide fan-outs",
+    ) -> None:
+        # Every retry loop ends at the conflict deadline, and waits between rounds.
         if self._clock() >= deadline:
             raise ConflictError(
-                f"gave up updating {where} after {rounds} rounds in {self.client.config.conflict_timeout:g} s: "
-                f"{reason}; raise conflict_timeout, or use the chunked-s3 store for wide fan-outs"
+                f"gave up {doing} {where} after {rounds} rounds in {self.client.config.conflict_timeout:g} s: "
+                f"{reason}; {remedy}"
             )
         self._backoff(rounds)
 
@@ -1884,30 +1893,79 @@ class ChunkedS3RunLogs(S3RunLogs):
     # Reading.
 
     def read(self, run_id: str, full: bool = True) -> Dict[str, Any]:
-        """The run log: with full, the whole tree (one LIST, concurrent GETs); else the run object only."""
+        """The run log: with full, the whole tree as of one moment (a GET, a LIST, concurrent GETs); else
+        the run object only."""
         if not full:
             stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
             document = decode_run_log(stored.body, self._url(stored.key))
-            self._remember(stored.key, stored.etag, stored.body)
+            self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
             return document
-        folder = self.folder(run_id)
-        entries = sorted(self.client.list_objects(folder), key=lambda info: (info.last_modified, info.key))
-        run_key = self.key(run_id)
-        if not any(info.key == run_key for info in entries):
-            if entries:
+        deadline = self._clock() + self.client.config.conflict_timeout
+        rounds = 0
+        while True:
+            rounds += 1
+            document = self._read_tree(run_id)
+            if document is not None:
+                return document
+            self._next_round(
+                rounds, deadline, self.where(run_id), "it was replaced (put) while being read, every time",
+                doing="reading", remedy="try again when no put is replacing it",
+            )
+
+    def _read_tree(self, run_id: str) -> Optional[Dict[str, Any]]:
+        """The run log, or None if a replacement began or ended while it was read (read it again)."""
+        folder, run_key = self.folder(run_id), self.key(run_id)
+        try:
+            run = self.client.get_object(run_key)
+        except NotFoundError as exc:
+            if isinstance(exc, NoSuchBucketError):
+                raise
+            listed = sum(1 for _info in self.client.list_objects(folder))
+            if listed:
                 raise InvalidRunLogError(
-                    f"{self.where(run_id)} holds {len(entries)} objects but no {CHUNK_RUN_OBJECT}: "
+                    f"{self.where(run_id)} holds {listed} objects but no {CHUNK_RUN_OBJECT}: "
                     "not a complete chunked run log; it was left as is"
-                )
-            raise self._not_found(run_id)
-        chunks = [info.key for info in entries if info.key != run_key and self._kind_of(info.key, folder)]
-        bodies = self._get_many([run_key] + chunks, run_id)
-        run = decode_run_log(bodies[run_key].body, self._url(run_key))
+                ) from exc
+            raise self._not_found(run_id) from exc
+        fields_ = decode_run_log(run.body, self._url(run_key))
+        replacing = run.metadata.get(_REPLACING, "")
+        if replacing:
+            return self._being_replaced(run_id, fields_, replacing)
+        entries = list(self.client.list_objects(folder))
+        if not any(info.key == run_key and info.etag == run.etag for info in entries):
+            return None  # the run object changed since it was read: a replacement may lie between
+        chunks = [info.key for info in entries if self._kind_of(info.key, folder)]
+        bodies = self._get_many(chunks)
+        generation = run.metadata.get(_REPLACED_BY, "")
+        if len(bodies) < len(chunks) or any(
+            stored.metadata.get(_REPLACED_BY, generation) != generation for stored in bodies.values()
+        ):
+            return None  # a log was deleted or rewritten by a replacement since the run object was read
         steps, branches = [], []
-        for key in sorted((key for key in chunks if key in bodies), key=lambda key: _creation_order(bodies[key])):
+        for key in sorted(bodies, key=lambda key: _creation_order(bodies[key])):
             log = decode_log_object(bodies[key].body, self._url(key))
             (steps if self._kind_of(key, folder) == "step" else branches).append(log)
-        return assemble_run_log(run, steps, branches, self.where(run_id))
+        return assemble_run_log(fields_, steps, branches, self.where(run_id))
+
+    def _being_replaced(self, run_id: str, fields_: Dict[str, Any], token: str) -> Optional[Dict[str, Any]]:
+        # Mid-replacement the run log is the new one: its logs from the replacement object, the run's own
+        # fields (updated since, maybe) from the run object. None when the replacement ended meanwhile.
+        key = self._replacement_key(run_id, token)
+        try:
+            stored = self.client.get_object(key)
+        except NotFoundError as exc:
+            if isinstance(exc, NoSuchBucketError):
+                raise
+            return None
+        chunks = _chunks_of_run(decode_run_log(stored.body, self._url(key)))
+        if self._abandoned(token):
+            logger.warning(
+                "%s: a put that replaces it started %.0f s ago and has not finished (its writer may have "
+                "stopped); showing the run log it writes; put it again with --force to finish it",
+                self.where(run_id), wall_clock() - _token_time(token),
+            )
+        steps = [own for kind, own in chunks if kind == "step"]
+        return assemble_run_log(fields_, steps, [own for kind, own in chunks if kind == "branch"], self.where(run_id))
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A step log's own fields (its branches are their own objects): one GET."""
@@ -1932,7 +1990,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         document.setdefault(_CHUNK_CHILDREN[kind], {})
         return document
 
-    def _get_many(self, keys: List[str], run_id: str) -> Dict[str, S3Object]:
+    def _get_many(self, keys: List[str]) -> Dict[str, S3Object]:
         """GET the keys from a bounded pool of threads; a key deleted since the LIST is left out."""
 
         def get(key: str) -> Optional[S3Object]:
@@ -1943,10 +2001,7 @@ class ChunkedS3RunLogs(S3RunLogs):
                     raise
                 return None
 
-        found = {key: result for key, result in zip(keys, self._in_pool(get, keys)) if result is not None}
-        if keys[0] not in found:
-            raise self._not_found(run_id)
-        return found
+        return {key: result for key, result in zip(keys, self._in_pool(get, keys)) if result is not None}
 
     @staticmethod
     def _kind_of(key: str, folder: str) -> str:
@@ -1973,25 +2028,91 @@ class ChunkedS3RunLogs(S3RunLogs):
         self._put_chunks(chunks, replace=True)
 
     def write(self, document: Dict[str, Any]) -> None:
-        """Replace the run: the run object and every log the run log carries are written (last writer
-        wins for each), then the stored logs it does not carry are deleted. Not atomic for a reader
-        that reads while it runs: see the README."""
+        """Replace the run: afterwards it holds exactly `document`'s logs (the last writer wins for each).
+        A reader sees the old run log or the new one, never a mix, even if this stops halfway."""
         run_id = document["run_id"]
         check_run_log(document, "the run log to write")
         chunks = self._prepare_chunks(run_id, _chunks_of_run(document))
-        key = self.key(run_id)
+        key, folder = self.key(run_id), self.folder(run_id)
         body = encode_run_log(_run_fields(document))
         _check_write_size(body, self._url(key))
-        self._remember(key, self.client.put_object(key, body), body)
+        replacement = encode_run_log(document)
+        _check_write_size(replacement, self.where(run_id))
+        token = self._begin_replacement(run_id, body, replacement)
         self._known_runs.add(run_id)
-        self._put_chunks(chunks, replace=True)
+        self._put_chunks(chunks, replace=True, metadata={_REPLACED_BY: token})
         carried = {chunk_key for chunk_key, _body in chunks}
-        folder = self.folder(run_id)
-        dropped = [info.key for info in self.client.list_objects(folder)
-                   if self._kind_of(info.key, folder) and info.key not in carried]
-        self._in_pool(self.client.delete_object, dropped)
+        listed = [info.key for info in self.client.list_objects(folder)]
+        dropped = [listed_key for listed_key in listed if self._kind_of(listed_key, folder) and listed_key not in carried]
+        ours = self._replacement_key(run_id, token)
+        abandoned = [listed_key for listed_key in listed
+                     if listed_key.startswith(folder + REPLACEMENT_PREFIX) and listed_key != ours]
+        self._in_pool(self.client.delete_object, dropped + abandoned)
         for dropped_key in dropped:
             self._pop_version(dropped_key)
+
+        def end(metadata: Dict[str, str]) -> None:
+            if metadata.get(_REPLACING) == token:
+                del metadata[_REPLACING]
+
+        self._mutate_object(key, lambda _document: None, decode_run_log, lambda: self._not_found(run_id),
+                            change_metadata=end)
+        self.client.delete_object(ours)
+
+    def _begin_replacement(self, run_id: str, body: bytes, replacement: bytes) -> str:
+        """Store the new run log whole, then mark the run object as being replaced by it (the commit
+        point, If-Match): returns the replacement's token. Waits while another replacement holds the mark,
+        unless it was abandoned or is this same replacement (a put run again after it stopped)."""
+        key, where = self.key(run_id), self.where(run_id)
+        token = f"{int(wall_clock() * 1e9)}-{os.urandom(4).hex()}"
+        self.client.put_object(self._replacement_key(run_id, token), replacement)
+        marked = {_REPLACED_BY: token, _REPLACING: token}
+        deadline = self._clock() + self.client.config.conflict_timeout
+        rounds = 0
+        while True:
+            rounds += 1
+            try:
+                stored: Optional[S3Object] = self.client.get_object(key)
+            except NotFoundError as exc:
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                stored = None
+            held = stored.metadata.get(_REPLACING, "") if stored is not None else ""
+            if stored is not None and held == token:  # ours landed, its reply lost
+                self._remember(key, stored.etag, stored.body, metadata=stored.metadata)
+                return token
+            if held and not self._abandoned(held) and self._replacement_body(run_id, held) != replacement:
+                started = wall_clock() - _token_time(held)
+                self._next_round(
+                    rounds, deadline, where, f"another put has been replacing it (it started {started:.0f} s ago)",
+                    doing="replacing", remedy="try again when it has finished",
+                )
+                continue
+            try:
+                etag = self.client.put_object(
+                    key, body, metadata=marked, if_match=stored.etag if stored is not None else "",
+                    if_none_match=stored is None,
+                )
+            except PreconditionFailedError:
+                self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
+                continue
+            self._remember(key, etag, body, metadata=marked)
+            return token
+
+    def _replacement_key(self, run_id: str, token: str) -> str:
+        return self.folder(run_id) + f"{REPLACEMENT_PREFIX}{token}{RUN_LOG_SUFFIX}"
+
+    def _replacement_body(self, run_id: str, token: str) -> Optional[bytes]:
+        try:
+            return self.client.get_object(self._replacement_key(run_id, token)).body
+        except NotFoundError as exc:
+            if isinstance(exc, NoSuchBucketError):
+                raise
+            return None
+
+    def _abandoned(self, token: str) -> bool:
+        # A replacement still marked after conflict_timeout was stopped halfway: the next put may take over.
+        return wall_clock() - _token_time(token) > self.client.config.conflict_timeout
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
         """Set a step log's object (one PUT when new or last written here); logs it carries are added if absent."""
@@ -2080,18 +2201,20 @@ class ChunkedS3RunLogs(S3RunLogs):
         key = self.chunk_key(run_id, kind, own.get("internal_name"))
         self._mutate_object(key, replace, decode_log_object, None, lambda: {_CREATED: str(time.time_ns())})
 
-    def _put_chunks(self, chunks: List[Tuple[str, bytes]], *, replace: bool) -> None:
+    def _put_chunks(
+        self, chunks: List[Tuple[str, bytes]], *, replace: bool, metadata: Optional[Dict[str, str]] = None
+    ) -> None:
         # replace: last writer wins (put_run_log); else only where absent (a parent never undoes a child).
         # Creation times in the document's order keep that order when the run is assembled.
         first = time.time_ns()
 
         def put(numbered: Tuple[int, Tuple[str, bytes]]) -> None:
             number, (key, body) = numbered
-            metadata = {_CREATED: str(first + number)}
+            tags = {_CREATED: str(first + number), **(metadata or {})}
             if replace:
-                self._remember(key, self.client.put_object(key, body, metadata=metadata), body, metadata=metadata)
+                self._remember(key, self.client.put_object(key, body, metadata=tags), body, metadata=tags)
             else:
-                self._create_object(key, body, None, metadata=metadata)
+                self._create_object(key, body, None, metadata=tags)
 
         self._in_pool(put, list(enumerate(chunks)))
 
@@ -2106,6 +2229,23 @@ class ChunkedS3RunLogs(S3RunLogs):
 
 
 _CREATED = "created-ns"  # x-amz-meta-created-ns: when the chunk was first written, kept on rewrites
+
+# A replacement (put_run_log, put --force) rewrites many objects, yet a reader sees the old run log or
+# the new one, never a mix. The writer stores the whole new run log as Replacement-<token>.json, then
+# marks RunLog.json "replacing: <token>" with If-Match (the commit point; replacements of a run take
+# turns), rewrites the logs tagged "replaced-by: <token>", deletes the logs it does not carry, and
+# clears the mark. A reader that finds the mark serves the new run log from the replacement object; one
+# that finds a listed log gone, or tagged by a replacement RunLog.json does not name, read across a
+# replacement and reads again. Pipeline writes keep an object's tags; a log they create has none.
+_REPLACING = "replacing"
+_REPLACED_BY = "replaced-by"
+REPLACEMENT_PREFIX = "Replacement-"
+
+
+def _token_time(token: str) -> float:
+    """When a replacement began (its token is <wall-clock ns>-<random>); 0 for a token not of that form."""
+    start = token.partition("-")[0]
+    return int(start) / 1e9 if start.isdigit() else 0.0
 
 
 def _creation_order(stored: S3Object) -> Tuple[int, str]:

@@ -2518,6 +2518,181 @@ def test_chunked_put_force_leaves_exactly_the_new_document(bucket, cli_env):
     assert not any("middle" in key for key in keys)
 
 
+def fan_run(run_id, status, branch_names, parameter):
+    """A chunked-sized run log: a parallel step whose branches each hold a step."""
+    branches = {
+        f"fan.{name}": {"internal_name": f"fan.{name}", "status": status, "steps": {
+            f"fan.{name}.work": {"name": "work", "internal_name": f"fan.{name}.work", "status": status}}}
+        for name in branch_names
+    }
+    return {"run_id": run_id, "status": status, "parameters": {"p": parameter}, "steps": {
+        "fan": {"name": "fan", "internal_name": "fan", "step_type": "parallel", "status": status, "branches": branches}}}
+
+
+class HookedTransport(runlog_s3.BotocoreTransport):
+    """The production transport, calling before(request) ahead of every request it sends."""
+
+    def __init__(self, config, before):
+        super().__init__(config, os.environ, config.endpoint_url)
+        self.before = before
+
+    def send(self, request):
+        self.before(request)
+        return super().send(request)
+
+
+def chunked_run_logs(config, before=lambda request: None):
+    config = Config.from_dict(config)
+    return runlog_s3.ChunkedS3RunLogs(S3Client(config, transport=HookedTransport(config, before)))
+
+
+def leftovers_of_replacements(run_logs, run_id):
+    keys = [info.key for info in run_logs.client.list_objects(run_logs.folder(run_id))]
+    marked = run_logs.client.get_object(run_logs.key(run_id)).metadata.get("replacing")
+    return [key for key in keys if "/Replacement-" in key] + ([f"mark {marked}"] if marked else [])
+
+
+def test_chunked_replace_is_seen_whole_or_not_at_all_at_every_step_of_the_writer(bucket):
+    # A reader reads the whole run before each request of the replacing writer: every state the writer
+    # passes through, which is also every state a writer stopped halfway leaves behind.
+    run_logs = chunked_run_logs(bucket)
+    run_logs.create(fan_run("swap", "PROCESSING", ["a", "b", "c", "d", "e", "f"], 1))
+    old = run_logs.read("swap")
+    reader, lock, seen = chunked_run_logs(bucket), threading.Lock(), []
+
+    def read_now(request):
+        with lock:  # the writer's logs go out from a pool of threads
+            seen.append(reader.read("swap"))
+
+    new_document = fan_run("swap", "SUCCESS", ["a", "b", "x", "y"], 2)
+    chunked_run_logs(bucket, read_now).write(new_document)
+    new = run_logs.read("swap")
+    assert sorted(new["steps"]["fan"]["branches"]) == ["fan.a", "fan.b", "fan.x", "fan.y"]
+    assert new["parameters"] == {"p": 2} and new["steps"]["fan"]["branches"]["fan.x"]["status"] == "SUCCESS"
+    assert len(seen) >= 15
+    mixed = [index for index, document in enumerate(seen) if document not in (old, new)]
+    assert not mixed, f"reads {mixed} of {len(seen)} saw a mix of the old and the new run log"
+    assert seen.count(new) >= 5 and seen.count(old) >= 2  # both sides of the commit point were read
+    assert leftovers_of_replacements(run_logs, "swap") == []
+
+
+@pytest.mark.parametrize("writer_steps", [1, 2, 3])
+def test_chunked_replace_is_seen_whole_by_a_reader_reading_while_it_runs(bucket, writer_steps):
+    # Lockstep: the writer sends `writer_steps` requests between any two requests of the reader, so
+    # the replacement begins, goes on and ends while reads are in flight.
+    run_logs = chunked_run_logs(bucket)
+    run_logs.create(fan_run("lockstep", "PROCESSING", ["a", "b", "c", "d", "e", "f"], 1))
+    old = run_logs.read("lockstep")
+    turns = threading.Condition()
+    state = {"allowed": 0, "sent": 0, "finished": False}
+
+    def writer_turn(request):
+        with turns:
+            assert turns.wait_for(lambda: state["allowed"] > 0, timeout=60)
+            state["allowed"] -= 1
+            state["sent"] += 1
+            turns.notify_all()
+
+    def reader_turn(request):
+        with turns:
+            target = state["sent"] + writer_steps
+            state["allowed"] += writer_steps
+            turns.notify_all()
+            turns.wait_for(lambda: state["sent"] >= target or state["finished"], timeout=60)
+
+    def write():
+        try:
+            chunked_run_logs(bucket, writer_turn).write(fan_run("lockstep", "SUCCESS", ["a", "x", "y"], 2))
+        finally:
+            with turns:
+                state["finished"] = True
+                turns.notify_all()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    reader, seen = chunked_run_logs(bucket, reader_turn), []
+    deadline = time.monotonic() + 60
+    while not state["finished"] and time.monotonic() < deadline:
+        seen.append(reader.read("lockstep"))
+    writer.join(timeout=60)
+    new = run_logs.read("lockstep")
+    assert sorted(new["steps"]["fan"]["branches"]) == ["fan.a", "fan.x", "fan.y"]
+    mixed = [index for index, document in enumerate(seen) if document not in (old, new)]
+    assert len(seen) >= 2 and not mixed, f"reads {mixed} of {len(seen)} saw a mix of the old and the new run log"
+    assert leftovers_of_replacements(run_logs, "lockstep") == []
+
+
+class WriterStopped(Exception):
+    """The replacing writer stopped here (a crash, Ctrl-C, a network gone)."""
+
+
+@pytest.mark.parametrize("stop_at", ["PUT RunLog.json", "PUT StepLog-fan.json", "DELETE", "DELETE Replacement-"])
+def test_a_replacement_stopped_halfway_is_seen_whole_and_finished_by_the_next_put(bucket, stop_at, caplog):
+    run_logs = chunked_run_logs(bucket)
+    run_logs.create(fan_run("halfway", "PROCESSING", ["a", "b", "c"], 1))
+    old = run_logs.read("halfway")
+    new_document = fan_run("halfway", "SUCCESS", ["a", "z"], 2)
+
+    def stop(request):
+        method, name = request.method, urlsplit(request.url).path.rpartition("/")[2]
+        if f"{method} {name}".startswith(stop_at) and not urlsplit(request.url).query:
+            raise WriterStopped(stop_at)
+
+    with pytest.raises(WriterStopped):
+        chunked_run_logs(bucket, stop).write(new_document)
+    seen = run_logs.read("halfway")
+    committed = stop_at != "PUT RunLog.json"
+    assert seen == (run_logs.read("halfway") if committed else old)
+    if committed:
+        assert sorted(seen["steps"]["fan"]["branches"]) == ["fan.a", "fan.z"] and seen["parameters"] == {"p": 2}
+    # The same put run again takes over at once and leaves exactly the new document.
+    started = time.monotonic()
+    chunked_run_logs(bucket).write(new_document)
+    assert time.monotonic() - started < 5
+    final = run_logs.read("halfway")
+    assert sorted(final["steps"]["fan"]["branches"]) == ["fan.a", "fan.z"] and final["status"] == "SUCCESS"
+    keys = [info.key.rpartition("/")[2] for info in run_logs.client.list_objects(run_logs.folder("halfway"))]
+    assert sorted(keys) == sorted(["RunLog.json", "StepLog-fan.json", "BranchLog-fan.a.json", "BranchLog-fan.z.json",
+                                   "StepLog-fan.a.work.json", "StepLog-fan.z.work.json"])
+    assert leftovers_of_replacements(run_logs, "halfway") == []
+
+
+def test_a_different_put_waits_for_a_replacement_in_progress_then_takes_over_an_abandoned_one(bucket, caplog):
+    config = {**bucket, "conflict_timeout": 1.5}
+    run_logs = chunked_run_logs(config)
+    run_logs.create(fan_run("abandoned", "PROCESSING", ["a", "b"], 1))
+
+    def stop(request):
+        if request.method == "PUT" and "StepLog-fan.json" in request.url:
+            raise WriterStopped()
+
+    with pytest.raises(WriterStopped):
+        chunked_run_logs(config, stop).write(fan_run("abandoned", "FAIL", ["a", "gone"], 2))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="runlog_s3"):
+        time.sleep(1.6)
+        assert sorted(run_logs.read("abandoned")["steps"]["fan"]["branches"]) == ["fan.a", "fan.gone"]
+    assert "has not finished (its writer may have stopped); showing the run log it writes" in caplog.text
+    chunked_run_logs(config).write(fan_run("abandoned", "SUCCESS", ["c"], 3))
+    assert time.monotonic() - started >= 1.5  # it waited for the stopped one to be abandoned
+    final = run_logs.read("abandoned")
+    assert sorted(final["steps"]["fan"]["branches"]) == ["fan.c"] and final["parameters"] == {"p": 3}
+    assert leftovers_of_replacements(run_logs, "abandoned") == []
+
+
+def test_pipeline_writes_during_a_replacement_keep_its_tags_and_are_read(bucket):
+    run_logs = chunked_run_logs(bucket)
+    run_logs.create(fan_run("tagged", "PROCESSING", ["a"], 1))
+    run_logs.write(fan_run("tagged", "PROCESSING", ["a", "b"], 2))
+    pipeline = chunked_run_logs(bucket)
+    pipeline.add_step("tagged", {"name": "work", "internal_name": "fan.b.work", "status": "SUCCESS"})
+    pipeline.add_step("tagged", {"name": "later", "internal_name": "later", "status": "SUCCESS"})
+    pipeline.set_status("tagged", "SUCCESS")
+    document = chunked_run_logs(bucket).read("tagged")
+    assert document["status"] == "SUCCESS" and list(document["steps"]) == ["fan", "later"]
+    assert document["steps"]["fan"]["branches"]["fan.b"]["steps"]["fan.b.work"]["status"] == "SUCCESS"
+
+
 def test_a_write_that_landed_is_not_reported_as_a_conflict_however_long_the_retries_took(moto_bucket):
     config = Config.from_dict({**moto_bucket, "conflict_timeout": 1})
     runlog_s3.open_run_logs(config).create({"run_id": "landed", "status": "PROCESSING", "steps": {}, "parameters": {}})
