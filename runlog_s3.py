@@ -1389,8 +1389,8 @@ def put_step_log(document: Dict[str, Any], step_log: Mapping[str, Any]) -> None:
     steps = parent.setdefault("steps", {})
     new = _json_copy(step_log)
     stored = steps.get(internal_name)
-    if stored:
-        new["branches"] = _keep_stored_children(stored.get("branches", {}), step_log.get("branches", {}))
+    if stored and stored.get("branches"):
+        new["branches"] = _keep_stored_children(stored["branches"], step_log.get("branches", {}))
     steps[internal_name] = new
 
 
@@ -1401,8 +1401,8 @@ def put_branch_log(document: Dict[str, Any], branch_log: Mapping[str, Any]) -> N
     branches = step.setdefault("branches", {})
     new = _json_copy(branch_log)
     stored = branches.get(internal_name)
-    if stored:
-        new["steps"] = _keep_stored_children(stored.get("steps", {}), branch_log.get("steps", {}))
+    if stored and stored.get("steps"):
+        new["steps"] = _keep_stored_children(stored["steps"], branch_log.get("steps", {}))
     branches[internal_name] = new
 
 
@@ -1968,18 +1968,32 @@ class ChunkedS3RunLogs(S3RunLogs):
         entries = list(self.client.list_objects(folder))
         if not any(info.key == run_key and info.etag == run.etag for info in entries):
             return None  # the run object changed since it was read: a replacement may lie between
-        chunks = [info.key for info in entries if self._kind_of(info.key, folder)]
-        bodies = self._get_many(chunks)
+        listed = {info.key: info for info in entries if self._kind_of(info.key, folder)}
         generation = run.metadata.get(_REPLACED_BY, "")
-        if len(bodies) < len(chunks) or any(
-            stored.metadata.get(_REPLACED_BY, generation) != generation for stored in bodies.values()
-        ):
+
+        def tagged(stored: S3Object) -> bool:
+            return stored.metadata.get(_REPLACED_BY, generation) == generation
+
+        # A log listed with the ETag of the version this process holds is those bytes: no GET. (A
+        # replacement may have re-tagged the same bytes: those are fetched.)
+        bodies = {key: stored for key, stored in self._held_versions(listed).items() if tagged(stored)}
+        bodies.update(self._get_many([key for key in listed if key not in bodies]))
+        if len(bodies) < len(listed) or not all(tagged(stored) for stored in bodies.values()):
             return None  # a log was deleted or rewritten by a replacement since the run object was read
         steps, branches = [], []
         for key in sorted(bodies, key=lambda key: _creation_order(bodies[key])):
             log = decode_log_object(bodies[key].body, self._url(key))
             (steps if self._kind_of(key, folder) == "step" else branches).append(log)
         return assemble_run_log(fields_, steps, branches, self.where(run_id))
+
+    def _held_versions(self, listed: Mapping[str, ObjectInfo]) -> Dict[str, S3Object]:
+        with self._lock():
+            held = {key: self._versions.get(key) for key in listed}
+        return {
+            key: S3Object(key, version.body, version.etag, listed[key].last_modified, dict(version.metadata or {}))
+            for key, version in held.items()
+            if version is not None and version.etag == listed[key].etag
+        }
 
     def _being_replaced(self, run_id: str, fields_: Dict[str, Any], token: str) -> Optional[Dict[str, Any]]:
         # Mid-replacement the run log is the new one: its logs from the replacement object, the run's own

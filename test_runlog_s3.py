@@ -906,9 +906,13 @@ def test_chunked_layout_one_object_per_log_named_after_it(bucket):
     assert store.get_step_log("par.ünï cödé/b.w", "wide").status == "SUCCESS"
     assert store.get_run_log_by_id("wide", full=False).steps == {}
     assert transport.methods() == ["PUT", "PUT", "GET"]
-    # The whole tree: one LIST, then a GET per object; steps come back in the order they were created.
+    # The whole tree: the run object, one LIST, then a GET per object, except those listed with the ETag
+    # of the version this process holds (here, all six logs it wrote); steps come back in creation order.
     transport.sent.clear()
-    run_log = store.get_run_log_by_id("wide", full=True)
+    assert store.get_run_log_by_id("wide", full=True) == chunked_store(bucket)[0].get_run_log_by_id("wide", full=True)
+    assert transport.methods() == ["GET", "GET ?list-type=2"]
+    reader, transport = chunked_store(bucket)
+    run_log = reader.get_run_log_by_id("wide", full=True)
     assert transport.methods().count("GET ?list-type=2") == 1 and transport.methods().count("GET") == 7
     assert list(run_log.steps) == ["z-first", "par", "a-last", "new"]
     branch = run_log.steps["par"].branches["par.ünï cödé/b"]
@@ -946,8 +950,8 @@ def test_chunked_assembly_uses_a_bounded_pool_of_concurrent_gets(bucket):
     store.create_run_log("pooled")
     for number in range(60):
         store.add_step_log(store.create_step_log(f"s{number:02d}", f"s{number:02d}"), "pooled")
-    transport.most_in_flight = 0
-    run_log = store.get_run_log_by_id("pooled", full=True)
+    reader, transport = chunked_store(bucket)  # a process that holds none of them: 60 GETs
+    run_log = reader.get_run_log_by_id("pooled", full=True)
     assert list(run_log.steps) == [f"s{number:02d}" for number in range(60)]
     assert 1 < transport.most_in_flight <= runlog_s3.ASSEMBLY_THREADS
 
@@ -1802,6 +1806,104 @@ def test_remembered_document_never_shares_a_callers_objects(bucket):
     values["list"].append(3)  # the caller changes its own object afterwards, without telling the store
     store.set_run_config("alias", {"other": True})  # served from the remembered document
     assert store.get_parameters("alias") == {"list": [1, 2]}
+
+
+# Fast under real latency: the request budget ######################################################
+
+
+@pytest.mark.parametrize("layout", ["chunked-s3", "s3"])
+def test_a_parallel_pipeline_keeps_its_request_budget(bucket, tmp_path, layout):
+    # magnus 0.4.16, enable_parallel: a parallel node of 2 branches, one a nested parallel of 2, and a
+    # map over 2 items: 22 step and branch logs, every request counted by a proxy in front of the server.
+    with bench_runlog_s3.LatencyProxy(bucket["endpoint_url"]) as proxy:
+        store = {"type": layout, "config": {**bucket, "endpoint_url": proxy.endpoint_url}}
+        command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, 2, 2, True, nested=2)
+        result = subprocess.run(command + ["--run-id", "budget"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+        counts, refused = dict(proxy.counts), proxy.refused
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = bench_runlog_s3.expected_logs(2, 2, 2)
+    if layout == "chunked-s3":
+        # Per log: each step written twice (PROCESSING, then its end); a branch written by its parent
+        # and by its own process, read by both; each task reads the parameters once. Steps this process
+        # wrote are read from memory, and so are the logs it holds when magnus reads the whole run.
+        assert counts == {"GET": 57, "PUT": 48, "LIST": 1}, counts
+        assert refused == 0
+    else:
+        # One object for every writer: lost compare-and-swaps vary from run to run; each costs one
+        # refused PUT and one GET more, and nothing else.
+        assert {"GET": counts["GET"] - refused, "PUT": counts["PUT"] - refused} == {"GET": 81, "PUT": 48}, counts
+    assert logs == 22 and counts["PUT"] - refused == 48  # the writes magnus asks for: 2.2 per log
+
+
+def test_a_change_that_changes_nothing_sends_nothing(bucket):
+    for layout in ("s3", "chunked-s3"):
+        run_logs = runlog_s3.open_run_logs(bucket, layout)
+        run_logs.create({"run_id": f"same-{layout}", "status": "PROCESSING", "steps": {}, "parameters": {"p": 1}})
+        step = {"name": "a", "internal_name": "a", "status": "SUCCESS", "step_type": "task"}
+        run_logs.add_step(f"same-{layout}", step)
+        sent = []
+        send = run_logs.client.transport.send
+        run_logs.client.transport.send = lambda request: sent.append(request.method) or send(request)
+        run_logs.set_parameters(f"same-{layout}", {})
+        run_logs.set_run_config(f"same-{layout}", {})
+        run_logs.set_parameters(f"same-{layout}", {"p": 1})  # as in the version this process holds
+        run_logs.add_step(f"same-{layout}", dict(step))  # equal to the one it wrote
+        assert sent == [], (layout, sent)
+        run_logs.set_parameters(f"same-{layout}", {"p": 2})
+        run_logs.add_step(f"same-{layout}", dict(step, status="FAIL"))
+        assert sent == ["PUT", "PUT"], (layout, sent)
+
+
+def test_logs_other_processes_write_are_always_read_fresh(bucket):
+    # A branch log is written by the parent and then by the branch's own process; a step read from
+    # memory is only one this process wrote, never one another process wrote or rewrote.
+    parent, child = (chunked_run_logs(bucket) for _ in range(2))
+    parent.create({"run_id": "fresh", "status": "PROCESSING", "steps": {}})
+    parent.add_branch("fresh", {"internal_name": "fan.b", "status": "PROCESSING", "steps": {}})
+    branch = child.read_branch("fresh", "fan.b")
+    child.add_branch("fresh", dict(branch, status="SUCCESS"))
+    child.add_step("fresh", {"name": "w", "internal_name": "fan.b.w", "status": "SUCCESS"})
+    assert parent.read_branch("fresh", "fan.b")["status"] == "SUCCESS"
+    assert parent.read_step("fresh", "fan.b.w")["status"] == "SUCCESS"
+    child.add_step("fresh", {"name": "w", "internal_name": "fan.b.w", "status": "FAIL"})
+    assert parent.read_step("fresh", "fan.b.w")["status"] == "FAIL"  # it held a version it read, not wrote
+    assert parent.read("fresh")["steps"] == {}  # fan.b.w's parent step is not stored: left out, as before
+    document = child.read("fresh")
+    assert document == parent.read("fresh")
+
+
+def test_a_full_read_uses_held_versions_only_while_they_are_what_is_stored(bucket):
+    config = {**bucket, "conflict_timeout": 3}
+    writer, other = chunked_run_logs(config), chunked_run_logs(config)
+    document = fan_run("held", "SUCCESS", ["a", "b"], 1)
+    writer.create(document)
+    writer.write(document)  # the writer holds every log, tagged by its replacement
+    first = writer.read("held")
+    other.write(document)  # the same bytes again, tagged by a replacement the writer never saw
+    started = time.monotonic()
+    assert writer.read("held") == first
+    assert time.monotonic() - started < 5  # no rounds until conflict_timeout
+    other.add_step("held", {"name": "work", "internal_name": "fan.a.work", "status": "FAIL"})
+    assert writer.read("held")["steps"]["fan"]["branches"]["fan.a"]["steps"]["fan.a.work"]["status"] == "FAIL"
+
+
+def test_the_http_session_sends_without_waiting_for_acks(moto_bucket, monkeypatch):
+    # botocore's clients set TCP_NODELAY; a session built without it holds each PUT's body until the
+    # server ACKs its headers, which Linux delays by 40 ms: SeaweedFS answered every PUT in 44 ms.
+    import urllib3.util.connection
+
+    opened = []
+    create_connection = urllib3.util.connection.create_connection
+
+    def recording(*args, **kwargs):
+        sock = create_connection(*args, **kwargs)
+        opened.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return sock
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", recording)
+    S3Client(Config.from_dict(moto_bucket)).put_object("nodelay", b"{}")
+    assert opened and all(opened), opened
 
 
 # Benchmark ########################################################################################
