@@ -1911,7 +1911,7 @@ def test_the_http_session_sends_without_waiting_for_acks(moto_bucket, monkeypatc
 
 def test_bench_quick_completes_and_prints_every_row():
     result = subprocess.run([sys.executable, "bench_runlog_s3.py", "--quick"], capture_output=True, text=True,
-                            cwd=HERE, timeout=240)
+                            cwd=HERE, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
     names = [line.split(" | ")[0].lstrip("| ") for line in result.stdout.splitlines() if line.startswith("| ")]
     expected_prefixes = [
@@ -1925,8 +1925,14 @@ def test_bench_quick_completes_and_prints_every_row():
         "chunked-s3: add_step_log at 10 steps", "chunked-s3: add_step_log at 1000 steps / at 10",
         "chunked-s3: assemble 201 objects, loopback", "chunked-s3: assemble 201 objects, 10 ms round trip",
         "chunked-s3: 16 writers x 5 on distinct steps", "cold start: python -c pass", "cold start: python -m runlog_s3 get",
-        "cold start: boto3 one-liner",
+        "cold start: boto3 one-liner", "cold start: import runlog_s3, the module's own time",
+        "64 logs (parallel of 6, one a nested parallel of 4; map over 10): magnus file-system, sequential",
+        "64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, moto + 20 ms round trip",
+        "64 logs (parallel of 6, one a nested parallel of 4; map over 10), s3, moto + 20 ms round trip",
     ]
+    if find_weed():
+        expected_prefixes.append("64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, "
+                                 "SeaweedFS: requests per log")
     for prefix in expected_prefixes:
         assert any(name.startswith(prefix) for name in names), prefix
     assert "cold start: runlog_s3 get peak memory" in result.stdout
@@ -1934,6 +1940,9 @@ def test_bench_quick_completes_and_prints_every_row():
         assert f"| pipeline 4+4: runlog_s3 {store_type}, parallel | " in result.stdout
         row = result.stdout.split(f"| pipeline 4+4: runlog_s3 {store_type}, parallel | ")[1].splitlines()[0]
         assert "0 of 28 logs lost, run SUCCESS" in row, row
+    for row in (line for line in result.stdout.splitlines() if ", moto + 20 ms round trip | " in line):
+        assert " 0 of 64 lost | 0 lost | PASS |" in row, row  # every log kept; its requests were counted
+        assert " 0 requests" not in row and "GET" in row and "PUT" in row, row
 
 
 @responses.activate
