@@ -2751,3 +2751,4 @@ def test_a_wrong_secret_on_seaweedfs_is_one_line_naming_the_source(seaweedfs, mo
     assert raised.value.status == 403 and "\n" not in message and "SENTINEL" not in message
     assert "check the access key and secret of the default credential chain (access key ...1234)" in message
     print(f"\nSeaweedFS {seaweedfs.version} says: {message}")
+
