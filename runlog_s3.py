@@ -37,6 +37,22 @@ __version__ = "0.1.0"
 logger = logging.getLogger("runlog_s3")
 
 
+def log_level_from(environ: Mapping[str, str]) -> int:
+    """The level of this module's logs: RUNLOG_S3_LOG_LEVEL, else WARNING. magnus 0.4 sends the root
+    logger's DEBUG to stdout, so a store that logs at its root's level floods every run."""
+    name = (environ.get("RUNLOG_S3_LOG_LEVEL") or "WARNING").strip().upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        raise ValueError(f"RUNLOG_S3_LOG_LEVEL {name!r} is not a log level: use DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+try:
+    logger.setLevel(log_level_from(os.environ))
+except ValueError:
+    logger.setLevel(logging.WARNING)  # the command line says so; a pipeline must not fail on it
+
+
 # Errors ###########################################################################################
 
 
@@ -171,11 +187,7 @@ class Config:
         """Validate a config block: unknown keys, wrong types and bad values are one ConfigError."""
         values = dict(values or {})
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"unknown key {unknown[0]!r} in run_log_store.config; valid keys: {', '.join(known)}"
-            )
+        check_config_keys(values)
         # A key written with no value in YAML (`prefix:`) means "the default".
         values = {name: value for name, value in values.items() if value is not None}
         if not values.get("s3_bucket"):
@@ -227,6 +239,14 @@ class Config:
     def key_prefix(self) -> str:
         """The prefix with its slashes stripped: keys are `<key_prefix>/<run_id>.json`."""
         return self.prefix.strip("/")
+
+
+def check_config_keys(values: Mapping[str, Any]) -> None:
+    """ConfigError naming the first key that is not one of the config block's."""
+    known = [f.name for f in fields(Config)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in run_log_store.config; valid keys: {', '.join(known)}")
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -605,12 +625,14 @@ class HttpReply(NamedTuple):
 
 
 class ObjectInfo(NamedTuple):
-    """One object: key, size, ETag, last-modified (ISO 8601 as S3 gives it)."""
+    """One object: key, size, ETag, last-modified (ISO 8601 as S3 gives it); as a run of the chunked
+    layout, the count of its objects and their total size."""
 
     key: str
     size: int = 0
     etag: str = ""
     last_modified: str = ""
+    objects: int = 1
 
 
 class S3Object(NamedTuple):
@@ -736,7 +758,8 @@ class BotocoreTransport(Transport):
         return self._session
 
     def send(self, request: Any) -> HttpReply:
-        reply = self._http_session().send(request)
+        with _OurRequest():
+            reply = self._http_session().send(request)
         body = reply.content
         # botocore's session does not enforce Content-Length; a reply cut short is a lost reply.
         expected = reply.headers.get("Content-Length", "")
@@ -745,9 +768,31 @@ class BotocoreTransport(Transport):
         return HttpReply(reply.status_code, dict(reply.headers), body)
 
 
-def _drop_signing_details(record: logging.LogRecord) -> bool:
-    # botocore logs the canonical request at DEBUG, and it holds the x-amz-security-token header.
-    return not str(record.msg).startswith(("CanonicalRequest", "StringToSign", "Signature"))
+_in_our_request = threading.local()  # set while this module signs or sends: see _quiet_our_requests
+_QUIETED_LOGGERS = ("botocore.auth", "urllib3.connectionpool", "urllib3.connection", "botocore.httpsession")
+
+
+def _quiet_our_requests(record: logging.LogRecord) -> bool:
+    # botocore logs the canonical request at DEBUG, and it holds the x-amz-security-token header: never.
+    if str(record.msg).startswith(("CanonicalRequest", "StringToSign", "Signature")):
+        return False
+    # Its other DEBUG lines and urllib3's, a few per request of ours, only when our own debug output is
+    # on (RUNLOG_S3_LOG_LEVEL=DEBUG, or -vv): the same loggers' lines for other code pass as they are.
+    return not (record.levelno <= logging.DEBUG and getattr(_in_our_request, "active", False)
+                and not logger.isEnabledFor(logging.DEBUG))
+
+
+class _OurRequest:
+    """Marks this thread as inside one of our requests, for _quiet_our_requests."""
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_in_our_request, "active", False)
+        _in_our_request.active = True
+        for name in _QUIETED_LOGGERS:
+            logging.getLogger(name).addFilter(_quiet_our_requests)  # adding it again is a no-op
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _in_our_request.active = self.outer
 
 
 class _SignerCredentials:
@@ -806,12 +851,12 @@ def sign_request(
     """A SigV4-signed, prepared request; for S3 the signature covers the SHA-256 of the real body."""
     from botocore.awsrequest import AWSRequest
 
-    logging.getLogger("botocore.auth").addFilter(_drop_signing_details)  # adding it again is a no-op
     request = AWSRequest(method=method, url=url, headers=dict(headers), data=body)
     signer = _signer_class(service)(
         _SignerCredentials(credentials.access_key, credentials.secret_key, credentials.token or None), service, region
     )
-    signer.add_auth(request)
+    with _OurRequest():
+        signer.add_auth(request)
     return request.prepare()
 
 
@@ -905,8 +950,11 @@ def _error_from_reply(
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return S3Error(f"{base}; check the access key and secret{tail}", **kwargs)
     if reply.status == 403:
-        hint = _ACCESS_HINTS.get(method or operation.split()[0], "check the credentials' permissions")
-        return S3Error(f"{base}; {hint}{tail}", **kwargs)
+        # Some servers (SeaweedFS among them), and every HEAD (a reply without a body), answer a
+        # signature made with a wrong secret with a bare 403 / AccessDenied: name both causes.
+        hint = _ACCESS_HINTS.get(method or operation.split()[0], "the credentials need permission for this")
+        return S3Error(f"{base}; check the access key and secret (a wrong secret can look like this), or {hint}{tail}",
+                       **kwargs)
     return S3Error(f"{base}{tail}", **kwargs)
 
 
@@ -932,6 +980,7 @@ class S3Client:
         self.endpoint_url = resolve_endpoint_url(config, self._environ)
         self.credentials = credentials or CredentialProvider(config, environ=self._environ)
         self._sleep = sleep
+        self.on_retry: Optional[Callable[[str, int, float], None]] = None  # (message, attempt, delay): the CLI's notices
         self._base_url, self._path_prefix = self._addressing()
         self.transport = transport or BotocoreTransport(config, self._environ, self._base_url)
 
@@ -1086,7 +1135,7 @@ class S3Client:
             )
             if isinstance(error, PreconditionFailedError):
                 error.after_lost_reply = may_have_landed
-            if error.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if error.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or error.status == 403:
                 # Which credentials were refused, never what they are beyond the masked key id.
                 error.message = error.args[0].replace(
                     "; check the access key and secret",
@@ -1134,6 +1183,9 @@ class S3Client:
             "retrying %s s3://%s/%s after %s (attempt %d of %d) in %.3f s",
             operation, self.bucket, key, reason, attempt, self.config.max_attempts, delay,
         )
+        if self.on_retry is not None:
+            self.on_retry(f"{operation} s3://{self.bucket}/{key}: {reason}; retrying (attempt {attempt + 1} of "
+                          f"{self.config.max_attempts}) in {delay:.1f} s", attempt, delay)
         self._sleep(delay)
 
 
@@ -1285,6 +1337,38 @@ def check_run_log(document: Any, where: str) -> Dict[str, Any]:
         if not isinstance(step, dict) or not isinstance(step.get("branches", {}), dict):
             raise InvalidRunLogError(f"{where} is not a run log: step {name!r} is not a step log object")
     return document
+
+
+MAGNUS_STATUSES = ("CREATED", "PROCESSING", "SUCCESS", "FAIL", "TRIGGERED")
+
+
+def check_run_log_shape(document: Dict[str, Any], where: str) -> None:
+    """What a person writes by hand (put, edit) must be a run log magnus can read: a status of
+    magnus's on the run and on every step and branch, steps and branches as objects. One line naming
+    the field otherwise."""
+
+    def fail(path: str, problem: str) -> None:
+        raise InvalidRunLogError(f"{where}: {path}{problem}; nothing written")
+
+    def check_status(log: Mapping[str, Any], path: str) -> None:
+        if "status" not in log:
+            fail(path, "status is missing")
+        if log["status"] not in MAGNUS_STATUSES:
+            fail(path, f"status {log['status']!r} is not one of magnus's ({', '.join(MAGNUS_STATUSES)})")
+
+    def walk(container: Mapping[str, Any], children: str, path: str) -> None:
+        logs = container.get(children, {})
+        if not isinstance(logs, dict):
+            fail(path, f"{children} is {type(logs).__name__}, not an object of {children[:-1]} logs by internal name")
+        for name, log in logs.items():
+            inner = f"{path}{children}.{name}: "
+            if not isinstance(log, dict):
+                fail(inner, f"is {type(log).__name__}, not a {children[:-1]} log object")
+            check_status(log, inner)
+            walk(log, "branches" if children == "steps" else "steps", inner)
+
+    check_status(document, "")
+    walk(document, "steps", "")
 
 
 def _too_large(size: int, where: str, outcome: str) -> str:
@@ -2219,8 +2303,9 @@ class ChunkedS3RunLogs(S3RunLogs):
             return ObjectInfo(
                 folder[len(prefix):-1],
                 sum(info.size for info in objects),
-                f"{len(objects)} objects",
+                "",
                 max(info.last_modified for info in objects),
+                len(objects),
             )
 
         runs = [run for run in self._in_pool(summary, folders) if run is not None]
@@ -2574,6 +2659,7 @@ def __getattr__(name: str) -> Any:
 # magnus config file. Exit codes: 0 ok, 1 not found or check failed, 2 usage or configuration error.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as shells report them
 
 _CLI_SETTINGS = (
     # (flag, environment variable, config key)
@@ -2655,14 +2741,7 @@ def _load_config_file(path: str) -> Tuple[Dict[str, Any], str]:
     try:
         data = json.loads(text)
     except ValueError:
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"config file {path} is not JSON; install PyYAML to read YAML") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from exc
+        data = _load_yaml(text, path)
     store = data.get("run_log_store") if isinstance(data, dict) else None
     if not isinstance(store, dict):
         raise ConfigError(f"config file {path} has no run_log_store block")
@@ -2678,6 +2757,41 @@ def _load_config_file(path: str) -> Tuple[Dict[str, Any], str]:
     return config, _STORE_TYPES[store_type]
 
 
+def _load_yaml(text: str, path: str) -> Any:
+    # With PyYAML or ruamel.yaml, whichever is there: magnus 0.4 brings ruamel.yaml, not PyYAML.
+    try:
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from exc
+    except ImportError:
+        pass
+    try:
+        from ruamel.yaml import YAML
+        from ruamel.yaml.error import YAMLError
+    except ImportError:
+        raise ConfigError(f"config file {path} is not JSON; install PyYAML or ruamel.yaml to read YAML") from None
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
+        raise ConfigError(f"config file {path} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from exc
+
+
+def cli_config(values: Mapping[str, Any]) -> Config:
+    """The Config of a command line: its timeouts and attempts fit a person waiting (5 s to connect,
+    10 s for a reply, 4 attempts) unless the config block sets them; the library's fit a pipeline."""
+    check_config_keys(values)
+    if not values.get("s3_bucket"):
+        raise ConfigError("no bucket: pass --bucket, set RUNLOG_S3_BUCKET, or --config a magnus config file "
+                          "(--bucket s3://bucket/prefix sets both)")
+    return Config.from_dict({**_CLI_DEFAULTS, **values})
+
+
+_CLI_DEFAULTS = {"connect_timeout": 5.0, "read_timeout": 10.0, "max_attempts": 4}
+
+
 def cli_config_values(args: Any, environ: Mapping[str, str]) -> Dict[str, Any]:
     """The config block the command line stands for: flags, then --config FILE, then RUNLOG_S3_* variables."""
     values: Dict[str, Any] = {}
@@ -2687,11 +2801,16 @@ def cli_config_values(args: Any, environ: Mapping[str, str]) -> Dict[str, Any]:
     if args.config:
         config, layout = _load_config_file(args.config)
         values.update(config)
-        if getattr(args, "layout", None) is None:
-            args.layout = layout
+        args.config_layout = layout
     for flag, _variable, key in _CLI_SETTINGS:
         if getattr(args, flag, None) is not None:
             values[key] = getattr(args, flag)
+    bucket = values.get("s3_bucket")
+    if isinstance(bucket, str) and bucket.startswith("s3://"):  # s3://bucket/prefix, as aws s3 takes it
+        name, _, prefix = bucket[len("s3://"):].partition("/")
+        values["s3_bucket"] = name
+        if prefix and getattr(args, "prefix", None) is None:
+            values["prefix"] = prefix.rstrip("/")
     return values
 
 
@@ -2796,6 +2915,14 @@ class BucketRuns:
                 return run_logs
         raise self._not_found(run_id)
 
+    def status(self, run_id: str, layout: str) -> str:
+        """A listed run's status: one GET of its run log (s3) or run object (chunked-s3); '?' if unreadable."""
+        try:
+            run_logs = self.chunked if layout == "chunked-s3" else self.plain
+            return str(run_logs.read(run_id, full=False).get("status", "?"))
+        except (RunLogNotFoundError, InvalidRunLogError):
+            return "?"
+
     def list(self) -> List[Tuple[ObjectInfo, str]]:
         """(run, layout) for the runs of both layouts, oldest first."""
         entries = self.plain.list_top_level()
@@ -2830,18 +2957,51 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
     listed = runs.list()
     if args.limit:
         listed = listed[-args.limit:]
-    width = max((len(run.key) for run, _layout in listed), default=0)
-    for run, layout in listed:
-        chunked = f"  chunked-s3, {run.etag}" if layout == "chunked-s3" else ""
-        print(f"{run.key.ljust(width)}  {run.last_modified}  {run.size}{chunked}")
+    statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
+    rows = [{"run_id": run.key, "status": status, "layout": layout, "last_modified": run.last_modified,
+             "size": run.size, "objects": run.objects} for (run, layout), status in zip(listed, statuses)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE")] + [
+        (row["run_id"], row["status"], row["layout"], row["last_modified"],
+         f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""))
+        for row in rows
+    ]
+    widths = [max(len(line[column]) for line in table) for column in range(4)]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[4])
     return EXIT_OK
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _cmd_show(runs: BucketRuns, args: Any) -> int:
     document = runs.read(args.run_id)
+    if args.json:
+        print(json.dumps(tree_rows(document), indent=2, ensure_ascii=False))
+        return EXIT_OK
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print("\n".join(render_tree(document, color=color)))
     return EXIT_OK
+
+
+def tree_rows(document: Mapping[str, Any]) -> Dict[str, Any]:
+    """`show --json`: the run's steps and branches, in order, with what the tree shows of each."""
+
+    def step_row(step: Mapping[str, Any]) -> Dict[str, Any]:
+        return {"name": step.get("name"), "internal_name": step.get("internal_name"), "status": step.get("status"),
+                "step_type": step.get("step_type"), "attempts": len(step.get("attempts") or []),
+                "branches": [branch_row(branch) for branch in (step.get("branches") or {}).values()]}
+
+    def branch_row(branch: Mapping[str, Any]) -> Dict[str, Any]:
+        return {"internal_name": branch.get("internal_name"), "status": branch.get("status"),
+                "steps": [step_row(step) for step in (branch.get("steps") or {}).values()]}
+
+    return {"run_id": document.get("run_id"), "status": document.get("status"),
+            "steps": [step_row(step) for step in (document.get("steps") or {}).values()]}
 
 
 def _read_run_log_input(path: str, run_id: str) -> Tuple[Dict[str, Any], str]:
@@ -2861,18 +3021,19 @@ def _read_run_log_input(path: str, run_id: str) -> Tuple[Dict[str, Any], str]:
     document = decode_run_log(body, source)
     if document["run_id"] != run_id:
         raise UsageError(f"{source} holds run log {document['run_id']!r}, not {run_id!r}; nothing written")
+    check_run_log_shape(document, source)
     return document, source
 
 
 def _cmd_put(runs: BucketRuns, args: Any) -> int:
     document, _source = _read_run_log_input(args.file, args.run_id)
     try:
-        run_logs = runs.holding(args.run_id)
+        run_logs = runs.holding(args.run_id)  # the layout the run is in comes first
         exists = True
     except RunLogNotFoundError:
-        run_logs = runs.chunked if (args.layout or "s3") == "chunked-s3" else runs.plain
+        run_logs = runs.chunked if (args.layout or args.config_layout or "s3") == "chunked-s3" else runs.plain
         exists = False
-    if args.layout and args.layout != run_logs.layout:
+    if args.layout and args.layout != run_logs.layout:  # only an explicit --layout can disagree
         raise UsageError(f"run {args.run_id!r} is stored in layout {run_logs.layout}, not {args.layout}; nothing written")
     where = run_logs.where(args.run_id)
     if args.create or not exists:
@@ -2928,6 +3089,7 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
         return EXIT_OK
     try:
         new = check_run_log(json.loads(edited), path)
+        check_run_log_shape(new, path)
     except ValueError as exc:
         raise UsageError(f"{path} is not valid JSON ({exc}); nothing written; {kept}") from exc
     except InvalidRunLogError as exc:
@@ -2961,14 +3123,22 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
 
 
 class CheckResult(NamedTuple):
-    """One line of `check`."""
+    """One line of `check`: result PASS, FAIL or SKIP (a check that could not be made here)."""
 
     name: str
-    passed: bool
+    result: str
     detail: str
 
+    @property
+    def passed(self) -> bool:
+        return self.result != "FAIL"
+
     def line(self) -> str:
-        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+        return f"{self.result}  {self.name}: {self.detail}"
+
+
+class _Skipped(Exception):
+    """A check that cannot be made here, and why."""
 
 
 def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult]:
@@ -2980,13 +3150,16 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
     def check(name: str, action: Callable[[], str]) -> bool:
         try:
             detail = action()
+        except _Skipped as skipped:
+            results.append(CheckResult(name, "SKIP", str(skipped)))
+            return True
         except RunlogS3Error as exc:
-            results.append(CheckResult(name, False, exc.message))
+            results.append(CheckResult(name, "FAIL", exc.message))
             return False
         except Exception as exc:  # a check reports every failure as a line, whatever it is
-            results.append(CheckResult(name, False, f"{type(exc).__name__}: {exc}"))
+            results.append(CheckResult(name, "FAIL", f"{type(exc).__name__}: {exc}"))
             return False
-        results.append(CheckResult(name, True, detail))
+        results.append(CheckResult(name, "PASS", detail))
         return True
 
     def credentials() -> str:
@@ -2995,7 +3168,7 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
 
     def identity() -> str:
         if client.endpoint_url and not resolve_endpoint_url(client.config, environ, "sts"):
-            return "skipped: custom S3 endpoint and no AWS_ENDPOINT_URL_STS"
+            raise _Skipped("custom S3 endpoint and no AWS_ENDPOINT_URL_STS")
         transport = BotocoreTransport(client.config, environ, sts_endpoint_url(client.config, environ))
         return get_caller_identity(client.credentials.get(), client.config, transport, environ)
 
@@ -3042,7 +3215,7 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
             client.delete_object(scratch)
         return "conditional PUTs on an existing key are refused (412): parallel writes are safe"
 
-    if not check("credentials", credentials):
+    if not check("credentials found", credentials):
         return results
     check("caller identity", identity)
     if check("bucket", bucket_region):
@@ -3054,7 +3227,11 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
 
 def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:
     """One writer process of `check --local`: a branch of steps and a parameter, through the store."""
+    import signal
+
     import runlog_s3  # the store class is built lazily, with magnus when it is there
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
 
     store = runlog_s3.S3RunLogStore(config)
     branch_name = f"fan-out.writer-{writer:02d}"
@@ -3092,12 +3269,21 @@ def run_local_workload(config: Dict[str, Any], writers: int = 16, steps: int = 1
     processes = [
         multiprocessing.Process(target=_local_writer, args=(config, run_id, writer, steps)) for writer in range(writers)
     ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-        if process.is_alive():
-            process.terminate()
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=300)
+            if process.is_alive():
+                process.terminate()
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            if process.pid is not None:
+                process.join(10)
+        raise
     fan_out = store.get_step_log("fan-out", run_id)
     _set(fan_out, "status", "SUCCESS")
     store.add_step_log(fan_out, run_id)
@@ -3108,12 +3294,8 @@ def run_local_workload(config: Dict[str, Any], writers: int = 16, steps: int = 1
     return document, writers * (steps + 1), kept
 
 
-def _cmd_check(values: Dict[str, Any], args: Any, environ: Mapping[str, str]) -> int:
-    local = args.local or not values.get("s3_bucket")
-    if not local:
-        client = S3Client(Config.from_dict(values), environ=environ)
-        return _report_checks(run_checks(client, environ))
-    print("no bucket configured: checking against an embedded S3 server" if not args.local else "checking against an embedded S3 server")
+def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
+    print("checking against an embedded S3 server", file=sys.stderr if args.json else sys.stdout)
     with LocalS3Server() as server:
         # The embedded server accepts any credentials; name variables of our own so none of the
         # user's are sent anywhere, and so forked writers find them.
@@ -3131,23 +3313,41 @@ def _cmd_check(values: Dict[str, Any], args: Any, environ: Mapping[str, str]) ->
         }
         client = S3Client(Config.from_dict(config))
         create_bucket(client)
-        print(f"embedded server {server.endpoint_url}, bucket {_LOCAL_BUCKET}")
+        print(f"embedded server {server.endpoint_url}, bucket {_LOCAL_BUCKET}", file=sys.stderr if args.json else sys.stdout)
         results = run_checks(client, os.environ)
-        _report_checks(results)
         if not all(result.passed for result in results):
-            return EXIT_FAILED
+            return _report_checks(results, args.json)
+        if not args.json:
+            _report_checks(results, False)
         started = time.monotonic()
         document, written, kept = run_local_workload(config, writers=args.writers, steps=args.steps)
         elapsed = time.monotonic() - started
-        print("\n".join(render_tree(document, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"), limit=2)))
+        if not args.json:
+            print("\n".join(render_tree(document, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"), limit=2)))
         detail = f"{args.writers} writer processes wrote {written} logs, {kept} kept, {written - kept} lost, in {elapsed:.1f} s"
-        return _report_checks([CheckResult("parallel writes", kept == written, detail)])
+        workload = [CheckResult("parallel writes", "PASS" if kept == written else "FAIL", detail)]
+        return _report_checks(results + workload if args.json else workload, args.json)
 
 
-def _report_checks(results: List[CheckResult]) -> int:
-    for result in results:
-        print(result.line(), flush=True)
+def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps([result._asdict() for result in results], indent=2))
+    else:
+        for result in results:
+            print(result.line(), flush=True)
     return EXIT_OK if results and all(result.passed for result in results) else EXIT_FAILED
+
+
+def _positive_count(text: str) -> int:
+    import argparse
+
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of runs: give 1 or more")
+    return count
 
 
 def _parser() -> Any:
@@ -3168,12 +3368,14 @@ def _parser() -> Any:
     # The options are accepted before or after the command; SUPPRESS keeps a command's parser from
     # resetting what was given before it.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=Formatter)
-    common.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON); its run_log_store.config is used")
-    common.add_argument("--bucket", help="the bucket (env RUNLOG_S3_BUCKET)")
-    common.add_argument("--prefix", help="the key prefix (env RUNLOG_S3_PREFIX)")
-    common.add_argument("--region", help="the bucket's region (env RUNLOG_S3_REGION; default eu-west-1)")
-    common.add_argument("--profile", help="an AWS profile (env RUNLOG_S3_PROFILE; default: the default chain)")
-    common.add_argument("--endpoint-url", dest="endpoint_url", help="an S3-compatible endpoint (env RUNLOG_S3_ENDPOINT_URL)")
+    common.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON), e.g. config.yaml; "
+                        "its run_log_store.config is used")
+    common.add_argument("--bucket", help="the bucket, e.g. my-runs or s3://my-runs/magnus (env RUNLOG_S3_BUCKET)")
+    common.add_argument("--prefix", help="the key prefix, e.g. magnus/runs (env RUNLOG_S3_PREFIX)")
+    common.add_argument("--region", help="the bucket's region, e.g. us-east-1 (env RUNLOG_S3_REGION; default eu-west-1)")
+    common.add_argument("--profile", help="an AWS profile, e.g. prod (env RUNLOG_S3_PROFILE; default: the default chain)")
+    common.add_argument("--endpoint-url", dest="endpoint_url", help="an S3-compatible endpoint, e.g. "
+                        "http://127.0.0.1:9000 (env RUNLOG_S3_ENDPOINT_URL)")
     common.add_argument("-v", "--verbose", action="count", help="log to stderr (-vv for debug)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     parser = argparse.ArgumentParser(
@@ -3190,17 +3392,21 @@ def _parser() -> Any:
     def command(name: str, help: str) -> Any:
         return commands.add_parser(name, help=help, description=help, parents=[common], formatter_class=Formatter)
 
+    run_id_help = "the run's id, as magnus prints it (e.g. 20261125-101500-ab12)"
     get = command("get", help="print a run log as JSON")
-    get.add_argument("run_id")
+    get.add_argument("run_id", help=run_id_help)
     get.add_argument("--compact", action="store_true", help="one line instead of indented")
     get.add_argument("--etag", action="store_true", help="also print the ETag on stderr, for put --if-match")
-    ls = command("ls", help="list runs, oldest first: run id, last modified, size")
-    ls.add_argument("--limit", type=int, default=0, metavar="N", help="only the newest N")
+    ls = command("ls", help="list runs, oldest first: run id, status, layout, last modified, size")
+    ls.add_argument("--limit", type=_positive_count, default=0, metavar="N", help="only the newest N (e.g. --limit 20)")
+    ls.add_argument("--json", action="store_true", help="a JSON list: run_id, status, layout, last_modified, size, objects")
     show = command("show", help="a run log as a tree of steps and branches")
-    show.add_argument("run_id")
+    show.add_argument("run_id", help=run_id_help)
+    show.add_argument("--json", action="store_true", help="the tree as JSON: run_id, status, steps[name, "
+                      "internal_name, status, step_type, attempts, branches[internal_name, status, steps]]")
     put = command("put", help="write a run log from FILE or stdin, validated, with compare-and-swap")
-    put.add_argument("run_id")
-    put.add_argument("file", nargs="?", help="a JSON file (default: stdin)")
+    put.add_argument("run_id", help=run_id_help)
+    put.add_argument("file", nargs="?", help="a JSON file, e.g. one `get` wrote (default: stdin)")
     put.add_argument("--create", action="store_true", help="refuse to replace an existing run log")
     put.add_argument("--force", action="store_true", help="replace an existing run log whatever it holds now")
     put.add_argument("--if-match", dest="if_match", default="", metavar="ETAG", help="replace only if the ETag is still this")
@@ -3209,14 +3415,15 @@ def _parser() -> Any:
         help="the layout of a new run (default: the --config file's store type, else s3)",
     )
     edit = command("edit", help="edit a run log in $VISUAL/$EDITOR, written back with compare-and-swap")
-    edit.add_argument("run_id")
+    edit.add_argument("run_id", help=run_id_help)
     rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
-    rm.add_argument("run_id")
+    rm.add_argument("run_id", help=run_id_help)
     rm.add_argument("--yes", action="store_true", help="do not ask")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
     check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
     check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
+    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP), detail")
     return parser
 
 
@@ -3225,19 +3432,31 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     environ = os.environ if environ is None else environ
     parser = _parser()
     args = parser.parse_args(argv)
-    for name, default in (("config", None), ("verbose", 0), ("debug", False), ("layout", None)):
+    for name, default in (("config", None), ("verbose", 0), ("debug", False), ("layout", None), ("json", False),
+                          ("config_layout", None)):
         setattr(args, name, getattr(args, name, default))
-    if args.verbose:
-        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm}
     try:
+        try:
+            level = log_level_from(environ)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if args.verbose:
+            level = min(level, logging.DEBUG if args.verbose > 1 else logging.INFO)
+            logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logger.setLevel(level)
         values = cli_config_values(args, environ)
+        if args.command == "check" and args.local:
+            return _cmd_check_local(values, args)
+        if args.command == "check" and not values.get("s3_bucket"):
+            raise ConfigError("no bucket to check: pass --bucket, set RUNLOG_S3_BUCKET, or --config a magnus config "
+                              "file; check --local checks against an embedded S3 server instead")
+        client = S3Client(cli_config(values), environ=environ)
+        if sys.stderr.isatty() or args.verbose:
+            client.on_retry = _retry_notice()
         if args.command == "check":
-            return _cmd_check(values, args, environ)
-        if not values.get("s3_bucket"):
-            raise ConfigError("no bucket: pass --bucket, set RUNLOG_S3_BUCKET, or --config a magnus config file")
-        return commands[args.command](BucketRuns(S3Client(Config.from_dict(values), environ=environ)), args)
+            return _report_checks(run_checks(client, environ), args.json)
+        return commands[args.command](BucketRuns(client), args)
     except (RunLogNotFoundError, NotFoundError) as exc:
         return _fail(exc, EXIT_FAILED, args.debug)
     except (ConfigError, InvalidRunIdError, UsageError, CredentialsError) as exc:
@@ -3247,10 +3466,24 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     except RunlogS3Error as exc:
         return _fail(exc, EXIT_FAILED, args.debug)
     except KeyboardInterrupt:
-        return 130
+        print("runlog-s3: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # main() ends quietly
     except Exception as exc:  # a defect of ours: still one line, the traceback with --debug
         return _fail(RunlogS3Error(f"unexpected {type(exc).__name__}: {_first_line(exc)} (--debug shows where)"),
                      EXIT_FAILED, args.debug, exc)
+
+
+def _retry_notice() -> Callable[[str, int, float], None]:
+    # A person waiting hears why, once the wait passes about a second; a pipeline's log stays quiet.
+    started = time.monotonic()
+
+    def notice(message: str, attempt: int, delay: float) -> None:
+        if time.monotonic() - started + delay >= 1.0:
+            print(f"runlog-s3: {message}", file=sys.stderr, flush=True)
+
+    return notice
 
 
 def _fail(error: RunlogS3Error, code: int, debug: bool, cause: Optional[BaseException] = None) -> int:
@@ -3265,7 +3498,14 @@ def _fail(error: RunlogS3Error, code: int, debug: bool, cause: Optional[BaseExce
 
 def main() -> None:
     """Console script `runlog-s3`."""
-    sys.exit(_main())
+    try:
+        code = _main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as git does, and let nothing flush again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

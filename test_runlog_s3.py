@@ -1007,8 +1007,9 @@ def test_cli_works_on_a_chunked_run_without_being_told(bucket, cli_env):
     shown = cli("show", "chunky", env=cli_env)
     assert shown.returncode == 0 and "w  CREATED" in shown.stdout and "[b]" in shown.stdout
     listed = cli("ls", env=cli_env).stdout.splitlines()
-    assert sorted(line.split()[0] for line in listed) == ["chunky", "plain"]
-    assert "chunked-s3, 4 objects" in [line for line in listed if line.startswith("chunky")][0]
+    assert sorted(line.split()[0] for line in listed[1:]) == ["chunky", "plain"]
+    assert "chunked-s3" in [line for line in listed if line.startswith("chunky")][0]
+    assert " bytes in 4 objects" in [line for line in listed if line.startswith("chunky")][0]
     removed = cli("rm", "chunky", "--yes", env=cli_env)
     assert removed.returncode == 0 and "(4 objects)" in removed.stdout
     assert list(store.run_logs.client.list_objects("runs/chunky/")) == []
@@ -1427,6 +1428,7 @@ def test_no_secret_reaches_logs_messages_reprs_or_cli_output(s3_server, moto_buc
     import logging
 
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="runlog_s3")  # our debug output on: botocore's and urllib3's lines pass too
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SENTINEL_SECRET)
     monkeypatch.setenv("AWS_SESSION_TOKEN", SENTINEL_TOKEN)
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", s3_server.endpoint_url)
@@ -1608,10 +1610,10 @@ def test_cli_ls_oldest_first_and_limit(bucket, cli_env):
         time.sleep(1.05)  # S3 last-modified has one-second resolution on moto
     result = cli("ls", env=cli_env)
     lines = result.stdout.splitlines()
-    assert result.returncode == 0 and [line.split()[0] for line in lines] == ["first", "second", "third"]
-    assert all(len(line.split()) == 3 and line.split()[2].isdigit() for line in lines)
+    assert result.returncode == 0 and [line.split()[0] for line in lines[1:]] == ["first", "second", "third"]
+    assert all(line.split()[1:3] == ["SUCCESS", "s3"] and line.split()[4].isdigit() for line in lines[1:])
     limited = cli("ls", "--limit", "2", env=cli_env)
-    assert [line.split()[0] for line in limited.stdout.splitlines()] == ["second", "third"]
+    assert [line.split()[0] for line in limited.stdout.splitlines()[1:]] == ["second", "third"]
 
 
 def test_cli_show_draws_the_tree_plainly_when_piped(bucket, cli_env):
@@ -1662,7 +1664,7 @@ def test_cli_put_then_get_round_trips_identical_json(bucket, cli_env, tmp_path):
         (("put", "r-x"), '{"run_id": "other"}', 2, "stdin holds run log 'other', not 'r-x'; nothing written"),
         (("put", "r-x"), "{broken", 2, "stdin is not a run log: not valid JSON"),
         (("put", "r-x"), '["list"]', 2, "stdin is not a run log: JSON list"),
-        (("put", "bad/id"), '{"run_id": "bad/id"}', 2, "must not contain '/'"),
+        (("put", "bad/id"), '{"run_id": "bad/id", "status": "SUCCESS"}', 2, "must not contain '/'"),
         (("rm", "r-x"), "", 2, "refusing to delete"),
         (("get", ".."), "", 2, "path segment"),
     ],
@@ -1676,7 +1678,7 @@ def test_cli_refuses_bad_input_with_one_line(bucket, cli_env, args, stdin, code,
 
 def test_cli_put_create_refuses_to_replace(bucket, cli_env):
     stored_run(bucket, "r-exists")
-    result = cli("put", "r-exists", "--create", env=cli_env, stdin='{"run_id": "r-exists"}')
+    result = cli("put", "r-exists", "--create", env=cli_env, stdin='{"run_id": "r-exists", "status": "FAIL"}')
     assert result.returncode == 1 and "already exists" in result.stderr
     assert json.loads(cli("get", "r-exists", env=cli_env).stdout)["steps"]  # unchanged
 
@@ -1684,7 +1686,7 @@ def test_cli_put_create_refuses_to_replace(bucket, cli_env):
 def test_cli_put_with_stale_etag_writes_nothing(bucket, cli_env):
     stored_run(bucket, "r-stale")
     result = cli("put", "r-stale", "--if-match", '"0123456789abcdef0123456789abcdef"', env=cli_env,
-                 stdin='{"run_id": "r-stale"}')
+                 stdin='{"run_id": "r-stale", "status": "FAIL"}')
     assert result.returncode == 1 and "changed since ETag" in result.stderr and "nothing written" in result.stderr
     assert json.loads(cli("get", "r-stale", env=cli_env).stdout)["steps"]
 
@@ -1738,7 +1740,7 @@ def test_cli_check_passes_against_a_good_bucket(bucket, cli_env, s3_server):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "PASS  credentials", "PASS  caller identity", "PASS  bucket", "PASS  read, write, delete", "PASS  list",
+        "PASS  credentials found", "PASS  caller identity", "PASS  bucket", "PASS  read, write, delete", "PASS  list",
         "PASS  conditional writes"]
     assert "environment" in lines[0] and ACCESS_KEY[-4:] in lines[0] and SECRET_KEY not in result.stdout
 
@@ -2149,6 +2151,7 @@ def test_no_holder_of_a_secret_shows_it(bucket, caplog):
     import traceback
 
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="runlog_s3")
     failing = S3Client(Config.from_dict({**bucket, "endpoint_url": "http://127.0.0.1:9", "max_attempts": 2}),
                        runlog_s3.CredentialProvider(Config.from_dict(bucket), environ={
                            "AWS_ACCESS_KEY_ID": "AKIASENTINEL0001", "AWS_SECRET_ACCESS_KEY": secret,
@@ -2752,3 +2755,215 @@ def test_a_wrong_secret_on_seaweedfs_is_one_line_naming_the_source(seaweedfs, mo
     assert "check the access key and secret of the default credential chain (access key ...1234)" in message
     print(f"\nSeaweedFS {seaweedfs.version} says: {message}")
 
+
+
+# The command line and the logs, as terminal users expect them ####################################
+
+
+MAGNUS_LINE_MODULES = ("[auth ", "[connectionpool ", "[runlog_s3 ", "[httpsession ", "[endpoint ")
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_a_magnus_run_prints_nothing_of_ours_unless_asked(s3_server, bucket, tmp_path, store_type):
+    # magnus 0.4 sends the root logger's DEBUG to stdout: botocore's signer and urllib3 log every
+    # request at DEBUG, which the file-system store never causes.
+    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"]}}
+    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, 2, 2)
+    quiet = subprocess.run(command + ["--run-id", "quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    ours = [line for line in (quiet.stdout + quiet.stderr).splitlines() if any(m in line for m in MAGNUS_LINE_MODULES)]
+    assert ours == [], ours[:5]
+    asked = subprocess.run(command + ["--run-id", "asked"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "RUNLOG_S3_LOG_LEVEL": "DEBUG"})
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    shown = (asked.stdout + asked.stderr).splitlines()
+    assert any("[runlog_s3 " in line for line in shown) and any("[auth " in line for line in shown)
+    assert not any("CanonicalRequest" in line or "StringToSign" in line for line in shown)
+
+
+def test_an_unknown_log_level_is_one_line(bucket, cli_env):
+    result = cli("ls", env={**cli_env, "RUNLOG_S3_LOG_LEVEL": "LOUD"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "RUNLOG_S3_LOG_LEVEL 'LOUD' is not a log level" in result.stderr
+
+
+def test_ctrl_c_during_check_local_is_exit_130_and_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "runlog_s3", "check", "--local", "--writers", "8", "--steps",
+                                "400"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "PASS  conditional writes" not in (process.stdout.readline() or "x"):
+            pass
+        time.sleep(1.5)  # the writer processes are writing
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, (stdout[-1000:], stderr[-2000:])
+    assert stderr.strip() == "runlog-s3: interrupted", stderr[-2000:]
+    assert "Traceback" not in stdout + stderr
+
+
+def test_output_cut_short_by_head_is_quiet(bucket, cli_env):
+    steps = {f"step-{number:04d}": {"name": f"step-{number:04d}", "internal_name": f"step-{number:04d}",
+                                    "status": "SUCCESS", "branches": {}} for number in range(3000)}
+    runlog_s3.open_run_logs(bucket).create({"run_id": "long", "status": "SUCCESS", "steps": steps})  # far over a pipe's 64 KiB
+    for command in (["get", "long"], ["show", "long"]):
+        process = subprocess.Popen([sys.executable, "-m", "runlog_s3", *command], cwd=HERE, env={**os.environ, **cli_env},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout.readline()
+        process.stdout.close()  # `| head -1`
+        stderr = process.stderr.read().decode()
+        process.wait(timeout=60)
+        assert process.returncode == 141 and stderr == "", (command, process.returncode, stderr)  # as git
+
+
+def test_check_without_a_bucket_says_what_to_configure(tmp_path):
+    result = cli("check", env={"HOME": str(tmp_path)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "no bucket" in result.stderr and "check --local" in result.stderr
+    assert "PASS" not in result.stdout
+
+
+def test_check_says_skip_for_what_it_cannot_check(bucket, cli_env):
+    result = cli("check", env=cli_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SKIP  caller identity: custom S3 endpoint and no AWS_ENDPOINT_URL_STS" in result.stdout
+    assert "PASS  caller identity" not in result.stdout
+
+
+@pytest.mark.parametrize("server", ["moto", "seaweedfs"])
+def test_check_with_a_wrong_secret_names_both_causes(request, server, monkeypatch):
+    # moto checks signatures only with its IAM verifier on (the authed bucket); SeaweedFS always does,
+    # and answers a HEAD signed with a wrong secret with a bare 403.
+    if server == "moto":
+        config, _role = request.getfixturevalue("authed")
+        env = {"RUNNER_SECRET": "wrong-secret-for-this-key"}
+    else:
+        config = new_bucket(request.getfixturevalue("seaweedfs").endpoint_url)
+        env = {"AWS_SECRET_ACCESS_KEY": "wrong-secret-for-this-key"}
+    config_file = request.getfixturevalue("tmp_path") / "config.json"
+    config_file.write_text(json.dumps({"run_log_store": {"type": "s3", "config": config}}))
+    wrong = cli("check", "--config", str(config_file), env=env)
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "PASS  credentials found:" in wrong.stdout  # found, which is all that line claims
+    bucket_line = next(line for line in wrong.stdout.splitlines() if line.startswith(("PASS  bucket", "FAIL  bucket")))
+    assert bucket_line.startswith("FAIL  bucket:") and "check the access key and secret" in bucket_line, bucket_line
+    if "SignatureDoesNotMatch" not in bucket_line:  # a bare 403: the permission is named too
+        assert "a wrong secret can look like this" in bucket_line and "s3:ListBucket" in bucket_line, bucket_line
+    assert "wrong-secret" not in wrong.stdout + wrong.stderr
+
+
+def test_put_with_a_config_file_writes_into_the_layout_the_run_is_in(bucket, tmp_path):
+    runlog_s3.open_run_logs(bucket, "chunked-s3").create({"run_id": "other", "status": "PROCESSING", "steps": {}})
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_log_store:\n  type: s3\n  config:\n    s3_bucket: {bucket['s3_bucket']}\n"
+                      f"    endpoint_url: {bucket['endpoint_url']}\n    prefix: {bucket['prefix']}\n")
+    document = json.dumps({"run_id": "other", "status": "SUCCESS", "steps": {}})
+    result = cli("put", "other", "--force", "--config", str(config), stdin=document)
+    assert result.returncode == 0, result.stderr
+    assert runlog_s3.open_run_logs(bucket, "chunked-s3").read("other")["status"] == "SUCCESS"
+
+
+def test_a_mistyped_config_key_is_named_by_the_command_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("run_log_store:\n  type: s3\n  config:\n    s3bucket: my-runs\n")
+    result = cli("ls", "--config", str(config))
+    assert result.returncode == 2 and "unknown key 's3bucket'" in result.stderr, result.stderr
+
+
+def test_yaml_configs_are_read_with_ruamel_when_pyyaml_is_absent(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("run_log_store:\n  type: chunked-s3\n  config:\n    s3_bucket: my-runs\n    prefix: a/b\n")
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'yaml': raise ImportError('no PyYAML here')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "import runlog_s3; print(runlog_s3._load_config_file(sys.argv[1]))")
+    result = subprocess.run([sys.executable, "-c", code, str(config)], cwd=HERE, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "'s3_bucket': 'my-runs'" in result.stdout and "'prefix': 'a/b'" in result.stdout and "chunked-s3" in result.stdout
+
+
+@pytest.mark.parametrize("document, named", [
+    ({"run_id": "manual-9"}, "status"),
+    ({"run_id": "manual-9", "status": "BANANA"}, "status 'BANANA'"),
+    ({"run_id": "manual-9", "status": "SUCCESS", "steps": []}, "steps"),
+    ({"run_id": "manual-9", "status": "SUCCESS", "steps": {"a": {"name": "a", "internal_name": "a", "status": "OK"}}},
+     "steps.a: status 'OK'"),
+])
+def test_put_validates_the_run_logs_shape(bucket, cli_env, document, named):
+    result = cli("put", "manual-9", env=cli_env, stdin=json.dumps(document))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr, result.stderr
+    assert cli("get", "manual-9", env=cli_env).returncode == 1  # nothing written
+
+
+@pytest.mark.parametrize("limit", ["0", "-2", "x"])
+def test_ls_limit_must_be_a_positive_count(bucket, cli_env, limit):
+    result = cli("ls", "--limit", limit, env=cli_env)
+    assert result.returncode == 2 and "--limit" in result.stderr
+
+
+def test_ls_has_a_header_status_start_and_json(bucket, cli_env):
+    stored_run(bucket, "listed-a", status="SUCCESS")
+    runlog_s3.open_run_logs(bucket, "chunked-s3").create({"run_id": "listed-b", "status": "FAIL", "steps": {}})
+    table = cli("ls", env=cli_env)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE"]
+    assert lines[1].split()[:3] == ["listed-a", "SUCCESS", "s3"] and lines[2].split()[:3] == ["listed-b", "FAIL", "chunked-s3"]
+    assert "1 object" in lines[2] and "1 objects" not in lines[2]
+    listed = json.loads(cli("ls", "--json", env=cli_env).stdout)
+    assert [run["run_id"] for run in listed] == ["listed-a", "listed-b"]
+    assert set(listed[0]) == {"run_id", "status", "layout", "last_modified", "size", "objects"}
+
+
+def test_show_and_check_speak_json(bucket, cli_env):
+    stored_run(bucket, "shown", steps=("one", "two"))
+    shown = json.loads(cli("show", "shown", "--json", env=cli_env).stdout)
+    assert [row["name"] for row in shown["steps"]] == ["one", "two"] and shown["status"] == "SUCCESS"
+    checked = json.loads(cli("check", "--json", env=cli_env).stdout)
+    assert {"name", "result", "detail"} <= set(checked[0]) and {row["result"] for row in checked} <= {"PASS", "SKIP"}
+
+
+def test_s3_urls_are_accepted_for_bucket_and_prefix(bucket):
+    stored_run(bucket, "by-url")
+    result = cli("get", "by-url", "--bucket", f"s3://{bucket['s3_bucket']}/{bucket['prefix']}",
+                 env={"RUNLOG_S3_ENDPOINT_URL": bucket["endpoint_url"]})
+    assert result.returncode == 0 and json.loads(result.stdout)["run_id"] == "by-url", result.stderr
+
+
+def test_a_command_waiting_on_a_silent_server_says_it_is_retrying(tmp_path):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts, never answers
+    try:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"run_log_store": {"type": "s3", "config": {
+            "s3_bucket": "silent-bucket", "endpoint_url": f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "read_timeout": 0.5, "max_attempts": 3}}}))
+        started = time.monotonic()
+        result = cli("get", "anything", "--config", str(config), "--verbose", timeout=60)
+        assert time.monotonic() - started < 30
+    finally:
+        silent.close()
+    assert result.returncode == 1
+    retries = [line for line in result.stderr.splitlines() if "retrying" in line]
+    assert retries and "no reply came within read_timeout; retrying (attempt 3 of 3)" in retries[-1], result.stderr
+    assert result.stderr.splitlines()[-1].startswith("runlog-s3: ") and "gave up" not in retries[-1]
+
+
+def test_the_command_lines_defaults_fit_a_person_waiting(monkeypatch):
+    for name in ("RUNLOG_S3_BUCKET", "RUNLOG_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    config = runlog_s3.cli_config({"s3_bucket": "my-runs"})
+    assert (config.connect_timeout, config.read_timeout, config.max_attempts) == (5.0, 10.0, 4)
+    library = Config.from_dict({"s3_bucket": "my-runs"})
+    assert (library.connect_timeout, library.read_timeout, library.max_attempts) == (10.0, 30.0, 8)
+    given = runlog_s3.cli_config({"s3_bucket": "my-runs", "read_timeout": 60, "max_attempts": 8})
+    assert (given.read_timeout, given.max_attempts) == (60, 8)
