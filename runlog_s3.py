@@ -2629,28 +2629,92 @@ def _build_magnus_stores() -> Dict[str, type]:
     )
     S3RunLogStore = type("S3RunLogStore", (_S3StoreMethods, magnus_datastore.BaseRunLogStore), {
         **magnus_parts,
-        "service_name": "s3",
+        "service_name": SERVICE_NAMES["S3RunLogStore"],
         "__doc__": "magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap.",
     })
     ChunkedS3RunLogStore = type("ChunkedS3RunLogStore", (_ChunkedS3StoreMethods, magnus_datastore.BaseRunLogStore), {
         **magnus_parts,
-        "service_name": "chunked-s3",
+        "service_name": SERVICE_NAMES["ChunkedS3RunLogStore"],
         "__doc__": "magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs.",
     })
 
     return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
 
 
+# magnus matches an integration to a store by (executor, service type, the store's service_name). The
+# stores' service names are their own, so the integrations magnus_extensions declares for its `s3`
+# and `chunked-s3` stores (a race-condition warning, a mount) never apply to these, and these never
+# collide with its ("Multiple integrations ... found").
+SERVICE_NAMES = {"S3RunLogStore": "runlog-s3", "ChunkedS3RunLogStore": "runlog-chunked-s3"}
+# The executors of magnus 0.4.16 and magnus_extensions 0.2.13, as magnus names them.
+EXECUTORS = {"local": "Local", "local-container": "LocalContainer", "demo-renderer": "DemoRenderer", "argo": "Argo",
+             "k8s-job": "K8sJob", "kfp": "Kfp", "slurm": "Slurm", "slurm-job": "SlurmJob"}
+
+
+def integration_name(executor: str, store: str) -> str:
+    """The module attribute (and entry point target) of the integration of `store` with `executor`."""
+    return f"{EXECUTORS[executor]}{store}Integration"
+
+
+def _build_magnus_integrations() -> Dict[str, type]:
+    """One integration per executor and store. None warns: the store takes any number of writers.
+    local-container mounts the credentials file the config reads (read-only, where botocore looks
+    inside the container) and passes through the environment variables the config names."""
+    from pathlib import Path
+
+    from magnus.integration import BaseIntegration
+
+    class RunLogS3Integration(BaseIntegration):  # type: ignore[misc]
+        service_type = "run_log_store"
+
+    class LocalContainerRunLogS3Integration(RunLogS3Integration):
+        def configure_for_traversal(self, **kwargs: Any) -> None:
+            config: Config = self.service.config
+            if config.use_credentials:
+                names = (config.aws_access_key_name, config.aws_secret_access_key_name, config.aws_session_key_name)
+                self.executor.variables.update({name: os.environ[name] for name in names if name in os.environ})
+                return
+            credentials = Path(os.path.expanduser(config.aws_credentials_file))
+            if credentials.is_file():
+                self.executor.volumes[str(credentials.resolve())] = {"bind": "/root/.aws/credentials", "mode": "ro"}
+
+    classes: Dict[str, type] = {}
+    for store, provider in SERVICE_NAMES.items():
+        for executor in EXECUTORS:
+            base = LocalContainerRunLogS3Integration if executor == "local-container" else RunLogS3Integration
+            name = integration_name(executor, store)
+            classes[name] = type(name, (base,), {"executor_type": executor, "service_provider": provider,
+                                                 "__module__": __name__})
+    return classes
+
+
 _lazy_names: Dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the store classes are built (importing magnus) the first time someone asks for one.
-    if name in ("S3RunLogStore", "ChunkedS3RunLogStore"):
-        if not _lazy_names:
-            _lazy_names.update(_build_magnus_stores())
-        return _lazy_names[name]
+    # PEP 562: the store and integration classes are built (importing magnus) the first time someone
+    # asks for one.
+    if name in SERVICE_NAMES or name.endswith("Integration"):
+        if name not in _lazy_names:
+            _lazy_names.update(_build_magnus_stores() if name in SERVICE_NAMES else _build_magnus_integrations())
+        if name in _lazy_names:
+            return _lazy_names[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The names magnus finds the stores by: `type:` in its config, including the dotted class paths.
+STORE_NAMES = {"s3": "S3RunLogStore", "runlog-s3": "S3RunLogStore", "runlog_s3.S3RunLogStore": "S3RunLogStore",
+               "chunked-s3": "ChunkedS3RunLogStore", "runlog-chunked-s3": "ChunkedS3RunLogStore",
+               "runlog_s3.ChunkedS3RunLogStore": "ChunkedS3RunLogStore"}
+
+
+def entry_points_text() -> str:
+    """The entry points this module declares (setup.cfg holds the same; `register` writes them)."""
+    lines = ["[console_scripts]", "runlog-s3 = runlog_s3:main", "", "[integration]"]
+    lines += [f"{SERVICE_NAMES[store]}-{executor} = runlog_s3:{integration_name(executor, store)}"
+              for store in SERVICE_NAMES for executor in EXECUTORS]
+    lines += ["", "[run_log_store]"] + [f"{name} = runlog_s3:{store}" for name, store in STORE_NAMES.items()]
+    return "\n".join(lines) + "\n"
 
 
 # Command line #####################################################################################
@@ -3123,7 +3187,7 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
 
 
 class CheckResult(NamedTuple):
-    """One line of `check`: result PASS, FAIL or SKIP (a check that could not be made here)."""
+    """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN."""
 
     name: str
     result: str
@@ -3135,6 +3199,12 @@ class CheckResult(NamedTuple):
 
     def line(self) -> str:
         return f"{self.result}  {self.name}: {self.detail}"
+
+
+def _magnus_extensions_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("magnus_extensions") is not None
 
 
 class _Skipped(Exception):
@@ -3215,6 +3285,10 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
             client.delete_object(scratch)
         return "conditional PUTs on an existing key are refused (412): parallel writes are safe"
 
+    if _magnus_extensions_installed():
+        results.append(CheckResult(
+            "magnus_extensions", "WARN", "installed beside this store and claims type: s3 and chunked-s3 too: "
+            "use type: runlog-s3 or runlog-chunked-s3 (or runlog_s3.S3RunLogStore) in magnus configs"))
     if not check("credentials found", credentials):
         return results
     check("caller identity", identity)
@@ -3423,7 +3497,10 @@ def _parser() -> Any:
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
     check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
     check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
-    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP), detail")
+    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail")
+    register = command("register", help="let magnus find a copied-in runlog_s3.py: write its .dist-info beside it")
+    register.add_argument("--folder", default="", help="the folder runlog_s3.py was copied into (default: this "
+                          "module's), e.g. /app")
     return parser
 
 
@@ -3445,6 +3522,8 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
             level = min(level, logging.DEBUG if args.verbose > 1 else logging.INFO)
             logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         logger.setLevel(level)
+        if args.command == "register":
+            return _cmd_register(args)
         values = cli_config_values(args, environ)
         if args.command == "check" and args.local:
             return _cmd_check_local(values, args)
@@ -3473,6 +3552,45 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     except Exception as exc:  # a defect of ours: still one line, the traceback with --debug
         return _fail(RunlogS3Error(f"unexpected {type(exc).__name__}: {_first_line(exc)} (--debug shows where)"),
                      EXIT_FAILED, args.debug, exc)
+
+
+def register(folder: str) -> str:
+    """Write runlog_s3-<version>.dist-info beside a copied-in runlog_s3.py, so that magnus (which finds
+    stores only through entry points) finds every store name and integration; returns its path.
+    Running it again rewrites it; deleting the folder undoes it."""
+    from importlib import metadata
+
+    folder = os.path.abspath(folder)
+    if not os.path.isfile(os.path.join(folder, "runlog_s3.py")):
+        raise UsageError(f"{folder} holds no runlog_s3.py: register the folder the module was copied into (--folder)")
+    target = os.path.join(folder, f"runlog_s3-{__version__}.dist-info")
+    for distribution in metadata.distributions():
+        name = (distribution.metadata["Name"] or "").lower().replace("_", "-")
+        where = os.path.abspath(str(distribution.locate_file("")))
+        if name == "runlog-s3" and where != folder:
+            raise UsageError(f"runlog-s3 {distribution.version} is installed in {where} already: magnus finds the "
+                             "store through it; nothing written (pip uninstall runlog-s3 to use the copy)")
+    files = {"METADATA": f"Metadata-Version: 2.1\nName: runlog-s3\nVersion: {__version__}\n"
+                         "Summary: registered by python -m runlog_s3 register for a copied-in runlog_s3.py\n",
+             "entry_points.txt": entry_points_text()}
+    dist_info = os.path.basename(target)
+    files["RECORD"] = "".join(f"{dist_info}/{name},,\n" for name in [*files, "RECORD"]) + "runlog_s3.py,,\n"
+    try:
+        os.makedirs(target, exist_ok=True)
+        for name, text in files.items():
+            with open(os.path.join(target, name), "w", encoding="utf-8") as stream:
+                stream.write(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror}; run register where the folder is writable") from exc
+    return target
+
+
+def _cmd_register(args: Any) -> int:
+    target = register(args.folder or os.path.dirname(os.path.abspath(__file__)))
+    names = ", ".join(STORE_NAMES)
+    print(f"wrote {target} (METADATA, entry_points.txt, RECORD): magnus finds type: {names} and this module's "
+          f"integrations when {os.path.dirname(target)} is on its path; delete that folder to undo")
+    return EXIT_OK
 
 
 def _retry_notice() -> Callable[[str, int, float], None]:

@@ -616,8 +616,8 @@ def store_class(name):
 
 
 @pytest.mark.parametrize("names, class_name, service_name", [
-    (("s3", "runlog-s3"), "S3RunLogStore", "s3"),
-    (("chunked-s3", "runlog-chunked-s3"), "ChunkedS3RunLogStore", "chunked-s3"),
+    (("s3", "runlog-s3", "runlog_s3.S3RunLogStore"), "S3RunLogStore", "runlog-s3"),
+    (("chunked-s3", "runlog-chunked-s3", "runlog_s3.ChunkedS3RunLogStore"), "ChunkedS3RunLogStore", "runlog-chunked-s3"),
 ])
 def test_store_is_found_through_both_entry_points(names, class_name, service_name):
     from importlib.metadata import entry_points
@@ -630,7 +630,8 @@ def test_store_is_found_through_both_entry_points(names, class_name, service_nam
     for name in names:
         store_class = by_name[name].load()
         assert store_class.__name__ == class_name and issubclass(store_class, BaseRunLogStore)
-        assert store_class.service_name == service_name
+        assert store_class.service_name == service_name  # its own: magnus_extensions' integrations match s3
+    assert service_name in by_name  # the name magnus records in a run's run_config is a type it finds
 
 
 @pytest.mark.parametrize("store_name, absent_where", [
@@ -1053,7 +1054,7 @@ def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, sto
             assert list(branch.steps) == [f"{branch_name}.work", f"{branch_name}.success"]
             assert all(s.status == "SUCCESS" for s in branch.steps.values())
     assert run_log.parameters["items"] == [f"item{i}" for i in range(8)]
-    assert run_log.run_config["run_log_store"]["type"] == store_type
+    assert run_log.run_config["run_log_store"]["type"] == runlog_s3.SERVICE_NAMES[store_name]  # magnus records it
 
 
 # Faults injected ##################################################################################
@@ -2763,18 +2764,24 @@ def test_a_wrong_secret_on_seaweedfs_is_one_line_naming_the_source(seaweedfs, mo
 MAGNUS_LINE_MODULES = ("[auth ", "[connectionpool ", "[runlog_s3 ", "[httpsession ", "[endpoint ")
 
 
+def run_small_pipeline(folder, store_type, bucket, run_id, env=None, extra=()):
+    """magnus 0.4.16, enable_parallel, 2 branches and a map over 2, on the bucket; the CompletedProcess."""
+    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"],
+                                            "prefix": bucket.get("prefix", "")}}
+    command = bench_runlog_s3.write_magnus_pipeline(folder, store, 2, 2)
+    return subprocess.run(command + ["--run-id", run_id, *extra], cwd=folder, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
 @pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
 def test_a_magnus_run_prints_nothing_of_ours_unless_asked(s3_server, bucket, tmp_path, store_type):
     # magnus 0.4 sends the root logger's DEBUG to stdout: botocore's signer and urllib3 log every
     # request at DEBUG, which the file-system store never causes.
-    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"]}}
-    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, 2, 2)
-    quiet = subprocess.run(command + ["--run-id", "quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    quiet = run_small_pipeline(tmp_path, store_type, bucket, "quiet")
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     ours = [line for line in (quiet.stdout + quiet.stderr).splitlines() if any(m in line for m in MAGNUS_LINE_MODULES)]
     assert ours == [], ours[:5]
-    asked = subprocess.run(command + ["--run-id", "asked"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "RUNLOG_S3_LOG_LEVEL": "DEBUG"})
+    asked = run_small_pipeline(tmp_path, store_type, bucket, "asked", env={"RUNLOG_S3_LOG_LEVEL": "DEBUG"})
     assert asked.returncode == 0, asked.stderr[-2000:]
     shown = (asked.stdout + asked.stderr).splitlines()
     assert any("[runlog_s3 " in line for line in shown) and any("[auth " in line for line in shown)
@@ -2967,3 +2974,141 @@ def test_the_command_lines_defaults_fit_a_person_waiting(monkeypatch):
     assert (library.connect_timeout, library.read_timeout, library.max_attempts) == (10.0, 30.0, 8)
     given = runlog_s3.cli_config({"s3_bucket": "my-runs", "read_timeout": 60, "max_attempts": 8})
     assert (given.read_timeout, given.max_attempts) == (60, 8)
+
+
+# magnus finds the store however it was installed, beside magnus_extensions #######################
+
+
+def _pip_environment():
+    return {**os.environ, "HOME": os.environ.get("RUNLOG_S3_REAL_HOME", str(Path.home()))}
+
+
+@pytest.fixture(scope="session")
+def magnus_only_venv(tmp_path_factory):
+    """A virtual environment with magnus 0.4.16 and botocore, and not runlog_s3: a copy-in user's image.
+    Made once per test session."""
+    venv = tmp_path_factory.mktemp("magnus-only") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "magnus==0.4.16",
+                              "botocore"], capture_output=True, text=True, timeout=600, env=_pip_environment())
+    if install.returncode != 0:
+        pytest.fail(f"could not make the magnus-only environment: {install.stderr[-1500:]}")
+    return venv
+
+
+@pytest.fixture(scope="session")
+def magnus_extensions_path(tmp_path_factory):
+    """magnus_extensions 0.2.13's package (no dependencies: its integration modules need magnus alone),
+    to put on PYTHONPATH beside this store. Made once per test session."""
+    target = tmp_path_factory.mktemp("magnus-extensions")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                              "magnus_extensions==0.2.13"], capture_output=True, text=True, timeout=600,
+                             env=_pip_environment())
+    if install.returncode != 0:
+        pytest.fail(f"could not fetch magnus_extensions 0.2.13: {install.stderr[-1500:]}")
+    return target
+
+
+def test_setup_cfg_declares_the_entry_points_register_writes():
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(HERE / "setup.cfg")
+    declared = {(group, line.split("=")[0].strip(), line.split("=")[1].strip())
+                for group, text in parser["options.entry_points"].items() for line in text.strip().splitlines()}
+    written, group = set(), ""
+    for line in runlog_s3.entry_points_text().splitlines():
+        if line.startswith("["):
+            group = line.strip("[]")
+        elif line:
+            written.add((group, line.split("=")[0].strip(), line.split("=")[1].strip()))
+    assert declared == written
+
+
+def test_a_copied_in_module_registered_beside_magnus_runs_a_parallel_pipeline(magnus_only_venv, s3_server, moto_bucket,
+                                                                               tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(HERE / "runlog_s3.py", app)
+    python = str(magnus_only_venv / "bin" / "python")
+    environ = {**os.environ, "PYTHONPATH": str(app)}
+    first = subprocess.run([python, "-m", "runlog_s3", "register"], cwd=app, capture_output=True, text=True, env=environ)
+    again = subprocess.run([python, "-m", "runlog_s3", "register"], cwd=app, capture_output=True, text=True, env=environ)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert f"wrote {app}/runlog_s3-{runlog_s3.__version__}.dist-info" in again.stdout and "delete that folder" in again.stdout
+    work = tmp_path / "work"
+    work.mkdir()
+    store = {"type": "s3", "config": {"s3_bucket": moto_bucket["s3_bucket"], "endpoint_url": moto_bucket["endpoint_url"]}}
+    command = bench_runlog_s3.write_magnus_pipeline(work, store, 2, 2, magnus=str(magnus_only_venv / "bin" / "magnus"))
+    result = subprocess.run(command + ["--run-id", "copied-in"], cwd=work, capture_output=True, text=True, env=environ,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Could not find" not in result.stdout + result.stderr
+    run_log = runlog_s3.open_run_logs({**moto_bucket, "prefix": ""}).read("copied-in")
+    assert run_log["status"] == "SUCCESS" and sorted(run_log["steps"]["fan-out"]["branches"]) == ["fan-out.b0", "fan-out.b1"]
+    shutil.rmtree(app / f"runlog_s3-{runlog_s3.__version__}.dist-info")  # undone
+    undone = subprocess.run(command + ["--run-id", "undone"], cwd=work, capture_output=True, text=True, env=environ,
+                            timeout=300)
+    assert undone.returncode != 0
+
+
+def test_register_refuses_in_one_line_where_it_cannot_or_need_not(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(HERE / "runlog_s3.py", app)
+    installed = cli("register", "--folder", str(app))  # this environment has runlog-s3 pip-installed
+    assert installed.returncode == 2 and installed.stderr.count("\n") == 1
+    assert "is installed in" in installed.stderr and "nothing written" in installed.stderr
+    empty = cli("register", "--folder", str(tmp_path / "nowhere"))
+    assert empty.returncode == 2 and "holds no runlog_s3.py" in empty.stderr
+    assert not list(app.glob("*.dist-info"))
+
+
+@pytest.mark.parametrize("store_type", ["runlog_s3.S3RunLogStore", "runlog_s3.ChunkedS3RunLogStore"])
+def test_dotted_class_paths_are_store_types(s3_server, moto_bucket, tmp_path, store_type):
+    result = run_small_pipeline(tmp_path, store_type, moto_bucket, "dotted")
+    assert result.returncode == 0, result.stderr[-2000:]
+    layout = "chunked-s3" if "Chunked" in store_type else "s3"
+    assert runlog_s3.open_run_logs(moto_bucket, layout).read("dotted")["status"] == "SUCCESS"
+
+
+@pytest.mark.parametrize("world", ["magnus alone", "beside magnus_extensions"])
+def test_parallel_runs_say_nothing_false_in_either_world(request, s3_server, moto_bucket, tmp_path, world):
+    environ = {}
+    if world != "magnus alone":
+        environ["PYTHONPATH"] = str(request.getfixturevalue("magnus_extensions_path"))
+    for store_type in ("runlog-s3", "runlog-chunked-s3") + (("s3", "chunked-s3") if world == "magnus alone" else ()):
+        folder = tmp_path / store_type
+        folder.mkdir()
+        result = run_small_pipeline(folder, store_type, {**moto_bucket, "prefix": store_type}, "worlds", env=environ,
+                                    extra=("--log-level", "WARNING"))
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, (store_type, output[-2000:])
+        store_lines = [line for line in output.splitlines() if "run_log_store" in line or "run log store" in line]
+        assert not [line for line in store_lines if "Could not find an integration" in line], (store_type, store_lines)
+        assert "not thread safe" not in output and "Multiple integrations" not in output, (store_type, output[-2000:])
+    if world != "magnus alone":
+        checked = cli("check", "--local", "--writers", "2", "--steps", "2", env={"PYTHONPATH": environ["PYTHONPATH"]})
+        assert "WARN  magnus_extensions: installed beside this store" in checked.stdout, checked.stdout[-2000:]
+        assert "use type: runlog-s3" in checked.stdout
+
+
+def test_local_container_mounts_the_credentials_file_or_passes_the_named_variables(tmp_path, monkeypatch):
+    from magnus import integration
+    from magnus.executor import LocalContainerExecutor
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = secret\n")
+    executor = LocalContainerExecutor({"docker_image": "image"})
+    store = runlog_s3.S3RunLogStore({"s3_bucket": "my-runs", "aws_credentials_file": str(credentials)})
+    integration.validate(executor, store)
+    integration.configure_for_traversal(executor, store)
+    assert executor.volumes == {str(credentials.resolve()): {"bind": "/root/.aws/credentials", "mode": "ro"}}
+    monkeypatch.setenv("RUNNER_KEY", "AKIAEXAMPLE")
+    monkeypatch.setenv("RUNNER_SECRET", "secret-value")
+    named = runlog_s3.ChunkedS3RunLogStore({"s3_bucket": "my-runs", "use_credentials": True,
+                                            "aws_access_key_name": "RUNNER_KEY", "aws_secret_access_key_name": "RUNNER_SECRET"})
+    executor = LocalContainerExecutor({"docker_image": "image"})
+    integration.configure_for_traversal(executor, named)
+    assert executor.volumes == {} and executor.variables == {"RUNNER_KEY": "AKIAEXAMPLE", "RUNNER_SECRET": "secret-value"}
+    assert type(integration.get_integration_handler(executor, named)).__name__ == "LocalContainerChunkedS3RunLogStoreIntegration"
