@@ -128,7 +128,7 @@ class SeaweedFS:
         printed = subprocess.run([weed, "version"], capture_output=True, text=True).stdout  # "version 8000GB 4.48 ..."
         self.version = next((word for word in printed.split() if word[:1].isdigit() and "." in word), printed.strip())
 
-    def start(self, timeout: float = 60) -> "SeaweedFS":
+    def start(self, timeout: float = 60) -> SeaweedFS:
         command = [self.weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                    # Every bucket is a collection with volumes of its own: small volumes, many of
@@ -261,7 +261,7 @@ class LatencyProxy:
             self.counts.clear()
             self.refused, self.busy_seconds = 0, 0.0
 
-    def __enter__(self) -> "LatencyProxy":
+    def __enter__(self) -> LatencyProxy:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -659,7 +659,7 @@ class ServerProcess:
 
     _CODE = "import runlog_s3, time; s = runlog_s3.LocalS3Server(); print(s.endpoint_url, flush=True); time.sleep(3600)"
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.process = subprocess.Popen([sys.executable, "-c", self._CODE], stdout=subprocess.PIPE, text=True)
         self.endpoint_url = self.process.stdout.readline().strip()
         if not self.endpoint_url.startswith("http://127.0.0.1:"):

@@ -16,7 +16,6 @@ License: Apache-2.0.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, fields
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Type
 
 __version__ = "0.1.0"
 
@@ -183,7 +182,7 @@ class Config:
     ca_bundle: str = ""  # '' -> AWS_CA_BUNDLE, then the system's certificates
 
     @classmethod
-    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "Config":
+    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> Config:
         """Validate a config block: unknown keys, wrong types and bad values are one ConfigError."""
         values = dict(values or {})
         known = {f.name: f for f in fields(cls)}
@@ -193,7 +192,7 @@ class Config:
         if not values.get("s3_bucket"):
             raise ConfigError("run_log_store.config needs s3_bucket: the name of the bucket to keep run logs in")
         for name, value in values.items():
-            _check_type(name, value, known[name].type)
+            _check_type(name, value, str(known[name].type))
         config = cls(**values)
         config._check_values()
         return config
@@ -252,7 +251,7 @@ def check_config_keys(values: Mapping[str, Any]) -> None:
 def _check_type(name: str, value: Any, annotation: str) -> None:
     # Annotations are strings (from __future__ import annotations); bool is not an int here.
     expected = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float)}[annotation]
-    if isinstance(value, bool) and annotation != "bool" or not isinstance(value, expected):
+    if (isinstance(value, bool) and annotation != "bool") or not isinstance(value, expected):
         kind = {"str": "a string", "bool": "true or false", "int": "a whole number", "float": "a number"}[annotation]
         raise ConfigError(f"run_log_store.config key {name!r} must be {kind}, not {type(value).__name__} {value!r}")
 
@@ -406,7 +405,7 @@ class CredentialProvider:
         *,
         environ: Optional[Mapping[str, str]] = None,
         clock: Callable[[], float] = time.time,
-        transport: Optional["Transport"] = None,
+        transport: Optional[Transport] = None,
     ):
         self._config = config
         self._environ = os.environ if environ is None else environ
@@ -486,7 +485,7 @@ class CredentialProvider:
         margin = min(300.0, self._config.session_duration_in_seconds / 3)
         return credentials.expiry is not None and credentials.expiry - self._clock() < margin
 
-    def _sts_transport(self) -> "Transport":
+    def _sts_transport(self) -> Transport:
         if self._transport is None:
             sts_url = sts_endpoint_url(self._config, self._environ)
             self._transport = BotocoreTransport(self._config, self._environ, sts_url)
@@ -506,7 +505,7 @@ def _sts_request(
     params: Mapping[str, str],
     credentials: Credentials,
     config: Config,
-    transport: "Transport",
+    transport: Transport,
     environ: Mapping[str, str],
     sleep: Callable[[float], None] = time.sleep,
 ) -> ElementTree.Element:
@@ -554,7 +553,7 @@ def _sts_request(
 
 
 def assume_role(
-    base: Credentials, config: Config, transport: "Transport", environ: Mapping[str, str]
+    base: Credentials, config: Config, transport: Transport, environ: Mapping[str, str]
 ) -> Credentials:
     """STS AssumeRole with DurationSeconds = session_duration_in_seconds."""
     params = {
@@ -580,7 +579,7 @@ def assume_role(
         raise CredentialsError(f"assuming role {config.role_arn}: STS reply lacks credentials ({exc})") from exc
 
 
-def get_caller_identity(credentials: Credentials, config: Config, transport: "Transport", environ: Mapping[str, str]) -> str:
+def get_caller_identity(credentials: Credentials, config: Config, transport: Transport, environ: Mapping[str, str]) -> str:
     """The ARN STS reports for these credentials."""
     root = _sts_request("GetCallerIdentity", {}, credentials, config, transport, environ)
     return next((e.text or "" for e in root.iter() if _local_name(e.tag) == "Arn"), "")
@@ -660,7 +659,7 @@ class TransportFailure(NamedTuple):
     code: str = "ConnectionError"
 
 
-def _transport_errors() -> Tuple[type, ...]:
+def _transport_errors() -> Tuple[Type[BaseException], ...]:
     """Everything botocore's HTTP session (or a test transport) raises for a request that got no reply."""
     import botocore.exceptions
 
@@ -808,7 +807,7 @@ class _SignerCredentials:
 
     __str__ = __repr__
 
-    def get_frozen_credentials(self) -> "_SignerCredentials":
+    def get_frozen_credentials(self) -> _SignerCredentials:
         return self
 
 
@@ -833,7 +832,7 @@ def _signer_class(service: str) -> type:
         from botocore.auth import SIGV4_TIMESTAMP, S3SigV4Auth, SigV4Auth
 
         def at_wall_clock(base: type) -> type:
-            class Signer(base):  # type: ignore[misc, valid-type]
+            class Signer(base):
                 def _modify_request_before_signing(self, request: Any) -> None:
                     now = datetime.fromtimestamp(wall_clock(), timezone.utc)
                     request.context["timestamp"] = now.strftime(SIGV4_TIMESTAMP)
@@ -927,7 +926,8 @@ def _error_from_reply(
     base = f"{operation} {where}".strip() + f" failed: {status}"
     if detail:
         base += f": {detail}"
-    kwargs = dict(operation=operation, code=code, status=reply.status, bucket=bucket, key=key, request_id=request_id)
+    kwargs: Dict[str, Any] = dict(operation=operation, code=code, status=reply.status, bucket=bucket, key=key,
+                                  request_id=request_id)
     tail = f" [request id {request_id}]" if request_id else ""
 
     bucket_region = reply.header("x-amz-bucket-region") or fields_.get("Region", "")
@@ -1526,7 +1526,7 @@ def _is_strong_etag(etag: str) -> bool:
     return bool(etag) and not etag.startswith("W/")
 
 
-def _require_strong_etag(etag: str, key: str, client: "S3Client") -> None:
+def _require_strong_etag(etag: str, key: str, client: S3Client) -> None:
     """Refuse to update an object whose version cannot be named: the PUT would be a blind write."""
     if not _is_strong_etag(etag):
         given = f"a weak ETag {etag}" if etag else "no ETag"
@@ -1548,7 +1548,7 @@ class _Version(NamedTuple):
     etag: str
     body: bytes
     document: Optional[Dict[str, Any]] = None  # parsed, when no caller holds a reference to it
-    metadata: Optional[Dict[str, str]] = None  # sent again with every rewrite (a PUT replaces it)
+    metadata: Optional[Mapping[str, str]] = None  # sent again with every rewrite (a PUT replaces it)
 
 
 class S3RunLogs:
@@ -1732,7 +1732,7 @@ class S3RunLogs:
         body: bytes,
         exists: Optional[Callable[[], RunlogS3Error]],
         document: Optional[Dict[str, Any]] = None,
-        metadata: Optional[Dict[str, str]] = None,
+        metadata: Optional[Mapping[str, str]] = None,
         written: bool = False,
     ) -> bool:
         """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None)."""
@@ -1808,6 +1808,7 @@ class S3RunLogs:
                     continue
                 _require_strong_etag(stored.etag, key, self.client)
                 version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
+            assert version is not None  # held, or read just above
             document = version.document if version.document is not None else decode(version.body, where)
             change(document)
             body = encode_run_log(document)
@@ -1871,7 +1872,7 @@ class S3RunLogs:
         etag: str,
         body: bytes,
         document: Optional[Dict[str, Any]] = None,
-        metadata: Optional[Dict[str, str]] = None,
+        metadata: Optional[Mapping[str, str]] = None,
         written: bool = False,
     ) -> None:
         if not _is_strong_etag(etag):
@@ -1984,7 +1985,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         """The key of the run's own object (its fields, parameters and run config)."""
         return self._checked_key(self.folder(run_id) + CHUNK_RUN_OBJECT)
 
-    def chunk_key(self, run_id: str, kind: str, internal_name: str) -> str:
+    def chunk_key(self, run_id: str, kind: str, internal_name: Any) -> str:
         """The key of a step ('step') or branch ('branch') log: derived from its name, so no LIST is needed."""
         if not isinstance(internal_name, str) or not internal_name:
             raise InvalidRunLogError(f"a {kind} log needs a non-empty internal_name, not {internal_name!r}")
@@ -2016,9 +2017,9 @@ class ChunkedS3RunLogs(S3RunLogs):
         rounds = 0
         while True:
             rounds += 1
-            document = self._read_tree(run_id)
-            if document is not None:
-                return document
+            tree = self._read_tree(run_id)
+            if tree is not None:
+                return tree
             self._next_round(
                 rounds, deadline, self.where(run_id), "it was replaced (put) while being read, every time",
                 doing="reading", remedy="try again when no put is replacing it",
@@ -2032,10 +2033,10 @@ class ChunkedS3RunLogs(S3RunLogs):
         except NotFoundError as exc:
             if isinstance(exc, NoSuchBucketError):
                 raise
-            listed = sum(1 for _info in self.client.list_objects(folder))
-            if listed:
+            count = sum(1 for _info in self.client.list_objects(folder))
+            if count:
                 raise InvalidRunLogError(
-                    f"{self.where(run_id)} holds {listed} objects but no {CHUNK_RUN_OBJECT}: "
+                    f"{self.where(run_id)} holds {count} objects but no {CHUNK_RUN_OBJECT}: "
                     "not a complete chunked run log; it was left as is"
                 ) from exc
             raise self._not_found(run_id) from exc
@@ -2058,7 +2059,8 @@ class ChunkedS3RunLogs(S3RunLogs):
         bodies.update(self._get_many([key for key in listed if key not in bodies]))
         if len(bodies) < len(listed) or not all(tagged(stored) for stored in bodies.values()):
             return None  # a log was deleted or rewritten by a replacement since the run object was read
-        steps, branches = [], []
+        steps: List[Dict[str, Any]] = []
+        branches: List[Dict[str, Any]] = []
         for key in sorted(bodies, key=lambda key: _creation_order(bodies[key])):
             log = decode_log_object(bodies[key].body, self._url(key))
             (steps if self._kind_of(key, folder) == "step" else branches).append(log)
@@ -2461,8 +2463,8 @@ class _S3StoreMethods:
 
     # Conversions between magnus's pydantic models and dicts; identity without magnus.
 
-    _models: Dict[str, Any] = {}
-    _errors: Dict[str, Any] = {}
+    _models: ClassVar[Dict[str, Any]] = {}  # set on the magnus classes; read only
+    _errors: ClassVar[Dict[str, Any]] = {}
 
     def _model(self, kind: str, document: Dict[str, Any]) -> Any:
         model = self._models.get(kind)
@@ -2477,6 +2479,8 @@ class _S3StoreMethods:
     ) -> Any:
         # Our errors become magnus's own (which magnus catches), keeping our message. `missing` is
         # magnus's name for a step or branch log that is not there.
+        error: RunlogS3Error
+        error_args: Tuple[str, ...]
         try:
             return operation(*args)
         except RunLogNotFoundError as exc:
@@ -2603,7 +2607,7 @@ def _build_magnus_stores() -> Dict[str, type]:
     def combined(ours: type, theirs: type) -> type:
         # Raised as magnus's own class (magnus catches it) and as ours (with a real message).
         def __init__(self: Any, message: str, *args: Any) -> None:
-            ours.__init__(self, message)
+            RunlogS3Error.__init__(self, message)
 
         return type(theirs.__name__, (ours, theirs), {"__init__": __init__, "__module__": __name__})
 
@@ -2664,7 +2668,7 @@ def _build_magnus_integrations() -> Dict[str, type]:
 
     from magnus.integration import BaseIntegration
 
-    class RunLogS3Integration(BaseIntegration):  # type: ignore[misc]
+    class RunLogS3Integration(BaseIntegration):
         service_type = "run_log_store"
 
     class LocalContainerRunLogS3Integration(RunLogS3Integration):
@@ -2767,7 +2771,7 @@ class LocalS3Server:
     def __repr__(self) -> str:
         return f"LocalS3Server({self.endpoint_url!r})"
 
-    def __enter__(self) -> "LocalS3Server":
+    def __enter__(self) -> LocalS3Server:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -37,7 +37,6 @@ from runlog_s3 import (
     NotFoundError,
     PreconditionFailedError,
     RunLogExistsError,
-    RunLogNotFoundError,
     S3Client,
     S3Error,
     S3RunLogs,
@@ -312,7 +311,7 @@ def test_assume_role_against_sts_and_refresh_before_expiry(s3_server, monkeypatc
 
 @responses.activate
 def test_put_sends_signed_conditional_request_with_body_hash():
-    client, transport = fake_client(region="us-west-2")
+    client, _transport = fake_client(region="us-west-2")
     responses.add(responses.PUT, "https://logs.s3.us-west-2.amazonaws.com/runs/a%20b%2Bc%3Dd%C3%A9.json",
                   headers={"ETag": '"e2"'})
     body = b'{"run_id":"x"}'
@@ -1009,8 +1008,8 @@ def test_cli_works_on_a_chunked_run_without_being_told(bucket, cli_env):
     assert shown.returncode == 0 and "w  CREATED" in shown.stdout and "[b]" in shown.stdout
     listed = cli("ls", env=cli_env).stdout.splitlines()
     assert sorted(line.split()[0] for line in listed[1:]) == ["chunky", "plain"]
-    assert "chunked-s3" in [line for line in listed if line.startswith("chunky")][0]
-    assert " bytes in 4 objects" in [line for line in listed if line.startswith("chunky")][0]
+    chunky = next(line for line in listed if line.startswith("chunky"))
+    assert "chunked-s3" in chunky and " bytes in 4 objects" in chunky
     removed = cli("rm", "chunky", "--yes", env=cli_env)
     assert removed.returncode == 0 and "(4 objects)" in removed.stdout
     assert list(store.run_logs.client.list_objects("runs/chunky/")) == []
@@ -2056,7 +2055,7 @@ def test_create_refused_then_absent_ends_at_the_deadline_with_backoff(monkeypatc
     responses.add(responses.PUT, f"{AWS_URL}/r/StepLog-a.json", **s3_error("PreconditionFailed", "", 412))
     responses.add(responses.GET, f"{AWS_URL}/r/StepLog-a.json", **s3_error("NoSuchKey", "", 404))
     run_logs = runlog_s3.ChunkedS3RunLogs(client, clock=StepClock(0.1))
-    with pytest.raises(runlog_s3.ConflictError, match="gave up updating .*StepLog-a.json after .* rounds in 1 s"):
+    with pytest.raises(runlog_s3.ConflictError, match=r"gave up updating .*StepLog-a\.json after .* rounds in 1 s"):
         run_logs.add_step("r", {"name": "a", "internal_name": "a", "status": "SUCCESS"})
     assert 4 <= len(transport.sent) <= 12 and len(sleeps) >= 3 and all(s > 0 for s in sleeps[:3])
 
@@ -2324,7 +2323,7 @@ def test_a_reply_cut_short_is_a_lost_reply_and_is_retried(faulty):
     run_logs.create({"run_id": "short", "status": "SUCCESS", "steps": {}, "parameters": {"x": "y" * 1000}})
     proxy.forced = "truncate"
     client = S3Client(Config.from_dict({**config, "max_attempts": 2}))
-    with pytest.raises(S3Error, match="the connection closed before a whole reply came .*ShortReplyError: reply body "
+    with pytest.raises(S3Error, match=r"the connection closed before a whole reply came .*ShortReplyError: reply body "
                                       "ended after"):
         client.get_object(run_logs.key("short"))
     assert proxy.injected["truncate"] == 2
@@ -2393,7 +2392,7 @@ def _transport_cases():
 
 @pytest.mark.parametrize("case", _transport_cases(), ids=lambda case: case[0])
 def test_every_transport_failure_is_classified_retried_or_fatal_and_ends_as_one_line(case):
-    name, failure, retried, what = case
+    _name, failure, retried, what = case
     client, _ = fake_client(max_attempts=3)
     client.transport = RaisingTransport(failure, failure, failure)
     with pytest.raises(S3Error) as raised:
