@@ -3111,3 +3111,16 @@ def test_local_container_mounts_the_credentials_file_or_passes_the_named_variabl
     integration.configure_for_traversal(executor, named)
     assert executor.volumes == {} and executor.variables == {"RUNNER_KEY": "AKIAEXAMPLE", "RUNNER_SECRET": "secret-value"}
     assert type(integration.get_integration_handler(executor, named)).__name__ == "LocalContainerChunkedS3RunLogStoreIntegration"
+
+
+def test_put_with_no_file_on_a_terminal_says_so_instead_of_waiting(bucket, cli_env):
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "runlog_s3", "put", "from-terminal"], stdin=terminal,
+                                capture_output=True, text=True, env={**os.environ, **cli_env}, cwd=HERE, timeout=30)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 2 and "stdin is a terminal" in result.stderr, result.stderr
