@@ -3072,6 +3072,121 @@ def tree_rows(document: Mapping[str, Any]) -> Dict[str, Any]:
             "steps": [step_row(step) for step in (document.get("steps") or {}).values()]}
 
 
+class TimelineRow(NamedTuple):
+    """One step or branch of a run on the wall clock (seconds since the epoch; None when never run)."""
+
+    depth: int
+    kind: str  # "step" or "branch"
+    name: str
+    status: str
+    start: Optional[float]
+    end: Optional[float]
+    attempts: List[Tuple[float, float, str]]  # (start, end, status) of each attempt
+    critical: bool
+
+
+def _clock_time(text: Any) -> Optional[float]:
+    # magnus 0.4 writes str(datetime.now()): "2026-11-25 21:14:30.933456", local time.
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(text)).timestamp() if text else None
+    except ValueError:
+        return None
+
+
+def _attempt_spans(step: Mapping[str, Any]) -> List[Tuple[float, float, str]]:
+    spans = []
+    for attempt in step.get("attempts") or []:
+        start, end = _clock_time(attempt.get("start_time")), _clock_time(attempt.get("end_time"))
+        if start is not None:
+            spans.append((start, end if end is not None else start, str(attempt.get("status", ""))))
+    return spans
+
+
+def _span(log: Mapping[str, Any], kind: str) -> Tuple[Optional[float], Optional[float]]:
+    """When a step (its attempts and branches) or a branch (its steps) began and ended."""
+    children = (log.get("branches") if kind == "step" else log.get("steps")) or {}
+    spans = [_span(child, "branch" if kind == "step" else "step") for child in children.values()]
+    if kind == "step":
+        spans += [(start, end) for start, end, _status in _attempt_spans(log)]
+    starts = [start for start, _end in spans if start is not None]
+    ends = [end for _start, end in spans if end is not None]
+    return (min(starts) if starts else None), (max(ends) if ends else None)
+
+
+def timeline_rows(document: Mapping[str, Any]) -> List[TimelineRow]:
+    """The run's steps and branches in order, nested, each with its span and attempts, and the critical
+    path marked: every step of a critical branch (they ran one after another), and in a critical step
+    that fans out, the branch that ended last."""
+    rows: List[TimelineRow] = []
+
+    def walk(container: Mapping[str, Any], depth: int, critical: bool) -> None:
+        for step in (container.get("steps") or {}).values():
+            start, end = _span(step, "step")
+            rows.append(TimelineRow(depth, "step", str(step.get("name") or step.get("internal_name")),
+                                    str(step.get("status", "")), start, end, _attempt_spans(step), critical))
+            branches = list((step.get("branches") or {}).values())
+            ends = [_span(branch, "branch")[1] for branch in branches]
+            latest = max(range(len(branches)), key=lambda n: ends[n] or float("-inf")) if branches else -1
+            for number, branch in enumerate(branches):
+                b_start, b_end = _span(branch, "branch")
+                name = str(branch.get("internal_name", "")).rsplit(".", 1)[-1]
+                on_path = critical and number == latest
+                rows.append(TimelineRow(depth + 1, "branch", name, str(branch.get("status", "")), b_start, b_end,
+                                        [], on_path))
+                walk(branch, depth + 2, on_path)
+
+    walk(document, 0, True)
+    return rows
+
+
+def render_timeline(document: Mapping[str, Any], width: int = 60, color: bool = False) -> List[str]:
+    """The run as a Gantt chart of text: one row per step and branch, bars on one wall-clock scale."""
+    rows = timeline_rows(document)
+    starts = [row.start for row in rows if row.start is not None]
+    ends = [row.end for row in rows if row.end is not None]
+    status = str(document.get("status", ""))
+    if not starts:
+        return [f"run {document.get('run_id')}  {_color(status, status, color)}  (no attempt has a start time: "
+                "nothing to draw)"]
+    first, last = min(starts), max(ends)
+    scale = (last - first) / width or 1.0
+    label_width = min(40, max(2 * row.depth + len(row.name) + 2 for row in rows))
+
+    def column(moment: float) -> int:
+        return min(width - 1, int((moment - first) / scale))
+
+    lines = [f"run {document.get('run_id')}  {_color(status, status, color)}  {_seconds(last - first)}  "
+             f"(* critical path, █ attempt, × failed attempt, ─ span of a fan-out or branch)"]
+    for row in rows:
+        bar = [" "] * width
+        if row.start is not None and row.end is not None:
+            for position in range(column(row.start), column(row.end) + 1):
+                bar[position] = "─"
+        for start, end, attempt_status in row.attempts:
+            for position in range(column(start), column(end) + 1):
+                bar[position] = "█" if attempt_status == "SUCCESS" else "×"
+        name = ("[" + row.name + "]") if row.kind == "branch" else row.name
+        label = ("*" if row.critical else " ") + "  " * row.depth + name
+        label = label[:label_width].ljust(label_width)
+        took = _seconds(row.end - row.start) if row.start is not None and row.end is not None else "not run"
+        tries = f", {len(row.attempts)} attempts" if len(row.attempts) > 1 else ""
+        lines.append(f"{label} |{''.join(bar)}| {took}{tries}  {_color(row.status, row.status, color)}")
+    return lines
+
+
+def _seconds(duration: float) -> str:
+    return f"{duration:.2f} s" if duration < 10 else f"{duration:.1f} s"
+
+
+def _cmd_timeline(runs: BucketRuns, args: Any) -> int:
+    document = runs.read(args.run_id)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print("\n".join(render_timeline(document, width=args.width, color=color)))
+    return EXIT_OK
+
+
 def _read_run_log_input(path: str, run_id: str) -> Tuple[Dict[str, Any], str]:
     """The run log in a file ('-' or '' for stdin), checked before anything is written."""
     source = path if path and path != "-" else "stdin"
@@ -3494,6 +3609,10 @@ def _parser() -> Any:
     )
     edit = command("edit", help="edit a run log in $VISUAL/$EDITOR, written back with compare-and-swap")
     edit.add_argument("run_id", help=run_id_help)
+    timeline = command("timeline", help="a run's steps and branches on the wall clock, as a Gantt chart of text")
+    timeline.add_argument("run_id", help=run_id_help)
+    timeline.add_argument("--width", type=_positive_count, default=60, metavar="N", help="bar width in columns "
+                          "(default 60)")
     rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
     rm.add_argument("run_id", help=run_id_help)
     rm.add_argument("--yes", action="store_true", help="do not ask")
@@ -3516,7 +3635,8 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     for name, default in (("config", None), ("verbose", 0), ("debug", False), ("layout", None), ("json", False),
                           ("config_layout", None)):
         setattr(args, name, getattr(args, name, default))
-    commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm}
+    commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm,
+                "timeline": _cmd_timeline}
     try:
         try:
             level = log_level_from(environ)

@@ -3124,3 +3124,71 @@ def test_put_with_no_file_on_a_terminal_says_so_instead_of_waiting(bucket, cli_e
         os.close(terminal)
         os.close(controller)
     assert result.returncode == 2 and "stdin is a terminal" in result.stderr, result.stderr
+
+
+# See a run: the timeline (terminal) #############################################################
+
+
+def _attempt(start, end, status="SUCCESS"):
+    return {"start_time": f"2026-11-25 10:00:{start:06.3f}", "end_time": f"2026-11-25 10:00:{end:06.3f}", "status": status}
+
+
+def test_timeline_draws_attempts_failures_and_the_critical_path_on_one_clock():
+    document = {"run_id": "demo", "status": "SUCCESS", "steps": {
+        "prepare": {"name": "prepare", "internal_name": "prepare", "status": "SUCCESS", "attempts": [_attempt(0, 2)]},
+        "fan": {"name": "fan", "internal_name": "fan", "status": "SUCCESS", "attempts": [], "branches": {
+            "fan.a": {"internal_name": "fan.a", "status": "SUCCESS", "steps": {
+                "fan.a.w": {"name": "w", "internal_name": "fan.a.w", "status": "SUCCESS", "attempts": [_attempt(2, 5)]}}},
+            "fan.b": {"internal_name": "fan.b", "status": "SUCCESS", "steps": {
+                "fan.b.w": {"name": "w", "internal_name": "fan.b.w", "status": "SUCCESS",
+                            "attempts": [_attempt(2, 4, "FAIL"), _attempt(4, 8)]}}}}},
+        "success": {"name": "success", "internal_name": "success", "status": "SUCCESS", "attempts": [_attempt(8, 10)]}}}
+    assert runlog_s3.render_timeline(document, width=40)[1:] == [
+        "*prepare  |█████████                               | 2.00 s  SUCCESS",
+        "*fan      |        ─────────────────────────       | 6.00 s  SUCCESS",
+        "   [a]    |        ─────────────                   | 3.00 s  SUCCESS",
+        "     w    |        █████████████                   | 3.00 s  SUCCESS",
+        "*  [b]    |        ─────────────────────────       | 6.00 s  SUCCESS",
+        "*    w    |        ××××××××█████████████████       | 6.00 s, 2 attempts  SUCCESS",
+        "*success  |                                ████████| 2.00 s  SUCCESS",
+    ]
+    assert runlog_s3.render_timeline({"run_id": "empty", "status": "CREATED", "steps": {}}) == [
+        "run empty  CREATED  (no attempt has a start time: nothing to draw)"]
+
+
+@pytest.mark.parametrize("store_type, layout", [("s3", "s3"), ("chunked-s3", "chunked-s3")])
+def test_timeline_of_a_real_parallel_run_has_a_row_for_every_log(bucket, cli_env, tmp_path, store_type, layout):
+    store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"],
+                                            "prefix": bucket["prefix"]}}
+    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, 2, 2, nested=2)
+    ran = subprocess.run(command + ["--run-id", "seen"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    shown = cli("timeline", "seen", "--width", "50", env={**cli_env, "NO_COLOR": "1"})
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("run seen  SUCCESS  ") and "\033[" not in shown.stdout
+    rows = lines[1:]
+    assert len(rows) == bench_runlog_s3.expected_logs(2, 2, 2)  # every step and branch, nested
+    assert all(row.count("|") == 2 and len(row.split("|")[1]) == 50 for row in rows)
+    assert [row.split("|")[0].strip() for row in rows if row[1] != " "] == [  # the top level: all on the path
+        "*prepare", "*fan-out", "*over-items", "*success"]
+    assert sum(row.startswith("*") for row in rows) >= 4 + 2  # a critical branch and its steps under each fan-out
+
+
+def test_timeline_marks_a_failed_step_that_on_failure_recovered(bucket, cli_env, tmp_path):
+    pipeline = {"dag": {"start_at": "flaky", "steps": {
+        "flaky": {"type": "task", "command_type": "shell", "command": "exit 1", "next": "success", "on_failure": "recover"},
+        "recover": {"type": "task", "command_type": "shell", "command": "echo recovered", "next": "success"},
+        "success": {"type": "success"}, "fail": {"type": "fail"}}}}
+    config = {"executor": {"type": "local"}, "catalog": {"type": "do-nothing"}, "run_log_store": {"type": "s3", "config": {
+        "s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"], "prefix": bucket["prefix"]}}}
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(pipeline))
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    magnus = str(Path(sys.executable).parent / "magnus")
+    subprocess.run([magnus, "execute", "--file", "pipeline.yaml", "--config-file", "config.yaml", "--run-id", "flaky",
+                    "--log-level", "ERROR"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    shown = cli("timeline", "flaky", env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    rows = {row.split("|")[0].strip(" *"): row for row in shown.stdout.splitlines()[1:]}
+    assert "×" in rows["flaky"] and rows["flaky"].endswith("FAIL") and "█" not in rows["flaky"].split("|")[1]
+    assert "█" in rows["recover"] and rows["recover"].endswith("SUCCESS")
