@@ -29,6 +29,7 @@ Rows:
      and on moto behind a proxy adding a 20 ms round trip to each request, next to magnus's
      file-system store run sequentially on local disk: wall time, requests by verb counted by the
      proxy, 412s, and the share of wall time with a request in flight.
+  8. Timeline: the CPU time to draw the terminal timeline of a 1000-step run.
 """
 
 from __future__ import annotations
@@ -802,6 +803,38 @@ def import_self_time() -> float:
     return int(line.split("|")[0].split(":")[1]) / 1e6
 
 
+# Timeline #########################################################################################
+
+
+def bench_timeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    """CPU time to lay out and draw the terminal timeline of a 1000-step run (a map over 500 items of 2
+    steps each, with a failed first attempt in every tenth), median of repeated runs."""
+    def attempt(second: float, status: str = "SUCCESS") -> Dict[str, Any]:
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(1_790_000_000 + second))
+        end = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(1_790_000_000 + second + 1))
+        return {"start_time": start, "end_time": end, "status": status}
+
+    branches = {}
+    for item in range(500):
+        name = f"map.item{item}"
+        tries = [attempt(item % 60, "FAIL"), attempt(item % 60 + 1)] if item % 10 == 0 else [attempt(item % 60)]
+        branches[name] = {"internal_name": name, "status": "SUCCESS", "steps": {
+            f"{name}.work": {"name": "work", "internal_name": f"{name}.work", "status": "SUCCESS", "attempts": tries},
+            f"{name}.success": {"name": "success", "internal_name": f"{name}.success", "status": "SUCCESS",
+                                "attempts": [attempt(item % 60 + 2)]}}}
+    document = {"run_id": "wide", "status": "SUCCESS", "steps": {"map": {
+        "name": "map", "internal_name": "map", "status": "SUCCESS", "attempts": [], "branches": branches}}}
+    repeat = 3 if quick else 7
+    cpu = []
+    for _ in range(repeat):
+        started = time.process_time()
+        lines = runlog_s3.render_timeline(document, width=80)
+        cpu.append(time.process_time() - started)
+    seconds = statistics.median(cpu)
+    return [Row(f"timeline: 1000-step run ({len(lines) - 1} rows) drawn for the terminal, CPU", f"{seconds:.3f} s",
+                "< 1 s", seconds < 1.0)]
+
+
 # Table ############################################################################################
 
 
@@ -823,7 +856,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Row] = []
     with runlog_s3.LocalS3Server() as server:
         for section in (bench_pipeline, bench_real_latency, bench_uncontended, bench_contention, bench_document_size,
-                        bench_chunked, bench_cold_start):
+                        bench_chunked, bench_cold_start, bench_timeline):
             rows.extend(section(server, args.quick))
             print(f"{section.__name__} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(f"runlog_s3 {runlog_s3.__version__} benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "

@@ -1928,6 +1928,7 @@ def test_bench_quick_completes_and_prints_every_row():
         "chunked-s3: assemble 201 objects, loopback", "chunked-s3: assemble 201 objects, 10 ms round trip",
         "chunked-s3: 16 writers x 5 on distinct steps", "cold start: python -c pass", "cold start: python -m runlog_s3 get",
         "cold start: boto3 one-liner", "cold start: import runlog_s3, the module's own time",
+        "timeline: 1000-step run (1501 rows) drawn for the terminal, CPU",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10): magnus file-system, sequential",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, moto + 20 ms round trip",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), s3, moto + 20 ms round trip",
