@@ -831,8 +831,16 @@ def bench_timeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
         lines = runlog_s3.render_timeline(document, width=80)
         cpu.append(time.process_time() - started)
     seconds = statistics.median(cpu)
+    html_cpu = []
+    for _ in range(repeat):
+        started = time.process_time()
+        page = runlog_s3.render_timeline_html(document)
+        html_cpu.append(time.process_time() - started)
+    html_seconds = statistics.median(html_cpu)
     return [Row(f"timeline: 1000-step run ({len(lines) - 1} rows) drawn for the terminal, CPU", f"{seconds:.3f} s",
-                "< 1 s", seconds < 1.0)]
+                "< 1 s", seconds < 1.0),
+            Row("timeline: the same run as one HTML page, CPU", f"{html_seconds:.3f} s, {len(page) // 1024} KiB",
+                "< 1 s", html_seconds < 1.0)]
 
 
 # Table ############################################################################################

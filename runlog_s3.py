@@ -3083,6 +3083,7 @@ class TimelineRow(NamedTuple):
     end: Optional[float]
     attempts: List[Tuple[float, float, str]]  # (start, end, status) of each attempt
     critical: bool
+    details: str = ""  # for the HTML view's hover: message, parameters, catalog items of the last attempt
 
 
 def _clock_time(text: Any) -> Optional[float]:
@@ -3115,6 +3116,20 @@ def _span(log: Mapping[str, Any], kind: str) -> Tuple[Optional[float], Optional[
     return (min(starts) if starts else None), (max(ends) if ends else None)
 
 
+def _step_details(step: Mapping[str, Any]) -> str:
+    attempts = step.get("attempts") or []
+    last = attempts[-1] if attempts and isinstance(attempts[-1], dict) else {}
+    parts = [f"internal name {step.get('internal_name')}"]
+    if last.get("message"):
+        parts.append(f"message: {str(last['message'])[:300]}")
+    if last.get("parameters"):
+        parts.append(f"parameters: {', '.join(sorted(map(str, last['parameters'])))[:300]}")
+    catalog = [str(item.get("name")) for item in step.get("data_catalog") or [] if isinstance(item, dict)]
+    if catalog:
+        parts.append(f"catalog: {', '.join(catalog)[:300]}")
+    return "\n".join(parts)
+
+
 def timeline_rows(document: Mapping[str, Any]) -> List[TimelineRow]:
     """The run's steps and branches in order, nested, each with its span and attempts, and the critical
     path marked: every step of a critical branch (they ran one after another), and in a critical step
@@ -3125,7 +3140,8 @@ def timeline_rows(document: Mapping[str, Any]) -> List[TimelineRow]:
         for step in (container.get("steps") or {}).values():
             start, end = _span(step, "step")
             rows.append(TimelineRow(depth, "step", str(step.get("name") or step.get("internal_name")),
-                                    str(step.get("status", "")), start, end, _attempt_spans(step), critical))
+                                    str(step.get("status", "")), start, end, _attempt_spans(step), critical,
+                                    _step_details(step)))
             branches = list((step.get("branches") or {}).values())
             ends = [_span(branch, "branch")[1] for branch in branches]
             latest = max(range(len(branches)), key=lambda n: ends[n] or float("-inf")) if branches else -1
@@ -3176,14 +3192,105 @@ def render_timeline(document: Mapping[str, Any], width: int = 60, color: bool = 
     return lines
 
 
+_TIMELINE_CSS = """
+body{font:13px/1.4 system-ui,sans-serif;margin:16px;color:#222}
+h1{font-size:16px}.legend{color:#666;margin-bottom:8px}
+.row{display:flex;align-items:center;height:20px;border-bottom:1px solid #f0f0f0}
+.row:hover{background:#f6f8ff}.label{width:320px;flex:none;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.track{position:relative;flex:1;height:12px;background:#fafafa}.info{width:220px;flex:none;padding-left:8px;color:#555}
+.bar{position:absolute;top:0;height:12px;min-width:2px}.span{background:#c9d3e6;top:5px;height:2px}
+.ok{background:#3a9d5d}.fail{background:#d9534f}.critical .label{font-weight:600}
+.SUCCESS .status{color:#2e7d32}.FAIL .status{color:#c62828}.PROCESSING .status,.CREATED .status{color:#b26a00}
+details>summary{list-style:none;cursor:pointer}details>summary::-webkit-details-marker{display:none}
+details>summary .label::before{content:"\\25BE  "}details:not([open])>summary .label::before{content:"\\25B8  "}
+"""
+
+
+def render_timeline_html(document: Mapping[str, Any]) -> str:
+    """The timeline as one self-contained HTML page: inline CSS, no script, no network; hover a row
+    for its details; branches fold (closed from the start when the run has over 200 rows)."""
+    import html
+
+    rows = timeline_rows(document)
+    starts = [row.start for row in rows if row.start is not None]
+    ends = [row.end for row in rows if row.end is not None]
+    first, last = (min(starts), max(ends)) if starts else (0.0, 1.0)
+    total = (last - first) or 1.0
+
+    def bar(start: float, end: float, kind: str) -> str:
+        return (f'<span class="bar {kind}" style="left:{100 * (start - first) / total:.3f}%;'
+                f'width:{100 * (end - start) / total:.3f}%"></span>')
+
+    def when(moment: Optional[float]) -> str:
+        from datetime import datetime
+
+        return datetime.fromtimestamp(moment).isoformat(sep=" ", timespec="milliseconds") if moment else "not run"
+
+    status = str(document.get("status", ""))
+    run_id = html.escape(str(document.get("run_id")))
+    fold = "" if len(rows) > 200 else " open"
+    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>run {run_id}</title>'
+           f"<style>{_TIMELINE_CSS}</style></head><body>",
+           f'<h1>run {run_id} &middot; {html.escape(status)} &middot; {_seconds(last - first) if starts else "not run"}</h1>',
+           '<div class="legend">* critical path &middot; green: an attempt &middot; red: a failed attempt &middot; '
+           "line: the span of a fan-out or branch &middot; hover a row for details, click a branch to fold it</div>"]
+    open_depths: List[int] = []
+    for row in rows:
+        while open_depths and open_depths[-1] >= row.depth:
+            out.append("</details>")
+            open_depths.pop()
+        took = _seconds(row.end - row.start) if row.start is not None and row.end is not None else "not run"
+        tries = f", {len(row.attempts)} attempts" if len(row.attempts) > 1 else ""
+        hover = (f"{row.name} ({row.kind})\nstart {when(row.start)}\nend {when(row.end)}\nduration {took}\n"
+                 f"attempts {len(row.attempts)}, {sum(a[2] != 'SUCCESS' for a in row.attempts)} failed\n"
+                 f"status {row.status}" + (f"\n{row.details}" if row.details else ""))
+        bars = []
+        if row.start is not None and row.end is not None and (row.kind == "branch" or not row.attempts):
+            bars.append(bar(row.start, row.end, "span"))
+        bars += [bar(start, end, "ok" if attempt_status == "SUCCESS" else "fail") for start, end, attempt_status in row.attempts]
+        name = html.escape(f"[{row.name}]" if row.kind == "branch" else row.name)
+        line = (f'<div class="row {html.escape(row.status)}{" critical" if row.critical else ""}" '
+                f'data-kind="{row.kind}" title="{html.escape(hover)}">'
+                f'<span class="label" style="padding-left:{row.depth * 1.2:.1f}em">{"* " if row.critical else ""}{name}</span>'
+                f'<span class="track">{"".join(bars)}</span>'
+                f'<span class="info">{took}{tries} <span class="status">{html.escape(row.status)}</span></span></div>')
+        if row.kind == "branch":
+            out.append(f"<details{fold}><summary>{line}</summary>")
+            open_depths.append(row.depth)
+        else:
+            out.append(line)
+    out.extend("</details>" for _ in open_depths)
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
 def _seconds(duration: float) -> str:
     return f"{duration:.2f} s" if duration < 10 else f"{duration:.1f} s"
 
 
 def _cmd_timeline(runs: BucketRuns, args: Any) -> int:
     document = runs.read(args.run_id)
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    print("\n".join(render_timeline(document, width=args.width, color=color)))
+    if not args.html:
+        if args.open:
+            raise UsageError("--open opens the --html file: give --html FILE")
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print("\n".join(render_timeline(document, width=args.width, color=color)))
+        return EXIT_OK
+    page = render_timeline_html(document)
+    if args.html == "-":
+        sys.stdout.write(page + "\n")
+        return EXIT_OK
+    try:
+        with open(args.html, "w", encoding="utf-8") as stream:
+            stream.write(page + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.html}: {exc.strerror}") from exc
+    print(f"wrote {args.html} ({len(page.encode('utf-8')) // 1024 + 1} KiB, self-contained: open it in any browser)")
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open("file://" + os.path.abspath(args.html)):
+            print(f"runlog-s3: no browser found here; open {args.html} yourself", file=sys.stderr)
     return EXIT_OK
 
 
@@ -3613,6 +3720,9 @@ def _parser() -> Any:
     timeline.add_argument("run_id", help=run_id_help)
     timeline.add_argument("--width", type=_positive_count, default=60, metavar="N", help="bar width in columns "
                           "(default 60)")
+    timeline.add_argument("--html", metavar="FILE", default="", help="write one self-contained HTML page instead, "
+                          "e.g. run.html ('-' for stdout)")
+    timeline.add_argument("--open", action="store_true", help="open the --html page in a browser, when there is one")
     rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
     rm.add_argument("run_id", help=run_id_help)
     rm.add_argument("--yes", action="store_true", help="do not ask")

@@ -1928,7 +1928,7 @@ def test_bench_quick_completes_and_prints_every_row():
         "chunked-s3: assemble 201 objects, loopback", "chunked-s3: assemble 201 objects, 10 ms round trip",
         "chunked-s3: 16 writers x 5 on distinct steps", "cold start: python -c pass", "cold start: python -m runlog_s3 get",
         "cold start: boto3 one-liner", "cold start: import runlog_s3, the module's own time",
-        "timeline: 1000-step run (1501 rows) drawn for the terminal, CPU",
+        "timeline: 1000-step run (1501 rows) drawn for the terminal, CPU", "timeline: the same run as one HTML page",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10): magnus file-system, sequential",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, moto + 20 ms round trip",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), s3, moto + 20 ms round trip",
@@ -3193,3 +3193,91 @@ def test_timeline_marks_a_failed_step_that_on_failure_recovered(bucket, cli_env,
     rows = {row.split("|")[0].strip(" *"): row for row in shown.stdout.splitlines()[1:]}
     assert "×" in rows["flaky"] and rows["flaky"].endswith("FAIL") and "█" not in rows["flaky"].split("|")[1]
     assert "█" in rows["recover"] and rows["recover"].endswith("SUCCESS")
+
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright (whose own browser download is out of reach here);
+    .ci/run installs both. Elsewhere, without Chromium, the browser tests skip."""
+    executable = find_chromium()
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("no Chromium: .ci/run installs Debian's chromium package")
+        pytest.skip("no Chromium found (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def test_timeline_html_loads_offline_with_a_row_per_log_and_folding_branches(bucket, cli_env, tmp_path, browser):
+    store = {"type": "chunked-s3", "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"],
+                                              "prefix": bucket["prefix"]}}
+    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, 2, 2, nested=2)
+    ran = subprocess.run(command + ["--run-id", "paged"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    page_file = tmp_path / "run.html"
+    written = cli("timeline", "paged", "--html", str(page_file), env=cli_env)
+    assert written.returncode == 0 and f"wrote {page_file}" in written.stdout, written.stderr
+    assert "<script" not in page_file.read_text() and "http" not in page_file.read_text().replace("http-equiv", "")
+    page = browser.new_page()
+    problems, requests_made = [], []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("request", lambda request: requests_made.append(request.url))
+    page.goto(page_file.as_uri())
+    assert problems == [] and requests_made == [page_file.as_uri()], (problems, requests_made)
+    rows = page.locator(".row")
+    assert rows.count() == bench_runlog_s3.expected_logs(2, 2, 2)
+    assert "duration" in rows.first.get_attribute("title") and "attempts 1, 0 failed" in rows.first.get_attribute("title")
+    branch = page.locator("details").first
+    child = branch.locator(".row").nth(1)  # the branch's first step
+    assert child.is_visible()
+    branch.locator("summary").click()  # fold
+    assert not child.is_visible()
+    branch.locator("summary").click()  # and open again
+    assert child.is_visible()
+    page.close()
+
+
+def test_timeline_html_to_stdout_and_open_without_html_is_refused(bucket, cli_env):
+    stored_run(bucket, "to-stdout")
+    page = cli("timeline", "to-stdout", "--html", "-", env=cli_env)
+    assert page.returncode == 0 and page.stdout.startswith("<!DOCTYPE html>") and page.stdout.rstrip().endswith("</html>")
+    refused = cli("timeline", "to-stdout", "--open", env=cli_env)
+    assert refused.returncode == 2 and "--open opens the --html file" in refused.stderr
+
+
+def test_timeline_html_folds_the_branches_of_a_wide_run_from_the_start():
+    branches = {f"map.i{n}": {"internal_name": f"map.i{n}", "status": "SUCCESS", "steps": {
+        f"map.i{n}.w": {"name": "w", "internal_name": f"map.i{n}.w", "status": "SUCCESS", "attempts": [_attempt(n % 50, n % 50 + 1)]}}}
+        for n in range(150)}
+    wide = {"run_id": "wide", "status": "SUCCESS", "steps": {"map": {"name": "map", "internal_name": "map",
+                                                                     "status": "SUCCESS", "branches": branches}}}
+    page = runlog_s3.render_timeline_html(wide)
+    assert page.count("<details>") == 150 and "<details open>" not in page  # 301 rows: folded
+    small = runlog_s3.render_timeline_html({**wide, "steps": {"map": {**wide["steps"]["map"], "branches": dict(
+        list(branches.items())[:3])}}})
+    assert small.count("<details open>") == 3
+
+
+def test_timeline_shows_steps_a_re_run_took_from_its_cache_as_not_run():
+    # magnus 0.4.16's `execute --use-cached` stops with every store (its own file-system store:
+    # KeyError 'extract'): it reads a step log before writing it. A re-run's log is drawn from its shape:
+    # cached steps are mock steps, SUCCESS without attempts.
+    document = {"run_id": "second-try", "status": "SUCCESS", "original_run_id": "first-try", "use_cached": True, "steps": {
+        "extract": {"name": "extract", "internal_name": "extract", "status": "SUCCESS", "mock": True, "attempts": []},
+        "train": {"name": "train", "internal_name": "train", "status": "SUCCESS", "attempts": [_attempt(0, 4)]},
+        "success": {"name": "success", "internal_name": "success", "status": "SUCCESS", "attempts": [_attempt(4, 5)]}}}
+    rows = {row.split("|")[0].strip(" *"): row for row in runlog_s3.render_timeline(document, width=10)[1:]}
+    assert rows["extract"] == "*extract  |          | not run  SUCCESS"
+    assert rows["train"] == "*train    |█████████ | 4.00 s  SUCCESS"
