@@ -781,14 +781,16 @@ def _quiet_our_requests(record: logging.LogRecord) -> bool:
                 and not logger.isEnabledFor(logging.DEBUG))
 
 
+for _name in _QUIETED_LOGGERS:  # once, at import: loggers exist before the libraries that use them
+    logging.getLogger(_name).addFilter(_quiet_our_requests)
+
+
 class _OurRequest:
     """Marks this thread as inside one of our requests, for _quiet_our_requests."""
 
     def __enter__(self) -> None:
         self.outer = getattr(_in_our_request, "active", False)
         _in_our_request.active = True
-        for name in _QUIETED_LOGGERS:
-            logging.getLogger(name).addFilter(_quiet_our_requests)  # adding it again is a no-op
 
     def __exit__(self, *exc_info: Any) -> None:
         _in_our_request.active = self.outer
@@ -1973,9 +1975,6 @@ class ChunkedS3RunLogs(S3RunLogs):
     layout = "chunked-s3"
     _KEEP_VERSIONS = 1024  # one per step this process writes: a rewrite of a step is then one PUT
 
-    def __init__(self, client: S3Client, *, clock: Callable[[], float] = time.monotonic):
-        super().__init__(client, clock=clock)
-
     def folder(self, run_id: str) -> str:
         """`<prefix>/<run_id>/`, the folder of a run's objects."""
         validate_run_id(run_id)
@@ -2830,20 +2829,17 @@ def _load_yaml(text: str, path: str) -> Any:
     try:
         import yaml
 
+        load, error = yaml.safe_load, yaml.YAMLError
+    except ImportError:
         try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from exc
-    except ImportError:
-        pass
+            from ruamel.yaml import YAML
+            from ruamel.yaml.error import YAMLError
+        except ImportError:
+            raise ConfigError(f"config file {path} is not JSON; install PyYAML or ruamel.yaml to read YAML") from None
+        load, error = YAML(typ="safe", pure=True).load, YAMLError
     try:
-        from ruamel.yaml import YAML
-        from ruamel.yaml.error import YAMLError
-    except ImportError:
-        raise ConfigError(f"config file {path} is not JSON; install PyYAML or ruamel.yaml to read YAML") from None
-    try:
-        return YAML(typ="safe", pure=True).load(text)
-    except YAMLError as exc:
+        return load(text)
+    except error as exc:
         raise ConfigError(f"config file {path} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from exc
 
 
@@ -3143,10 +3139,10 @@ def timeline_rows(document: Mapping[str, Any]) -> List[TimelineRow]:
                                     str(step.get("status", "")), start, end, _attempt_spans(step), critical,
                                     _step_details(step)))
             branches = list((step.get("branches") or {}).values())
-            ends = [_span(branch, "branch")[1] for branch in branches]
-            latest = max(range(len(branches)), key=lambda n: ends[n] or float("-inf")) if branches else -1
+            spans = [_span(branch, "branch") for branch in branches]
+            latest = max(range(len(branches)), key=lambda n: spans[n][1] or float("-inf")) if branches else -1
             for number, branch in enumerate(branches):
-                b_start, b_end = _span(branch, "branch")
+                b_start, b_end = spans[number]
                 name = str(branch.get("internal_name", "")).rsplit(".", 1)[-1]
                 on_path = critical and number == latest
                 rows.append(TimelineRow(depth + 1, "branch", name, str(branch.get("status", "")), b_start, b_end,
@@ -3157,16 +3153,22 @@ def timeline_rows(document: Mapping[str, Any]) -> List[TimelineRow]:
     return rows
 
 
+def _clock_bounds(rows: List[TimelineRow]) -> Optional[Tuple[float, float]]:
+    """The run's first start and last end on the wall clock; None when nothing has a start time."""
+    starts = [row.start for row in rows if row.start is not None]
+    ends = [row.end for row in rows if row.end is not None]
+    return (min(starts), max(ends)) if starts else None
+
+
 def render_timeline(document: Mapping[str, Any], width: int = 60, color: bool = False) -> List[str]:
     """The run as a Gantt chart of text: one row per step and branch, bars on one wall-clock scale."""
     rows = timeline_rows(document)
-    starts = [row.start for row in rows if row.start is not None]
-    ends = [row.end for row in rows if row.end is not None]
+    bounds = _clock_bounds(rows)
     status = str(document.get("status", ""))
-    if not starts:
+    if bounds is None:
         return [f"run {document.get('run_id')}  {_color(status, status, color)}  (no attempt has a start time: "
                 "nothing to draw)"]
-    first, last = min(starts), max(ends)
+    first, last = bounds
     scale = (last - first) / width or 1.0
     label_width = min(40, max(2 * row.depth + len(row.name) + 2 for row in rows))
 
@@ -3212,9 +3214,8 @@ def render_timeline_html(document: Mapping[str, Any]) -> str:
     import html
 
     rows = timeline_rows(document)
-    starts = [row.start for row in rows if row.start is not None]
-    ends = [row.end for row in rows if row.end is not None]
-    first, last = (min(starts), max(ends)) if starts else (0.0, 1.0)
+    bounds = _clock_bounds(rows)
+    first, last = bounds or (0.0, 1.0)
     total = (last - first) or 1.0
 
     def bar(start: float, end: float, kind: str) -> str:
@@ -3231,7 +3232,7 @@ def render_timeline_html(document: Mapping[str, Any]) -> str:
     fold = "" if len(rows) > 200 else " open"
     out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>run {run_id}</title>'
            f"<style>{_TIMELINE_CSS}</style></head><body>",
-           f'<h1>run {run_id} &middot; {html.escape(status)} &middot; {_seconds(last - first) if starts else "not run"}</h1>',
+           f'<h1>run {run_id} &middot; {html.escape(status)} &middot; {_seconds(last - first) if bounds else "not run"}</h1>',
            '<div class="legend">* critical path &middot; green: an attempt &middot; red: a failed attempt &middot; '
            "line: the span of a fan-out or branch &middot; hover a row for details, click a branch to fold it</div>"]
     open_depths: List[int] = []
