@@ -485,6 +485,8 @@ def bench_real_latency(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row
                 bucket = "bench-latency"
                 runlog_s3.create_bucket(runlog_s3.S3Client(runlog_s3.Config.from_dict(
                     {"s3_bucket": bucket, "endpoint_url": backend.endpoint_url})))
+                if label == "SeaweedFS":
+                    rows.append(round_trip_row(backend.endpoint_url, bucket))
                 for number, (name, shape) in enumerate(shapes.items()):
                     for layout in ("chunked-s3", "s3"):
                         run = pipeline_through(proxy, bucket, layout, shape, work / label.split()[0] / f"shape{number}",
@@ -497,6 +499,26 @@ def bench_real_latency(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row
                 backend.stop()
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def round_trip_row(endpoint_url: str, bucket: str, repeat: int = 30) -> Row:
+    """Median signed PUT and GET of a 700-byte object straight to the server, through this module's
+    client, and the PUT once more through a session without TCP_NODELAY (as this module had it before
+    2026-11-25: each PUT's body then waits for the server's delayed ACK of its headers)."""
+    import botocore.httpsession
+
+    config = runlog_s3.Config.from_dict({"s3_bucket": bucket, "endpoint_url": endpoint_url})
+    client = runlog_s3.S3Client(config)
+    body = b"x" * 700
+    put = median_seconds(lambda: client.put_object("round-trip", body), repeat)
+    get = median_seconds(lambda: client.get_object("round-trip"), repeat)
+    transport = runlog_s3.BotocoreTransport(config, os.environ, endpoint_url)
+    transport._session = botocore.httpsession.URLLib3Session(timeout=(10, 30), socket_options=[])
+    transport._pid = os.getpid()
+    nagle = runlog_s3.S3Client(config, transport=transport)
+    slow_put = median_seconds(lambda: nagle.put_object("round-trip", body), repeat)
+    return Row("SeaweedFS round trip: signed PUT / GET of 700 bytes; PUT without TCP_NODELAY",
+               f"{put * 1000:.1f} ms / {get * 1000:.1f} ms; {slow_put * 1000:.1f} ms")
 
 
 def latency_rows(label: str, shape: str, layout: str, run: Dict[str, Any], disk_wall: float) -> List[Row]:

@@ -1936,6 +1936,7 @@ def test_bench_quick_completes_and_prints_every_row():
     if find_weed():
         expected_prefixes.append("64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, "
                                  "SeaweedFS: requests per log")
+        expected_prefixes.append("SeaweedFS round trip: signed PUT / GET of 700 bytes; PUT without TCP_NODELAY")
     for prefix in expected_prefixes:
         assert any(name.startswith(prefix) for name in names), prefix
     assert "cold start: runlog_s3 get peak memory" in result.stdout
