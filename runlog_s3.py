@@ -29,7 +29,21 @@ import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, fields
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Type
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Type,
+    cast,
+)
 
 __version__ = "0.1.0"
 
@@ -244,6 +258,14 @@ def check_config_keys(values: Mapping[str, Any]) -> None:
     """ConfigError naming the first key that is not one of the config block's."""
     known = [f.name for f in fields(Config)]
     unknown = sorted(set(values) - set(known))
+    secrets = [name for name in unknown if name in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")]
+    if secrets:
+        # runnable's minio stores take keys in their config; a config file is no place for a secret.
+        raise ConfigError(
+            f"{secrets[0]} in run_log_store.config: this store never reads a secret from its config; set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or name other variables with aws_access_key_name and "
+            "use_credentials: true), or use aws_profile"
+        )
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in run_log_store.config; valid keys: {', '.join(known)}")
 
@@ -1524,6 +1546,24 @@ def iter_steps(container: Mapping[str, Any], depth: int = 0) -> Iterator[Tuple[i
             yield from iter_steps(branch, depth + 2)
 
 
+# x-amz-meta-written-by on a run's object: the framework and version of the store that created it.
+WRITTEN_BY = "written-by"
+_PARAMETER_KINDS = ("json", "object", "metric")
+
+
+def guess_framework(document: Mapping[str, Any]) -> str:
+    """'runnable' or 'magnus' from a run log's shape, for runs created without a written-by tag: runnable
+    types its parameters ({kind, value}), records input parameters per attempt and may hold a job log."""
+    parameters = document.get("parameters") or {}
+    typed = any(isinstance(value, dict) and value.get("kind") in _PARAMETER_KINDS and "value" in value
+                for value in parameters.values())
+    attempts = (attempt for _depth, kind, log in iter_steps(document) if kind == "step"
+                for attempt in log.get("attempts") or [])
+    if typed or "job" in document or any("input_parameters" in attempt for attempt in attempts):
+        return "runnable"
+    return "magnus"
+
+
 def _is_strong_etag(etag: str) -> bool:
     return bool(etag) and not etag.startswith("W/")
 
@@ -1576,6 +1616,8 @@ class S3RunLogs:
         self._versions_lock = threading.Lock()
         self._lock_pid = os.getpid()
         self.conflicts = 0  # compare-and-swaps lost to another writer, for logs and the benchmark
+        self.writer = ""  # "runnable 0.50.0": tagged (x-amz-meta-written-by) on each run this creates
+        self._writers: Dict[str, str] = {}  # the tag of each run object read, by run id
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bucket={self.client.bucket!r}, prefix={self.prefix!r})"
@@ -1605,6 +1647,7 @@ class S3RunLogs:
         stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
         document = decode_run_log(stored.body, self.where(run_id))
         self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
+        self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
         return document, stored.etag
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
@@ -1614,6 +1657,10 @@ class S3RunLogs:
     def read_branch(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A branch log by its internal name, or the run log itself for '' (the base dag)."""
         return find_branch(self.read(run_id, full=not internal_name), internal_name)
+
+    def written_by(self, run_id: str, document: Mapping[str, Any]) -> str:
+        """Which framework wrote a run just read: the tag its creator left, else guessed from its shape."""
+        return self._writers.get(run_id) or guess_framework(document)
 
     def exists(self, run_id: str) -> bool:
         """Whether the run has a log in this layout (one HEAD)."""
@@ -1635,7 +1682,12 @@ class S3RunLogs:
             self.key(run_id),
             body,
             lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+            metadata=self._creator_tags(),
         )
+
+    def _creator_tags(self) -> Optional[Dict[str, str]]:
+        # Kept by every later compare-and-swap (they send an object's metadata again).
+        return {WRITTEN_BY: self.writer} if self.writer else None
 
     def write(self, document: Dict[str, Any]) -> None:
         """Replace the whole run log, unconditionally: the last writer wins."""
@@ -1671,6 +1723,12 @@ class S3RunLogs:
         """Add or overwrite parameters; none given changes nothing and sends nothing."""
         if parameters:
             self.mutate(run_id, lambda document: update_parameters(document, parameters), unchanged_is_done=True)
+
+    def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
+        """Add or overwrite the parameters of a branch (runnable scopes parameters to branches)."""
+        if parameters:
+            self.mutate(run_id, lambda document: update_parameters(find_branch(document, internal_name), parameters),
+                        unchanged_is_done=True)
 
     def set_run_config(self, run_id: str, run_config: Mapping[str, Any]) -> None:
         """Add or overwrite run config entries; none given changes nothing and sends nothing."""
@@ -2010,6 +2068,7 @@ class ChunkedS3RunLogs(S3RunLogs):
             stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
             document = decode_run_log(stored.body, self._url(stored.key))
             self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
+            self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
             self._known_run(run_id)
             return document
         deadline = self._clock() + self.client.config.conflict_timeout
@@ -2040,6 +2099,7 @@ class ChunkedS3RunLogs(S3RunLogs):
                 ) from exc
             raise self._not_found(run_id) from exc
         fields_ = decode_run_log(run.body, self._url(run_key))
+        self._writers[run_id] = run.metadata.get(WRITTEN_BY, "")
         replacing = run.metadata.get(_REPLACING, "")
         if replacing:
             return self._being_replaced(run_id, fields_, replacing)
@@ -2161,6 +2221,7 @@ class ChunkedS3RunLogs(S3RunLogs):
             self.key(run_id),
             body,
             lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+            metadata=self._creator_tags(),
         )
         self._known_run(run_id)
         self._put_chunks(chunks, replace=True)
@@ -2268,6 +2329,20 @@ class ChunkedS3RunLogs(S3RunLogs):
         self._check_run(run_id)
         self._replace_chunk(run_id, "branch", own)
         self._put_chunks(children, replace=False)
+
+    def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
+        """Add or overwrite the parameters of a branch: a compare-and-swap of the branch's object."""
+        if not internal_name:
+            self.set_parameters(run_id, parameters)
+            return
+        key = self.chunk_key(run_id, "branch", internal_name)
+
+        def missing() -> RunlogS3Error:
+            return LogNotFoundError(f"branch log {internal_name!r} is not in run log {run_id!r} ({self._url(key)})")
+
+        if parameters:
+            self._mutate_object(key, lambda document: update_parameters(document, parameters), decode_log_object,
+                                missing, unchanged_is_done=True)
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
         """Set the run's own fields; its parameters and run config gain only what is new; steps it
@@ -2429,55 +2504,44 @@ def open_run_logs(config: Mapping[str, Any] | Config, layout: str = "s3", **clie
     return LAYOUTS[layout](S3Client(config, **client_options))
 
 
-# magnus stores ####################################################################################
+# Framework stores #################################################################################
 #
-# magnus checks isinstance(store, BaseRunLogStore), so the store subclasses magnus's base class when
-# magnus is importable. Importing magnus costs a second of pydantic and stevedore, which the command
-# line must not pay, so the classes are built on first use (module __getattr__, PEP 562).
+# One class per layout and framework: magnus 0.4 (plain classes), magnus 0.5 and runnable (pydantic
+# models whose fields are the config keys). They are a few lines each on a layout's run logs above.
+# magnus and runnable check isinstance(store, BaseRunLogStore), so each class subclasses its
+# framework's base class. Importing a framework costs a second of pydantic and stevedore, which the
+# command line must not pay, so the classes are built on first use (module __getattr__, PEP 562) for
+# the framework that asks: the one already imported, else the first installed of runnable, magnus.
 
 
-class _S3StoreMethods:
-    """The magnus 0.4 run log store interface, written on a layout's run logs with compare-and-swap."""
+class _StoreCore:
+    """What the stores of every framework share: a layout's run logs made on first use, and our errors
+    raised as the framework's own (which it catches)."""
 
-    service_name = "s3"
-    _layout: type = S3RunLogs
-
-    def __init__(self, config: Optional[Mapping[str, Any]] = None):
-        self.config = Config.from_dict(config)
-        self._run_logs: Optional[S3RunLogs] = None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(bucket={self.config.s3_bucket!r}, prefix={self.config.key_prefix!r})"
+    _layout: ClassVar[type] = S3RunLogs
+    _errors: ClassVar[Dict[str, Any]] = {}  # the framework's exception classes, by name; set per framework
+    framework: ClassVar[str] = ""  # "magnus 0.5.1": tagged on the runs this store creates
+    if TYPE_CHECKING:  # set by each kind of store; not annotations at run time, which pydantic takes as fields
+        config: Config
+        _run_logs: Optional[S3RunLogs]
 
     @property
     def run_logs(self) -> S3RunLogs:
         """The run logs behind this store, made on first use (the client is fork-safe)."""
         if self._run_logs is None:
             self._run_logs = self._layout(S3Client(self.config))
+            self._run_logs.writer = self.framework
         return self._run_logs
 
     def get_aws_credentials_file(self) -> str:
-        """The shared credentials file (magnus_extensions' local-container integration mounts it)."""
+        """The shared credentials file (the local-container integrations mount it)."""
         return os.path.expanduser(self.config.aws_credentials_file)
-
-    # Conversions between magnus's pydantic models and dicts; identity without magnus.
-
-    _models: ClassVar[Dict[str, Any]] = {}  # set on the magnus classes; read only
-    _errors: ClassVar[Dict[str, Any]] = {}
-
-    def _model(self, kind: str, document: Dict[str, Any]) -> Any:
-        model = self._models.get(kind)
-        return model(**document) if model else document
-
-    @staticmethod
-    def _as_dict(log: Any) -> Dict[str, Any]:
-        return log.dict() if hasattr(log, "dict") else dict(log)
 
     def _call(
         self, run_id: str, operation: Callable[..., Any], *args: Any, name: str = "", missing: str = "BranchLogNotFoundError"
     ) -> Any:
-        # Our errors become magnus's own (which magnus catches), keeping our message. `missing` is
-        # magnus's name for a step or branch log that is not there.
+        # Our errors become the framework's own, keeping our message. `missing` is the framework's name
+        # for a step or branch log that is not there.
         error: RunlogS3Error
         error_args: Tuple[str, ...]
         try:
@@ -2488,12 +2552,43 @@ class _S3StoreMethods:
             error, error_args = exc, ("RunLogExistsError", run_id)
         except LogNotFoundError as exc:
             error, error_args = exc, (missing, run_id, name)
-        magnus_error = self._errors.get(error_args[0])
-        if magnus_error is None:
+        framework_error = self._errors.get(error_args[0])
+        if framework_error is None:
             raise error
-        raise magnus_error(error.message, *error_args[1:]) from error
+        raise framework_error(error.message, *error_args[1:]) from error
 
-    # The interface.
+
+def _framework_errors(exceptions: Any, names: Tuple[str, ...]) -> Dict[str, type]:
+    """The framework's exception classes, each also one of ours (so it carries our message)."""
+    ours = {"RunLogNotFoundError": RunLogNotFoundError, "RunLogExistsError": RunLogExistsError,
+            "StepLogNotFoundError": LogNotFoundError, "BranchLogNotFoundError": LogNotFoundError,
+            "JobLogNotFoundError": LogNotFoundError}
+
+    def __init__(self: Any, message: str, *args: Any) -> None:
+        RunlogS3Error.__init__(self, message)
+
+    return {name: type(name, (ours[name], getattr(exceptions, name)), {"__init__": __init__, "__module__": __name__})
+            for name in names}
+
+
+def _installed_version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "?"
+
+
+class _MagnusStoreMethods(_StoreCore):
+    """The magnus run log store interface (0.4 and 0.5 share it), on a layout's run logs: every update is
+    a compare-and-swap. Each framework section says how its models become dicts and back."""
+
+    def _model(self, kind: str, document: Dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _as_dict(self, log: Any) -> Dict[str, Any]:
+        raise NotImplementedError
 
     def create_run_log(
         self,
@@ -2506,17 +2601,15 @@ class _S3StoreMethods:
         **kwargs: Any,
     ) -> Any:
         """Create the run log with If-None-Match: *; raises RunLogExistsError when one is there."""
-        fields_ = dict(
+        run_log = self._model("RunLog", dict(
             run_id=validate_run_id(run_id),
             dag_hash=dag_hash,
             use_cached=use_cached,
             tag=tag,
             original_run_id=original_run_id,
             status=status,
-        )
-        run_log = self._model("RunLog", fields_)
-        document = self._as_dict(run_log) if self._models else {**fields_, "steps": {}, "parameters": {}, "run_config": {}}
-        self._call(run_id, self.run_logs.create, document)
+        ))
+        self._call(run_id, self.run_logs.create, self._as_dict(run_log))
         return run_log
 
     def get_run_log_by_id(self, run_id: str, full: bool = False, **kwargs: Any) -> Any:
@@ -2574,74 +2667,310 @@ class _S3StoreMethods:
         else:
             self._call(run_id, self.run_logs.add_branch, run_id, branch, name=branch.get("internal_name", ""))
 
-    # The factories for magnus's models come from BaseRunLogStore; without magnus, plain dicts.
+
+# Without a framework: the same interface on plain dicts, for scripts and for the tests. ###########
+
+
+class _PlainStoreMethods(_MagnusStoreMethods):
+    """The magnus 0.4 interface on plain dicts: a store to script against without magnus."""
+
+    def __init__(self, config: Optional[Mapping[str, Any]] = None):
+        self.config = Config.from_dict(config)
+        self._run_logs = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bucket={self.config.s3_bucket!r}, prefix={self.config.key_prefix!r})"
+
+    def _model(self, kind: str, document: Dict[str, Any]) -> Any:
+        if kind == "RunLog":
+            document = {"steps": {}, "parameters": {}, "run_config": {}, **document}
+        return document
+
+    def _as_dict(self, log: Any) -> Dict[str, Any]:
+        return dict(log)
 
     def create_step_log(self, name: str, internal_name: str, **kwargs: Any) -> Any:
         """An uncommitted step log."""
-        return self._model("StepLog", dict(name=name, internal_name=internal_name, status="CREATED", branches={}))
+        return dict(name=name, internal_name=internal_name, status="CREATED", branches={})
 
     def create_branch_log(self, internal_branch_name: str, **kwargs: Any) -> Any:
         """An uncommitted branch log."""
-        return self._model("BranchLog", dict(internal_name=internal_branch_name, status="CREATED", steps={}))
+        return dict(internal_name=internal_branch_name, status="CREATED", steps={})
 
 
-class _ChunkedS3StoreMethods(_S3StoreMethods):
-    """The same interface on the chunked-s3 layout: one object per step and branch log."""
-
-    service_name = "chunked-s3"
-    _layout = ChunkedS3RunLogs
-
-
-def _build_magnus_stores() -> Dict[str, type]:
-    """The store classes, subclassing magnus's BaseRunLogStore and raising its errors when magnus is there."""
-    try:
-        from magnus import datastore as magnus_datastore
-        from magnus import exceptions as magnus_exceptions
-    except ImportError:
-        return {
-            "S3RunLogStore": type("S3RunLogStore", (_S3StoreMethods,), {"__module__": __name__}),
-            "ChunkedS3RunLogStore": type("ChunkedS3RunLogStore", (_ChunkedS3StoreMethods,), {"__module__": __name__}),
-        }
-
-    def combined(ours: type, theirs: type) -> type:
-        # Raised as magnus's own class (magnus catches it) and as ours (with a real message).
-        def __init__(self: Any, message: str, *args: Any) -> None:
-            RunlogS3Error.__init__(self, message)
-
-        return type(theirs.__name__, (ours, theirs), {"__init__": __init__, "__module__": __name__})
-
-    errors = {
-        "RunLogNotFoundError": combined(RunLogNotFoundError, magnus_exceptions.RunLogNotFoundError),
-        "RunLogExistsError": combined(RunLogExistsError, magnus_exceptions.RunLogExistsError),
-        "StepLogNotFoundError": combined(LogNotFoundError, magnus_exceptions.StepLogNotFoundError),
-        "BranchLogNotFoundError": combined(LogNotFoundError, magnus_exceptions.BranchLogNotFoundError),
-    }
-    models = {
-        "RunLog": magnus_datastore.RunLog,
-        "StepLog": magnus_datastore.StepLog,
-        "BranchLog": magnus_datastore.BranchLog,
+def _build_plain_stores() -> Dict[str, type]:
+    return {
+        "S3RunLogStore": type("S3RunLogStore", (_PlainStoreMethods,), {"__module__": __name__}),
+        "ChunkedS3RunLogStore": type("ChunkedS3RunLogStore", (_PlainStoreMethods,), {
+            "_layout": ChunkedS3RunLogs, "__module__": __name__}),
     }
 
-    # magnus's models and errors; its factories build its own models.
-    magnus_parts = dict(
-        _models=models,
-        _errors=errors,
-        create_step_log=magnus_datastore.BaseRunLogStore.create_step_log,
-        create_branch_log=magnus_datastore.BaseRunLogStore.create_branch_log,
+
+# magnus 0.4 #######################################################################################
+#
+# `run_log_store: {type: s3, config: {...}}`: magnus 0.4 passes the config block as one dict, and its
+# models are pydantic 1 (`.dict()`, `Model(**fields)`).
+
+
+class _Magnus04StoreMethods(_PlainStoreMethods):
+    """magnus 0.4's store: magnus's models and errors on the plain interface."""
+
+    _models: ClassVar[Dict[str, Any]] = {}  # RunLog, StepLog, BranchLog of magnus.datastore
+
+    def _model(self, kind: str, document: Dict[str, Any]) -> Any:
+        return self._models[kind](**document)
+
+    def _as_dict(self, log: Any) -> Dict[str, Any]:
+        return log.dict()
+
+
+def _build_magnus04_stores() -> Dict[str, type]:
+    """S3RunLogStore and ChunkedS3RunLogStore for magnus 0.4, subclassing its BaseRunLogStore."""
+    from magnus import datastore, exceptions
+
+    base = datastore.BaseRunLogStore
+    parts = dict(
+        _models={"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog},
+        _errors=_framework_errors(exceptions, MAGNUS_ERRORS),
+        framework=f"magnus {_installed_version('magnus')}",
+        # magnus's own factories build its models
+        create_step_log=base.create_step_log,
+        create_branch_log=base.create_branch_log,
         __module__=__name__,
     )
-    S3RunLogStore = type("S3RunLogStore", (_S3StoreMethods, magnus_datastore.BaseRunLogStore), {
-        **magnus_parts,
-        "service_name": SERVICE_NAMES["S3RunLogStore"],
-        "__doc__": "magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap.",
-    })
-    ChunkedS3RunLogStore = type("ChunkedS3RunLogStore", (_ChunkedS3StoreMethods, magnus_datastore.BaseRunLogStore), {
-        **magnus_parts,
-        "service_name": SERVICE_NAMES["ChunkedS3RunLogStore"],
-        "__doc__": "magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs.",
-    })
 
+    class S3RunLogStore(_Magnus04StoreMethods, base):  # type: ignore[misc, valid-type]
+        """magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
+
+        service_name = SERVICE_NAMES["S3RunLogStore"]
+
+    class ChunkedS3RunLogStore(_Magnus04StoreMethods, base):  # type: ignore[misc, valid-type]
+        """magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
+
+        service_name = SERVICE_NAMES["ChunkedS3RunLogStore"]
+        _layout = ChunkedS3RunLogs
+
+    for store in (S3RunLogStore, ChunkedS3RunLogStore):
+        for name, value in parts.items():
+            setattr(store, name, value)
+        store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
     return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
+
+
+MAGNUS_ERRORS = ("RunLogNotFoundError", "RunLogExistsError", "StepLogNotFoundError", "BranchLogNotFoundError")
+
+
+# Stores that are pydantic models (magnus 0.5, runnable) ###########################################
+#
+# The framework calls Store(**config): each config key is a field. Our own check of the keys runs
+# first, so a mistake is our one-line ConfigError, not a pydantic report. The client is a private
+# attribute, dropped when the store is pickled (runnable sends its context to a process pool).
+
+
+def config_from_store_fields(values: Mapping[str, Any]) -> Config:
+    """The Config of a store's keyword arguments. runnable's minio stores spell the bucket `bucket`
+    (`name` or `name/prefix`): accepted for s3_bucket and prefix."""
+    values = dict(values)
+    for name in ("service_name", "service_type", "supports_parallel_writes"):
+        values.pop(name, None)  # the base class's fields: given back when a store is copied
+    if "bucket" in values:
+        if values.get("s3_bucket"):
+            raise ConfigError("run_log_store config has both bucket and s3_bucket: keep one")
+        bucket, _, prefix = str(values.pop("bucket") or "").partition("/")
+        if prefix and values.get("prefix"):
+            raise ConfigError(f"bucket {bucket + '/' + prefix!r} holds a prefix and prefix is set too: keep one")
+        values["s3_bucket"] = bucket
+        if prefix:
+            values["prefix"] = prefix
+    return Config.from_dict(values)
+
+
+class _PydanticStoreMethods(_StoreCore):
+    """The parts of a store that is a pydantic model: validated construction, private state, pickling."""
+
+    def __init__(self, **values: Any):
+        config = config_from_store_fields(values)
+        super().__init__(**{field.name: getattr(config, field.name) for field in fields(Config)})
+        self._config = config
+
+    @property
+    def config(self) -> Config:  # type: ignore[override]  # read-only here: the fields are the config
+        return self._config
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = cast(Dict[str, Any], super().__getstate__())
+        state["__pydantic_private__"] = {**(state.get("__pydantic_private__") or {}), "_run_logs": None}
+        return state
+
+    def _model(self, kind: str, document: Dict[str, Any]) -> Any:
+        return self._models[kind].model_validate(document)  # type: ignore[attr-defined]
+
+    def _as_dict(self, log: Any) -> Dict[str, Any]:
+        return log.model_dump()
+
+
+def _pydantic_store_base(base_run_log_store: type) -> type:
+    """The framework's BaseRunLogStore with the config keys as fields, and the store's private state."""
+    import pydantic
+
+    types = {"str": str, "bool": bool, "int": int, "float": float}
+    config_fields: Dict[str, Any] = {
+        field.name: (types[str(field.type)], "" if field.name == "s3_bucket" else field.default)
+        for field in fields(Config)
+    }
+
+    class RunlogS3StoreBase(base_run_log_store):
+        _config: Optional[Config] = pydantic.PrivateAttr(default=None)
+        _run_logs: Optional[S3RunLogs] = pydantic.PrivateAttr(default=None)
+
+    return pydantic.create_model("RunlogS3StoreFields", __base__=RunlogS3StoreBase, __module__=__name__,
+                                 **config_fields)
+
+
+# magnus 0.5 #######################################################################################
+#
+# `run_log_store: {type: s3, config: {...}}` as in 0.4; the store is a pydantic 2 model built with the
+# config keys as keyword arguments; the run log's data model is 0.4's.
+
+
+class _Magnus05StoreMethods(_PydanticStoreMethods, _MagnusStoreMethods):
+    """magnus 0.5's store: the magnus interface with pydantic 2 models."""
+
+    _models: ClassVar[Dict[str, Any]] = {}
+
+
+def _build_magnus05_stores() -> Dict[str, type]:
+    """S3RunLogStore and ChunkedS3RunLogStore for magnus 0.5, pydantic models on its BaseRunLogStore."""
+    from magnus import datastore, exceptions
+
+    base = _pydantic_store_base(datastore.BaseRunLogStore)
+    models = {"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog}
+    errors = _framework_errors(exceptions, MAGNUS_ERRORS)
+    framework = f"magnus {_installed_version('magnus')}"
+
+    class S3RunLogStore(_Magnus05StoreMethods, base):  # type: ignore[misc, valid-type]
+        """magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
+
+        service_name: str = SERVICE_NAMES["S3RunLogStore"]
+        _models = models
+        _errors = errors
+
+    class ChunkedS3RunLogStore(_Magnus05StoreMethods, base):  # type: ignore[misc, valid-type]
+        """magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
+
+        service_name: str = SERVICE_NAMES["ChunkedS3RunLogStore"]
+        _layout = ChunkedS3RunLogs
+        _models = models
+        _errors = errors
+
+    for store in (S3RunLogStore, ChunkedS3RunLogStore):
+        type.__setattr__(store, "framework", framework)
+        store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
+    return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
+
+
+# runnable #########################################################################################
+#
+# `run-log-store: {type: s3, config: {...}}` in runnable-config.yaml. Parameters are typed
+# ({kind: json|object|metric, value}) and scoped to branches; a job's run holds a job log. The store
+# says supports_parallel_writes, so runnable runs parallel and map branches in parallel.
+
+
+class _RunnableStoreMethods(_PydanticStoreMethods, _MagnusStoreMethods):
+    """runnable's store: the magnus interface, plus branch parameters, job logs and a summary."""
+
+    _models: ClassVar[Dict[str, Any]] = {}
+
+    def get_summary(self) -> Dict[str, Any]:
+        """What runnable prints at the end of a run: where the run log is."""
+        return {"Type": self.service_name, "Location": self.run_logs.where("<run_id>")}  # type: ignore[attr-defined]
+
+    def get_parameters(self, run_id: str, internal_branch_name: str = "", **kwargs: Any) -> dict:
+        """The parameters of the run, or of a branch (runnable scopes them), as runnable's typed models."""
+        if internal_branch_name:
+            log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name, name=internal_branch_name)
+        else:
+            log = self._call(run_id, self.run_logs.read, run_id, False)
+        return self._model("RunLog", {"run_id": run_id, "parameters": log.get("parameters", {})}).parameters
+
+    def set_parameters(self, run_id: str, parameters: dict, internal_branch_name: str = "", **kwargs: Any) -> None:
+        """Add or overwrite the parameters of the run, or of a branch."""
+        values = {name: value.model_dump() if hasattr(value, "model_dump") else value
+                  for name, value in parameters.items()}
+        self._call(run_id, self.run_logs.set_branch_parameters, run_id, internal_branch_name, values,
+                   name=internal_branch_name)
+
+    def get_job_log(self, run_id: str) -> Any:
+        """The job log of a job's run (JobLogNotFoundError when the run has none)."""
+        job = self._call(run_id, self.run_logs.read, run_id, False).get("job")
+        if not job:
+            raise self._errors["JobLogNotFoundError"](f"run log {run_id!r} holds no job log", run_id)
+        return self._models["JobLog"].model_validate(job)
+
+    def add_job_log(self, run_id: str, job_log: Any) -> None:
+        """Set the job log of a job's run, and the run's status to the job's."""
+        job = self._as_dict(job_log)
+        self._call(run_id, self.run_logs.set_run_fields, run_id, {"job": job, "status": job.get("status", "")})
+
+
+RUNNABLE_ERRORS = MAGNUS_ERRORS + ("JobLogNotFoundError",)
+
+
+def _build_runnable_stores() -> Dict[str, type]:
+    """S3RunLogStore and ChunkedS3RunLogStore for runnable, pydantic models on its BaseRunLogStore."""
+    from runnable import datastore, exceptions
+
+    base = _pydantic_store_base(datastore.BaseRunLogStore)
+    models = {"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog,
+              "JobLog": datastore.JobLog}
+    errors = _framework_errors(exceptions, RUNNABLE_ERRORS)
+    framework = f"runnable {_installed_version('runnable')}"
+
+    class S3RunLogStore(_RunnableStoreMethods, base):  # type: ignore[misc, valid-type]
+        """runnable run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
+
+        service_name: str = SERVICE_NAMES["S3RunLogStore"]
+        supports_parallel_writes: bool = True
+        _models = models
+        _errors = errors
+
+    class ChunkedS3RunLogStore(_RunnableStoreMethods, base):  # type: ignore[misc, valid-type]
+        """runnable run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
+
+        service_name: str = SERVICE_NAMES["ChunkedS3RunLogStore"]
+        supports_parallel_writes: bool = True
+        _layout = ChunkedS3RunLogs
+        _models = models
+        _errors = errors
+
+    for store in (S3RunLogStore, ChunkedS3RunLogStore):
+        type.__setattr__(store, "framework", framework)
+        store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
+    return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
+
+
+def framework_in_use() -> str:
+    """'runnable', 'magnus 0.5', 'magnus 0.4' or '': the framework the store classes are built for. The
+    one already imported is the one loading its stores; else the first installed."""
+    import importlib
+
+    frameworks = ("runnable", "magnus")
+    imported = [name for name in frameworks if sys.modules.get(name) is not None]
+    for name in imported + [name for name in frameworks if name not in imported]:
+        try:
+            datastore = importlib.import_module(f"{name}.datastore")
+        except ImportError:
+            continue
+        if name == "runnable":
+            return name
+        return "magnus 0.5" if hasattr(datastore.BaseRunLogStore, "model_fields") else "magnus 0.4"
+    return ""
+
+
+_STORE_BUILDERS: Dict[str, Callable[[], Dict[str, type]]] = {
+    "runnable": _build_runnable_stores, "magnus 0.5": _build_magnus05_stores, "magnus 0.4": _build_magnus04_stores,
+    "": _build_plain_stores,
+}
 
 
 # magnus matches an integration to a store by (executor, service type, the store's service_name). The
@@ -2660,9 +2989,12 @@ def integration_name(executor: str, store: str) -> str:
 
 
 def _build_magnus_integrations() -> Dict[str, type]:
-    """One integration per executor and store. None warns: the store takes any number of writers.
-    local-container mounts the credentials file the config reads (read-only, where botocore looks
-    inside the container) and passes through the environment variables the config names."""
+    """One integration per executor and store (magnus 0.4 and 0.5; runnable has none). None warns: the
+    store takes any number of writers. local-container mounts the credentials file the config reads
+    (read-only, where botocore looks inside the container); on magnus 0.4 it also passes through the
+    environment variables the config names. (magnus 0.5 records its context's variables in every run
+    log's run_config, so there a secret is never put among them: pass them with the executor's
+    `environment`, which magnus 0.5 also records, or use a credentials file.)"""
     from pathlib import Path
 
     from magnus.integration import BaseIntegration
@@ -2673,13 +3005,18 @@ def _build_magnus_integrations() -> Dict[str, type]:
     class LocalContainerRunLogS3Integration(RunLogS3Integration):
         def configure_for_traversal(self, **kwargs: Any) -> None:
             config: Config = self.service.config
+            variables = getattr(self.executor, "variables", None)  # magnus 0.4 only
             if config.use_credentials:
                 names = (config.aws_access_key_name, config.aws_secret_access_key_name, config.aws_session_key_name)
-                self.executor.variables.update({name: os.environ[name] for name in names if name in os.environ})
+                if variables is not None:
+                    variables.update({name: os.environ[name] for name in names if name in os.environ})
                 return
             credentials = Path(os.path.expanduser(config.aws_credentials_file))
+            volumes = getattr(self.executor, "volumes", None)
+            if volumes is None:
+                volumes = self.executor._volumes  # magnus 0.5
             if credentials.is_file():
-                self.executor.volumes[str(credentials.resolve())] = {"bind": "/root/.aws/credentials", "mode": "ro"}
+                volumes[str(credentials.resolve())] = {"bind": "/root/.aws/credentials", "mode": "ro"}
 
     classes: Dict[str, type] = {}
     for store, provider in SERVICE_NAMES.items():
@@ -2695,17 +3032,19 @@ _lazy_names: Dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the store and integration classes are built (importing magnus) the first time someone
-    # asks for one.
+    # PEP 562: the store and integration classes are built (importing the framework) the first time
+    # someone asks for one.
     if name in SERVICE_NAMES or name.endswith("Integration"):
         if name not in _lazy_names:
-            _lazy_names.update(_build_magnus_stores() if name in SERVICE_NAMES else _build_magnus_integrations())
+            build = _STORE_BUILDERS[framework_in_use()] if name in SERVICE_NAMES else _build_magnus_integrations
+            _lazy_names.update(build())
         if name in _lazy_names:
             return _lazy_names[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# The names magnus finds the stores by: `type:` in its config, including the dotted class paths.
+# The names magnus and runnable find the stores by (both read the entry point group run_log_store):
+# `type:` in their config, including the dotted class paths.
 STORE_NAMES = {"s3": "S3RunLogStore", "runlog-s3": "S3RunLogStore", "runlog_s3.S3RunLogStore": "S3RunLogStore",
                "chunked-s3": "ChunkedS3RunLogStore", "runlog-chunked-s3": "ChunkedS3RunLogStore",
                "runlog_s3.ChunkedS3RunLogStore": "ChunkedS3RunLogStore"}
@@ -2890,7 +3229,7 @@ def _step_summary(step: Mapping[str, Any]) -> str:
     parts = []
     if attempts:
         parts.append(f"{len(attempts)} attempt{'s' if len(attempts) != 1 else ''}")
-        duration = attempts[-1].get("duration") if isinstance(attempts[-1], dict) else ""
+        duration = _attempt_duration(attempts[-1]) if isinstance(attempts[-1], dict) else ""
         if duration:
             parts.append(str(duration))
     if step.get("mock"):
@@ -2898,7 +3237,19 @@ def _step_summary(step: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0) -> List[str]:
+def _attempt_duration(attempt: Mapping[str, Any]) -> str:
+    # magnus records an attempt's duration; runnable computes it from start and end (as str(timedelta)).
+    if attempt.get("duration"):
+        return str(attempt["duration"])
+    start, end = _clock_time(attempt.get("start_time")), _clock_time(attempt.get("end_time"))
+    if start is None or end is None:
+        return ""
+    from datetime import timedelta
+
+    return str(timedelta(seconds=round(end - start, 6)))
+
+
+def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0, written_by: str = "") -> List[str]:
     """A run log as lines of a tree: steps, branches and nested steps with status, attempts, duration.
 
     With a limit, each branch shows its first `limit` steps and a count of the rest.
@@ -2906,7 +3257,7 @@ def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0
     status = str(document.get("status", ""))
     lines = [
         f"run {document.get('run_id')}  {_color(status, status, color)}  "
-        f"{len(document.get('parameters') or {})} parameters"
+        f"{len(document.get('parameters') or {})} parameters" + (f"  written by {written_by}" if written_by else "")
     ]
 
     def walk(container: Mapping[str, Any], indent: str) -> None:
@@ -2979,13 +3330,20 @@ class BucketRuns:
                 return run_logs
         raise self._not_found(run_id)
 
-    def status(self, run_id: str, layout: str) -> str:
-        """A listed run's status: one GET of its run log (s3) or run object (chunked-s3); '?' if unreadable."""
+    def written_by(self, run_id: str, document: Mapping[str, Any]) -> str:
+        """Which framework wrote a run just read (see S3RunLogs.written_by)."""
+        run_logs = self.plain if run_id in self.plain._writers else self.chunked
+        return run_logs.written_by(run_id, document)
+
+    def status(self, run_id: str, layout: str) -> Tuple[str, str]:
+        """A listed run's status and the framework that wrote it: one GET of its run log (s3) or run
+        object (chunked-s3); '?' if unreadable."""
         try:
             run_logs = self.chunked if layout == "chunked-s3" else self.plain
-            return str(run_logs.read(run_id, full=False).get("status", "?"))
+            document = run_logs.read(run_id, full=False)
+            return str(document.get("status", "?")), run_logs.written_by(run_id, document)
         except (RunLogNotFoundError, InvalidRunLogError):
-            return "?"
+            return "?", "?"
 
     def list(self) -> List[Tuple[ObjectInfo, str]]:
         """(run, layout) for the runs of both layouts, oldest first."""
@@ -3022,19 +3380,20 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
     if args.limit:
         listed = listed[-args.limit:]
     statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
-    rows = [{"run_id": run.key, "status": status, "layout": layout, "last_modified": run.last_modified,
-             "size": run.size, "objects": run.objects} for (run, layout), status in zip(listed, statuses)]
+    rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
+             "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+            for (run, layout), (status, written_by) in zip(listed, statuses)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE")] + [
-        (row["run_id"], row["status"], row["layout"], row["last_modified"],
+    table = [("RUN_ID", "STATUS", "LAYOUT", "WRITTEN BY", "MODIFIED", "SIZE")] + [
+        (row["run_id"], row["status"], row["layout"], row["written_by"], row["last_modified"],
          f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""))
         for row in rows
     ]
-    widths = [max(len(line[column]) for line in table) for column in range(4)]
+    widths = [max(len(line[column]) for line in table) for column in range(5)]
     for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[4])
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[5])
     return EXIT_OK
 
 
@@ -3044,11 +3403,12 @@ def _count(number: int, noun: str) -> str:
 
 def _cmd_show(runs: BucketRuns, args: Any) -> int:
     document = runs.read(args.run_id)
+    written_by = runs.written_by(args.run_id, document)
     if args.json:
-        print(json.dumps(tree_rows(document), indent=2, ensure_ascii=False))
+        print(json.dumps({**tree_rows(document), "written_by": written_by}, indent=2, ensure_ascii=False))
         return EXIT_OK
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    print("\n".join(render_tree(document, color=color)))
+    print("\n".join(render_tree(document, color=color, written_by=written_by)))
     return EXIT_OK
 
 
