@@ -349,6 +349,60 @@ def count_success(python: str, folder: Path, environ: Dict[str, str], run_id: st
     return json.loads(counted.stdout)
 
 
+# The runnable pipeline (also used by the tests) ###################################################
+
+# runnable 0.50.0 is magnus renamed; magnus 0.5.1 is its first pydantic 2 release. Each lives in a
+# virtual environment of its own (magnus 0.4.16 needs pydantic 1), with this module copied in.
+FRAMEWORK_PACKAGES = {"magnus-0.5": ["magnus==0.5.1", "botocore"], "runnable": ["runnable==0.50.0", "botocore"]}
+RUNNABLE_SHAPE = (6, 10)  # the issue's pipeline: a parallel node of 6 branches, a map over 10 items
+
+
+def make_framework_venv(folder: Path, framework: str, environ: Optional[Dict[str, str]] = None) -> Path:
+    """A virtual environment with one framework and botocore (not runlog_s3): returns its bin folder."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
+    installed = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                                *FRAMEWORK_PACKAGES[framework]], capture_output=True, text=True, timeout=900,
+                               env=environ)
+    if installed.returncode != 0:
+        raise RuntimeError(f"could not install {framework}: {installed.stderr.strip()[-1500:]}")
+    return folder / "bin"
+
+
+def copy_in(folder: Path, python: str) -> Dict[str, str]:
+    """runlog_s3.py copied into `folder` and registered there (a copy-in user's set-up); returns the
+    environment that puts it on the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(HERE / "runlog_s3.py", folder)
+    environ = {**os.environ, "PYTHONPATH": str(folder)}
+    registered = subprocess.run([python, "-m", "runlog_s3", "register", "--folder", str(folder)], capture_output=True,
+                                text=True, env=environ, cwd=folder, timeout=120)
+    if registered.returncode != 0:
+        raise RuntimeError(f"register failed: {registered.stderr.strip()}")
+    return environ
+
+
+def write_runnable_pipeline(folder: Path, run_log_store: Dict[str, Any], branches: int = RUNNABLE_SHAPE[0],
+                            items: int = RUNNABLE_SHAPE[1], parallel: bool = True, runnable: str = "runnable") -> List[str]:
+    """The pipeline of write_magnus_pipeline as runnable spells its config (run-log-store:,
+    pipeline-executor:); returns the command without the run id."""
+    pipeline = {"dag": {"start_at": "prepare", "steps": {
+        "prepare": {"type": "task", "command_type": "shell", "command": "echo prepare", "next": "fan-out"},
+        "fan-out": {"type": "parallel", "next": "over-items", "branches": {f"b{i}": BRANCH for i in range(branches)}},
+        "over-items": {"type": "map", "iterate_on": "items", "iterate_as": "item", "next": "success", "branch": BRANCH},
+        "success": {"type": "success"}, "fail": {"type": "fail"}}}}
+    config = {"pipeline-executor": {"type": "local", "config": {"enable_parallel": parallel}},
+              "run-log-store": run_log_store, "catalog": {"type": "do-nothing"}}
+    (folder / "pipeline.yaml").write_text(json.dumps(pipeline))
+    (folder / "runnable-config.yaml").write_text(json.dumps(config))
+    (folder / "params.yaml").write_text(json.dumps({"items": [f"item{i}" for i in range(items)]}))
+    return [runnable, "execute", "pipeline.yaml", "-c", "runnable-config.yaml", "-p", "params.yaml"]
+
+
+def successful_logs(document: Dict[str, Any]) -> int:
+    """The SUCCESS step and branch logs of a run log (a dict, of any framework)."""
+    return sum(log.get("status") == "SUCCESS" for _depth, _kind, log in runlog_s3.iter_steps(document))
+
+
 def ensure_old_venv() -> Optional[str]:
     """The old store's virtual environment (magnus_extensions 0.2.13, boto3, pydantic v1); made once."""
     python = OLD_VENV / "bin" / "python"

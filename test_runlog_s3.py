@@ -3282,3 +3282,221 @@ def test_timeline_shows_steps_a_re_run_took_from_its_cache_as_not_run():
     rows = {row.split("|")[0].strip(" *"): row for row in runlog_s3.render_timeline(document, width=10)[1:]}
     assert rows["extract"] == "*extract  |          | not run  SUCCESS"
     assert rows["train"] == "*train    |█████████ | 4.00 s  SUCCESS"
+
+
+# magnus 0.5 and runnable ##########################################################################
+#
+# Each framework in a virtual environment of its own (magnus 0.4.16 needs pydantic 1, they need
+# pydantic 2), made once per test session, with this module copied in and registered: a copy-in
+# user's set-up.
+
+
+@pytest.fixture(scope="session")
+def framework_bin(tmp_path_factory):
+    """framework_bin("runnable") or ("magnus-0.5"): the bin folder of that framework's environment."""
+    made = {}
+
+    def get(framework):
+        if framework not in made:
+            try:
+                made[framework] = bench_runlog_s3.make_framework_venv(
+                    tmp_path_factory.mktemp(framework) / "venv", framework, _pip_environment())
+            except RuntimeError as error:
+                pytest.fail(str(error))
+        return made[framework]
+
+    return get
+
+
+def _framework_python(framework_bin, framework, tmp_path):
+    """(python, environment) of a framework's venv with this module copied in beside the test."""
+    python = str(framework_bin(framework) / "python")
+    return python, bench_runlog_s3.copy_in(tmp_path / "app", python)
+
+
+def _runlog_env(config):
+    return {"RUNLOG_S3_BUCKET": config["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": config["endpoint_url"],
+            "RUNLOG_S3_PREFIX": config["prefix"]}
+
+
+def _spans_overlap(spans):
+    return any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+
+
+@pytest.mark.parametrize("store_type, spelling", [("s3", "s3_bucket"), ("chunked-s3", "bucket")])
+def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, tmp_path, store_type, spelling):
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    config = ({"s3_bucket": bucket["s3_bucket"], "prefix": bucket["prefix"]} if spelling == "s3_bucket"
+              else {"bucket": f"{bucket['s3_bucket']}/{bucket['prefix']}"})  # as runnable's minio store spells it
+    store = {"type": store_type, "config": {**config, "endpoint_url": bucket["endpoint_url"]}}
+    work = tmp_path / "work"
+    work.mkdir()
+    command = bench_runlog_s3.write_runnable_pipeline(work, store, runnable=str(Path(python).parent / "runnable"))
+    result = subprocess.run(command + ["rn-parallel"], cwd=work, env=environ, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Falling back to sequential" not in output and "Pipeline executed successfully" in output
+    run_logs = runlog_s3.open_run_logs(bucket, store_type)
+    document = run_logs.read("rn-parallel")
+    assert document["status"] == "SUCCESS"
+    assert run_logs.written_by("rn-parallel", document) == "runnable 0.50.0"
+    branches, items = bench_runlog_s3.RUNNABLE_SHAPE
+    assert bench_runlog_s3.successful_logs(document) == bench_runlog_s3.expected_logs(branches, items)  # 52 of 52
+    fan_out, over_items = document["steps"]["fan-out"]["branches"], document["steps"]["over-items"]["branches"]
+    assert sorted(fan_out) == sorted(f"fan-out.b{i}" for i in range(branches))
+    assert sorted(over_items) == sorted(f"over-items.item{i}" for i in range(items))
+    assert document["parameters"]["items"]["kind"] == "json"  # runnable's typed parameters, as runnable dumps them
+    # The branches ran at the same time (runnable runs them one after another unless the store says
+    # supports_parallel_writes).
+    assert _spans_overlap([runlog_s3._span(branch, "branch") for branch in over_items.values()])
+    shown = cli("show", "rn-parallel", env=_runlog_env(bucket))
+    assert shown.returncode == 0 and "written by runnable 0.50.0" in shown.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_magnus_05_pipeline_loses_nothing(framework_bin, bucket, tmp_path, store_type):
+    # magnus 0.5.1's own parallel fan-in fails with every store ("ParallelNode.fan_in() got multiple
+    # values for keyword argument 'map_variable'"): its pipelines run sequentially; its concurrent
+    # writers are the test below.
+    python, environ = _framework_python(framework_bin, "magnus-0.5", tmp_path)
+    store = {"type": store_type, "config": {**bucket}}
+    work = tmp_path / "work"
+    work.mkdir()
+    command = bench_runlog_s3.write_magnus_pipeline(work, store, parallel=False,
+                                                    magnus=str(Path(python).parent / "magnus"))
+    result = subprocess.run(command + ["--run-id", "m5-run"], cwd=work, env=environ, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    run_logs = runlog_s3.open_run_logs(bucket, store_type)
+    document = run_logs.read("m5-run")
+    assert document["status"] == "SUCCESS" and run_logs.written_by("m5-run", document) == "magnus 0.5.1"
+    assert bench_runlog_s3.successful_logs(document) == bench_runlog_s3.expected_logs(8, 8)
+    assert document["parameters"]["items"] == [f"item{i}" for i in range(8)]
+    # magnus 0.5 records its context, the store's fields included: the config, and never a secret.
+    recorded = document["run_config"]["run_log_store"]
+    assert recorded["service_name"] == runlog_s3.SERVICE_NAMES[runlog_s3.STORE_NAMES[store_type]]
+    assert recorded["s3_bucket"] == bucket["s3_bucket"] and SECRET_KEY not in json.dumps(document)
+    listed = cli("ls", "--json", env=_runlog_env(bucket))
+    assert [(row["run_id"], row["written_by"]) for row in json.loads(listed.stdout)] == [("m5-run", "magnus 0.5.1")]
+
+
+_FRAMEWORK_WRITERS = """
+import json, multiprocessing, sys
+import runlog_s3
+config, run_id, writers, steps, store_name = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+runnable = runlog_s3.framework_in_use() == "runnable"
+
+def parameter(value):
+    if runnable:
+        from runnable.datastore import JsonParameter
+        return JsonParameter(kind="json", value=value)
+    return value
+
+def write(writer):
+    store = getattr(runlog_s3, store_name)(**config)
+    for n in range(steps):
+        step = store.create_step_log(f"w{writer}s{n}", f"w{writer}s{n}")
+        step.status = "SUCCESS"
+        store.add_step_log(step, run_id)
+        store.set_parameters(run_id, {f"w{writer}": parameter(n)})
+
+if __name__ == "__main__":
+    store = getattr(runlog_s3, store_name)(**config)
+    store.create_run_log(run_id)
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=write, args=(writer,)) for writer in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(240)
+    run_log = store.get_run_log_by_id(run_id, full=True)
+    parameters = store.get_parameters(run_id)
+    print(json.dumps({
+        "exit_codes": [process.exitcode for process in processes],
+        "model": type(run_log).__module__ + "." + type(run_log).__name__,
+        "steps": sorted(name for name, step in run_log.steps.items() if step.status == "SUCCESS"),
+        "parameters": {name: value.get_value() if runnable else value for name, value in parameters.items()},
+        "framework": type(store).framework,
+        "base": type(store).__mro__[-4].__module__,
+    }))
+"""
+
+
+@pytest.mark.parametrize("framework", ["magnus-0.5", "runnable"])
+@pytest.mark.parametrize("store_name", ["S3RunLogStore", "ChunkedS3RunLogStore"])
+def test_framework_writer_processes_lose_nothing(framework_bin, bucket, tmp_path, framework, store_name):
+    python, environ = _framework_python(framework_bin, framework, tmp_path)
+    writers, steps = 8, 4
+    result = subprocess.run([python, "-c", _FRAMEWORK_WRITERS, json.dumps(bucket), "writers", str(writers), str(steps),
+                             store_name], env=environ, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["exit_codes"] == [0] * writers
+    assert report["steps"] == sorted(f"w{w}s{n}" for w in range(writers) for n in range(steps))
+    assert report["parameters"] == {f"w{w}": steps - 1 for w in range(writers)}
+    package = "runnable" if framework == "runnable" else "magnus"
+    assert report["model"] == f"{package}.datastore.RunLog" and report["base"] == f"{package}.datastore"
+    assert report["framework"] == {"runnable": "runnable 0.50.0", "magnus-0.5": "magnus 0.5.1"}[framework]
+
+
+_FRAMEWORK_CONFIG = """
+import json, pickle, sys
+import runlog_s3
+frameworks = [name for name in ("runnable", "magnus") if name in sys.modules]
+Store = runlog_s3.ChunkedS3RunLogStore
+report = {"imported_before_use": frameworks, "fields": sorted(Store.model_fields)}
+store = Store(bucket="run-logs/team/runs", endpoint_url="http://127.0.0.1:9")
+report["bucket"] = [store.s3_bucket, store.prefix, store.config.s3_bucket, store.config.key_prefix]
+report["parallel"] = getattr(store, "supports_parallel_writes", None)
+store.run_logs  # the client exists now, and does not travel with the store
+copy = pickle.loads(pickle.dumps(store))
+report["copy"] = [type(copy).__name__, copy._run_logs is None, copy.config == store.config]
+errors = []
+for values in ({"s3_bucket": "b", "aws_secret_access_key": "not-shown"}, {"s3_bucket": "b", "prefixx": "p"},
+               {"s3_bucket": "b", "max_attempts": "many"}, {"bucket": "b", "s3_bucket": "c"}, {}):
+    try:
+        Store(**values)
+        errors.append("accepted")
+    except runlog_s3.ConfigError as error:
+        errors.append(str(error))
+report["errors"] = errors
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("framework", ["magnus-0.5", "runnable"])
+def test_framework_store_takes_the_config_keys_as_fields_with_one_line_errors(framework_bin, tmp_path, framework):
+    python, environ = _framework_python(framework_bin, framework, tmp_path)
+    result = subprocess.run([python, "-c", _FRAMEWORK_CONFIG], env=environ, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["imported_before_use"] == []  # importing runlog_s3 imports no framework
+    assert set(report["fields"]) >= {field.name for field in runlog_s3.fields(Config)} | {"service_name"}
+    assert report["bucket"] == ["run-logs", "team/runs", "run-logs", "team/runs"]
+    assert report["parallel"] is (True if framework == "runnable" else None)
+    assert report["copy"] == ["ChunkedS3RunLogStore", True, True]
+    secret, mistyped, wrong_type, both, missing = report["errors"]
+    assert "never reads a secret from its config" in secret and "not-shown" not in secret
+    assert "unknown key 'prefixx'" in mistyped
+    assert "'max_attempts' must be a whole number" in wrong_type
+    assert "both bucket and s3_bucket" in both
+    assert "needs s3_bucket" in missing
+    assert all("\n" not in error for error in report["errors"])
+
+
+def test_a_run_log_says_which_framework_wrote_it_by_its_tag_or_its_shape(moto_bucket):
+    plain = runlog_s3.open_run_logs(moto_bucket)
+    plain.writer = "runnable 0.50.0"
+    plain.create({"run_id": "tagged", "status": "CREATED", "steps": {}, "parameters": {}, "run_config": {}})
+    plain.set_status("tagged", "SUCCESS")  # later writes keep the tag
+    reader = runlog_s3.open_run_logs(moto_bucket)
+    assert reader.written_by("tagged", reader.read("tagged")) == "runnable 0.50.0"
+    magnus_04 = {"run_id": "r", "steps": {}, "parameters": {"x": 1}}
+    runnable_log = {"run_id": "r", "steps": {}, "parameters": {"x": {"kind": "json", "value": 1}}}
+    job = {"run_id": "r", "steps": {}, "parameters": {}, "job": {"status": "SUCCESS"}}
+    attempts = {"run_id": "r", "parameters": {}, "steps": {"a": {"name": "a", "internal_name": "a", "attempts": [
+        {"input_parameters": {}, "status": "SUCCESS"}]}}}
+    assert [runlog_s3.guess_framework(d) for d in (magnus_04, runnable_log, job, attempts)] == [
+        "magnus", "runnable", "runnable", "runnable"]
