@@ -30,6 +30,11 @@ Rows:
      file-system store run sequentially on local disk: wall time, requests by verb counted by the
      proxy, 412s, and the share of wall time with a request in flight.
   8. Timeline: the CPU time to draw the terminal timeline of a 1000-step run.
+  9. runnable 0.50.0 (.bench-venv/runnable, made on first use, this module copied in): its pipeline of
+     a parallel node of 6 branches and a map over 10 items with enable_parallel, chunked-s3 and s3 on
+     moto (in a process of its own) and on SeaweedFS, next to runnable's chunked-fs store run
+     sequentially on local disk and its own chunked-minio store on the same servers: wall time and
+     lost logs (runs after the real-latency rows).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import json
 import multiprocessing
 import os
 import py_compile
+import re
 import shutil
 import signal
 import socket
@@ -555,6 +561,125 @@ def bench_real_latency(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row
     return rows
 
 
+# runnable: its pipeline on both servers, next to its own stores ###################################
+
+RUNNABLE_VENV = HERE / ".bench-venv" / "runnable"
+
+
+def ensure_runnable_venv() -> Optional[Path]:
+    """runnable 0.50.0 with its s3 extra (cloudpathlib and boto3, for its chunked-minio store) and
+    botocore: .bench-venv/runnable, made on first use. Returns its bin folder."""
+    if not (RUNNABLE_VENV / "bin" / "runnable").exists():
+        print(f"making {RUNNABLE_VENV} for runnable (once) ...", file=sys.stderr, flush=True)
+        FRAMEWORK_PACKAGES["runnable-s3"] = ["runnable[s3]==0.50.0", "botocore"]
+        try:
+            make_framework_venv(RUNNABLE_VENV, "runnable-s3")
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            return None
+    return RUNNABLE_VENV / "bin"
+
+
+def minio_successes(client: runlog_s3.S3Client, folder: str) -> int:
+    """SUCCESS logs of a run runnable's chunked-minio store wrote under `folder`: RunLog (the top-level
+    steps) and one BranchLog-<name> object per branch, its steps inside."""
+    total = 0
+    for info in client.list_objects(folder):
+        try:
+            document = json.loads(client.get_object(info.key).body)
+        except ValueError:
+            continue
+        if info.key.rsplit("/", 1)[-1].startswith("BranchLog"):
+            total += document.get("status") == "SUCCESS"
+        total += successful_logs(document)
+    return total
+
+
+def bench_runnable(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    """runnable's pipeline (a parallel node of 6 branches, a map over 10 items, enable_parallel) with
+    chunked-s3 and s3 on moto (its own process) and SeaweedFS, next to runnable's chunked-fs run
+    sequentially on local disk and its chunked-minio store on the same servers."""
+    if quick:
+        return [Row("runnable rows", "skipped (--quick)")]
+    bin_folder = ensure_runnable_venv()
+    if bin_folder is None:
+        return [Row("runnable rows", "skipped: could not make the runnable environment")]
+    repeat = 3
+    work = Path(tempfile.mkdtemp(prefix="bench-runnable-"))
+    environ = copy_in(work / "app", str(bin_folder / "python"))
+    expected = expected_logs(*RUNNABLE_SHAPE)
+    shape = f"runnable {RUNNABLE_SHAPE[0]}+{RUNNABLE_SHAPE[1]} ({expected} logs)"
+
+    def run(name: str, store: Dict[str, Any], parallel: bool, number: int) -> Tuple[float, int, str]:
+        folder = work / f"{name}-{number}"
+        folder.mkdir()
+        command = write_runnable_pipeline(folder, store, parallel=parallel, runnable=str(bin_folder / "runnable"))
+        started = time.perf_counter()
+        result = subprocess.run(command + ["bench"], cwd=folder, env=environ, capture_output=True, text=True,
+                                timeout=600)
+        said = " ".join((result.stdout + result.stderr).split())  # rich wraps its lines
+        error = re.search(r"\((\w+)\) when calling the (\w+) operation", said)
+        failure = f"{error[1]} on {error[2]}" if error else f"exit {result.returncode}"
+        return time.perf_counter() - started, result.returncode, failure
+
+    walls = [run("chunked-fs", {"type": "chunked-fs", "config": {"log_folder": str(work / f"fs-{n}")}}, False, n)[0]
+             for n in range(repeat)]
+    disk = statistics.median(walls)
+    rows = [Row(f"{shape}: runnable chunked-fs, sequential, local disk", f"{disk:.2f} s")]
+    weed = find_weed()
+    servers: List[Tuple[str, Callable[[], Any]]] = [("moto", ServerProcess)]
+    if weed:
+        servers.append(("SeaweedFS", lambda: SeaweedFS(weed, work / "weed", CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                                      CREDENTIALS["AWS_SECRET_ACCESS_KEY"]).start()))
+    for label, start in servers:
+        backend = start()
+        if isinstance(backend, ServerProcess):
+            backend.__enter__()
+        try:
+            config = runlog_s3.Config.from_dict({"s3_bucket": "bench-runnable", "endpoint_url": backend.endpoint_url})
+            client = runlog_s3.S3Client(config)
+            runlog_s3.create_bucket(client)
+            for layout in ("chunked-s3", "s3", "chunked-minio"):
+                results = []
+                # runnable's chunked-minio on SeaweedFS fails after a minute of retries: run once.
+                for number in range(1 if layout == "chunked-minio" and label == "SeaweedFS" else repeat):
+                    prefix = f"{label}-{layout}-{number}"
+                    if layout == "chunked-minio":
+                        store = {"type": layout, "config": {
+                            "bucket": f"bench-runnable/{prefix}", "endpoint_url": backend.endpoint_url,
+                            "aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}}
+                    else:
+                        store = {"type": layout, "config": {"s3_bucket": "bench-runnable", "prefix": prefix,
+                                                            "endpoint_url": backend.endpoint_url}}
+                    wall, exit_code, failure = run(f"{label}-{layout}", store, True, number)
+                    if layout == "chunked-minio":
+                        kept = minio_successes(client, f"{prefix}/bench/")
+                    else:
+                        try:
+                            document = runlog_s3.open_run_logs(
+                                {**store["config"], "max_attempts": 2}, layout).read("bench")
+                            kept = successful_logs(document)
+                        except runlog_s3.RunlogS3Error:
+                            kept = 0
+                    results.append((wall, expected - kept, exit_code, failure))
+                wall, lost, exit_code, failure = sorted(results)[len(results) // 2]
+                ours = layout != "chunked-minio"
+                outcome = "" if exit_code == 0 else f"; run failed: {failure[:90]}"
+                rows.append(Row(f"{shape} on {label}: {'runlog_s3 ' if ours else 'runnable '}{layout}, parallel",
+                                f"{wall:.2f} s = {wall / disk:.2f}x chunked-fs, {lost} of {expected} lost{outcome}",
+                                "<= 2.0x, 0 lost" if layout == "chunked-s3" else ("0 lost" if ours else ""),
+                                (wall <= 2 * disk and lost == 0 and exit_code == 0) if layout == "chunked-s3"
+                                else ((lost == 0 and exit_code == 0) if ours else None)))
+        finally:
+            if isinstance(backend, ServerProcess):
+                backend.__exit__(None, None, None)
+            else:
+                backend.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def round_trip_row(endpoint_url: str, bucket: str, repeat: int = 30) -> Row:
     """Median signed PUT and GET of a 700-byte object straight to the server, through this module's
     client, and the PUT once more through a session without TCP_NODELAY (as this module had it before
@@ -939,8 +1064,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     rows: List[Row] = []
     with runlog_s3.LocalS3Server() as server:
-        for section in (bench_pipeline, bench_real_latency, bench_uncontended, bench_contention, bench_document_size,
-                        bench_chunked, bench_cold_start, bench_timeline):
+        for section in (bench_pipeline, bench_real_latency, bench_runnable, bench_uncontended, bench_contention,
+                        bench_document_size, bench_chunked, bench_cold_start, bench_timeline):
             rows.extend(section(server, args.quick))
             print(f"{section.__name__} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(f"runlog_s3 {runlog_s3.__version__} benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "

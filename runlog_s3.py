@@ -2177,7 +2177,9 @@ class ChunkedS3RunLogs(S3RunLogs):
         key = self.chunk_key(run_id, kind, internal_name)
 
         def missing() -> RunlogS3Error:
-            if not self.exists(run_id):
+            # Which is missing, the log or the whole run? A run this process has seen needs no HEAD
+            # (runnable and magnus look a branch log up before they create it, once per branch).
+            if self._run_identity(run_id) not in _KNOWN_RUNS and not self.exists(run_id):
                 return self._not_found(run_id)
             return LogNotFoundError(f"{kind} log {internal_name!r} is not in run log {run_id!r} ({self._url(key)})")
 
