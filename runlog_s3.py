@@ -2731,30 +2731,28 @@ def _build_magnus04_stores() -> Dict[str, type]:
     from magnus import datastore, exceptions
 
     base = datastore.BaseRunLogStore
-    parts = dict(
-        _models={"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog},
-        _errors=_framework_errors(exceptions, MAGNUS_ERRORS),
-        framework=f"magnus {_installed_version('magnus')}",
-        # magnus's own factories build its models
-        create_step_log=base.create_step_log,
-        create_branch_log=base.create_branch_log,
-        __module__=__name__,
-    )
+    models = {"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog}
+    errors = _framework_errors(exceptions, MAGNUS_ERRORS)
 
     class S3RunLogStore(_Magnus04StoreMethods, base):  # type: ignore[misc, valid-type]
         """magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
 
         service_name = SERVICE_NAMES["S3RunLogStore"]
+        _models, _errors = models, errors
+        create_step_log = base.create_step_log  # magnus's own factories build its models
+        create_branch_log = base.create_branch_log
 
     class ChunkedS3RunLogStore(_Magnus04StoreMethods, base):  # type: ignore[misc, valid-type]
         """magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
 
         service_name = SERVICE_NAMES["ChunkedS3RunLogStore"]
         _layout = ChunkedS3RunLogs
+        _models, _errors = models, errors
+        create_step_log = base.create_step_log
+        create_branch_log = base.create_branch_log
 
     for store in (S3RunLogStore, ChunkedS3RunLogStore):
-        for name, value in parts.items():
-            setattr(store, name, value)
+        store.framework = f"magnus {_installed_version('magnus')}"
         store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
     return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
 
@@ -2884,8 +2882,10 @@ class _RunnableStoreMethods(_PydanticStoreMethods, _MagnusStoreMethods):
     _models: ClassVar[Dict[str, Any]] = {}
 
     def get_summary(self) -> Dict[str, Any]:
-        """What runnable prints at the end of a run: where the run log is."""
-        return {"Type": self.service_name, "Location": self.run_logs.where("<run_id>")}  # type: ignore[attr-defined]
+        """What runnable prints at the end of a run: where the run's log is."""
+        context = sys.modules["runnable.context"].get_run_context()
+        run_id = context.run_id if context is not None else "<run_id>"
+        return {"Type": self.service_name, "Location": self.run_logs.where(run_id)}  # type: ignore[attr-defined]
 
     def get_parameters(self, run_id: str, internal_branch_name: str = "", **kwargs: Any) -> dict:
         """The parameters of the run, or of a branch (runnable scopes them), as runnable's typed models."""
@@ -2968,6 +2968,13 @@ def framework_in_use() -> str:
         return "magnus 0.5" if hasattr(datastore.BaseRunLogStore, "model_fields") else "magnus 0.4"
     return ""
 
+
+if TYPE_CHECKING:
+    # What an editor's "go to definition" (and mypy) finds for runlog_s3.S3RunLogStore: the interface
+    # every framework's class shares (_MagnusStoreMethods), here as the class without a framework. At
+    # run time module __getattr__ builds the class of the framework in use.
+    S3RunLogStore = _PlainStoreMethods
+    ChunkedS3RunLogStore = _PlainStoreMethods
 
 _STORE_BUILDERS: Dict[str, Callable[[], Dict[str, type]]] = {
     "runnable": _build_runnable_stores, "magnus 0.5": _build_magnus05_stores, "magnus 0.4": _build_magnus04_stores,
@@ -3261,6 +3268,11 @@ def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0
         f"run {document.get('run_id')}  {_color(status, status, color)}  "
         f"{len(document.get('parameters') or {})} parameters" + (f"  written by {written_by}" if written_by else "")
     ]
+    job = document.get("job")
+    if isinstance(job, dict):  # a runnable job's run: one job log, no steps
+        job_status = str(job.get("status", ""))
+        summary = _step_summary(job)
+        lines.append(f"job  {_color(job_status, job_status, color)}" + (f"  {summary}" if summary else ""))
 
     def walk(container: Mapping[str, Any], indent: str) -> None:
         steps = list((container.get("steps") or {}).values())

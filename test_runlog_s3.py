@@ -3500,3 +3500,33 @@ def test_a_run_log_says_which_framework_wrote_it_by_its_tag_or_its_shape(moto_bu
         {"input_parameters": {}, "status": "SUCCESS"}]}}}
     assert [runlog_s3.guess_framework(d) for d in (magnus_04, runnable_log, job, attempts)] == [
         "magnus", "runnable", "runnable", "runnable"]
+
+
+_RUNNABLE_JOB = """
+from runnable import PythonJob
+
+def hello():
+    print("hello from the job")
+
+def main():  # runnable finds the job again by the name of the function that built it
+    job = PythonJob(function=hello)
+    job.execute(configuration_file="runnable-config.yaml", job_id="rn-job")
+    return job
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_runnable_job_keeps_its_job_log(framework_bin, bucket, tmp_path, store_type):
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    (tmp_path / "job.py").write_text(_RUNNABLE_JOB)
+    (tmp_path / "runnable-config.yaml").write_text(json.dumps({"run-log-store": {"type": store_type, "config": bucket}}))
+    result = subprocess.run([python, "job.py"], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    document = runlog_s3.open_run_logs(bucket, store_type).read("rn-job")
+    assert document["status"] == "SUCCESS" and document["job"]["status"] == "SUCCESS"
+    assert [attempt["status"] for attempt in document["job"]["attempts"]] == ["SUCCESS"]
+    shown = cli("show", "rn-job", env=_runlog_env(bucket)).stdout.splitlines()
+    assert "written by runnable 0.50.0" in shown[0] and shown[1].startswith("job  SUCCESS  1 attempt")
