@@ -1,4 +1,4 @@
-"""runlog_s3: a run log store for magnus 0.4.x that keeps each run's log in Amazon S3.
+"""runlog_s3: a run log store for magnus (0.4, 0.5) and runnable that keeps each run's log in Amazon S3.
 
 One module, one job: magnus records every run in a JSON *run log*; this stores it in S3 (or any
 S3-compatible server) so that many processes on many hosts can write to it without losing a write.
@@ -6,10 +6,10 @@ Every update is a compare-and-swap on the object's ETag (S3 conditional writes).
 
 It needs nothing but botocore at run time (to sign requests and to send them), so it can be
 `pip install`ed or copied as this one file into a container or job where only botocore is present.
-magnus is used when it is importable; the command line (`python -m runlog_s3`) works without it.
+magnus or runnable is used when importable; the command line (`python -m runlog_s3`) works without.
 
-Sections, each using only the ones above it:
-errors, config, credentials, S3 client, run log documents, magnus stores, command line.
+Sections, each using only the ones above it: errors, config, credentials, S3 client, run log
+documents, framework stores (shared, magnus 0.4, magnus 0.5, runnable), command line.
 
 License: Apache-2.0.
 """
