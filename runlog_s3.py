@@ -2768,11 +2768,17 @@ MAGNUS_ERRORS = ("RunLogNotFoundError", "RunLogExistsError", "StepLogNotFoundErr
 
 
 def config_from_store_fields(values: Mapping[str, Any]) -> Config:
-    """The Config of a store's keyword arguments. runnable's minio stores spell the bucket `bucket`
-    (`name` or `name/prefix`): accepted for s3_bucket and prefix."""
+    """The Config of a store's keyword arguments."""
     values = dict(values)
     for name in ("service_name", "service_type", "supports_parallel_writes"):
         values.pop(name, None)  # the base class's fields: given back when a store is copied
+    return Config.from_dict(with_runnable_spelling(values))
+
+
+def with_runnable_spelling(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config block with runnable's spelling of the bucket (its minio stores take `bucket`, as `name`
+    or `name/prefix`) turned into s3_bucket and prefix."""
+    values = dict(values)
     if "bucket" in values:
         if values.get("s3_bucket"):
             raise ConfigError("run_log_store config has both bucket and s3_bucket: keep one")
@@ -2782,7 +2788,7 @@ def config_from_store_fields(values: Mapping[str, Any]) -> Config:
         values["s3_bucket"] = bucket
         if prefix:
             values["prefix"] = prefix
-    return Config.from_dict(values)
+    return values
 
 
 class _PydanticStoreMethods(_StoreCore):
@@ -3146,8 +3152,8 @@ _STORE_TYPES = {"s3": "s3", "runlog-s3": "s3", "chunked-s3": "chunked-s3", "runl
 
 
 def _load_config_file(path: str) -> Tuple[Dict[str, Any], str]:
-    """The run_log_store.config block of a magnus config file (YAML when PyYAML is there, or JSON),
-    and the layout its store type writes."""
+    """The store's config block of a magnus config file (run_log_store:) or a runnable one
+    (run-log-store:), YAML when PyYAML is there, or JSON, and the layout its store type writes."""
     try:
         with open(path, "rb") as stream:
             text = stream.read().decode("utf-8")
@@ -3157,19 +3163,20 @@ def _load_config_file(path: str) -> Tuple[Dict[str, Any], str]:
         data = json.loads(text)
     except ValueError:
         data = _load_yaml(text, path)
-    store = data.get("run_log_store") if isinstance(data, dict) else None
+    store = (data.get("run_log_store") or data.get("run-log-store")) if isinstance(data, dict) else None
     if not isinstance(store, dict):
-        raise ConfigError(f"config file {path} has no run_log_store block")
+        raise ConfigError(f"config file {path} has no run_log_store block (run-log-store in runnable's)")
     store_type = store.get("type") or "s3"
     if store_type not in _STORE_TYPES:
         raise ConfigError(
             f"config file {path}: run_log_store type {store_type!r} is not one of this module's stores "
             f"({', '.join(_STORE_TYPES)})"
         )
-    config = store.get("config") or {}
+    # runnable also takes the keys beside type, without config:
+    config = store["config"] if "config" in store else {key: value for key, value in store.items() if key != "type"}
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path}: run_log_store.config must be a mapping")
-    return config, _STORE_TYPES[store_type]
+    return with_runnable_spelling(config), _STORE_TYPES[store_type]
 
 
 def _load_yaml(text: str, path: str) -> Any:

@@ -3352,6 +3352,9 @@ def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, tmp_pat
     assert _spans_overlap([runlog_s3._span(branch, "branch") for branch in over_items.values()])
     shown = cli("show", "rn-parallel", env=_runlog_env(bucket))
     assert shown.returncode == 0 and "written by runnable 0.50.0" in shown.stdout.splitlines()[0]
+    listed = cli("ls", "--config", str(work / "runnable-config.yaml"))  # the command line reads runnable's config
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:4] == ["rn-parallel", "SUCCESS", store_type, "runnable"]
 
 
 @pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
