@@ -291,6 +291,18 @@ def write_magnus_pipeline(folder: Path, run_log_store: Dict[str, Any], branches:
                           parallel: bool = True, magnus: str = "", nested: int = 0) -> List[str]:
     """Write pipeline, config and parameters files into `folder`; return the magnus command that runs them.
     With `nested`, the last branch of the parallel node is itself a parallel node of that many branches."""
+    config = {"executor": {"type": "local", "config": {"enable_parallel": parallel}},
+              "run_log_store": run_log_store, "catalog": {"type": "do-nothing"}}
+    write_pipeline_files(folder, "config.yaml", config, branches, items, nested)
+    magnus = magnus or str(Path(sys.executable).parent / "magnus")
+    return [magnus, "execute", "--file", "pipeline.yaml", "--config-file", "config.yaml",
+            "--parameters-file", "params.yaml", "--log-level", "ERROR"]
+
+
+def write_pipeline_files(folder: Path, config_name: str, config: Dict[str, Any], branches: int, items: int,
+                         nested: int = 0) -> None:
+    """pipeline.yaml (prepare; a parallel node; a map over the items; success), the config file, and
+    params.yaml with the items: magnus and runnable read the same pipeline."""
     fan_out = {f"b{i}": BRANCH for i in range(branches)}
     if nested:
         fan_out[f"b{branches - 1}"] = {"start_at": "inner", "steps": {
@@ -301,15 +313,10 @@ def write_magnus_pipeline(folder: Path, run_log_store: Dict[str, Any], branches:
         "fan-out": {"type": "parallel", "next": "over-items", "branches": fan_out},
         "over-items": {"type": "map", "iterate_on": "items", "iterate_as": "item", "next": "success", "branch": BRANCH},
         "success": {"type": "success"}, "fail": {"type": "fail"}}}}
-    config = {"executor": {"type": "local", "config": {"enable_parallel": parallel}},
-              "run_log_store": run_log_store, "catalog": {"type": "do-nothing"}}
     (folder / "pipeline.yaml").write_text(json.dumps(pipeline))
-    (folder / "config.yaml").write_text(json.dumps(config))
+    (folder / config_name).write_text(json.dumps(config))
     # magnus 0.4.16 cannot map over integers in parallel mode (str.replace with an int): use strings.
     (folder / "params.yaml").write_text(json.dumps({"items": [f"item{i}" for i in range(items)]}))
-    magnus = magnus or str(Path(sys.executable).parent / "magnus")
-    return [magnus, "execute", "--file", "pipeline.yaml", "--config-file", "config.yaml",
-            "--parameters-file", "params.yaml", "--log-level", "ERROR"]
 
 
 def expected_logs(branches: int, items: int, nested: int = 0) -> int:
@@ -391,16 +398,9 @@ def write_runnable_pipeline(folder: Path, run_log_store: Dict[str, Any], branche
                             items: int = RUNNABLE_SHAPE[1], parallel: bool = True, runnable: str = "runnable") -> List[str]:
     """The pipeline of write_magnus_pipeline as runnable spells its config (run-log-store:,
     pipeline-executor:); returns the command without the run id."""
-    pipeline = {"dag": {"start_at": "prepare", "steps": {
-        "prepare": {"type": "task", "command_type": "shell", "command": "echo prepare", "next": "fan-out"},
-        "fan-out": {"type": "parallel", "next": "over-items", "branches": {f"b{i}": BRANCH for i in range(branches)}},
-        "over-items": {"type": "map", "iterate_on": "items", "iterate_as": "item", "next": "success", "branch": BRANCH},
-        "success": {"type": "success"}, "fail": {"type": "fail"}}}}
     config = {"pipeline-executor": {"type": "local", "config": {"enable_parallel": parallel}},
               "run-log-store": run_log_store, "catalog": {"type": "do-nothing"}}
-    (folder / "pipeline.yaml").write_text(json.dumps(pipeline))
-    (folder / "runnable-config.yaml").write_text(json.dumps(config))
-    (folder / "params.yaml").write_text(json.dumps({"items": [f"item{i}" for i in range(items)]}))
+    write_pipeline_files(folder, "runnable-config.yaml", config, branches, items)
     return [runnable, "execute", "pipeline.yaml", "-c", "runnable-config.yaml", "-p", "params.yaml"]
 
 

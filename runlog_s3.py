@@ -2993,9 +2993,9 @@ _STORE_BUILDERS: Dict[str, Callable[[], Dict[str, type]]] = {
 # and `chunked-s3` stores (a race-condition warning, a mount) never apply to these, and these never
 # collide with its ("Multiple integrations ... found").
 SERVICE_NAMES = {"S3RunLogStore": "runlog-s3", "ChunkedS3RunLogStore": "runlog-chunked-s3"}
-# The executors of magnus 0.4.16 and magnus_extensions 0.2.13, as magnus names them.
+# The executors of magnus 0.4.16, magnus_extensions 0.2.13 and magnus 0.5.1, as magnus names them.
 EXECUTORS = {"local": "Local", "local-container": "LocalContainer", "demo-renderer": "DemoRenderer", "argo": "Argo",
-             "k8s-job": "K8sJob", "kfp": "Kfp", "slurm": "Slurm", "slurm-job": "SlurmJob"}
+             "k8s-job": "K8sJob", "kfp": "Kfp", "slurm": "Slurm", "slurm-job": "SlurmJob", "mocked": "Mocked"}
 
 
 def integration_name(executor: str, store: str) -> str:
@@ -3407,9 +3407,11 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    table = [("RUN_ID", "STATUS", "LAYOUT", "WRITTEN BY", "MODIFIED", "SIZE")] + [
-        (row["run_id"], row["status"], row["layout"], row["written_by"], row["last_modified"],
-         f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""))
+    # New columns go last: scripts that cut the first five keep working.
+    table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN BY")] + [
+        (row["run_id"], row["status"], row["layout"], row["last_modified"],
+         f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""),
+         row["written_by"])
         for row in rows
     ]
     widths = [max(len(line[column]) for line in table) for column in range(5)]

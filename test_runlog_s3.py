@@ -1054,6 +1054,8 @@ def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, sto
             assert all(s.status == "SUCCESS" for s in branch.steps.values())
     assert run_log.parameters["items"] == [f"item{i}" for i in range(8)]
     assert run_log.run_config["run_log_store"]["type"] == runlog_s3.SERVICE_NAMES[store_name]  # magnus records it
+    reader = runlog_s3.open_run_logs(bucket_config, store_type)
+    assert reader.written_by("e2e", reader.read("e2e")) == "magnus 0.4.16"  # the tag its creator left
 
 
 # Faults injected ##################################################################################
@@ -1630,7 +1632,7 @@ def test_cli_show_draws_the_tree_plainly_when_piped(bucket, cli_env):
     result = cli("show", "r-show", env=cli_env)
     assert result.returncode == 0
     assert result.stdout.splitlines() == [
-        "run r-show  SUCCESS  0 parameters",
+        "run r-show  SUCCESS  0 parameters  written by magnus 0.4.16",
         "├── prepare  SUCCESS",
         "└── fan  CREATED",
         "    └── [left]  FAIL",
@@ -2923,12 +2925,14 @@ def test_ls_has_a_header_status_start_and_json(bucket, cli_env):
     table = cli("ls", env=cli_env)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE"]
+    assert lines[0].split() == ["RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN", "BY"]
     assert lines[1].split()[:3] == ["listed-a", "SUCCESS", "s3"] and lines[2].split()[:3] == ["listed-b", "FAIL", "chunked-s3"]
     assert "1 object" in lines[2] and "1 objects" not in lines[2]
+    # a run the magnus 0.4 store created carries its tag; one created without a tag is told by its shape
+    assert lines[1].endswith("  magnus 0.4.16") and lines[2].endswith("  magnus")
     listed = json.loads(cli("ls", "--json", env=cli_env).stdout)
     assert [run["run_id"] for run in listed] == ["listed-a", "listed-b"]
-    assert set(listed[0]) == {"run_id", "status", "layout", "last_modified", "size", "objects"}
+    assert set(listed[0]) == {"run_id", "status", "layout", "written_by", "last_modified", "size", "objects"}
 
 
 def test_show_and_check_speak_json(bucket, cli_env):
@@ -3354,7 +3358,8 @@ def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, tmp_pat
     assert shown.returncode == 0 and "written by runnable 0.50.0" in shown.stdout.splitlines()[0]
     listed = cli("ls", "--config", str(work / "runnable-config.yaml"))  # the command line reads runnable's config
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.splitlines()[1].split()[:4] == ["rn-parallel", "SUCCESS", store_type, "runnable"]
+    row = listed.stdout.splitlines()[1]
+    assert row.split()[:3] == ["rn-parallel", "SUCCESS", store_type] and row.endswith("  runnable 0.50.0")
 
 
 @pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
