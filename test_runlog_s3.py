@@ -3538,3 +3538,27 @@ def test_runnable_job_keeps_its_job_log(framework_bin, bucket, tmp_path, store_t
     assert [attempt["status"] for attempt in document["job"]["attempts"]] == ["SUCCESS"]
     shown = cli("show", "rn-job", env=_runlog_env(bucket)).stdout.splitlines()
     assert "written by runnable 0.50.0" in shown[0] and shown[1].startswith("job  SUCCESS  1 attempt")
+
+
+_MAGNUS_05_LOCAL_CONTAINER = """
+import json, sys
+import runlog_s3
+from magnus.extensions.executor.local_container.implementation import LocalContainerExecutor
+executor = LocalContainerExecutor(docker_image="image")
+for store in (runlog_s3.S3RunLogStore(s3_bucket="bucket", aws_credentials_file=sys.argv[1]),
+              runlog_s3.S3RunLogStore(s3_bucket="bucket", use_credentials=True)):
+    runlog_s3.LocalContainerS3RunLogStoreIntegration(executor, store).configure_for_traversal()
+print(json.dumps({"volumes": executor._volumes, "variables": executor._context.variables if executor._context else {}}))
+"""
+
+
+def test_magnus_05_local_container_mounts_the_credentials_file_and_copies_no_secret(framework_bin, tmp_path):
+    python, environ = _framework_python(framework_bin, "magnus-0.5", tmp_path)
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+    result = subprocess.run([python, "-c", _MAGNUS_05_LOCAL_CONTAINER, str(credentials)], env=environ, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["volumes"] == {str(credentials.resolve()): {"bind": "/root/.aws/credentials", "mode": "ro"}}
+    assert SECRET_KEY not in result.stdout  # magnus 0.5 records its context's variables in the run log
