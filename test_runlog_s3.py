@@ -3356,6 +3356,9 @@ def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, tmp_pat
     assert _spans_overlap([runlog_s3._span(branch, "branch") for branch in over_items.values()])
     shown = cli("show", "rn-parallel", env=_runlog_env(bucket))
     assert shown.returncode == 0 and "written by runnable 0.50.0" in shown.stdout.splitlines()[0]
+    timeline = cli("timeline", "rn-parallel", env=_runlog_env(bucket))
+    assert timeline.returncode == 0 and len(timeline.stdout.splitlines()) == 1 + bench_runlog_s3.expected_logs(
+        branches, items)  # its header and a row per step and branch
     listed = cli("ls", "--config", str(work / "runnable-config.yaml"))  # the command line reads runnable's config
     assert listed.returncode == 0, listed.stderr
     row = listed.stdout.splitlines()[1]
