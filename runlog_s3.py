@@ -4115,7 +4115,7 @@ def _parser() -> Any:
     check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
     check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
     check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail")
-    register = command("register", help="let magnus find a copied-in runlog_s3.py: write its .dist-info beside it")
+    register = command("register", help="let magnus and runnable find a copied-in runlog_s3.py: write its .dist-info beside it")
     register.add_argument("--folder", default="", help="the folder runlog_s3.py was copied into (default: this "
                           "module's), e.g. /app")
     return parser
@@ -4173,8 +4173,8 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
 
 
 def register(folder: str) -> str:
-    """Write runlog_s3-<version>.dist-info beside a copied-in runlog_s3.py, so that magnus (which finds
-    stores only through entry points) finds every store name and integration; returns its path.
+    """Write runlog_s3-<version>.dist-info beside a copied-in runlog_s3.py, so that magnus and runnable
+    (which find stores only through entry points) find every store name and integration; returns its path.
     Running it again rewrites it; deleting the folder undoes it."""
     from importlib import metadata
 
@@ -4186,8 +4186,8 @@ def register(folder: str) -> str:
         name = (distribution.metadata["Name"] or "").lower().replace("_", "-")
         where = os.path.abspath(str(distribution.locate_file("")))
         if name == "runlog-s3" and where != folder:
-            raise UsageError(f"runlog-s3 {distribution.version} is installed in {where} already: magnus finds the "
-                             "store through it; nothing written (pip uninstall runlog-s3 to use the copy)")
+            raise UsageError(f"runlog-s3 {distribution.version} is installed in {where} already: magnus and "
+                             "runnable find the store through it; nothing written (pip uninstall runlog-s3 to use the copy)")
     files = {"METADATA": f"Metadata-Version: 2.1\nName: runlog-s3\nVersion: {__version__}\n"
                          "Summary: registered by python -m runlog_s3 register for a copied-in runlog_s3.py\n",
              "entry_points.txt": entry_points_text()}
@@ -4206,7 +4206,7 @@ def register(folder: str) -> str:
 def _cmd_register(args: Any) -> int:
     target = register(args.folder or os.path.dirname(os.path.abspath(__file__)))
     names = ", ".join(STORE_NAMES)
-    print(f"wrote {target} (METADATA, entry_points.txt, RECORD): magnus finds type: {names} and this module's "
+    print(f"wrote {target} (METADATA, entry_points.txt, RECORD): magnus and runnable find type: {names} and this module's "
           f"integrations when {os.path.dirname(target)} is on its path; delete that folder to undo")
     return EXIT_OK
 
