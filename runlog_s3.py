@@ -654,6 +654,7 @@ class ObjectInfo(NamedTuple):
     etag: str = ""
     last_modified: str = ""
     objects: int = 1
+    metadata: Mapping[str, str] = MappingProxyType({})  # from a HEAD: the x-amz-meta-* headers, without the prefix
 
 
 class S3Object(NamedTuple):
@@ -1030,12 +1031,7 @@ class S3Client:
     def get_object(self, key: str) -> S3Object:
         """GET: the body and its ETag. Raises NotFoundError when there is no such key."""
         reply = self._request("GET", key)
-        metadata = {
-            name.lower()[len(_METADATA_HEADER):]: value
-            for name, value in reply.headers.items()
-            if name.lower().startswith(_METADATA_HEADER)
-        }
-        return S3Object(key, reply.body, reply.header("ETag"), reply.header("Last-Modified"), metadata)
+        return S3Object(key, reply.body, reply.header("ETag"), reply.header("Last-Modified"), _metadata_of(reply))
 
     def put_object(
         self,
@@ -1062,10 +1058,10 @@ class S3Client:
         return reply.header("ETag")
 
     def head_object(self, key: str) -> ObjectInfo:
-        """HEAD: size, ETag and last-modified without the body."""
+        """HEAD: size, ETag, last-modified and metadata without the body."""
         reply = self._request("HEAD", key)
         size = int(reply.header("Content-Length") or 0)
-        return ObjectInfo(key, size, reply.header("ETag"), reply.header("Last-Modified"))
+        return ObjectInfo(key, size, reply.header("ETag"), reply.header("Last-Modified"), metadata=_metadata_of(reply))
 
     def delete_object(self, key: str) -> None:
         """DELETE (S3 answers 204 whether or not the key existed)."""
@@ -1211,6 +1207,12 @@ class S3Client:
             self.on_retry(f"{operation} s3://{self.bucket}/{key}: {reason}; retrying (attempt {attempt + 1} of "
                           f"{self.config.max_attempts}) in {delay:.1f} s", attempt, delay)
         self._sleep(delay)
+
+
+def _metadata_of(reply: HttpReply) -> Dict[str, str]:
+    """The x-amz-meta-* headers of a reply, by name without the prefix."""
+    return {name.lower()[len(_METADATA_HEADER):]: value for name, value in reply.headers.items()
+            if name.lower().startswith(_METADATA_HEADER)}
 
 
 def retry_delay(attempt: int) -> float:
@@ -1665,11 +1667,12 @@ class S3RunLogs:
     def exists(self, run_id: str) -> bool:
         """Whether the run has a log in this layout (one HEAD)."""
         try:
-            self.client.head_object(self.key(run_id))
+            info = self.client.head_object(self.key(run_id))
         except NotFoundError as exc:
             if isinstance(exc, NoSuchBucketError):
                 raise
             return False
+        self._writers[run_id] = info.metadata.get(WRITTEN_BY, "")
         return True
 
     # Writing: the operations of magnus's interface.
@@ -1695,7 +1698,8 @@ class S3RunLogs:
         body = encode_run_log(check_run_log(document, "the run log to write"))
         key = self.key(run_id)
         _check_write_size(body, self._url(key))
-        self._remember(key, self.client.put_object(key, body), body)
+        tags = self._kept_tags(run_id)
+        self._remember(key, self.client.put_object(key, body, metadata=tags), body, metadata=tags)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
         """Replace the whole run log only if its ETag is still `etag` (PreconditionFailedError if not)."""
@@ -1703,7 +1707,17 @@ class S3RunLogs:
         body = encode_run_log(check_run_log(document, "the run log to write"))
         key = self.key(run_id)
         _check_write_size(body, self._url(key))
-        self._remember(key, self.client.put_object(key, body, if_match=etag), body)
+        tags = self._kept_tags(run_id)
+        self._remember(key, self.client.put_object(key, body, if_match=etag, metadata=tags), body, metadata=tags)
+
+    def _kept_tags(self, run_id: str) -> Optional[Dict[str, str]]:
+        # A rewrite of the whole run log (put, edit) keeps who created the run, as last read or written
+        # here (a GET or a HEAD), else this store's own.
+        with self._lock():
+            held = self._versions.get(self.key(run_id))
+        creator = (held.metadata or {}).get(WRITTEN_BY, "") if held is not None else ""
+        creator = creator or self._writers.get(run_id) or self.writer
+        return {WRITTEN_BY: creator} if creator else None
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
         """Set a step log in its branch; branches stored under it by other writers are kept. A step log

@@ -3565,3 +3565,20 @@ def test_magnus_05_local_container_mounts_the_credentials_file_and_copies_no_sec
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["volumes"] == {str(credentials.resolve()): {"bind": "/root/.aws/credentials", "mode": "ro"}}
     assert SECRET_KEY not in result.stdout  # magnus 0.5 records its context's variables in the run log
+
+
+def test_a_put_from_the_command_line_keeps_who_created_the_run(bucket, cli_env, tmp_path):
+    creator = runlog_s3.open_run_logs(bucket)
+    creator.writer = "runnable 0.50.0"
+    creator.create({"run_id": "kept", "status": "CREATED", "steps": {}, "parameters": {}, "run_config": {}})
+    got = cli("get", "kept", "--etag", env=cli_env)
+    etag = got.stderr.split("ETag: ")[1].strip()
+    document, path = json.loads(got.stdout), tmp_path / "kept.json"
+    for status, how in (("SUCCESS", ("--if-match", etag)), ("FAIL", ("--force",))):
+        path.write_text(json.dumps({**document, "status": status}))
+        put = cli("put", "kept", str(path), *how, env=cli_env)
+        assert put.returncode == 0, put.stderr
+        reader = runlog_s3.open_run_logs(bucket)
+        stored = reader.read("kept")
+        # the document's shape says magnus; the tag its creator left says runnable, and stays
+        assert stored["status"] == status and reader.written_by("kept", stored) == "runnable 0.50.0", how
