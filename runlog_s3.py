@@ -2280,7 +2280,6 @@ class ChunkedS3RunLogs(S3RunLogs):
         key, where = self.key(run_id), self.where(run_id)
         token = f"{int(wall_clock() * 1e9)}-{os.urandom(4).hex()}"
         self.client.put_object(self._replacement_key(run_id, token), replacement)
-        marked = {_REPLACED_BY: token, _REPLACING: token}
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
         while True:
@@ -2302,6 +2301,9 @@ class ChunkedS3RunLogs(S3RunLogs):
                     doing="replacing", remedy="try again when it has finished",
                 )
                 continue
+            # The run object keeps who created the run (written-by) through the replacement.
+            creator = (stored.metadata.get(WRITTEN_BY, "") if stored is not None else "") or self.writer
+            marked = {_REPLACED_BY: token, _REPLACING: token, **({WRITTEN_BY: creator} if creator else {})}
             try:
                 etag = self.client.put_object(
                     key, body, metadata=marked, if_match=stored.etag if stored is not None else "",
