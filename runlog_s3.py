@@ -2686,6 +2686,28 @@ class _MagnusStoreMethods(_StoreCore):
             self._call(run_id, self.run_logs.add_branch, run_id, branch, name=branch.get("internal_name", ""))
 
 
+def _store_classes(methods: type, base: type, framework: str, **attributes: Any) -> Dict[str, type]:
+    """A framework's two store classes: `methods` on its `base`, one per layout, with the framework's
+    models and errors (`attributes`) and its name and version, which each run they create is tagged with."""
+
+    class S3RunLogStore(methods, base):
+        """Run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
+
+        service_name: str = SERVICE_NAMES["S3RunLogStore"]
+
+    class ChunkedS3RunLogStore(methods, base):
+        """Run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
+
+        service_name: str = SERVICE_NAMES["ChunkedS3RunLogStore"]
+        _layout = ChunkedS3RunLogs
+
+    for store in (S3RunLogStore, ChunkedS3RunLogStore):
+        for name, value in {"framework": framework, **attributes}.items():
+            type.__setattr__(store, name, value)  # past pydantic's class attribute checks: class variables
+        store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
+    return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
+
+
 # Without a framework: the same interface on plain dicts, for scripts and for the tests. ###########
 
 
@@ -2717,11 +2739,7 @@ class _PlainStoreMethods(_MagnusStoreMethods):
 
 
 def _build_plain_stores() -> Dict[str, type]:
-    return {
-        "S3RunLogStore": type("S3RunLogStore", (_PlainStoreMethods,), {"__module__": __name__}),
-        "ChunkedS3RunLogStore": type("ChunkedS3RunLogStore", (_PlainStoreMethods,), {
-            "_layout": ChunkedS3RunLogs, "__module__": __name__}),
-    }
+    return _store_classes(_PlainStoreMethods, object, "")
 
 
 # magnus 0.4 #######################################################################################
@@ -2747,30 +2765,13 @@ def _build_magnus04_stores() -> Dict[str, type]:
     from magnus import datastore, exceptions
 
     base = datastore.BaseRunLogStore
-    models = {"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog}
-    errors = _framework_errors(exceptions, MAGNUS_ERRORS)
-
-    class S3RunLogStore(_Magnus04StoreMethods, base):  # type: ignore[misc, valid-type]
-        """magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
-
-        service_name = SERVICE_NAMES["S3RunLogStore"]
-        _models, _errors = models, errors
-        create_step_log = base.create_step_log  # magnus's own factories build its models
-        create_branch_log = base.create_branch_log
-
-    class ChunkedS3RunLogStore(_Magnus04StoreMethods, base):  # type: ignore[misc, valid-type]
-        """magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
-
-        service_name = SERVICE_NAMES["ChunkedS3RunLogStore"]
-        _layout = ChunkedS3RunLogs
-        _models, _errors = models, errors
-        create_step_log = base.create_step_log
-        create_branch_log = base.create_branch_log
-
-    for store in (S3RunLogStore, ChunkedS3RunLogStore):
-        store.framework = f"magnus {_installed_version('magnus')}"
-        store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
-    return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
+    return _store_classes(
+        _Magnus04StoreMethods, base, f"magnus {_installed_version('magnus')}",
+        _models={"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog},
+        _errors=_framework_errors(exceptions, MAGNUS_ERRORS),
+        create_step_log=base.create_step_log,  # magnus's own factories build its models
+        create_branch_log=base.create_branch_log,
+    )
 
 
 MAGNUS_ERRORS = ("RunLogNotFoundError", "RunLogExistsError", "StepLogNotFoundError", "BranchLogNotFoundError")
@@ -2831,8 +2832,9 @@ class _PydanticStoreMethods(_StoreCore):
         return log.model_dump()
 
 
-def _pydantic_store_base(base_run_log_store: type) -> type:
-    """The framework's BaseRunLogStore with the config keys as fields, and the store's private state."""
+def _pydantic_store_base(base_run_log_store: type, **defaults: Tuple[type, Any]) -> type:
+    """The framework's BaseRunLogStore with the config keys as fields (and `defaults` for its own
+    fields), and the store's private state."""
     import pydantic
 
     types = {"str": str, "bool": bool, "int": int, "float": float}
@@ -2840,6 +2842,7 @@ def _pydantic_store_base(base_run_log_store: type) -> type:
         field.name: (types[str(field.type)], "" if field.name == "s3_bucket" else field.default)
         for field in fields(Config)
     }
+    config_fields.update(defaults)
 
     class RunlogS3StoreBase(base_run_log_store):
         _config: Optional[Config] = pydantic.PrivateAttr(default=None)
@@ -2865,30 +2868,11 @@ def _build_magnus05_stores() -> Dict[str, type]:
     """S3RunLogStore and ChunkedS3RunLogStore for magnus 0.5, pydantic models on its BaseRunLogStore."""
     from magnus import datastore, exceptions
 
-    base = _pydantic_store_base(datastore.BaseRunLogStore)
-    models = {"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog}
-    errors = _framework_errors(exceptions, MAGNUS_ERRORS)
-    framework = f"magnus {_installed_version('magnus')}"
-
-    class S3RunLogStore(_Magnus05StoreMethods, base):  # type: ignore[misc, valid-type]
-        """magnus run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
-
-        service_name: str = SERVICE_NAMES["S3RunLogStore"]
-        _models = models
-        _errors = errors
-
-    class ChunkedS3RunLogStore(_Magnus05StoreMethods, base):  # type: ignore[misc, valid-type]
-        """magnus run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
-
-        service_name: str = SERVICE_NAMES["ChunkedS3RunLogStore"]
-        _layout = ChunkedS3RunLogs
-        _models = models
-        _errors = errors
-
-    for store in (S3RunLogStore, ChunkedS3RunLogStore):
-        type.__setattr__(store, "framework", framework)
-        store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
-    return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
+    return _store_classes(
+        _Magnus05StoreMethods, _pydantic_store_base(datastore.BaseRunLogStore), f"magnus {_installed_version('magnus')}",
+        _models={"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog},
+        _errors=_framework_errors(exceptions, MAGNUS_ERRORS),
+    )
 
 
 # runnable #########################################################################################
@@ -2941,36 +2925,17 @@ RUNNABLE_ERRORS = MAGNUS_ERRORS + ("JobLogNotFoundError",)
 
 
 def _build_runnable_stores() -> Dict[str, type]:
-    """S3RunLogStore and ChunkedS3RunLogStore for runnable, pydantic models on its BaseRunLogStore."""
+    """S3RunLogStore and ChunkedS3RunLogStore for runnable, pydantic models on its BaseRunLogStore that
+    say supports_parallel_writes (so runnable runs branches in parallel)."""
     from runnable import datastore, exceptions
 
-    base = _pydantic_store_base(datastore.BaseRunLogStore)
-    models = {"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog,
-              "JobLog": datastore.JobLog}
-    errors = _framework_errors(exceptions, RUNNABLE_ERRORS)
-    framework = f"runnable {_installed_version('runnable')}"
-
-    class S3RunLogStore(_RunnableStoreMethods, base):  # type: ignore[misc, valid-type]
-        """runnable run log store `type: s3`: one JSON object per run, every update a compare-and-swap."""
-
-        service_name: str = SERVICE_NAMES["S3RunLogStore"]
-        supports_parallel_writes: bool = True
-        _models = models
-        _errors = errors
-
-    class ChunkedS3RunLogStore(_RunnableStoreMethods, base):  # type: ignore[misc, valid-type]
-        """runnable run log store `type: chunked-s3`: one object per step and branch log, for wide fan-outs."""
-
-        service_name: str = SERVICE_NAMES["ChunkedS3RunLogStore"]
-        supports_parallel_writes: bool = True
-        _layout = ChunkedS3RunLogs
-        _models = models
-        _errors = errors
-
-    for store in (S3RunLogStore, ChunkedS3RunLogStore):
-        type.__setattr__(store, "framework", framework)
-        store.__qualname__ = store.__name__  # pickled by reference: runlog_s3.S3RunLogStore
-    return {"S3RunLogStore": S3RunLogStore, "ChunkedS3RunLogStore": ChunkedS3RunLogStore}
+    base = _pydantic_store_base(datastore.BaseRunLogStore, supports_parallel_writes=(bool, True))
+    return _store_classes(
+        _RunnableStoreMethods, base, f"runnable {_installed_version('runnable')}",
+        _models={"RunLog": datastore.RunLog, "StepLog": datastore.StepLog, "BranchLog": datastore.BranchLog,
+                 "JobLog": datastore.JobLog},
+        _errors=_framework_errors(exceptions, RUNNABLE_ERRORS),
+    )
 
 
 def framework_in_use() -> str:
@@ -3340,14 +3305,17 @@ class BucketRuns:
 
     def read(self, run_id: str) -> Dict[str, Any]:
         """The whole run log: one GET for the s3 layout, else one LIST and the GETs of a chunked run."""
-        try:
-            return self.plain.read(run_id)
-        except RunLogNotFoundError:
-            pass
-        try:
-            return self.chunked.read(run_id)
-        except RunLogNotFoundError:
-            raise self._not_found(run_id) from None
+        return self.read_with_writer(run_id)[0]
+
+    def read_with_writer(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """The whole run log and the framework that wrote it (see S3RunLogs.written_by)."""
+        for run_logs in (self.plain, self.chunked):
+            try:
+                document = run_logs.read(run_id)
+            except RunLogNotFoundError:
+                continue
+            return document, run_logs.written_by(run_id, document)
+        raise self._not_found(run_id)
 
     def read_version(self, run_id: str, needed_by: str) -> Tuple[Dict[str, Any], str]:
         """(run log, ETag) of a run in the s3 layout: one GET; a chunked run is a UsageError naming `needed_by`."""
@@ -3366,11 +3334,6 @@ class BucketRuns:
             if run_logs.exists(run_id):
                 return run_logs
         raise self._not_found(run_id)
-
-    def written_by(self, run_id: str, document: Mapping[str, Any]) -> str:
-        """Which framework wrote a run just read (see S3RunLogs.written_by)."""
-        run_logs = self.plain if run_id in self.plain._writers else self.chunked
-        return run_logs.written_by(run_id, document)
 
     def status(self, run_id: str, layout: str) -> Tuple[str, str]:
         """A listed run's status and the framework that wrote it: one GET of its run log (s3) or run
@@ -3441,8 +3404,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def _cmd_show(runs: BucketRuns, args: Any) -> int:
-    document = runs.read(args.run_id)
-    written_by = runs.written_by(args.run_id, document)
+    document, written_by = runs.read_with_writer(args.run_id)
     if args.json:
         print(json.dumps({**tree_rows(document), "written_by": written_by}, indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -4068,8 +4030,8 @@ def _parser() -> Any:
     # The options are accepted before or after the command; SUPPRESS keeps a command's parser from
     # resetting what was given before it.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=Formatter)
-    common.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON), e.g. config.yaml; "
-                        "its run_log_store.config is used")
+    common.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON), e.g. config.yaml, "
+                        "or runnable's runnable-config.yaml; its run log store's config is used")
     common.add_argument("--bucket", help="the bucket, e.g. my-runs or s3://my-runs/magnus (env RUNLOG_S3_BUCKET)")
     common.add_argument("--prefix", help="the key prefix, e.g. magnus/runs (env RUNLOG_S3_PREFIX)")
     common.add_argument("--region", help="the bucket's region, e.g. us-east-1 (env RUNLOG_S3_REGION; default eu-west-1)")
@@ -4097,12 +4059,13 @@ def _parser() -> Any:
     get.add_argument("run_id", help=run_id_help)
     get.add_argument("--compact", action="store_true", help="one line instead of indented")
     get.add_argument("--etag", action="store_true", help="also print the ETag on stderr, for put --if-match")
-    ls = command("ls", help="list runs, oldest first: run id, status, layout, last modified, size")
+    ls = command("ls", help="list runs, oldest first: run id, status, layout, last modified, size, written by")
     ls.add_argument("--limit", type=_positive_count, default=0, metavar="N", help="only the newest N (e.g. --limit 20)")
-    ls.add_argument("--json", action="store_true", help="a JSON list: run_id, status, layout, last_modified, size, objects")
+    ls.add_argument("--json", action="store_true", help="a JSON list: run_id, status, layout, written_by, last_modified, "
+                    "size, objects")
     show = command("show", help="a run log as a tree of steps and branches")
     show.add_argument("run_id", help=run_id_help)
-    show.add_argument("--json", action="store_true", help="the tree as JSON: run_id, status, steps[name, "
+    show.add_argument("--json", action="store_true", help="the tree as JSON: run_id, status, written_by, steps[name, "
                       "internal_name, status, step_type, attempts, branches[internal_name, status, steps]]")
     put = command("put", help="write a run log from FILE or stdin, validated, with compare-and-swap")
     put.add_argument("run_id", help=run_id_help)
