@@ -367,7 +367,10 @@ def count_success(python: str, folder: Path, environ: Dict[str, str], run_id: st
 
 # runnable 0.50.0 is magnus renamed; magnus 0.5.1 is its first pydantic 2 release. Each lives in a
 # virtual environment of its own (magnus 0.4.16 needs pydantic 1), with this module copied in.
-FRAMEWORK_PACKAGES = {"magnus-0.5": ["magnus==0.5.1", "botocore"], "runnable": ["runnable==0.50.0", "botocore"]}
+FRAMEWORK_PACKAGES = {"magnus-0.4": ["magnus==0.4.16", "botocore"], "magnus-0.5": ["magnus==0.5.1", "botocore"],
+                      "runnable": ["runnable==0.50.0", "botocore"],
+                      # the benchmark's: with its s3 extra (cloudpathlib, boto3) for runnable's chunked-minio
+                      "runnable-s3": ["runnable[s3]==0.50.0", "botocore"]}
 RUNNABLE_SHAPE = (6, 10)  # the issue's pipeline: a parallel node of 6 branches, a map over 10 items
 
 
@@ -579,7 +582,6 @@ def ensure_runnable_venv() -> Optional[Path]:
     botocore: .bench-venv/runnable, made on first use. Returns its bin folder."""
     if not (RUNNABLE_VENV / "bin" / "runnable").exists():
         print(f"making {RUNNABLE_VENV} for runnable (once) ...", file=sys.stderr, flush=True)
-        FRAMEWORK_PACKAGES["runnable-s3"] = ["runnable[s3]==0.50.0", "botocore"]
         try:
             make_framework_venv(RUNNABLE_VENV, "runnable-s3")
         except RuntimeError as error:

@@ -2989,19 +2989,6 @@ def _pip_environment():
 
 
 @pytest.fixture(scope="session")
-def magnus_only_venv(tmp_path_factory):
-    """A virtual environment with magnus 0.4.16 and botocore, and not runlog_s3: a copy-in user's image.
-    Made once per test session."""
-    venv = tmp_path_factory.mktemp("magnus-only") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "magnus==0.4.16",
-                              "botocore"], capture_output=True, text=True, timeout=600, env=_pip_environment())
-    if install.returncode != 0:
-        pytest.fail(f"could not make the magnus-only environment: {install.stderr[-1500:]}")
-    return venv
-
-
-@pytest.fixture(scope="session")
 def magnus_extensions_path(tmp_path_factory):
     """magnus_extensions 0.2.13's package (no dependencies: its integration modules need magnus alone),
     to put on PYTHONPATH beside this store. Made once per test session."""
@@ -3030,12 +3017,12 @@ def test_setup_cfg_declares_the_entry_points_register_writes():
     assert declared == written
 
 
-def test_a_copied_in_module_registered_beside_magnus_runs_a_parallel_pipeline(magnus_only_venv, s3_server, moto_bucket,
+def test_a_copied_in_module_registered_beside_magnus_runs_a_parallel_pipeline(framework_bin, s3_server, moto_bucket,
                                                                                tmp_path):
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(HERE / "runlog_s3.py", app)
-    python = str(magnus_only_venv / "bin" / "python")
+    python = str(framework_bin("magnus-0.4") / "python")  # magnus and botocore, not runlog_s3: a copy-in image
     environ = {**os.environ, "PYTHONPATH": str(app)}
     first = subprocess.run([python, "-m", "runlog_s3", "register"], cwd=app, capture_output=True, text=True, env=environ)
     again = subprocess.run([python, "-m", "runlog_s3", "register"], cwd=app, capture_output=True, text=True, env=environ)
@@ -3044,7 +3031,7 @@ def test_a_copied_in_module_registered_beside_magnus_runs_a_parallel_pipeline(ma
     work = tmp_path / "work"
     work.mkdir()
     store = {"type": "s3", "config": {"s3_bucket": moto_bucket["s3_bucket"], "endpoint_url": moto_bucket["endpoint_url"]}}
-    command = bench_runlog_s3.write_magnus_pipeline(work, store, 2, 2, magnus=str(magnus_only_venv / "bin" / "magnus"))
+    command = bench_runlog_s3.write_magnus_pipeline(work, store, 2, 2, magnus=str(Path(python).parent / "magnus"))
     result = subprocess.run(command + ["--run-id", "copied-in"], cwd=work, capture_output=True, text=True, env=environ,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -3297,7 +3284,8 @@ def test_timeline_shows_steps_a_re_run_took_from_its_cache_as_not_run():
 
 @pytest.fixture(scope="session")
 def framework_bin(tmp_path_factory):
-    """framework_bin("runnable") or ("magnus-0.5"): the bin folder of that framework's environment."""
+    """framework_bin("runnable"), ("magnus-0.5") or ("magnus-0.4"): the bin folder of an environment with that
+    framework and botocore, not runlog_s3 (a copy-in user's image)."""
     made = {}
 
     def get(framework):
@@ -3318,17 +3306,12 @@ def _framework_python(framework_bin, framework, tmp_path):
     return python, bench_runlog_s3.copy_in(tmp_path / "app", python)
 
 
-def _runlog_env(config):
-    return {"RUNLOG_S3_BUCKET": config["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": config["endpoint_url"],
-            "RUNLOG_S3_PREFIX": config["prefix"]}
-
-
 def _spans_overlap(spans):
     return any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
 
 
 @pytest.mark.parametrize("store_type, spelling", [("s3", "s3_bucket"), ("chunked-s3", "bucket")])
-def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, tmp_path, store_type, spelling):
+def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, cli_env, tmp_path, store_type, spelling):
     python, environ = _framework_python(framework_bin, "runnable", tmp_path)
     config = ({"s3_bucket": bucket["s3_bucket"], "prefix": bucket["prefix"]} if spelling == "s3_bucket"
               else {"bucket": f"{bucket['s3_bucket']}/{bucket['prefix']}"})  # as runnable's minio store spells it
@@ -3354,9 +3337,9 @@ def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, tmp_pat
     # The branches ran at the same time (runnable runs them one after another unless the store says
     # supports_parallel_writes).
     assert _spans_overlap([runlog_s3._span(branch, "branch") for branch in over_items.values()])
-    shown = cli("show", "rn-parallel", env=_runlog_env(bucket))
+    shown = cli("show", "rn-parallel", env=cli_env)
     assert shown.returncode == 0 and "written by runnable 0.50.0" in shown.stdout.splitlines()[0]
-    timeline = cli("timeline", "rn-parallel", env=_runlog_env(bucket))
+    timeline = cli("timeline", "rn-parallel", env=cli_env)
     assert timeline.returncode == 0 and len(timeline.stdout.splitlines()) == 1 + bench_runlog_s3.expected_logs(
         branches, items)  # its header and a row per step and branch
     listed = cli("ls", "--config", str(work / "runnable-config.yaml"))  # the command line reads runnable's config
@@ -3366,7 +3349,7 @@ def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, tmp_pat
 
 
 @pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
-def test_magnus_05_pipeline_loses_nothing(framework_bin, bucket, tmp_path, store_type):
+def test_magnus_05_pipeline_loses_nothing(framework_bin, bucket, cli_env, tmp_path, store_type):
     # magnus 0.5.1's own parallel fan-in fails with every store ("ParallelNode.fan_in() got multiple
     # values for keyword argument 'map_variable'"): its pipelines run sequentially; its concurrent
     # writers are the test below.
@@ -3388,7 +3371,7 @@ def test_magnus_05_pipeline_loses_nothing(framework_bin, bucket, tmp_path, store
     recorded = document["run_config"]["run_log_store"]
     assert recorded["service_name"] == runlog_s3.SERVICE_NAMES[runlog_s3.STORE_NAMES[store_type]]
     assert recorded["s3_bucket"] == bucket["s3_bucket"] and SECRET_KEY not in json.dumps(document)
-    listed = cli("ls", "--json", env=_runlog_env(bucket))
+    listed = cli("ls", "--json", env=cli_env)
     assert [(row["run_id"], row["written_by"]) for row in json.loads(listed.stdout)] == [("m5-run", "magnus 0.5.1")]
 
 
@@ -3530,7 +3513,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
-def test_runnable_job_keeps_its_job_log(framework_bin, bucket, tmp_path, store_type):
+def test_runnable_job_keeps_its_job_log(framework_bin, bucket, cli_env, tmp_path, store_type):
     python, environ = _framework_python(framework_bin, "runnable", tmp_path)
     (tmp_path / "job.py").write_text(_RUNNABLE_JOB)
     (tmp_path / "runnable-config.yaml").write_text(json.dumps({"run-log-store": {"type": store_type, "config": bucket}}))
@@ -3539,7 +3522,7 @@ def test_runnable_job_keeps_its_job_log(framework_bin, bucket, tmp_path, store_t
     document = runlog_s3.open_run_logs(bucket, store_type).read("rn-job")
     assert document["status"] == "SUCCESS" and document["job"]["status"] == "SUCCESS"
     assert [attempt["status"] for attempt in document["job"]["attempts"]] == ["SUCCESS"]
-    shown = cli("show", "rn-job", env=_runlog_env(bucket)).stdout.splitlines()
+    shown = cli("show", "rn-job", env=cli_env).stdout.splitlines()
     assert "written by runnable 0.50.0" in shown[0] and shown[1].startswith("job  SUCCESS  1 attempt")
 
 
