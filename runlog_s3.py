@@ -3081,24 +3081,58 @@ class UsageError(RunlogS3Error):
 
 
 class LocalS3Server:
-    """moto's S3-compatible server (and STS), in this process, on a free loopback port.
+    """moto's S3-compatible server (and STS), in this process, on a loopback port (`port` 0: a free one).
 
     Served single-threaded: moto's threaded server checks If-Match and stores the object in two
     steps, so it can itself lose a race that real S3 does not.
     """
 
-    def __init__(self, threaded: bool = False):
+    def __init__(self, threaded: bool = False, port: int = 0):
+        import errno
+        import socket
+
         try:
             from moto.server import DomainDispatcherApplication, create_backend_app
-            from werkzeug.serving import make_server
+            from werkzeug.serving import WSGIRequestHandler, make_server
         except ImportError as exc:
             raise ConfigError(
                 "the embedded S3 server needs moto's server: pip install 'runlog-s3[local]'"
             ) from exc
+        connections: set[Any] = set()  # the sockets being served, which stop() cuts
+
+        class RequestHandler(WSGIRequestHandler):
+            # A client that connected and went quiet (a process stopped mid-request, Ctrl-C in the
+            # middle of a send) holds a single-threaded server: it waits this long at most.
+            timeout = 30
+
+            def setup(self) -> None:
+                super().setup()
+                connections.add(self.connection)
+
+            def finish(self) -> None:
+                connections.discard(self.connection)
+                super().finish()
+
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         application = DomainDispatcherApplication(create_backend_app)
-        self._server = make_server("127.0.0.1", 0, application, threaded=threaded)
-        self.endpoint_url = f"http://127.0.0.1:{self._server.server_port}"
+        # Bound here, so that a port in use is our one-line error (werkzeug prints and exits).
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(128)
+            self._server = make_server("127.0.0.1", listener.getsockname()[1], application, threaded=threaded,
+                                       request_handler=RequestHandler, fd=listener.fileno())
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"port {port} on 127.0.0.1 is in use: pick another with --port, or --port 0 "
+                                 "for a free one") from exc
+            raise
+        finally:
+            listener.close()  # the server holds its own copy of the socket
+        self._connections = connections
+        self.port = int(self._server.server_address[1])
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-s3", daemon=True)
         self._thread.start()
 
@@ -3112,9 +3146,19 @@ class LocalS3Server:
         self.stop()
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
-        self._server.shutdown()
-        self._thread.join(timeout=10)
+        """Stop serving and close the socket, within seconds even when a client went quiet mid-request
+        (a Ctrl-C that cut one of this process's own requests left such a connection)."""
+        import socket
+
+        threading.Thread(target=self._server.shutdown, name="local-s3-stop", daemon=True).start()
+        deadline = time.monotonic() + 10
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            for connection in list(self._connections):
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed meanwhile
+            self._thread.join(0.1)
         self._server.server_close()
 
 
@@ -3893,7 +3937,9 @@ def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) 
 
     import runlog_s3  # the store class is built lazily, with magnus when it is there
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    # Ctrl-C reaches the whole group: the parent stops us. Until here a Ctrl-C was only noted (the
+    # parent's _SigintHeld handler, inherited), so none can interrupt this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     store = runlog_s3.S3RunLogStore(config)
     branch_name = f"fan-out.writer-{writer:02d}"
@@ -3907,6 +3953,49 @@ def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) 
     store.set_parameters(run_id, {f"writer_{writer:02d}": writer})
     _set(branch, "status", "SUCCESS")
     store.add_branch_log(branch, run_id)
+
+
+class _SigintHeld:
+    """Ctrl-C held while writer processes are forked, then raised. Python drops a KeyboardInterrupt
+    raised in its fork hooks ("Exception ignored in _releaseLock"): a Ctrl-C landing in a fork was lost
+    and the command wrote on for minutes. Held here, a handler only notes it (in whichever hook or
+    child it lands), and it is raised once the forks are done; each child ignores it from its start."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+
+    def __enter__(self) -> _SigintHeld:
+        import signal
+
+        if threading.current_thread() is threading.main_thread():  # only the main thread sets handlers
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.pressed and exc_type is None:
+            raise KeyboardInterrupt
+
+
+def _stop_processes(processes: List[Any], grace: float = 5.0) -> None:
+    """Terminate started processes, wait up to `grace` seconds for all of them, then kill what is left."""
+    for process in processes:
+        if process.pid is not None and process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        if process.pid is not None:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(5)
 
 
 def _set(log: Any, name: str, value: Any) -> None:
@@ -3932,19 +4021,15 @@ def run_local_workload(config: Dict[str, Any], writers: int = 16, steps: int = 1
         multiprocessing.Process(target=_local_writer, args=(config, run_id, writer, steps)) for writer in range(writers)
     ]
     try:
-        for process in processes:
-            process.start()
+        with _SigintHeld():
+            for process in processes:
+                process.start()
         for process in processes:
             process.join(timeout=300)
             if process.is_alive():
                 process.terminate()
     except KeyboardInterrupt:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            if process.pid is not None:
-                process.join(10)
+        _stop_processes(processes)
         raise
     fan_out = store.get_step_log("fan-out", run_id)
     _set(fan_out, "status", "SUCCESS")
@@ -4142,6 +4227,8 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     except RunlogS3Error as exc:
         return _fail(exc, EXIT_FAILED, args.debug)
     except KeyboardInterrupt:
+        # A Ctrl-C in the middle of an import leaves half-made objects whose finalizers complain at exit.
+        sys.unraisablehook = lambda unraisable: None
         print("runlog-s3: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
