@@ -4238,6 +4238,9 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
                      EXIT_FAILED, args.debug, exc)
 
 
+_REGISTERED_SUMMARY = "registered by python -m runlog_s3 register for a copied-in runlog_s3.py"
+
+
 def register(folder: str) -> str:
     """Write runlog_s3-<version>.dist-info beside a copied-in runlog_s3.py, so that magnus and runnable
     (which find stores only through entry points) find every store name and integration; returns its path.
@@ -4250,12 +4253,17 @@ def register(folder: str) -> str:
     target = os.path.join(folder, f"runlog_s3-{__version__}.dist-info")
     for distribution in metadata.distributions():
         name = (distribution.metadata["Name"] or "").lower().replace("_", "-")
+        if name != "runlog-s3":
+            continue
         where = os.path.abspath(str(distribution.locate_file("")))
-        if name == "runlog-s3" and where != folder:
-            raise UsageError(f"runlog-s3 {distribution.version} is installed in {where} already: magnus and "
-                             "runnable find the store through it; nothing written (pip uninstall runlog-s3 to use the copy)")
+        if _REGISTERED_SUMMARY in (distribution.metadata["Summary"] or "") and where == folder:
+            continue  # our own earlier register: rewritten below
+        # pip's own .dist-info, even in this folder (runlog_s3.py in site-packages): never overwritten,
+        # or pip would find its records gone.
+        raise UsageError(f"runlog-s3 {distribution.version} is installed in {where} already: magnus and "
+                         "runnable find the store through it; nothing written (pip uninstall runlog-s3 to use the copy)")
     files = {"METADATA": f"Metadata-Version: 2.1\nName: runlog-s3\nVersion: {__version__}\n"
-                         "Summary: registered by python -m runlog_s3 register for a copied-in runlog_s3.py\n",
+                         f"Summary: {_REGISTERED_SUMMARY}\n",
              "entry_points.txt": entry_points_text()}
     dist_info = os.path.basename(target)
     files["RECORD"] = "".join(f"{dist_info}/{name},,\n" for name in [*files, "RECORD"]) + "runlog_s3.py,,\n"

@@ -3136,6 +3136,28 @@ def test_register_refuses_in_one_line_where_it_cannot_or_need_not(tmp_path):
     assert not list(app.glob("*.dist-info"))
 
 
+def test_register_where_pip_installed_the_module_leaves_pips_records_alone(tmp_path):
+    # pip puts runlog_s3.py and its runlog_s3-<version>.dist-info in one folder (site-packages), the
+    # folder register writes to: it overwrote pip's METADATA, RECORD and entry_points.txt there.
+    source = tmp_path / "checkout"
+    source.mkdir()
+    for name in ("runlog_s3.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(HERE / name, source)
+    site = tmp_path / "site-packages"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                                str(source)], capture_output=True, text=True, timeout=600, env=_pip_environment())
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    dist_info = site / f"runlog_s3-{runlog_s3.__version__}.dist-info"
+    before = {path.name: path.read_bytes() for path in dist_info.iterdir() if path.is_file()}
+    assert {"METADATA", "RECORD", "entry_points.txt", "INSTALLER"} <= set(before)
+    # -S: no site-packages but that folder, as in a virtual environment where pip installed runlog-s3
+    result = subprocess.run([sys.executable, "-S", "-m", "runlog_s3", "register"], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(site)}, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stdout + result.stderr
+    assert f"is installed in {site} already" in result.stderr and "nothing written" in result.stderr
+    assert {path.name: path.read_bytes() for path in dist_info.iterdir() if path.is_file()} == before
+
+
 @pytest.mark.parametrize("store_type", ["runlog_s3.S3RunLogStore", "runlog_s3.ChunkedS3RunLogStore"])
 def test_dotted_class_paths_are_store_types(s3_server, moto_bucket, tmp_path, store_type):
     result = run_small_pipeline(tmp_path, store_type, moto_bucket, "dotted")
