@@ -4256,8 +4256,13 @@ def register(folder: str) -> str:
         if name != "runlog-s3":
             continue
         where = os.path.abspath(str(distribution.locate_file("")))
-        if _REGISTERED_SUMMARY in (distribution.metadata["Summary"] or "") and where == folder:
+        registered = _REGISTERED_SUMMARY in (distribution.metadata["Summary"] or "")
+        if registered and where == folder:
             continue  # our own earlier register: rewritten below
+        if registered:
+            raise UsageError(f"a runlog_s3.py registered in {where} is on the path already: magnus and runnable find "
+                             f"the store through it; nothing written (delete {where}/runlog_s3-{distribution.version}"
+                             ".dist-info to use this copy)")
         # pip's own .dist-info, even in this folder (runlog_s3.py in site-packages): never overwritten,
         # or pip would find its records gone.
         raise UsageError(f"runlog-s3 {distribution.version} is installed in {where} already: magnus and "
@@ -4278,10 +4283,23 @@ def register(folder: str) -> str:
 
 
 def _cmd_register(args: Any) -> int:
+    import shlex
+    import site
+
     target = register(args.folder or os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.dirname(target)
     names = ", ".join(STORE_NAMES)
     print(f"wrote {target} (METADATA, entry_points.txt, RECORD): magnus and runnable find type: {names} and this module's "
-          f"integrations when {os.path.dirname(target)} is on its path; delete that folder to undo")
+          f"integrations when {folder} is on their path; delete that folder to undo")
+    site_folders = [*site.getsitepackages(), site.getusersitepackages()]
+    if any(os.path.abspath(path) == folder for path in site_folders):
+        print(f"{folder} is this Python's site-packages: magnus and runnable find it as they are")
+        return EXIT_OK
+    # Their console scripts put their own bin folder on the path, not the current folder: without this,
+    # `magnus execute` run beside runlog_s3.py fails with stevedore's NoMatches.
+    print(f"magnus and runnable do not look in the current folder: run them with {folder} on PYTHONPATH, e.g.\n"
+          f"  PYTHONPATH={shlex.quote(folder)} magnus execute --file pipeline.yaml --config-file config.yaml\n"
+          f"(in a Dockerfile: ENV PYTHONPATH={folder})")
     return EXIT_OK
 
 

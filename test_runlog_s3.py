@@ -3099,27 +3099,36 @@ def test_setup_cfg_declares_the_entry_points_register_writes():
 
 def test_a_copied_in_module_registered_beside_magnus_runs_a_parallel_pipeline(framework_bin, s3_server, moto_bucket,
                                                                                tmp_path):
+    # A copy-in user's image: magnus and botocore installed, runlog_s3.py copied into /app beside the
+    # pipeline, register run there, then magnus run from there as register's message says.
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(HERE / "runlog_s3.py", app)
     python = str(framework_bin("magnus-0.4") / "python")  # magnus and botocore, not runlog_s3: a copy-in image
-    environ = {**os.environ, "PYTHONPATH": str(app)}
+    environ = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+               "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}"}
     first = subprocess.run([python, "-m", "runlog_s3", "register"], cwd=app, capture_output=True, text=True, env=environ)
     again = subprocess.run([python, "-m", "runlog_s3", "register"], cwd=app, capture_output=True, text=True, env=environ)
     assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
     assert f"wrote {app}/runlog_s3-{runlog_s3.__version__}.dist-info" in again.stdout and "delete that folder" in again.stdout
-    work = tmp_path / "work"
-    work.mkdir()
     store = {"type": "s3", "config": {"s3_bucket": moto_bucket["s3_bucket"], "endpoint_url": moto_bucket["endpoint_url"]}}
-    command = bench_runlog_s3.write_magnus_pipeline(work, store, 2, 2, magnus=str(Path(python).parent / "magnus"))
-    result = subprocess.run(command + ["--run-id", "copied-in"], cwd=work, capture_output=True, text=True, env=environ,
+    command = bench_runlog_s3.write_magnus_pipeline(app, store, 2, 2, magnus="magnus")
+    # magnus's console script does not look in the current folder: what the user met first.
+    beside = subprocess.run(command + ["--run-id", "beside"], cwd=app, capture_output=True, text=True, env=environ,
                             timeout=300)
+    assert beside.returncode != 0 and "NoMatches" in beside.stdout + beside.stderr
+    # The command register printed, as printed, with this run's parameters file and run id.
+    shown = [line.strip() for line in again.stdout.splitlines() if line.strip().startswith("PYTHONPATH=")]
+    assert shown == [f"PYTHONPATH={app} magnus execute --file pipeline.yaml --config-file config.yaml"], again.stdout
+    as_shown = shown[0] + " --parameters-file params.yaml --log-level ERROR --run-id"
+    result = subprocess.run(["sh", "-c", f"{as_shown} copied-in"], cwd=app, capture_output=True, text=True,
+                            env=environ, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Could not find" not in result.stdout + result.stderr
     run_log = runlog_s3.open_run_logs({**moto_bucket, "prefix": ""}).read("copied-in")
     assert run_log["status"] == "SUCCESS" and sorted(run_log["steps"]["fan-out"]["branches"]) == ["fan-out.b0", "fan-out.b1"]
     shutil.rmtree(app / f"runlog_s3-{runlog_s3.__version__}.dist-info")  # undone
-    undone = subprocess.run(command + ["--run-id", "undone"], cwd=work, capture_output=True, text=True, env=environ,
+    undone = subprocess.run(["sh", "-c", f"{as_shown} undone"], cwd=app, capture_output=True, text=True, env=environ,
                             timeout=300)
     assert undone.returncode != 0
 
@@ -3134,6 +3143,28 @@ def test_register_refuses_in_one_line_where_it_cannot_or_need_not(tmp_path):
     empty = cli("register", "--folder", str(tmp_path / "nowhere"))
     assert empty.returncode == 2 and "holds no runlog_s3.py" in empty.stderr
     assert not list(app.glob("*.dist-info"))
+
+
+def test_register_says_how_magnus_finds_the_copy_wherever_it_is(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site_packages = next(venv.glob("lib/python*/site-packages"))
+    app = tmp_path / "app"
+    app.mkdir()
+    for folder in (site_packages, app):
+        shutil.copy(HERE / "runlog_s3.py", folder)
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    in_site = subprocess.run([str(venv / "bin" / "python"), "-m", "runlog_s3", "register"], cwd=tmp_path,
+                             capture_output=True, text=True, env=environ, timeout=60)
+    assert in_site.returncode == 0 and "site-packages: magnus and runnable find it as they are" in in_site.stdout
+    assert "PYTHONPATH" not in in_site.stdout
+    in_app = subprocess.run([str(venv / "bin" / "python"), "-m", "runlog_s3", "register"], cwd=app,
+                            capture_output=True, text=True, env=environ, timeout=60)
+    assert in_app.returncode == 2 and f"registered in {site_packages.resolve()} is on the path already" in in_app.stderr
+    shutil.rmtree(next(site_packages.glob("runlog_s3-*.dist-info")))
+    in_app = subprocess.run([str(venv / "bin" / "python"), "-m", "runlog_s3", "register"], cwd=app,
+                            capture_output=True, text=True, env=environ, timeout=60)
+    assert in_app.returncode == 0 and f"  PYTHONPATH={app} magnus execute" in in_app.stdout, in_app.stdout
 
 
 def test_register_where_pip_installed_the_module_leaves_pips_records_alone(tmp_path):
