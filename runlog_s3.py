@@ -3173,7 +3173,9 @@ def create_bucket(client: S3Client) -> None:
     client._request("PUT", "", body=body, operation="CreateBucket")
 
 
-_STORE_TYPES = {"s3": "s3", "runlog-s3": "s3", "chunked-s3": "chunked-s3", "runlog-chunked-s3": "chunked-s3"}
+# Every name a magnus or runnable config may give this module's stores (STORE_NAMES, dotted paths
+# included), and the layout each writes.
+_STORE_TYPES = {name: "chunked-s3" if store == "ChunkedS3RunLogStore" else "s3" for name, store in STORE_NAMES.items()}
 
 
 def _load_config_file(path: str) -> Tuple[Dict[str, Any], str]:

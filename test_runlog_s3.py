@@ -1018,16 +1018,22 @@ def test_cli_works_on_a_chunked_run_without_being_told(bucket, cli_env):
     assert cli("get", "plain", env=cli_env).returncode == 0
 
 
-def test_cli_put_new_run_in_the_config_files_layout(bucket, tmp_path):
+@pytest.mark.parametrize("store_type", list(runlog_s3.STORE_NAMES))
+def test_cli_put_new_run_in_the_config_files_layout(bucket, tmp_path, store_type):
+    # Every name magnus takes for these stores, the dotted class paths copy-in users are given included.
     config = tmp_path / "magnus.yaml"
-    config.write_text(json.dumps({"run_log_store": {"type": "chunked-s3", "config": bucket}}))
+    config.write_text(json.dumps({"run_log_store": {"type": store_type, "config": bucket}}))
     document = {"run_id": "from-file", "status": "SUCCESS", "parameters": {"p": 1}, "run_config": {},
                 "steps": {"one": {"name": "one", "internal_name": "one", "status": "SUCCESS", "branches": {}}}}
     put = cli("put", "from-file", "--config", str(config), stdin=json.dumps(document))
     assert put.returncode == 0, put.stderr
-    assert put.stdout.startswith(f"wrote s3://{bucket['s3_bucket']}/runs/from-file/")
-    stored = runlog_s3.ChunkedS3RunLogStore(bucket).get_run_log_by_id("from-file", full=True)
-    assert stored.steps["one"].status == "SUCCESS" and stored.parameters == {"p": 1}
+    layout = "chunked-s3" if runlog_s3.STORE_NAMES[store_type] == "ChunkedS3RunLogStore" else "s3"
+    key = "runs/from-file/" if layout == "chunked-s3" else "runs/from-file.json"
+    assert put.stdout.startswith(f"wrote s3://{bucket['s3_bucket']}/{key}")
+    stored = runlog_s3.open_run_logs(bucket, layout).read("from-file")
+    assert stored["steps"]["one"]["status"] == "SUCCESS" and stored["parameters"] == {"p": 1}
+    listed = cli("ls", "--config", str(config))
+    assert listed.returncode == 0 and listed.stdout.splitlines()[1].split()[:3] == ["from-file", "SUCCESS", layout]
 
 
 # A real magnus 0.4.16 pipeline ####################################################################
