@@ -4087,15 +4087,20 @@ def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
     return EXIT_OK if results and all(result.passed for result in results) else EXIT_FAILED
 
 
-def _positive_count(text: str) -> int:
-    import argparse
+def _count_of(noun: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of `noun`, 1 or more (0 or less would make a check pass vacuously)."""
 
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count of runs: give 1 or more")
+    def count(text: str) -> int:
+        import argparse
+
+        try:
+            number = int(text)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {noun}: give 1 or more")
+        return number
+
     return count
 
 
@@ -4147,7 +4152,7 @@ def _parser() -> Any:
     get.add_argument("--compact", action="store_true", help="one line instead of indented")
     get.add_argument("--etag", action="store_true", help="also print the ETag on stderr, for put --if-match")
     ls = command("ls", help="list runs, oldest first: run id, status, layout, last modified, size, written by")
-    ls.add_argument("--limit", type=_positive_count, default=0, metavar="N", help="only the newest N (e.g. --limit 20)")
+    ls.add_argument("--limit", type=_count_of("runs"), default=0, metavar="N", help="only the newest N (e.g. --limit 20)")
     ls.add_argument("--json", action="store_true", help="a JSON list: run_id, status, layout, written_by, last_modified, "
                     "size, objects")
     show = command("show", help="a run log as a tree of steps and branches")
@@ -4168,7 +4173,7 @@ def _parser() -> Any:
     edit.add_argument("run_id", help=run_id_help)
     timeline = command("timeline", help="a run's steps and branches on the wall clock, as a Gantt chart of text")
     timeline.add_argument("run_id", help=run_id_help)
-    timeline.add_argument("--width", type=_positive_count, default=60, metavar="N", help="bar width in columns "
+    timeline.add_argument("--width", type=_count_of("columns"), default=60, metavar="N", help="bar width in columns "
                           "(default 60)")
     timeline.add_argument("--html", metavar="FILE", default="", help="write one self-contained HTML page instead, "
                           "e.g. run.html ('-' for stdout)")
@@ -4178,8 +4183,8 @@ def _parser() -> Any:
     rm.add_argument("--yes", action="store_true", help="do not ask")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
-    check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
-    check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
+    check.add_argument("--writers", type=_count_of("writer processes"), default=16, help="writer processes for --local (default 16)")
+    check.add_argument("--steps", type=_count_of("steps"), default=10, help="step logs per writer for --local (default 10)")
     check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail")
     register = command("register", help="let magnus and runnable find a copied-in runlog_s3.py: write its .dist-info beside it")
     register.add_argument("--folder", default="", help="the folder runlog_s3.py was copied into (default: this "

@@ -3005,6 +3005,15 @@ def test_ls_limit_must_be_a_positive_count(bucket, cli_env, limit):
     assert result.returncode == 2 and "--limit" in result.stderr
 
 
+@pytest.mark.parametrize("flag, value", [("--writers", "-3"), ("--writers", "0"), ("--steps", "-1"), ("--steps", "0"),
+                                         ("--writers", "many")])
+def test_check_local_refuses_counts_below_one(flag, value):
+    # --writers -3 printed "wrote -33 logs, 0 kept, -33 lost" (a false FAIL); --writers 0 passed vacuously.
+    result = cli("check", "--local", flag, value)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert f"argument {flag}: {value!r} is not a number of " in result.stderr and "give 1 or more" in result.stderr
+
+
 def test_ls_has_a_header_status_start_and_json(bucket, cli_env):
     stored_run(bucket, "listed-a", status="SUCCESS")
     runlog_s3.open_run_logs(bucket, "chunked-s3").create({"run_id": "listed-b", "status": "FAIL", "steps": {}})
