@@ -3260,6 +3260,34 @@ def cli_config_values(args: Any, environ: Mapping[str, str]) -> Dict[str, Any]:
     return values
 
 
+# Bidirectional overrides and isolates: they reorder what a terminal shows after them.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: Any) -> str:
+    """`text` safe to print on a terminal: control characters (an escape sequence, a carriage return, a
+    newline), line separators and bidirectional overrides written as \\x1b, \\r, \\u202e instead of acted
+    on. Step names, map items, messages and statuses come from run logs that anyone may have written."""
+    text = str(text)
+    if text.isprintable():  # the usual case, in one pass of C
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS else ch
+        for ch in text
+    )
+
+
+def branch_label(step: Mapping[str, Any], branch: Mapping[str, Any]) -> str:
+    """What show and timeline call a branch: its internal name after its step's, so that a map item
+    keeps its dots (train.csv and test.csv, not csv twice) and a parallel branch is its own name."""
+    name = str(branch.get("internal_name", ""))
+    parent = str(step.get("internal_name", ""))
+    if parent and name.startswith(parent + "."):
+        return name[len(parent) + 1:]
+    return name
+
+
 def _color(text: str, status: str, enabled: bool) -> str:
     if not enabled:
         return text
@@ -3297,15 +3325,15 @@ def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0
 
     With a limit, each branch shows its first `limit` steps and a count of the rest.
     """
-    status = str(document.get("status", ""))
+    status = printable(document.get("status", ""))
     lines = [
-        f"run {document.get('run_id')}  {_color(status, status, color)}  "
-        f"{len(document.get('parameters') or {})} parameters" + (f"  written by {written_by}" if written_by else "")
+        f"run {printable(document.get('run_id'))}  {_color(status, status, color)}  "
+        f"{len(document.get('parameters') or {})} parameters" + (f"  written by {printable(written_by)}" if written_by else "")
     ]
     job = document.get("job")
     if isinstance(job, dict):  # a runnable job's run: one job log, no steps
-        job_status = str(job.get("status", ""))
-        summary = _step_summary(job)
+        job_status = printable(job.get("status", ""))
+        summary = printable(_step_summary(job))
         lines.append(f"job  {_color(job_status, job_status, color)}" + (f"  {summary}" if summary else ""))
 
     def walk(container: Mapping[str, Any], indent: str) -> None:
@@ -3320,18 +3348,18 @@ def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0
             if kind == "more":
                 lines.append(f"{indent}{elbow}... {item} more steps")
                 continue
-            step_status = str(item.get("status", ""))
-            summary = _step_summary(item)
+            step_status = printable(item.get("status", ""))
+            summary = printable(_step_summary(item))
             lines.append(
-                f"{indent}{elbow}{item.get('name') or item.get('internal_name')}  "
+                f"{indent}{elbow}{printable(item.get('name') or item.get('internal_name'))}  "
                 f"{_color(step_status, step_status, color)}" + (f"  {summary}" if summary else "")
             )
             branches = list((item.get("branches") or {}).values())
             for b_index, branch in enumerate(branches):
                 b_last = b_index == len(branches) - 1
                 b_elbow, b_carry = ("└── ", "    ") if b_last else ("├── ", "│   ")
-                b_status = str(branch.get("status", ""))
-                name = str(branch.get("internal_name", "")).rsplit(".", 1)[-1]
+                b_status = printable(branch.get("status", ""))
+                name = printable(branch_label(item, branch))
                 lines.append(f"{indent}{carry}{b_elbow}[{name}]  {_color(b_status, b_status, color)}")
                 walk(branch, indent + carry + b_carry)
 
@@ -3434,9 +3462,9 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
         return EXIT_OK
     # New columns go last: scripts that cut the first five keep working.
     table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN BY")] + [
-        (row["run_id"], row["status"], row["layout"], row["last_modified"],
+        (printable(row["run_id"]), printable(row["status"]), row["layout"], printable(row["last_modified"]),
          f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""),
-         row["written_by"])
+         printable(row["written_by"]))
         for row in rows
     ]
     widths = [max(len(line[column]) for line in table) for column in range(5)]
@@ -3530,7 +3558,7 @@ def _step_details(step: Mapping[str, Any]) -> str:
     catalog = [str(item.get("name")) for item in step.get("data_catalog") or [] if isinstance(item, dict)]
     if catalog:
         parts.append(f"catalog: {', '.join(catalog)[:300]}")
-    return "\n".join(parts)
+    return "\n".join(printable(part) for part in parts)  # one line each, whatever the message holds
 
 
 def timeline_rows(document: Mapping[str, Any]) -> List[TimelineRow]:
@@ -3542,18 +3570,17 @@ def timeline_rows(document: Mapping[str, Any]) -> List[TimelineRow]:
     def walk(container: Mapping[str, Any], depth: int, critical: bool) -> None:
         for step in (container.get("steps") or {}).values():
             start, end = _span(step, "step")
-            rows.append(TimelineRow(depth, "step", str(step.get("name") or step.get("internal_name")),
-                                    str(step.get("status", "")), start, end, _attempt_spans(step), critical,
+            rows.append(TimelineRow(depth, "step", printable(step.get("name") or step.get("internal_name")),
+                                    printable(step.get("status", "")), start, end, _attempt_spans(step), critical,
                                     _step_details(step)))
             branches = list((step.get("branches") or {}).values())
             spans = [_span(branch, "branch") for branch in branches]
             latest = max(range(len(branches)), key=lambda n: spans[n][1] or float("-inf")) if branches else -1
             for number, branch in enumerate(branches):
                 b_start, b_end = spans[number]
-                name = str(branch.get("internal_name", "")).rsplit(".", 1)[-1]
                 on_path = critical and number == latest
-                rows.append(TimelineRow(depth + 1, "branch", name, str(branch.get("status", "")), b_start, b_end,
-                                        [], on_path))
+                rows.append(TimelineRow(depth + 1, "branch", printable(branch_label(step, branch)),
+                                        printable(branch.get("status", "")), b_start, b_end, [], on_path))
                 walk(branch, depth + 2, on_path)
 
     walk(document, 0, True)
@@ -3571,9 +3598,9 @@ def render_timeline(document: Mapping[str, Any], width: int = 60, color: bool = 
     """The run as a Gantt chart of text: one row per step and branch, bars on one wall-clock scale."""
     rows = timeline_rows(document)
     bounds = _clock_bounds(rows)
-    status = str(document.get("status", ""))
+    status, run_id = printable(document.get("status", "")), printable(document.get("run_id"))
     if bounds is None:
-        return [f"run {document.get('run_id')}  {_color(status, status, color)}  (no attempt has a start time: "
+        return [f"run {run_id}  {_color(status, status, color)}  (no attempt has a start time: "
                 "nothing to draw)"]
     first, last = bounds
     scale = (last - first) / width or 1.0
@@ -3582,7 +3609,7 @@ def render_timeline(document: Mapping[str, Any], width: int = 60, color: bool = 
     def column(moment: float) -> int:
         return min(width - 1, int((moment - first) / scale))
 
-    lines = [f"run {document.get('run_id')}  {_color(status, status, color)}  {_seconds(last - first)}  "
+    lines = [f"run {run_id}  {_color(status, status, color)}  {_seconds(last - first)}  "
              f"(* critical path, █ attempt, × failed attempt, ─ span of a fan-out or branch)"]
     for row in rows:
         bar = [" "] * width
@@ -3634,8 +3661,8 @@ def render_timeline_html(document: Mapping[str, Any]) -> str:
 
         return datetime.fromtimestamp(moment).isoformat(sep=" ", timespec="milliseconds") if moment else "not run"
 
-    status = str(document.get("status", ""))
-    run_id = html.escape(str(document.get("run_id")))
+    status = printable(document.get("status", ""))
+    run_id = html.escape(printable(document.get("run_id")))
     fold = "" if len(rows) > 200 else " open"
     out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>run {run_id}</title>'
            f"<style>{_TIMELINE_CSS}</style></head><body>",

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import unicodedata
 import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -1649,6 +1650,54 @@ def test_cli_show_draws_the_tree_plainly_when_piped(bucket, cli_env):
     assert "\033[31mFAIL\033[0m" in lines[3]
 
 
+def _attempted(status, message=""):
+    return {"attempt_number": 1, "start_time": "2026-11-25 10:00:00.000000", "end_time": "2026-11-25 10:00:01.000000",
+            "duration": "0:00:01", "status": status, "message": message, "parameters": {}}
+
+
+HOSTILE = "ok\x1b[2K\x1b[1A\r\u202eevil\x9b2J\x07"  # erase a line, move up, return, reverse text, CSI, bell
+
+
+def test_show_and_timeline_name_map_items_whole_and_print_no_control_character(bucket, cli_env, tmp_path):
+    def branch(step, item, status):
+        name = f"{step}.{item}"
+        work = {"name": "work", "internal_name": f"{name}.work", "status": status, "branches": {},
+                "attempts": [_attempted(status, message=HOSTILE)]}
+        return name, {"internal_name": name, "status": status, "steps": {f"{name}.work": work}}
+
+    items = dict([branch("each", "train.csv", "FAIL"), branch("each", "test.csv", "SUCCESS"),
+                  branch("each", HOSTILE, "SUCCESS")])
+    document = {"run_id": "items", "status": "FAIL", "parameters": {}, "run_config": {}, "steps": {
+        "each": {"name": "each", "internal_name": "each", "status": "FAIL", "step_type": "map", "branches": items,
+                 "attempts": []},
+        HOSTILE: {"name": HOSTILE, "internal_name": "hostile", "status": "SUCCESS", "branches": {},
+                  "attempts": [_attempted("SUCCESS")]}}}
+    runlog_s3.open_run_logs(bucket).create(document)
+    escaped = "ok\\x1b[2K\\x1b[1A\\r\\u202eevil\\x9b2J\\x07"
+    shown = cli("show", "items", env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[1:] == [
+        "├── each  FAIL",
+        "│   ├── [train.csv]  FAIL",
+        "│   │   └── work  FAIL  1 attempt  0:00:01",
+        "│   ├── [test.csv]  SUCCESS",
+        "│   │   └── work  SUCCESS  1 attempt  0:00:01",
+        f"│   └── [{escaped}]  SUCCESS",
+        "│       └── work  SUCCESS  1 attempt  0:00:01",
+        f"└── {escaped}  SUCCESS  1 attempt  0:00:01",
+    ]
+    timeline = cli("timeline", "items", env=cli_env)
+    assert timeline.returncode == 0, timeline.stderr
+    rows = [(line.split("|")[0].strip(" *"), line.split()[-1]) for line in timeline.stdout.splitlines()[1:]]
+    assert rows == [("each", "FAIL"), ("[train.csv]", "FAIL"), ("work", "FAIL"), ("[test.csv]", "SUCCESS"),
+                    ("work", "SUCCESS"), (f"   [{escaped}]"[:40].strip(), "SUCCESS"), ("work", "SUCCESS"),
+                    (escaped, "SUCCESS")]
+    page = cli("timeline", "items", "--html", "-", env=cli_env)
+    assert "[train.csv]" in page.stdout and "[test.csv]" in page.stdout and "message: " + escaped in page.stdout
+    for output in (shown.stdout, timeline.stdout, page.stdout):
+        assert not [ch for ch in output if ch != "\n" and (unicodedata.category(ch) == "Cc" or ch == "\u202e")]
+
+
 def test_cli_put_then_get_round_trips_identical_json(bucket, cli_env, tmp_path):
     document = {"run_id": "r-put", "dag_hash": "", "use_cached": False, "tag": "ünï", "original_run_id": "",
                 "status": "SUCCESS", "steps": {}, "parameters": {"x": [1, 2.5, None]}, "run_config": {}}
@@ -1991,6 +2040,13 @@ def test_magnus_map_over_items_with_dots_keeps_every_log(s3_server, bucket, tmp_
     assert all(log["status"] == "SUCCESS" for log in logs) and run_log.status == "SUCCESS"
     branch = over_items.branches["over-items.data.csv"]
     assert list(branch.steps) == ["over-items.data.csv.work", "over-items.data.csv.success"]
+    # show and timeline name each branch by its whole map item (they said [csv] for data.csv)
+    environ = {"RUNLOG_S3_BUCKET": bucket["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": bucket["endpoint_url"]}
+    for command in ("show", "timeline"):
+        shown = cli(command, "dots", env=environ)
+        assert shown.returncode == 0, shown.stderr
+        labels = [line.strip(" │├└─*").split("]")[0] + "]" for line in shown.stdout.splitlines() if "[" in line]
+        assert labels == ["[b0]", "[b1]"] + [f"[{item}]" for item in MAP_ITEMS_WITH_DOTS], (command, shown.stdout)
 
 
 def test_names_resolve_against_the_logs_that_exist_not_every_dot():
