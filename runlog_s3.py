@@ -267,7 +267,11 @@ def check_config_keys(values: Mapping[str, Any]) -> None:
             "use_credentials: true), or use aws_profile"
         )
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in run_log_store.config; valid keys: {', '.join(known)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown key {unknown[0]!r} in run_log_store.config{guess}; valid keys: {', '.join(known)}")
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -2576,6 +2580,33 @@ class _StoreCore:
         raise framework_error(error.message, *error_args[1:]) from error
 
 
+def say_config_errors_last() -> None:
+    """Make a traceback end with our config error when a framework wrapped it in its own: magnus 0.4
+    builds the store inside `except Exception: raise Exception("Could not find the service of type:
+    run_log_store ...")`, so a mistyped key ended 50 lines below our message, under magnus's misleading
+    one. Python's excepthook then prints our one line again, last. Installed once, when a store's
+    config is refused; a traceback that ends with our error already is left as it is."""
+    if getattr(sys.excepthook, "says_config_errors_last", False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(kind: Type[BaseException], value: BaseException, traceback: Any) -> None:
+        previous(kind, value, traceback)
+        if isinstance(value, RunlogS3Error):
+            return  # the traceback ends with ours already
+        cause: Optional[BaseException] = value.__cause__ or value.__context__
+        for _ in range(20):  # a chain is short; one that loops must not hang the exit
+            if cause is None:
+                return
+            if isinstance(cause, ConfigError):
+                print(f"runlog-s3: error: {cause.message}", file=sys.stderr, flush=True)
+                return
+            cause = cause.__cause__ or cause.__context__
+
+    excepthook.says_config_errors_last = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
+
+
 def _framework_errors(exceptions: Any, names: Tuple[str, ...]) -> Dict[str, type]:
     """The framework's exception classes, each also one of ours (so it carries our message)."""
     ours = {"RunLogNotFoundError": RunLogNotFoundError, "RunLogExistsError": RunLogExistsError,
@@ -2715,7 +2746,11 @@ class _PlainStoreMethods(_MagnusStoreMethods):
     """The magnus 0.4 interface on plain dicts: a store to script against without magnus."""
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
-        self.config = Config.from_dict(config)
+        try:
+            self.config = Config.from_dict(config)
+        except ConfigError:
+            say_config_errors_last()
+            raise
         self._run_logs = None
 
     def __repr__(self) -> str:
@@ -2812,7 +2847,11 @@ class _PydanticStoreMethods(_StoreCore):
     """The parts of a store that is a pydantic model: validated construction, private state, pickling."""
 
     def __init__(self, **values: Any):
-        config = config_from_store_fields(values)
+        try:
+            config = config_from_store_fields(values)
+        except ConfigError:
+            say_config_errors_last()
+            raise
         super().__init__(**{field.name: getattr(config, field.name) for field in fields(Config)})
         self._config = config
 

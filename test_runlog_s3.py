@@ -164,7 +164,9 @@ def test_config_defaults_are_the_documented_block():
     "values, expected",
     [
         ({}, "needs s3_bucket"),
-        ({"s3_bucket": "b-1", "bukcet": "x"}, "unknown key 'bukcet' in run_log_store.config; valid keys: s3_bucket, prefix"),
+        ({"s3_bucket": "b-1", "bukcet": "x"},
+         "unknown key 'bukcet' in run_log_store.config (did you mean s3_bucket?); valid keys: s3_bucket, prefix"),
+        ({"s3_bucket": "b-1", "xyz": "x"}, "unknown key 'xyz' in run_log_store.config; valid keys: s3_bucket, prefix"),
         ({"s3_bucket": "b-1", "use_credentials": "yes"}, "'use_credentials' must be true or false, not str"),
         ({"s3_bucket": "b-1", "session_duration_in_seconds": "900"}, "'session_duration_in_seconds' must be a whole number"),
         ({"s3_bucket": "b-1", "max_attempts": True}, "'max_attempts' must be a whole number"),
@@ -3258,6 +3260,21 @@ def test_register_where_pip_installed_the_module_leaves_pips_records_alone(tmp_p
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stdout + result.stderr
     assert f"is installed in {site} already" in result.stderr and "nothing written" in result.stderr
     assert {path.name: path.read_bytes() for path in dist_info.iterdir() if path.is_file()} == before
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_a_config_mistake_inside_magnus_ends_with_our_line_and_a_guess(tmp_path, store_type):
+    # magnus 0.4 wraps the store's error in "Could not find the service of type: run_log_store": that
+    # was the last line, ours 50 lines up, with no guess at the key meant.
+    store = {"type": store_type, "config": {"s3_bucket": "my-runs", "endpoint_ur": "http://127.0.0.1:9000"}}
+    command = bench_runlog_s3.write_magnus_pipeline(tmp_path, store, 2, 2)
+    result = subprocess.run(command + ["--run-id", "mistyped"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert "Could not find the service of type: run_log_store" in result.stderr  # magnus's, still there
+    assert result.stderr.rstrip("\n").splitlines()[-1].startswith(
+        "runlog-s3: error: unknown key 'endpoint_ur' in run_log_store.config (did you mean endpoint_url?); valid keys: ")
+    assert result.stderr.count("runlog-s3: error:") == 1
 
 
 @pytest.mark.parametrize("store_type", ["runlog_s3.S3RunLogStore", "runlog_s3.ChunkedS3RunLogStore"])
