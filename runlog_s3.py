@@ -3464,6 +3464,25 @@ class BucketRuns:
         runs = [(run, run_logs.layout) for run_logs in (self.plain, self.chunked) for run in run_logs.runs_in(entries)]
         return sorted(runs, key=lambda item: (item[0].last_modified, item[0].key))
 
+    def runs_elsewhere(self, keys: int = 1000) -> Dict[str, int]:
+        """Other prefixes of the bucket with what look like runs (a <run>.json, or a <run>/RunLog.json of
+        a chunked run), and how many, from its first `keys` keys: one LIST page, for ls to point at when
+        its own prefix holds none."""
+        import itertools
+
+        listed = [info.key for info in itertools.islice(self.plain.client.list_objects(""), keys)]
+        folders = {key[: -len(CHUNK_RUN_OBJECT)] for key in listed if key.endswith("/" + CHUNK_RUN_OBJECT)}
+        found: Dict[str, int] = {}
+        for folder in folders:
+            prefix = folder.rstrip("/").rpartition("/")[0]
+            found[prefix] = found.get(prefix, 0) + 1
+        for key in listed:
+            if key.endswith(RUN_LOG_SUFFIX) and not any(key.startswith(folder) for folder in folders):
+                prefix = key.rpartition("/")[0]
+                found[prefix] = found.get(prefix, 0) + 1
+        found.pop(self.plain.prefix, None)
+        return found
+
     def _not_found(self, run_id: str) -> RunLogNotFoundError:
         return RunLogNotFoundError(
             f"no run log for run id {run_id!r} at {self.plain.where(run_id)} (layout s3) "
@@ -3489,7 +3508,16 @@ def _cmd_get(runs: BucketRuns, args: Any) -> int:
 
 
 def _cmd_ls(runs: BucketRuns, args: Any) -> int:
+    import shlex
+
     listed = runs.list()
+    if not listed:
+        elsewhere = runs.runs_elsewhere()
+        if elsewhere:
+            prefix = runs.plain.prefix + "/" if runs.plain.prefix else ""
+            shown = ", ".join(f"--prefix {shlex.quote(other)} ({count})" for other, count in sorted(elsewhere.items()))
+            print(f"runlog-s3: no runs under s3://{runs.plain.client.bucket}/{prefix}; the bucket has what look "
+                  f"like runs under {printable(shown)}", file=sys.stderr)
     if args.limit:
         listed = listed[-args.limit:]
     statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
@@ -4144,6 +4172,57 @@ def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
         return _report_checks(results + workload if args.json else workload, args.json)
 
 
+_SERVE_PORT = 9455  # fixed, so that the block pasted into a config keeps working from one serve to the next
+_LOCAL_KEYS = "AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local"
+
+
+def _cmd_serve(args: Any) -> int:
+    """An S3 server to try pipelines on: moto's, in this process, on loopback, with a bucket made;
+    prints the run_log_store block and the environment to paste, and serves until Ctrl-C (exit 0)."""
+    import signal
+
+    values = cli_config_values(args, {})  # its flags (and --config), not the RUNLOG_S3_* of a real bucket
+    config = Config.from_dict({"s3_bucket": values.get("s3_bucket") or _LOCAL_BUCKET,
+                               "prefix": values.get("prefix") or "", "region": values.get("region") or "eu-west-1"})
+    server = LocalS3Server(port=_SERVE_PORT if args.port is None else args.port)
+    stop = threading.Event()
+    try:
+        block = {**_config_block(config), "endpoint_url": server.endpoint_url}
+        keys = {"aws_access_key_name": "LOCAL_KEY", "aws_secret_access_key_name": "LOCAL_SECRET"}  # any key works
+        create_bucket(S3Client(Config.from_dict({**block, **keys, "use_credentials": True}),
+                               environ={"LOCAL_KEY": "local", "LOCAL_SECRET": "local"}))
+        variables = [f"RUNLOG_S3_BUCKET={config.s3_bucket}", f"RUNLOG_S3_ENDPOINT_URL={server.endpoint_url}"]
+        variables += [f"RUNLOG_S3_{key.upper()}={block[key]}" for key in ("prefix", "region") if key in block]
+        print(f"runlog-s3: an S3 server at {server.endpoint_url} with bucket {config.s3_bucket} (moto, in memory: "
+              "what it holds is gone when it stops)\n"
+              "\n# the run log store of your magnus config (config.yaml):\n"
+              "run_log_store:\n  type: s3\n  config:\n"
+              + "".join(f"    {key}: {value}\n" for key, value in block.items())
+              + "\n# the environment, in each shell that runs magnus or runlog-s3 (any key works here; a new shell "
+              "keeps your own):\n"
+              f"export {_LOCAL_KEYS}\nexport {' '.join(variables)}\n"
+              "\nserving until Ctrl-C", flush=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda number, frame: stop.set())
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.stop()
+    print(f"runlog-s3: stopped the server at {server.endpoint_url}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _config_block(config: Config) -> Dict[str, Any]:
+    """The keys of a config block a user writes for `config`: the bucket, and prefix and region when
+    they are not the defaults."""
+    block: Dict[str, Any] = {"s3_bucket": config.s3_bucket}
+    if config.key_prefix:
+        block["prefix"] = config.key_prefix
+    if config.region != "eu-west-1":
+        block["region"] = config.region
+    return block
+
+
 def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
     if as_json:
         print(json.dumps([result._asdict() for result in results], indent=2))
@@ -4252,6 +4331,10 @@ def _parser() -> Any:
     check.add_argument("--writers", type=_count_of("writer processes"), default=16, help="writer processes for --local (default 16)")
     check.add_argument("--steps", type=_count_of("steps"), default=10, help="step logs per writer for --local (default 10)")
     check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail")
+    serve = command("serve", help="an S3 server on loopback to try pipelines on (moto, in memory), with a bucket; "
+                    "prints the config block and environment to paste; stops at Ctrl-C")
+    serve.add_argument("--port", type=int, default=None, metavar="N", help=f"the port (default {_SERVE_PORT}; 0: a free "
+                       "one); --bucket, --prefix, --region name the bucket (default runlog-s3-local)")
     register = command("register", help="let magnus and runnable find a copied-in runlog_s3.py: write its .dist-info beside it")
     register.add_argument("--folder", default="", help="the folder runlog_s3.py was copied into (default: this "
                           "module's), e.g. /app")
@@ -4279,6 +4362,8 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         logger.setLevel(level)
         if args.command == "register":
             return _cmd_register(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         values = cli_config_values(args, environ)
         if args.command == "check" and args.local:
             return _cmd_check_local(values, args)

@@ -2961,6 +2961,58 @@ def test_ctrl_c_is_one_line_even_when_it_left_half_made_objects():
     assert result.returncode == 130 and result.stderr == "runlog-s3: interrupted\n", result.stderr[-2000:]
 
 
+def read_until(stream, last, seconds=60):
+    """Lines of a child's output up to the one starting with `last` (or its end, or the deadline)."""
+    lines, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        lines.append(line)
+        if not line or line.startswith(last):
+            break
+    return "".join(lines)
+
+
+def test_serve_runs_a_pipeline_from_what_it_prints_and_stops_at_ctrl_c(tmp_path):
+    # A new user's first pipeline: start serve, paste its block into a magnus config and its
+    # environment into a shell, run magnus and look at the run, then Ctrl-C.
+    process = subprocess.Popen([sys.executable, "-m", "runlog_s3", "serve", "--port", "0"], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        printed = read_until(process.stdout, "serving until Ctrl-C")
+        assert printed.endswith("serving until Ctrl-C\n"), printed + process.stderr.read()
+        block = printed[printed.index("run_log_store:"):].split("\n\n")[0] + "\n"
+        port = int(block.split("endpoint_url: http://127.0.0.1:")[1].split()[0])
+        assert block == ("run_log_store:\n  type: s3\n  config:\n    s3_bucket: runlog-s3-local\n"
+                         f"    endpoint_url: http://127.0.0.1:{port}\n")
+        pasted = dict(word.split("=", 1) for line in printed.splitlines() if line.startswith("export ")
+                      for word in line.split()[1:])
+        assert pasted == {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+                          "RUNLOG_S3_BUCKET": "runlog-s3-local", "RUNLOG_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        command = bench_runlog_s3.write_magnus_pipeline(tmp_path, {}, 2, 2)
+        (tmp_path / "config.yaml").write_text("executor:\n  type: local\n  config:\n    enable_parallel: true\n"
+                                              + block + "catalog:\n  type: do-nothing\n")
+        run = subprocess.run(command + ["--run-id", "served"], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, **pasted}, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        shown = cli("show", "served", env=pasted)
+        assert shown.returncode == 0 and shown.stdout.startswith("run served  SUCCESS"), shown.stdout + shown.stderr
+        assert "[b1]  SUCCESS" in shown.stdout and "[item1]  SUCCESS" in shown.stdout
+        taken = cli("serve", "--port", str(port))
+        assert taken.returncode == 2 and taken.stderr == (f"runlog-s3: error: port {port} on 127.0.0.1 is in use: "
+                                                          "pick another with --port, or --port 0 for a free one\n")
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
+        rest, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0 and rest == "", rest
+    assert stderr == f"runlog-s3: stopped the server at http://127.0.0.1:{port}\n", stderr
+    assert subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).stdout == b""
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
 def test_output_cut_short_by_head_is_quiet(bucket, cli_env):
     steps = {f"step-{number:04d}": {"name": f"step-{number:04d}", "internal_name": f"step-{number:04d}",
                                     "status": "SUCCESS", "branches": {}} for number in range(3000)}
@@ -3070,6 +3122,22 @@ def test_check_local_refuses_counts_below_one(flag, value):
     result = cli("check", "--local", flag, value)
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert f"argument {flag}: {value!r} is not a number of " in result.stderr and "give 1 or more" in result.stderr
+
+
+def test_ls_on_a_prefix_without_runs_names_the_prefixes_that_have_some(bucket, cli_env):
+    stored_run(bucket, "plain-1")
+    stored_run(bucket, "plain-2")
+    runlog_s3.open_run_logs(bucket, "chunked-s3").create({"run_id": "fanned", "status": "SUCCESS", "steps": {
+        "one": {"name": "one", "internal_name": "one", "status": "SUCCESS", "branches": {}}}})
+    runlog_s3.open_run_logs({**bucket, "prefix": "magnus/nightly"}).create({"run_id": "deep", "status": "SUCCESS"})
+    for prefix in ("", "elsewhere"):
+        listed = cli("ls", "--prefix", prefix, env=cli_env)
+        assert listed.returncode == 0 and listed.stdout.splitlines()[1:] == [], listed.stdout
+        where = f"s3://{bucket['s3_bucket']}/{prefix + '/' if prefix else ''}"
+        assert listed.stderr == (f"runlog-s3: no runs under {where}; the bucket has what look like runs under "
+                                 "--prefix magnus/nightly (1), --prefix runs (3)\n"), listed.stderr
+    found = cli("ls", env=cli_env)
+    assert len(found.stdout.splitlines()) == 4 and found.stderr == ""
 
 
 def test_ls_has_a_header_status_start_and_json(bucket, cli_env):
