@@ -970,6 +970,10 @@ def _error_from_reply(
                 bucket_region=bucket_region,
                 **kwargs,
             )
+    if reply.status == 404 and reply.body and not fields_.get("Code"):
+        # S3 answers a 404 with an XML error (a HEAD with none): this page is another server's (a web
+        # server, a proxy, endpoint_url with a path), not "no such key".
+        return S3Error(f"{base}; this is not an S3 server's reply: is endpoint_url an S3 server?{tail}", **kwargs)
     if code == "NoSuchBucket" or (reply.status == 404 and not key and method != "GET"):
         return NoSuchBucketError(f"{base}; check s3_bucket (and endpoint_url, region){tail}", **kwargs)
     if reply.status == 404:
@@ -1378,7 +1382,7 @@ def check_run_log_shape(document: Dict[str, Any], where: str) -> None:
     the field otherwise."""
 
     def fail(path: str, problem: str) -> None:
-        raise InvalidRunLogError(f"{where}: {path}{problem}; nothing written")
+        raise InvalidRunLogError(f"{where}: {path}{problem}")
 
     def check_status(log: Mapping[str, Any], path: str) -> None:
         if "status" not in log:
@@ -3097,7 +3101,8 @@ def entry_points_text() -> str:
 # Command line #####################################################################################
 #
 # python -m runlog_s3 {get,ls,show,put,rm,check}: configured by flags, RUNLOG_S3_* variables, or a
-# magnus config file. Exit codes: 0 ok, 1 not found or check failed, 2 usage or configuration error.
+# magnus config file. Exit codes: 0 ok, 1 not found, exists or check failed, 2 usage or configuration
+# error, 130 interrupted, 141 output cut short.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as shells report them
@@ -3810,10 +3815,17 @@ def _read_run_log_input(path: str, run_id: str) -> Tuple[Dict[str, Any], str]:
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
     _check_write_size(body, source)
-    document = decode_run_log(body, source)
-    if document["run_id"] != run_id:
-        raise UsageError(f"{source} holds run log {document['run_id']!r}, not {run_id!r}; nothing written")
-    check_run_log_shape(document, source)
+    try:
+        try:
+            document = check_run_log(json.loads(body), source)
+        except (UnicodeDecodeError, ValueError) as exc:
+            detail = "it is empty" if not body.strip() else f"{type(exc).__name__}: {exc}"
+            raise InvalidRunLogError(f"{source} is not a run log: not valid JSON ({detail})") from exc
+        if document["run_id"] != run_id:
+            raise UsageError(f"{source} holds run log {document['run_id']!r}, not {run_id!r}; nothing written")
+        check_run_log_shape(document, source)
+    except InvalidRunLogError as exc:  # what a person gave: nothing of it was written (not "left as is")
+        raise InvalidRunLogError(f"{exc.message}; nothing written") from exc
     return document, source
 
 
@@ -3842,8 +3854,8 @@ def _cmd_put(runs: BucketRuns, args: Any) -> int:
             ) from exc
     elif args.force:
         run_logs.write(document)
-    else:
-        raise UsageError(
+    else:  # the run exists: exit 1, as put --create says it (one situation, one code)
+        raise RunLogExistsError(
             f"{where} exists; nothing written: use edit {args.run_id} (compare-and-swap), put --if-match ETAG "
             "(from get --etag), or put --force to replace it whatever it holds"
         )
@@ -3857,11 +3869,15 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
     import subprocess
     import tempfile
 
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or ""
+    if not editor and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("edit needs an editor: set VISUAL or EDITOR (vi, its fallback, needs a terminal and there "
+                         "is none here); nothing read or written")
+    editor = editor or "vi"
     document, etag = runs.read_version(args.run_id, "edit (get, then put --force, for a chunked run)")
     run_logs = runs.plain
     where = run_logs.where(args.run_id)
     original = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     handle, path = tempfile.mkstemp(prefix=f"runlog-{args.run_id[:40]}-", suffix=".json")
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
         stream.write(original)
@@ -3874,6 +3890,9 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
     with open(path, encoding="utf-8") as stream:
         edited = stream.read()
     if status != 0:
+        if edited == original:  # nothing to keep
+            os.unlink(path)
+            raise UsageError(f"the editor {editor!r} exited with {status} and changed nothing; nothing written")
         raise UsageError(f"the editor {editor!r} exited with {status}; nothing written; {kept}")
     if edited == original:
         os.unlink(path)
@@ -4280,7 +4299,8 @@ def _parser() -> Any:
     parser = argparse.ArgumentParser(
         prog="runlog-s3",
         description="Read and manage magnus run logs kept in S3 by runlog_s3.",
-        epilog="Exit codes: 0 ok, 1 not found or check failed, 2 usage or configuration error.",
+        epilog="Exit codes: 0 ok, 1 not found, exists or check failed, 2 usage or configuration error, 130 "
+               "interrupted (Ctrl-C; serve stops with 0), 141 output cut short (| head).",
         parents=[common],
         formatter_class=Formatter,
     )

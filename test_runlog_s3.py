@@ -1710,7 +1710,7 @@ def test_cli_put_then_get_round_trips_identical_json(bucket, cli_env, tmp_path):
     assert put.stdout.startswith(f"wrote s3://{bucket['s3_bucket']}/runs/r-put.json")
     assert cli("get", "r-put", "--compact", env=cli_env).stdout == text + "\n"
     refused = cli("put", "r-put", env=cli_env, stdin=text.replace("SUCCESS", "FAIL"))  # over a stored log
-    assert refused.returncode == 2 and "exists; nothing written: use edit r-put" in refused.stderr
+    assert refused.returncode == 1 and "exists; nothing written: use edit r-put" in refused.stderr  # as --create
     assert json.loads(cli("get", "r-put", env=cli_env).stdout)["status"] == "SUCCESS"
     again = cli("put", "r-put", "--force", env=cli_env, stdin=text.replace("SUCCESS", "FAIL"))  # stdin, replacing
     assert again.returncode == 0
@@ -1722,7 +1722,9 @@ def test_cli_put_then_get_round_trips_identical_json(bucket, cli_env, tmp_path):
     [
         (("put", "r-x"), '{"run_id": "other"}', 2, "stdin holds run log 'other', not 'r-x'; nothing written"),
         (("put", "r-x"), "{broken", 2, "stdin is not a run log: not valid JSON"),
-        (("put", "r-x"), '["list"]', 2, "stdin is not a run log: JSON list"),
+        (("put", "r-x"), '["list"]', 2, "stdin is not a run log: JSON list, not an object; nothing written"),
+        (("put", "r-x"), '{"run_id": "r-x", "status": "DONE"}', 2,
+         "stdin: status 'DONE' is not one of magnus's (CREATED, PROCESSING, SUCCESS, FAIL, TRIGGERED); nothing written"),
         (("put", "bad/id"), '{"run_id": "bad/id", "status": "SUCCESS"}', 2, "must not contain '/'"),
         (("rm", "r-x"), "", 2, "refusing to delete"),
         (("get", ".."), "", 2, "path segment"),
@@ -1732,6 +1734,8 @@ def test_cli_refuses_bad_input_with_one_line(bucket, cli_env, args, stdin, code,
     result = cli(*args, env=cli_env, stdin=stdin)
     assert result.returncode == code
     assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    if args == ("put", "r-x"):  # what the user gave was not written; nothing stored was "left as is"
+        assert result.stderr.count("nothing written") == 1 and "left as is" not in result.stderr
     assert list(S3Client(Config.from_dict(bucket)).list_objects("runs/")) == []  # nothing written
 
 
@@ -2298,6 +2302,8 @@ if os.environ.get("RACE_WITH"):  # a pipeline writes while the editor is open
     import runlog_s3
     store = runlog_s3.S3RunLogStore(json.loads(os.environ["RACE_WITH"]))
     store.add_step_log(store.create_step_log("meanwhile", "meanwhile"), document["run_id"])
+if os.environ.get("STATUS"):
+    document["status"] = os.environ["STATUS"]
 if os.environ.get("BREAK_JSON"):
     open(path, "w").write("{not json")
 else:
@@ -2305,20 +2311,35 @@ else:
 """
 
 
-@pytest.mark.parametrize("case", ["clean", "conflict", "invalid", "unchanged"])
+@pytest.mark.parametrize("case", ["clean", "conflict", "invalid", "bad status", "unchanged", "failed, unchanged",
+                                  "no editor"])
 def test_cli_edit_writes_with_compare_and_swap_and_loses_nothing(bucket, cli_env, tmp_path, case):
     stored_run(bucket, "r-edit")
     editor = tmp_path / "editor.py"
     editor.write_text(EDITOR_SCRIPT)
-    env = {**cli_env, "EDITOR": f"{sys.executable} {editor}"}
+    temp = tmp_path / "temp"  # edit's file goes here: what it leaves behind is seen
+    temp.mkdir()
+    env = {**cli_env, "EDITOR": f"{sys.executable} {editor}", "TMPDIR": str(temp)}
     if case == "unchanged":
         env["EDITOR"] = "true"
+    if case == "failed, unchanged":
+        env["EDITOR"] = "false"
+    if case == "no editor":  # and no terminal: vi would be started blind
+        env["EDITOR"] = env["VISUAL"] = ""
     if case == "conflict":
         env["RACE_WITH"] = json.dumps(bucket)
     if case == "invalid":
         env["BREAK_JSON"] = "1"
+    if case == "bad status":
+        env["STATUS"] = "DONE"
     result = cli("edit", "r-edit", env=env)
     stored = json.loads(cli("get", "r-edit", env=cli_env).stdout)
+    if case in ("failed, unchanged", "no editor"):
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and stored["status"] == "SUCCESS"
+        assert ("exited with 1 and changed nothing; nothing written" if case == "failed, unchanged" else
+                "edit needs an editor: set VISUAL or EDITOR") in result.stderr, result.stderr
+        assert "kept" not in result.stderr and list(temp.iterdir()) == []
+        return
     if case == "clean":
         assert result.returncode == 0 and result.stdout.startswith("wrote s3://")
         assert stored["status"] == "FAIL" and "one" in stored["steps"]
@@ -2328,9 +2349,11 @@ def test_cli_edit_writes_with_compare_and_swap_and_loses_nothing(bucket, cli_env
         assert stored["status"] == "SUCCESS"
         return
     assert result.returncode == (1 if case == "conflict" else 2) and result.stderr.count("\n") == 1
-    assert "nothing written; your edit is kept in " in result.stderr
+    assert "nothing written; your edit is kept in " in result.stderr and result.stderr.count("nothing written") == 1
     kept = Path(result.stderr.split("your edit is kept in ", 1)[1].split(":")[0].strip())
-    assert kept.exists()
+    assert kept.exists() and kept.parent == temp
+    if case == "bad status":
+        assert "status 'DONE' is not one of magnus's" in result.stderr
     if case == "conflict":
         assert "changed while you edited it" in result.stderr
         assert json.load(open(kept))["status"] == "FAIL"  # the user's edit is not lost
@@ -3138,6 +3161,43 @@ def test_ls_on_a_prefix_without_runs_names_the_prefixes_that_have_some(bucket, c
                                  "--prefix magnus/nightly (1), --prefix runs (3)\n"), listed.stderr
     found = cli("ls", env=cli_env)
     assert len(found.stdout.splitlines()) == 4 and found.stderr == ""
+
+
+def test_help_names_every_exit_code():
+    result = cli("--help")
+    assert result.returncode == 0
+    epilog = " ".join(result.stdout.split("Exit codes:", 1)[1].split())
+    assert epilog == ("0 ok, 1 not found, exists or check failed, 2 usage or configuration error, 130 interrupted "
+                      "(Ctrl-C; serve stops with 0), 141 output cut short (| head).")
+
+
+@pytest.fixture
+def web_server():
+    """A plain web server on loopback, not S3: its 404 is an HTML page."""
+    import http.server
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_PUT(self):
+            self.send_error(404)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("command", [("get", "some-run"), ("ls",), ("show", "some-run")])
+def test_a_404_from_a_server_that_is_not_s3_asks_whether_endpoint_url_is_one(web_server, command):
+    # It said "no run log for run id 'some-run'" (get, show) or "HTTP 404: unparseable reply" (ls).
+    result = cli(*command, "--bucket", "my-runs", "--endpoint-url", web_server)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "this is not an S3 server's reply: is endpoint_url an S3 server?" in result.stderr
+    assert "no run log" not in result.stderr
 
 
 def test_ls_has_a_header_status_start_and_json(bucket, cli_env):
