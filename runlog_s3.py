@@ -3676,14 +3676,16 @@ def render_timeline(document: Mapping[str, Any], width: int = 60, color: bool = 
                 "nothing to draw)"]
     first, last = bounds
     scale = (last - first) / width or 1.0
-    label_width = min(40, max(2 * row.depth + len(row.name) + 2 for row in rows))
+    labels = [("*" if row.critical else " ") + "  " * row.depth + (f"[{row.name}]" if row.kind == "branch" else row.name)
+              for row in rows]
+    label_width = min(40, max(len(label) for label in labels) + 1)  # a branch's brackets counted: [broken.csv] was cut
 
     def column(moment: float) -> int:
         return min(width - 1, int((moment - first) / scale))
 
     lines = [f"run {run_id}  {_color(status, status, color)}  {_seconds(last - first)}  "
              f"(* critical path, █ attempt, × failed attempt, ─ span of a fan-out or branch)"]
-    for row in rows:
+    for row, label in zip(rows, labels):
         bar = [" "] * width
         if row.start is not None and row.end is not None:
             for position in range(column(row.start), column(row.end) + 1):
@@ -3691,12 +3693,10 @@ def render_timeline(document: Mapping[str, Any], width: int = 60, color: bool = 
         for start, end, attempt_status in row.attempts:
             for position in range(column(start), column(end) + 1):
                 bar[position] = "█" if attempt_status == "SUCCESS" else "×"
-        name = ("[" + row.name + "]") if row.kind == "branch" else row.name
-        label = ("*" if row.critical else " ") + "  " * row.depth + name
-        label = label[:label_width].ljust(label_width)
         took = _seconds(row.end - row.start) if row.start is not None and row.end is not None else "not run"
         tries = f", {len(row.attempts)} attempts" if len(row.attempts) > 1 else ""
-        lines.append(f"{label} |{''.join(bar)}| {took}{tries}  {_color(row.status, row.status, color)}")
+        lines.append(f"{label[:label_width].ljust(label_width)} |{''.join(bar)}| {took}{tries}  "
+                     f"{_color(row.status, row.status, color)}")
     return lines
 
 

@@ -3496,6 +3496,10 @@ def test_timeline_draws_attempts_failures_and_the_critical_path_on_one_clock():
     ]
     assert runlog_s3.render_timeline({"run_id": "empty", "status": "CREATED", "steps": {}}) == [
         "run empty  CREATED  (no attempt has a start time: nothing to draw)"]
+    # The longest label a branch's: its brackets are counted (it was drawn as "*  [broken.csv |").
+    document["steps"]["fan"]["branches"]["fan.b"]["internal_name"] = "fan.broken.csv"
+    assert [line.split("|")[0] for line in runlog_s3.render_timeline(document, width=40)[1:]] == [label.ljust(17) for label in (
+        "*prepare", "*fan", "   [a]", "     w", "*  [broken.csv]", "*    w", "*success")]
 
 
 @pytest.mark.parametrize("store_type, layout", [("s3", "s3"), ("chunked-s3", "chunked-s3")])
