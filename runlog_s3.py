@@ -3513,16 +3513,7 @@ def _cmd_get(runs: BucketRuns, args: Any) -> int:
 
 
 def _cmd_ls(runs: BucketRuns, args: Any) -> int:
-    import shlex
-
     listed = runs.list()
-    if not listed:
-        elsewhere = runs.runs_elsewhere()
-        if elsewhere:
-            prefix = runs.plain.prefix + "/" if runs.plain.prefix else ""
-            shown = ", ".join(f"--prefix {shlex.quote(other)} ({count})" for other, count in sorted(elsewhere.items()))
-            print(f"runlog-s3: no runs under s3://{runs.plain.client.bucket}/{prefix}; the bucket has what look "
-                  f"like runs under {printable(shown)}", file=sys.stderr)
     if args.limit:
         listed = listed[-args.limit:]
     statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
@@ -3531,18 +3522,33 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
             for (run, layout), (status, written_by) in zip(listed, statuses)]
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
-    # New columns go last: scripts that cut the first five keep working.
-    table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN BY")] + [
-        (printable(row["run_id"]), printable(row["status"]), row["layout"], printable(row["last_modified"]),
-         f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""),
-         printable(row["written_by"]))
-        for row in rows
-    ]
-    widths = [max(len(line[column]) for line in table) for column in range(5)]
-    for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[5])
+    else:
+        # New columns go last: scripts that cut the first five keep working.
+        table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN BY")] + [
+            (printable(row["run_id"]), printable(row["status"]), row["layout"], printable(row["last_modified"]),
+             f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""),
+             printable(row["written_by"]))
+            for row in rows
+        ]
+        widths = [max(len(line[column]) for line in table) for column in range(5)]
+        for line in table:
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[5])
+    if not listed:
+        _say_where_runs_are(runs)
     return EXIT_OK
+
+
+def _say_where_runs_are(runs: BucketRuns) -> None:
+    """For ls on a prefix with no runs: the bucket's other prefixes that look like they hold some, on stderr."""
+    import shlex
+
+    elsewhere = runs.runs_elsewhere()
+    if elsewhere:
+        prefix = runs.plain.prefix + "/" if runs.plain.prefix else ""
+        shown = ", ".join(f"--prefix {shlex.quote(other)} ({count})" for other, count in sorted(elsewhere.items()))
+        sys.stdout.flush()  # after the table, on a terminal as in a pipe
+        print(f"runlog-s3: no runs under s3://{runs.plain.client.bucket}/{prefix}; the bucket has what look like runs "
+              f"under {printable(shown)}", file=sys.stderr)
 
 
 def _count(number: int, noun: str) -> str:
