@@ -956,7 +956,7 @@ def peak_and_wall(command: List[str], environ: Dict[str, str]) -> Tuple[float, f
 
 
 def bench_cold_start(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
-    repeat = 5
+    repeat = 3 if quick else 5
     bucket = make_bucket(server, "bench-cold")
     seeded_store(server, bucket, "cold", 10)
     environ = {**os.environ, **CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true"}

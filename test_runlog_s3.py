@@ -1023,8 +1023,10 @@ def test_cli_works_on_a_chunked_run_without_being_told(bucket, cli_env):
 
 
 @pytest.mark.parametrize("store_type", list(runlog_s3.STORE_NAMES))
-def test_cli_put_new_run_in_the_config_files_layout(bucket, tmp_path, store_type):
-    # Every name magnus takes for these stores, the dotted class paths copy-in users are given included.
+def test_cli_put_new_run_in_the_config_files_layout(moto_bucket, tmp_path, store_type):
+    # Every name magnus takes for these stores, the dotted class paths copy-in users are given included
+    # (the layouts themselves are tested on both servers elsewhere).
+    bucket = moto_bucket
     config = tmp_path / "magnus.yaml"
     config.write_text(json.dumps({"run_log_store": {"type": store_type, "config": bucket}}))
     document = {"run_id": "from-file", "status": "SUCCESS", "parameters": {"p": 1}, "run_config": {},
@@ -1618,8 +1620,9 @@ def test_cli_get_absent_is_exit_1_with_one_line(bucket, cli_env):
 
 def test_cli_ls_oldest_first_and_limit(bucket, cli_env):
     for run_id in ("first", "second", "third"):
+        if run_id != "first":
+            time.sleep(1.05)  # S3 last-modified has one-second resolution on moto
         stored_run(bucket, run_id)
-        time.sleep(1.05)  # S3 last-modified has one-second resolution on moto
     result = cli("ls", env=cli_env)
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and [line.split()[0] for line in lines[1:]] == ["first", "second", "third"]
