@@ -2585,30 +2585,30 @@ class _StoreCore:
 
 
 def say_config_errors_last() -> None:
-    """Make a traceback end with our config error when a framework wrapped it in its own: magnus 0.4
-    builds the store inside `except Exception: raise Exception("Could not find the service of type:
-    run_log_store ...")`, so a mistyped key ended 50 lines below our message, under magnus's misleading
-    one. Python's excepthook then prints our one line again, last. Installed once, when a store's
-    config is refused; a traceback that ends with our error already is left as it is."""
-    if getattr(sys.excepthook, "says_config_errors_last", False):
-        return
-    previous = sys.excepthook
+    """Make a failed run end with our config error when a framework wrapped it in its own: magnus 0.4 and
+    runnable build the store inside `except Exception: raise Exception("Could not find the service of
+    ...")`, so a mistyped key ended 50 lines below our message, under their misleading one. At exit,
+    after the traceback (whoever printed it: Python, or typer's rich handler in runnable), our line is
+    printed again, last. Registered once, when a store's config is refused; nothing is printed when the
+    error was handled, or when the traceback already ends with ours."""
+    import atexit
 
-    def excepthook(kind: Type[BaseException], value: BaseException, traceback: Any) -> None:
-        previous(kind, value, traceback)
-        if isinstance(value, RunlogS3Error):
-            return  # the traceback ends with ours already
-        cause: Optional[BaseException] = value.__cause__ or value.__context__
-        for _ in range(20):  # a chain is short; one that loops must not hang the exit
-            if cause is None:
-                return
-            if isinstance(cause, ConfigError):
-                print(f"runlog-s3: error: {cause.message}", file=sys.stderr, flush=True)
-                return
-            cause = cause.__cause__ or cause.__context__
+    atexit.unregister(_say_config_error_last)  # once, however many stores were refused
+    atexit.register(_say_config_error_last)
 
-    excepthook.says_config_errors_last = True  # type: ignore[attr-defined]
-    sys.excepthook = excepthook
+
+def _say_config_error_last() -> None:
+    ended = getattr(sys, "last_value", None)  # the exception that ended the program, set as it was printed
+    if ended is None or isinstance(ended, RunlogS3Error):
+        return  # no uncaught exception, or its traceback ends with ours already
+    cause: Optional[BaseException] = ended.__cause__ or ended.__context__
+    for _ in range(20):  # a chain is short; one that loops must not hang the exit
+        if cause is None:
+            return
+        if isinstance(cause, ConfigError):
+            print(f"runlog-s3: error: {cause.message}", file=sys.stderr, flush=True)
+            return
+        cause = cause.__cause__ or cause.__context__
 
 
 def _framework_errors(exceptions: Any, names: Tuple[str, ...]) -> Dict[str, type]:

@@ -3857,6 +3857,28 @@ def test_framework_store_takes_the_config_keys_as_fields_with_one_line_errors(fr
     assert all("\n" not in error for error in report["errors"])
 
 
+@pytest.mark.parametrize("framework", ["runnable", "magnus-0.5"])
+def test_a_config_mistake_inside_runnable_or_magnus_05_ends_with_our_line(framework_bin, tmp_path, framework):
+    # Both wrap the store's error as magnus 0.4 does ("Could not find the service of kind: ..."); runnable's
+    # traceback is printed by typer's handler, not Python's.
+    python, environ = _framework_python(framework_bin, framework, tmp_path)
+    store = {"type": "s3", "config": {"s3_bucket": "my-runs", "endpoint_ur": "http://127.0.0.1:9000"}}
+    work = tmp_path / "work"
+    work.mkdir()
+    if framework == "runnable":
+        command = bench_runlog_s3.write_runnable_pipeline(work, store, runnable=str(Path(python).parent / "runnable"))
+        command.append("mistyped")
+    else:
+        command = bench_runlog_s3.write_magnus_pipeline(work, store, parallel=False,
+                                                        magnus=str(Path(python).parent / "magnus"))
+        command += ["--run-id", "mistyped"]
+    result = subprocess.run(command, cwd=work, env=environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Could not find the service of" in result.stdout + result.stderr
+    assert result.stderr.rstrip("\n").splitlines()[-1].startswith(
+        "runlog-s3: error: unknown key 'endpoint_ur' in run_log_store.config (did you mean endpoint_url?); valid keys: "
+    ), (result.stdout + result.stderr)[-3000:]
+
+
 def test_a_run_log_says_which_framework_wrote_it_by_its_tag_or_its_shape(moto_bucket):
     plain = runlog_s3.open_run_logs(moto_bucket)
     plain.writer = "runnable 0.50.0"
