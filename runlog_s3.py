@@ -4209,7 +4209,10 @@ def _cmd_serve(args: Any) -> int:
     values = cli_config_values(args, {})  # its flags (and --config), not the RUNLOG_S3_* of a real bucket
     config = Config.from_dict({"s3_bucket": values.get("s3_bucket") or _LOCAL_BUCKET,
                                "prefix": values.get("prefix") or "", "region": values.get("region") or "eu-west-1"})
-    server = LocalS3Server(port=_SERVE_PORT if args.port is None else args.port)
+    port = _SERVE_PORT if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a port: give 1 to 65535, or 0 for a free one")
+    server = LocalS3Server(port=port)
     stop = threading.Event()
     try:
         block = {**_config_block(config), "endpoint_url": server.endpoint_url}

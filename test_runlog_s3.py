@@ -3027,6 +3027,9 @@ def test_serve_runs_a_pipeline_from_what_it_prints_and_stops_at_ctrl_c(tmp_path)
         taken = cli("serve", "--port", str(port))
         assert taken.returncode == 2 and taken.stderr == (f"runlog-s3: error: port {port} on 127.0.0.1 is in use: "
                                                           "pick another with --port, or --port 0 for a free one\n")
+        beyond = cli("serve", "--port", "70000")
+        assert beyond.returncode == 2 and beyond.stderr == ("runlog-s3: error: --port 70000 is not a port: give 1 to "
+                                                            "65535, or 0 for a free one\n")
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
         rest, stderr = process.communicate(timeout=30)
     finally:
