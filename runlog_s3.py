@@ -107,6 +107,9 @@ class S3Error(RunlogS3Error):
         self.bucket = bucket
         self.key = key
         self.request_id = request_id
+        # True when the request (a PUT or DELETE) may have been applied although this error says it failed:
+        # a reply lost, a 5xx, a timeout after it was sent. Such a failure is "outcome unknown", never "nothing written".
+        self.may_have_landed = False
 
 
 class NotFoundError(S3Error):
@@ -148,7 +151,13 @@ class RunLogExistsError(RunlogS3Error):
 
 
 class LogNotFoundError(RunlogS3Error, LookupError):
-    """A step or branch named by its internal name is not in the run log."""
+    """A step or branch named by its internal name is not in the run log; .kind says which is missing."""
+
+    kind = "step"
+
+    def __init__(self, message: str, kind: str = "step"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class ConflictError(RunlogS3Error):
@@ -307,6 +316,17 @@ def resolve_endpoint_url(config: Config, environ: Mapping[str, str], service: st
 
 _stripped_noted: set = set()  # (field, source) pairs whose white space was removed and logged
 
+# The clock correction of this process, in seconds (server time minus ours): learnt from a reply's Date
+# header when a server refuses a request as skewed, kept for every later request (S3 client section).
+_clock_offset = {"seconds": 0.0}
+MAX_CLOCK_CORRECTION = 24 * 3600.0  # a server Date further off than this is not a clock to sign with
+
+
+def wall_clock() -> float:
+    """The time requests are signed with, and assumed-role expiry is judged on: this machine's clock plus
+    the learnt correction."""
+    return time.time() + _clock_offset["seconds"]
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -348,20 +368,34 @@ def mask_access_key(access_key: str) -> str:
     return "..." + access_key[-4:] if len(access_key) > 4 else "***"
 
 
+_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def variable_label(name: str, key: str) -> str:
+    """An environment variable's name for a message, unless it does not look like one: a secret put into
+    a *_name key by mistake is never echoed."""
+    mixed = any(c.islower() for c in name) and any(c.isupper() for c in name) and any(c.isdigit() for c in name)
+    if _VARIABLE_NAME.match(name) and not (mixed and len(name) >= 16):
+        return name
+    return f"(the one {key} names: not shown, as it does not look like a variable name; is it a secret?)"
+
+
 def read_env_credentials(config: Config, environ: Mapping[str, str]) -> Credentials:
     """use_credentials: true -> the environment variables *named by* the three *_name keys."""
+    keys = ("aws_access_key_name", "aws_secret_access_key_name")
     names = (config.aws_access_key_name, config.aws_secret_access_key_name)
-    for name in names:
+    labels = [variable_label(name, key) for name, key in zip(names, keys)]
+    for name, key, label in zip(names, keys, labels):
         if not environ.get(name):
             raise CredentialsError(
-                f"use_credentials is true but environment variable {name} is not set; set it, or name "
-                f"another variable with aws_access_key_name / aws_secret_access_key_name"
+                f"use_credentials is true but environment variable {label} is not set; set it, or put the name "
+                f"of the variable that holds it in {key}"
             )
     return Credentials(
         access_key=environ[names[0]],
         secret_key=environ[names[1]],
         token=environ.get(config.aws_session_key_name, ""),
-        source=f"environment variables {names[0]}, {names[1]}",
+        source=f"environment variables {labels[0]}, {labels[1]}",
     )
 
 
@@ -426,14 +460,17 @@ class CredentialProvider:
         config: Config,
         *,
         environ: Optional[Mapping[str, str]] = None,
-        clock: Callable[[], float] = time.time,
+        clock: Optional[Callable[[], float]] = None,
         transport: Optional[Transport] = None,
     ):
         self._config = config
         self._environ = os.environ if environ is None else environ
-        self._clock = clock
+        # STS's Expiration is the server's time: judged on the corrected clock, a clock that runs ahead
+        # does not assume the role again before every request.
+        self._clock = clock or wall_clock
         self._transport = transport
         self._base: Optional[Callable[[], Credentials]] = None
+        self._last_base: Optional[Credentials] = None
         self._assumed: Optional[Credentials] = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -446,7 +483,8 @@ class CredentialProvider:
         """Where credentials come from, for messages: never the credentials themselves."""
         config = self._config
         if config.use_credentials:
-            base = f"environment variables {config.aws_access_key_name}, {config.aws_secret_access_key_name}"
+            base = (f"environment variables {variable_label(config.aws_access_key_name, 'aws_access_key_name')}, "
+                    f"{variable_label(config.aws_secret_access_key_name, 'aws_secret_access_key_name')}")
         elif config.aws_profile:
             base = f"profile {config.aws_profile!r} in {config.aws_credentials_file}"
         else:
@@ -462,6 +500,12 @@ class CredentialProvider:
             if self._assumed is None or self._expires_soon(self._assumed):
                 self._assumed = assume_role(base, self._config, self._sts_transport(), self._environ)
             return self._assumed
+
+    def secrets(self) -> List[str]:
+        """The secret keys and tokens handed out so far (never fetched for this): what must not be stored."""
+        held = [self._last_base, self._assumed]
+        return [value for credentials in held if credentials is not None
+                for value in (credentials.secret_key, credentials.token) if value]
 
     def refresh(self) -> Credentials:
         """Forget cached credentials (after an ExpiredToken reply) and read or assume them anew."""
@@ -493,7 +537,8 @@ class CredentialProvider:
                 self._base = lambda: credentials
             else:
                 self._base = _BotocoreChain(self._config).get
-        return self._base()
+        self._last_base = self._base()
+        return self._last_base
 
     def _chain_starts_with_environment(self) -> bool:
         # With a profile named (in config or AWS_PROFILE), botocore skips environment credentials.
@@ -703,8 +748,9 @@ def classify_transport_error(exc: BaseException) -> TransportFailure:
             return TransportFailure(False, "its TLS certificate is not trusted",
                                     "set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE) to the CA that signed it",
                                     may_have_arrived=False, code="SSLError")
-        return TransportFailure(True, "the TLS handshake was cut short", "check the endpoint and any proxy in between",
-                                may_have_arrived=False)
+        # Handshake or record layer: an SSL error can also come while the reply is read, after the request
+        # was applied, so it may have arrived.
+        return TransportFailure(True, "the TLS connection failed", "check the endpoint and any proxy in between")
     if isinstance(exc, errors.ProxyConnectionError):
         return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy",
                                 may_have_arrived=False)
@@ -834,16 +880,6 @@ class _SignerCredentials:
 
     def get_frozen_credentials(self) -> _SignerCredentials:
         return self
-
-
-# The clock correction of this process, in seconds (server time minus ours): learnt from a reply's Date
-# header when a server refuses a request as skewed, kept for every later request.
-_clock_offset = {"seconds": 0.0}
-
-
-def wall_clock() -> float:
-    """The time requests are signed with: this machine's clock plus the learnt correction."""
-    return time.time() + _clock_offset["seconds"]
 
 
 _signer_classes: Dict[str, type] = {}
@@ -1008,6 +1044,7 @@ class S3Client:
         self.on_retry: Optional[Callable[[str, int, float], None]] = None  # (message, attempt, delay): the CLI's notices
         self._base_url, self._path_prefix = self._addressing()
         self.transport = transport or BotocoreTransport(config, self._environ, self._base_url)
+        self._last_date = ("", 0.0)  # the Date header of the last reply and when it came (see server_now)
 
     def __repr__(self) -> str:
         return f"S3Client(bucket={self.bucket!r}, region={self.config.region!r}, endpoint={self._base_url!r})"
@@ -1133,6 +1170,7 @@ class S3Client:
             headers["x-amz-expected-bucket-owner"] = self.config.expected_bucket_owner
         where = f"s3://{self.bucket}/{key}"
         refreshed = skew_corrected = False
+        changes = method in ("PUT", "DELETE", "POST")
         may_have_landed = False  # an earlier attempt may have been applied with its reply lost
         attempt = 0
         while True:
@@ -1143,11 +1181,13 @@ class S3Client:
                 reply = self.transport.send(request)
             except _transport_errors() as exc:
                 failure = classify_transport_error(exc)
+                may_have_landed = may_have_landed or (changes and failure.may_have_arrived)
                 if not failure.retry or attempt >= self.config.max_attempts:
-                    raise self._transport_error(operation, key, failure, attempt, exc, credentials) from None
-                may_have_landed = may_have_landed or failure.may_have_arrived
+                    error = self._transport_error(operation, key, failure, attempt, exc, credentials, may_have_landed)
+                    raise error from None
                 self._backoff(attempt, operation, key, failure.what)
                 continue
+            self._note_server_time(reply)
             if 200 <= reply.status < 300:
                 return reply
             error = _error_from_reply(
@@ -1155,6 +1195,10 @@ class S3Client:
             )
             if isinstance(error, PreconditionFailedError):
                 error.after_lost_reply = may_have_landed
+            # A 5xx can come after the server applied the request (S3 answers 500 or 503 with the write
+            # made): from here on, a 412 may be our own write, and a failure is "outcome unknown".
+            if changes and (error.status >= 500 or error.code in _RETRYABLE_CODES - {"ConditionalRequestConflict"}):
+                may_have_landed = True
             if error.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or error.status == 403:
                 # Which credentials were refused, never what they are beyond the masked key id.
                 error.message = error.args[0].replace(
@@ -1177,25 +1221,44 @@ class S3Client:
                 if attempt < self.config.max_attempts:
                     self._backoff(attempt, operation, key, error.code or f"HTTP {error.status}")
                     continue
+                landed = "; it may have been written all the same" if may_have_landed else ""
                 error.args = (f"{error.message} (gave up after {attempt} attempt{'s' if attempt > 1 else ''}; "
-                              "raise max_attempts to retry longer)",)
+                              f"raise max_attempts to retry longer){landed}",)
                 error.message = error.args[0]
+            error.may_have_landed = may_have_landed and not isinstance(error, PreconditionFailedError)
             raise error
 
     def _transport_error(
         self, operation: str, key: str, failure: TransportFailure, attempt: int, exc: BaseException,
-        credentials: Credentials,
+        credentials: Credentials, may_have_landed: bool,
     ) -> S3Error:
         tries = f" after {attempt} attempts" if attempt > 1 else ""
         detail = redact(f"{type(exc).__name__}: {_first_line(exc)}", credentials)
-        return S3Error(
+        error = S3Error(
             f"{operation} s3://{self.bucket}/{key} failed{tries}: {self._base_url} could not be reached: "
-            f"{failure.what} ({detail}); {failure.check}" + (", or raise max_attempts" if failure.retry else ""),
+            f"{failure.what} ({detail}); {failure.check}" + (", or raise max_attempts" if failure.retry else "")
+            + ("; it may have been written all the same" if may_have_landed else ""),
             operation=operation,
             code=failure.code,
             bucket=self.bucket,
             key=key,
         )
+        error.may_have_landed = may_have_landed
+        return error
+
+    def _note_server_time(self, reply: HttpReply) -> None:
+        date = reply.header("Date")
+        if date:
+            self._last_date = (date, time.time())
+
+    def server_now(self) -> Optional[float]:
+        """The server's clock now, from the Date of the last reply (whole seconds); None when no reply had a
+        usable Date, or one further off this machine's clock than MAX_CLOCK_CORRECTION."""
+        date, received = self._last_date
+        server = parse_http_date(date) if date else None
+        if server is None or abs(server - received) > MAX_CLOCK_CORRECTION:
+            return None
+        return server + (time.time() - received)
 
     def _backoff(self, attempt: int, operation: str, key: str, reason: str) -> None:
         delay = retry_delay(attempt)
@@ -1242,21 +1305,29 @@ def _is_clock_skew(error: S3Error) -> bool:
     )
 
 
-def _server_time(reply: HttpReply) -> Optional[float]:
+def parse_http_date(text: str) -> Optional[float]:
+    """Seconds since the epoch of an HTTP date (a reply's Date or Last-Modified); None when unusable."""
     from email.utils import parsedate_to_datetime
 
     try:
-        return parsedate_to_datetime(reply.header("Date")).timestamp()
-    except (TypeError, ValueError, IndexError):
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
 
+def _server_time(reply: HttpReply) -> Optional[float]:
+    return parse_http_date(reply.header("Date"))
+
+
 def _correct_clock(reply: HttpReply) -> bool:
-    """Learn the offset from the reply's Date header; False when the reply has no usable Date."""
+    """Learn the offset from the reply's Date header; False when the reply has no usable Date, or one
+    further off than MAX_CLOCK_CORRECTION (a broken server clock, not ours to follow)."""
     server = _server_time(reply)
     if server is None:
         return False
     offset = server - time.time()
+    if abs(offset) > MAX_CLOCK_CORRECTION:
+        return False
     if abs(offset - _clock_offset["seconds"]) < 1:
         return False  # already corrected: the refusal is not about our clock
     _clock_offset["seconds"] = offset
@@ -1267,8 +1338,13 @@ def _correct_clock(reply: HttpReply) -> bool:
 
 def _clock_skew_error(error: S3Error, reply: HttpReply, where: str) -> S3Error:
     server = _server_time(reply)
-    measured = f"this machine's clock is {time.time() - server:+.0f} s off the server's" if server else (
-        "the reply has no Date header to measure the offset")
+    if server is None:
+        measured = "the reply has no usable Date header to measure the offset"
+    elif abs(server - time.time()) > MAX_CLOCK_CORRECTION:
+        measured = (f"the server's Date header {reply.header('Date')[:40]!r} is {server - time.time():+.0f} s from "
+                    f"this machine's clock, more than the {MAX_CLOCK_CORRECTION / 3600:.0f} h this module corrects")
+    else:
+        measured = f"this machine's clock is {time.time() - server:+.0f} s off the server's"
     return S3Error(
         f"{error.operation} {where} failed: clock skew ({error.code}): {measured}; set the clock right (NTP)",
         operation=error.operation, code=error.code, status=error.status, bucket=error.bucket, key=error.key,
