@@ -1646,6 +1646,26 @@ def _is_strong_etag(etag: str) -> bool:
     return bool(etag) and not etag.startswith("W/")
 
 
+def _bare_etag(etag: str) -> str:
+    etag = etag.strip()
+    return (etag[2:] if etag.startswith("W/") else etag).strip('"')
+
+
+def same_etag(a: str, b: str) -> bool:
+    """Whether two ETags name the same version of an object, however the server quoted them: a LIST
+    and a GET of one object may differ in quotes, and a proxy may mark an ETag weak (W/)."""
+    return bool(_bare_etag(a)) and _bare_etag(a) == _bare_etag(b)
+
+
+def chunked_version(run_etag: str, log_etags: Mapping[str, str]) -> str:
+    """The version of a chunked run, as `get --etag` prints it and `put --if-match` and `edit` check it: a
+    digest of the ETags of its run object and of every log object (changed by any write to any of them)."""
+    import hashlib
+
+    text = "\n".join([_bare_etag(run_etag)] + [f"{name} {_bare_etag(etag)}" for name, etag in sorted(log_etags.items())])
+    return f'"chunked-{hashlib.sha256(text.encode()).hexdigest()[:32]}"'
+
+
 def _require_strong_etag(etag: str, key: str, client: S3Client) -> None:
     """Refuse to update an object whose version cannot be named: the PUT would be a blind write."""
     if not _is_strong_etag(etag):
@@ -1664,6 +1684,35 @@ def _check_write_size(body: bytes, where: str) -> None:
         raise InvalidRunLogError(_too_large(len(body), where, "nothing written"))
 
 
+# The store's own state in a stored body (the chunked layout's replacement, below): never handed to a
+# framework or shown by the command line, refused in a run log handed in.
+STORE_FIELD = "_runlog_s3"
+
+
+def public(document: Mapping[str, Any]) -> Dict[str, Any]:
+    """A stored document as a framework or a person sees it: without the store's own field."""
+    return {name: value for name, value in document.items() if name != STORE_FIELD}
+
+
+def check_input(document: Any, where: str) -> Dict[str, Any]:
+    """A run log handed in to be stored: shaped like a run log, without the store's own field (logs lose
+    theirs when stored)."""
+    check_run_log(document, where)
+    if STORE_FIELD in document:
+        raise InvalidRunLogError(f"{where} holds {STORE_FIELD!r}, a field of this store's own; remove it; "
+                                 "nothing written")
+    return document
+
+
+def scrub(body: bytes, secrets: List[str]) -> bytes:
+    """The body with every credential value this process holds masked: an executor may copy credentials
+    into what it records (magnus 0.4's local-container puts them in run_config.variables)."""
+    for secret in secrets:
+        if len(secret) >= 8 and secret.encode() in body:
+            body = body.replace(secret.encode(), b"***")
+    return body
+
+
 class _Version(NamedTuple):
     etag: str
     body: bytes
@@ -1674,10 +1723,11 @@ class _Version(NamedTuple):
 class S3RunLogs:
     """The run logs under one bucket and prefix, as dicts, written with compare-and-swap.
 
-    Reads are always one fresh GET. Each mutation is applied to a fresh document and written with
-    If-Match on its ETag; a 412 means another writer won the race, so read again and re-apply. The
-    last version seen of each object is kept (with its parsed document after our own writes: parsing
-    a 1000-step log costs more than sending it), so an uncontended mutation costs one PUT.
+    Reads are always fresh GETs. Each mutation is applied to the document as stored and written with
+    If-Match on its ETag; a 412 means another writer won the race, so read again and re-apply. The last
+    version seen of each object is kept as the base of the next compare-and-swap (with its parsed
+    document after our own writes: parsing a 1000-step log costs more than sending it), so an
+    uncontended mutation costs one PUT; a stale base costs a 412 and a GET, never a lost write.
 
     Layout `s3`: one object per run, `<prefix>/<run_id>.json`.
     """
@@ -1685,12 +1735,11 @@ class S3RunLogs:
     layout = "s3"
     _KEEP_VERSIONS = 16
 
-    def __init__(self, client: S3Client, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, client: S3Client, *, clock: Optional[Callable[[], float]] = None):
         self.client = client
         self.prefix = client.config.key_prefix
-        self._clock = clock
+        self._clock = clock or time.monotonic
         self._versions: Dict[str, _Version] = {}
-        self._written: set = set()  # keys this process changed through a mutation (see read_step of chunked-s3)
         self._versions_lock = threading.Lock()
         self._lock_pid = os.getpid()
         self.conflicts = 0  # compare-and-swaps lost to another writer, for logs and the benchmark
@@ -1726,7 +1775,7 @@ class S3RunLogs:
         document = decode_run_log(stored.body, self.where(run_id))
         self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
         self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
-        return document, stored.etag
+        return public(document), stored.etag
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A step log by its internal name (LogNotFoundError when absent)."""
@@ -1756,7 +1805,7 @@ class S3RunLogs:
     def create(self, document: Dict[str, Any]) -> None:
         """Store a new run log; RunLogExistsError if one is there (unless it is ours, whose reply was lost)."""
         run_id = document["run_id"]
-        body = encode_run_log(check_run_log(document, "the run log to create"))
+        body = self._encode(check_input(document, "the run log to create"))
         self._create_object(
             self.key(run_id),
             body,
@@ -1768,23 +1817,34 @@ class S3RunLogs:
         # Kept by every later compare-and-swap (they send an object's metadata again).
         return {WRITTEN_BY: self.writer} if self.writer else None
 
-    def write(self, document: Dict[str, Any]) -> None:
-        """Replace the whole run log, unconditionally: the last writer wins."""
-        run_id = document["run_id"]
-        body = encode_run_log(check_run_log(document, "the run log to write"))
-        key = self.key(run_id)
-        _check_write_size(body, self._url(key))
-        tags = self._kept_tags(run_id)
-        self._remember(key, self.client.put_object(key, body, metadata=tags), body, metadata=tags)
+    def replace(self, document: Dict[str, Any]) -> None:
+        """Replace the whole run log (put --force): If-Match on the version read, read again after a 412;
+        the last writer wins. A missing run is created."""
+        new = _json_copy(check_input(document, "the run log to write"))
+
+        def replace_all(stored: Dict[str, Any]) -> None:
+            stored.clear()
+            stored.update(new)
+
+        self._mutate_object(self.key(document["run_id"]), replace_all, decode_run_log, None,
+                            new_metadata=self._creator_tags)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
         """Replace the whole run log only if its ETag is still `etag` (PreconditionFailedError if not)."""
         run_id = document["run_id"]
-        body = encode_run_log(check_run_log(document, "the run log to write"))
+        body = self._encode(check_input(document, "the run log to write"))
         key = self.key(run_id)
         _check_write_size(body, self._url(key))
         tags = self._kept_tags(run_id)
-        self._remember(key, self.client.put_object(key, body, if_match=etag, metadata=tags), body, metadata=tags)
+        try:
+            new_etag = self.client.put_object(key, body, if_match=etag, metadata=tags)
+        except PreconditionFailedError as exc:
+            # An earlier attempt may have landed with its reply lost: then the stored bytes are ours.
+            stored = self._get_or_none(key) if exc.after_lost_reply else None
+            if stored is None or stored.body != body:
+                raise
+            new_etag = stored.etag
+        self._remember(key, new_etag, body, metadata=tags)
 
     def _kept_tags(self, run_id: str) -> Optional[Dict[str, str]]:
         # A rewrite of the whole run log (put, edit) keeps who created the run, as last read or written
@@ -1796,43 +1856,66 @@ class S3RunLogs:
         return {WRITTEN_BY: creator} if creator else None
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
-        """Set a step log in its branch; branches stored under it by other writers are kept. A step log
-        equal to the one this process last wrote or read is not sent again: only the step's own process
-        writes its fields, and others only add branches, which a rewrite keeps."""
-        self.mutate(run_id, lambda document: put_step_log(document, step_log), unchanged_is_done=True)
+        """Set a step log in its branch; branches stored under it by other writers are kept."""
+        self.mutate(run_id, lambda document: put_step_log(document, step_log))
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
         """Set a branch log in its step; its stored steps are kept."""
         self.mutate(run_id, lambda document: put_branch_log(document, branch_log))
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
-        """Set the run's own fields from a run log (the base dag's branch log); stored children are kept."""
-        self.mutate(run_id, lambda document: put_run_fields(document, run_log))
+        """put_run_log: set the run's own fields from a run log; its stored logs, parameters and run config
+        are kept (new ones added). A run not created yet is created, as the frameworks' base classes do."""
+        try:
+            self.mutate(run_id, lambda document: put_run_fields(document, run_log))
+        except RunLogNotFoundError:
+            try:
+                self.create(dict(run_log))
+            except RunLogExistsError:  # created meanwhile: set the fields on it
+                self.mutate(run_id, lambda document: put_run_fields(document, run_log))
 
     def set_parameters(self, run_id: str, parameters: Mapping[str, Any]) -> None:
-        """Add or overwrite parameters; none given changes nothing and sends nothing."""
-        if parameters:
-            self.mutate(run_id, lambda document: update_parameters(document, parameters), unchanged_is_done=True)
+        """Add or overwrite the parameters that differ from the version this process last saw: magnus
+        hands back every parameter after each task, and writing back one the task left as it found it
+        would undo another branch's change made meanwhile. Nothing changed sends nothing."""
+        changed = self._changed_parameters(self.key(run_id), lambda document: document, parameters)
+        if changed:
+            self.mutate(run_id, lambda document: update_parameters(document, changed))
 
     def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
         """Add or overwrite the parameters of a branch (runnable scopes parameters to branches)."""
-        if parameters:
-            self.mutate(run_id, lambda document: update_parameters(find_branch(document, internal_name), parameters),
-                        unchanged_is_done=True)
+        changed = self._changed_parameters(
+            self.key(run_id), lambda document: find_branch(document, internal_name), parameters)
+        if changed:
+            self.mutate(run_id, lambda document: update_parameters(find_branch(document, internal_name), changed))
 
     def set_run_config(self, run_id: str, run_config: Mapping[str, Any]) -> None:
         """Add or overwrite run config entries; none given changes nothing and sends nothing."""
         if run_config:
-            self.mutate(run_id, lambda document: update_run_config(document, run_config), unchanged_is_done=True)
+            self.mutate(run_id, lambda document: update_run_config(document, run_config))
 
     def set_status(self, run_id: str, status: str) -> None:
         """Set the run's status."""
         self.mutate(run_id, lambda document: set_run_status(document, status))
 
-    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any], unchanged_is_done: bool = False) -> None:
-        """Apply `change` to the run log and store it with compare-and-swap."""
-        self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id),
-                            unchanged_is_done=unchanged_is_done)
+    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
+        """Apply `change` to the run log and store it with compare-and-swap; returns what was stored."""
+        return self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id))
+
+    def _changed_parameters(
+        self, key: str, container: Callable[[Dict[str, Any]], Dict[str, Any]], parameters: Mapping[str, Any]
+    ) -> Dict[str, Any]:
+        given = _json_copy(dict(parameters))
+        with self._lock():
+            held = self._versions.get(key)
+        if held is None:
+            return given
+        try:
+            document = held.document if held.document is not None else json.loads(held.body)
+            seen = container(document).get("parameters") or {}
+        except (ValueError, RunlogS3Error, AttributeError):
+            return given
+        return {name: value for name, value in given.items() if name not in seen or seen[name] != value}
 
     # Removing and listing.
 
@@ -1868,22 +1951,29 @@ class S3RunLogs:
 
     # Compare-and-swap on one object, shared by both layouts.
 
+    def _encode(self, document: Mapping[str, Any]) -> bytes:
+        return scrub(encode_run_log(document), self.client.credentials.secrets())
+
     def _get(self, key: str, missing: Callable[[], RunlogS3Error]) -> S3Object:
+        stored = self._get_or_none(key)
+        if stored is None:
+            raise missing()
+        return stored
+
+    def _get_or_none(self, key: str) -> Optional[S3Object]:
         try:
             return self.client.get_object(key)
         except NotFoundError as exc:
             if isinstance(exc, NoSuchBucketError):
                 raise
-            raise missing() from exc
+            return None
 
     def _create_object(
         self,
         key: str,
         body: bytes,
         exists: Optional[Callable[[], RunlogS3Error]],
-        document: Optional[Dict[str, Any]] = None,
         metadata: Optional[Mapping[str, str]] = None,
-        written: bool = False,
     ) -> bool:
         """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None)."""
         _check_write_size(body, self._url(key))
@@ -1892,101 +1982,105 @@ class S3RunLogs:
         except PreconditionFailedError as exc:
             # Ours only if an earlier attempt of this PUT may have landed with its reply lost, and the
             # stored bytes are ours; an equal body written by someone else is not our write.
-            stored: Optional[S3Object] = None
-            if exc.after_lost_reply:
-                try:
-                    stored = self.client.get_object(key)
-                except NotFoundError:
-                    stored = None
+            stored = self._get_or_none(key) if exc.after_lost_reply else None
             if stored is None or stored.body != body:
                 if exists is None:
                     return False
                 raise exists() from exc
             etag = stored.etag
-        self._remember(key, etag, body, document, metadata, written=written)
+        self._remember(key, etag, body, metadata=metadata)
         return True
 
     def _mutate_object(
         self,
         key: str,
         change: Callable[[Dict[str, Any]], Any],
-        decode: Callable[[bytes, str], Dict[str, Any]],
+        decode: Callable[[bytes, str], Optional[Dict[str, Any]]],
         missing: Optional[Callable[[], RunlogS3Error]],
-        new_metadata: Optional[Callable[[], Dict[str, str]]] = None,
-        change_metadata: Optional[Callable[[Dict[str, str]], Any]] = None,
-        unchanged_is_done: bool = False,
-    ) -> None:
-        """Apply `change` to the object's document and store it with If-Match, re-applying after a 412.
+        *,
+        new_metadata: Optional[Callable[[], Optional[Dict[str, str]]]] = None,
+        before_create: Optional[Callable[[], Any]] = None,
+    ) -> Dict[str, Any]:
+        """Apply `change` to the object's document and store it with If-Match, re-applying after a 412;
+        returns the document stored.
 
         `change` must only set values (it may run more than once, on fresher documents), and only
         values it owns: the document functions above copy what they are given. With `missing` None an
-        absent object is created from `change({})` with If-None-Match: * (one PUT for a new object).
-        `change_metadata` changes the object's x-amz-meta-* the same way (they are kept otherwise).
-        `unchanged_is_done`: a change that changes nothing in the version this process last saw sends
-        nothing. For a step log (only the step's own process writes its fields; others only add
-        branches, which are kept) and for parameters and run config (a value a task leaves as it found
-        it is not written back, which would also undo another branch's change made meanwhile).
-        Every round after the first waits (jittered, growing) and counts against conflict_timeout.
+        absent object (or one `decode` reads as absent: None) is created from `change({})`, after
+        `before_create()`, with If-None-Match: * (or If-Match on what stands for absent), keeping
+        `new_metadata()`; an existing object keeps its metadata. A change that changes nothing in a
+        version just read sends nothing (the read is its moment); a held version is never trusted for
+        that: the PUT, If-Match, finds out. Every round after the first waits (jittered, growing) and
+        counts against conflict_timeout.
         """
         where = self._url(key)
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
-        may_create = missing is None
+        may_create = missing is None  # a new object costs one PUT: If-None-Match first, read only if it exists
         while True:
             rounds += 1
             version = self._pop_version(key)
             fresh = version is None
             if fresh and may_create:
-                document: Dict[str, Any] = {}
-                change(document)
-                body = encode_run_log(document)
-                if self._create_object(key, body, None, document, new_metadata() if new_metadata else None, True):
-                    return
-                may_create = False  # it exists: read it and apply the change to what is stored
-                self._next_round(rounds, deadline, where, "it was created by another writer")
-                continue
-            if fresh:
+                may_create = False
+                if before_create is not None:
+                    before_create()
+                created: Dict[str, Any] = {}
+                change(created)
+                body = self._encode(created)
+                _check_write_size(body, where)
+                new_tags = new_metadata() if new_metadata else None
                 try:
-                    stored = self.client.get_object(key)
-                except NotFoundError as exc:
-                    if isinstance(exc, NoSuchBucketError):
-                        raise
-                    if missing is not None:
-                        raise missing() from exc
-                    may_create = True  # deleted since we saw it: create it again
-                    self._next_round(rounds, deadline, where, "it was deleted while being written")
-                    continue
-                _require_strong_etag(stored.etag, key, self.client)
-                version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
-            assert version is not None  # held, or read just above
-            document = version.document if version.document is not None else decode(version.body, where)
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=new_tags)
+                except PreconditionFailedError:
+                    continue  # it exists (or our own create landed, its reply lost): read it and apply the change
+                self._remember(key, etag, body, metadata=new_tags)
+                return created
+            if fresh:
+                stored = self._get_or_none(key)
+                if stored is not None:
+                    _require_strong_etag(stored.etag, key, self.client)
+                    version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
+            document: Optional[Dict[str, Any]] = None
+            if version is not None:
+                document = version.document if version.document is not None else decode(version.body, where)
+            metadata: Optional[Mapping[str, str]] = (
+                version.metadata if version is not None and document is not None else None)
+            if document is None:  # absent, or a tombstone
+                if missing is not None:
+                    raise missing()
+                if before_create is not None:
+                    before_create()
+                document = {}
+                metadata = new_metadata() if new_metadata else None
             change(document)
-            body = encode_run_log(document)
-            metadata = version.metadata
-            if change_metadata is not None:
-                metadata = dict(version.metadata or {})
-                change_metadata(metadata)
-            if (fresh or unchanged_is_done) and body == version.body and (metadata or {}) == (version.metadata or {}):
+            plain = encode_run_log(document)
+            body = scrub(plain, self.client.credentials.secrets())
+            if fresh and version is not None and body == version.body:
                 self._remember(key, version.etag, body, document, version.metadata)  # nothing to change
-                return
+                return document
             _check_write_size(body, where)
             try:
-                etag = self.client.put_object(key, body, if_match=version.etag, metadata=metadata)
+                if version is None:
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+                else:
+                    etag = self.client.put_object(key, body, if_match=version.etag, metadata=metadata)
             except PreconditionFailedError as exc:
                 self.conflicts += 1
                 logger.debug("%s changed under us (round %d); reading it again", where, rounds)
                 if exc.after_lost_reply or (not fresh and rounds == 1):
-                    continue  # our own write may have landed, or our remembered version was stale: read again
+                    continue  # our own write may have landed, or our held version was stale: read again
                 self._next_round(rounds, deadline, where, "other writers kept changing it")
                 continue
             except NotFoundError as exc:  # deleted since we read it
+                if isinstance(exc, NoSuchBucketError):
+                    raise
                 if missing is not None:
                     raise missing() from exc
-                may_create = True
                 self._next_round(rounds, deadline, where, "it was deleted while being written")
                 continue
-            self._remember(key, etag, body, document, metadata, written=True)
-            return
+            self._remember(key, etag, body, document if body is plain else None, metadata)  # parsed: not again
+            return document
 
     def _next_round(
         self, rounds: int, deadline: float, where: str, reason: str, doing: str = "updating",
@@ -1996,7 +2090,7 @@ class S3RunLogs:
         if self._clock() >= deadline:
             raise ConflictError(
                 f"gave up {doing} {where} after {rounds} rounds in {self.client.config.conflict_timeout:g} s: "
-                f"{reason}; {remedy}"
+                f"{reason}; nothing written; {remedy}"
             )
         self._backoff(rounds)
 
@@ -2004,7 +2098,6 @@ class S3RunLogs:
         with self._lock():
             for key in keys:
                 self._versions.pop(key, None)
-                self._written.discard(key)
 
     def _pop_version(self, key: str) -> Optional[_Version]:
         with self._lock():
@@ -2023,13 +2116,10 @@ class S3RunLogs:
         body: bytes,
         document: Optional[Dict[str, Any]] = None,
         metadata: Optional[Mapping[str, str]] = None,
-        written: bool = False,
     ) -> None:
         if not _is_strong_etag(etag):
             return
         with self._lock():  # the chunked layout writes from a pool of threads
-            if written:
-                self._written.add(key)
             self._versions.pop(key, None)
             self._versions[key] = _Version(etag, body, document, metadata)
             while len(self._versions) > self._KEEP_VERSIONS:
@@ -2045,12 +2135,47 @@ class S3RunLogs:
 # Layout `chunked-s3`: under <prefix>/<run_id>/ one object per step log and per branch log, named
 # after its internal name, and RunLog.json with the run's own fields, parameters and run config.
 # Writers of different steps never touch the same object; the same object is written with the
-# compare-and-swap above. Reading the whole tree is one LIST and concurrent GETs.
+# compare-and-swap above. Reading the whole tree is a GET, a LIST and concurrent GETs.
+#
+# Replacing a run (put --force, import, a new run created with its logs) changes many objects, yet a
+# reader sees the old run log or the new one, never a mix, and no write of a pipeline running meanwhile
+# is lost. The protocol:
+#
+# - State: RunLog.json's body carries, in STORE_FIELD, the run's replacement `generation` (a count) and,
+#   while a replacement R is under way, its intent: a token T, the new logs D (name -> own fields), and
+#   B, the ETag of every log object listed when R began. Nothing else holds state: an object is a log,
+#   or a tombstone (a log R removed, written with T). Being in the body, the intent changes RunLog.json's
+#   ETag, so every compare-and-swap on it sees it (metadata would not: an ETag covers the body only).
+# - Commit point: the If-Match (If-None-Match for a new run) PUT of RunLog.json that writes R's run
+#   fields, generation + 1 and the intent. Before it R has written nothing; a writer that stops before it
+#   leaves nothing behind.
+# - View: with an intent, a log object whose ETag is still B[K] shows as D[K] (absent when D has no K);
+#   a log of D not stored and not in B shows as D[K]; every other object is a write made after R listed
+#   it and shows as stored. Without one, objects show as stored (tombstones as absent).
+# - Roll forward (R, or any writer that finds the intent): PUT D[K] with T (or a tombstone with T)
+#   If-Match B[K], If-None-Match where K was absent; a 412 means a newer write is there, and it stays.
+#   Then the intent is cleared by compare-and-swap. No roll-forward step changes the view.
+# - Why no interleaving loses or mixes: the view changes only at commit points and at pipeline writes.
+#   A pipeline write to K after R listed it moves K's ETag off B[K] for good (roll-forward bodies carry
+#   their token, pipeline bodies their own content), so it shows and no roll-forward step overwrites it.
+#   A second replacement first rolls forward and clears the intent it finds, then lists and commits;
+#   the first writer, resuming late, sends only writes conditioned on its B, which no object holds any
+#   more: each fails (fencing, with no lease to judge). Whoever finds an intent can finish it, so a
+#   stopped writer holds nothing up; RunLog.json writers finish one older than REPLACEMENT_GRACE (on the
+#   server's clock), a replacement finishes any it finds before it begins.
+# - A reader GETs RunLog.json, LISTs, GETs the logs; if RunLog.json moved between the GET and the LIST, or
+#   a log between the LIST and its GET, it GETs RunLog.json again: the same generation means no
+#   replacement committed meanwhile (each log is as listed or a newer write), else it reads again. A read
+#   of one log GETs RunLog.json beside it, for the intent.
+# - Left open: a branch's parameters (runnable) are merged into the branch as this writer saw it; a
+#   replacement committed between that read and the write loses to the write for that branch.
 
 CHUNK_RUN_OBJECT = "RunLog.json"
 _CHUNK_KINDS = {"StepLog-": "step", "BranchLog-": "branch"}
 _CHUNK_CHILDREN = {"step": "branches", "branch": "steps"}
 ASSEMBLY_THREADS = 16  # GETs in flight while assembling a run (the HTTP pool holds 16 connections)
+REPLACEMENT_GRACE = 60.0  # seconds (server clock) after which any writer of RunLog.json finishes a replacement
+_CREATED = "created-ns"  # x-amz-meta-created-ns: the creation order of a log, kept on rewrites
 
 
 def chunk_name(kind: str, internal_name: str) -> str:
@@ -2071,9 +2196,18 @@ def decode_log_object(body: bytes, where: str) -> Dict[str, Any]:
     return document
 
 
+def _live_log(body: bytes, where: str) -> Optional[Dict[str, Any]]:
+    # A log object's document without the store's field; None for a tombstone (a log a replacement removed).
+    document = decode_log_object(body, where)
+    if (document.get(STORE_FIELD) or {}).get("removed_by"):
+        return None
+    return public(document)
+
+
 def _own_fields(kind: str, log: Mapping[str, Any]) -> Dict[str, Any]:
     # What a chunk holds: the log without its children, which are chunks of their own.
-    return _json_copy({name: value for name, value in log.items() if name != _CHUNK_CHILDREN[kind]})
+    return _json_copy({name: value for name, value in log.items()
+                       if name not in (_CHUNK_CHILDREN[kind], STORE_FIELD)})
 
 
 def _chunks_under(kind: str, log: Mapping[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
@@ -2112,9 +2246,28 @@ def assemble_run_log(
     return document
 
 
-# Runs seen to exist, by endpoint, bucket and key, for every store of this process and of the processes
-# it forks (magnus runs parallel branches in forked processes): their first step needs no HEAD.
-_KNOWN_RUNS: set = set()
+def _intent_of(run_object: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The replacement under way in a run object's body, or None."""
+    return (run_object.get(STORE_FIELD) or {}).get("replacing") or None
+
+
+def _generation_of(run_object: Mapping[str, Any]) -> int:
+    return int((run_object.get(STORE_FIELD) or {}).get("generation") or 0)
+
+
+def new_token() -> str:
+    """A replacement's token: unique, so a body that carries it is never written twice."""
+    return os.urandom(8).hex()
+
+
+# Runs seen to exist, by endpoint, bucket and key, for every store of this process (runnable and magnus
+# look each branch log up before creating it: a run this process has seen needs no HEAD). By process id:
+# a forked child does not inherit it, since the run may be deleted after the fork.
+_KNOWN_RUNS: Dict[int, set] = {}
+
+
+def _known_runs() -> set:
+    return _KNOWN_RUNS.setdefault(os.getpid(), set())
 
 
 class ChunkedS3RunLogs(S3RunLogs):
@@ -2149,18 +2302,30 @@ class ChunkedS3RunLogs(S3RunLogs):
             )
         return key
 
+    @staticmethod
+    def _kind_of(key: str, folder: str) -> str:
+        name = key[len(folder):]
+        for prefix, kind in _CHUNK_KINDS.items():
+            if name.startswith(prefix) and name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
+                return kind
+        return ""
+
     # Reading.
 
     def read(self, run_id: str, full: bool = True) -> Dict[str, Any]:
-        """The run log: with full, the whole tree as of one moment (a GET, a LIST, concurrent GETs); else
-        the run object only."""
+        """The run log: with full, the whole tree as of one moment (GET, LIST, concurrent GETs); else the
+        run object only (its own fields: a replacement writes them at its commit point)."""
         if not full:
             stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
             document = decode_run_log(stored.body, self._url(stored.key))
             self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
             self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
             self._known_run(run_id)
-            return document
+            return public(document)
+        return self.read_version(run_id)[0]
+
+    def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """The whole run log and its version (see chunked_version): what replace_if_unchanged checks."""
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
         while True:
@@ -2173,302 +2338,433 @@ class ChunkedS3RunLogs(S3RunLogs):
                 doing="reading", remedy="try again when no put is replacing it",
             )
 
-    def _read_tree(self, run_id: str) -> Optional[Dict[str, Any]]:
-        """The run log, or None if a replacement began or ended while it was read (read it again)."""
+    def _read_tree(self, run_id: str) -> Optional[Tuple[Dict[str, Any], str]]:
+        """The run log and its version, or None if a replacement committed while it was read (read it again)."""
         folder, run_key = self.folder(run_id), self.key(run_id)
-        try:
-            run = self.client.get_object(run_key)
-        except NotFoundError as exc:
-            if isinstance(exc, NoSuchBucketError):
-                raise
+        run = self._get_or_none(run_key)
+        if run is None:
             count = sum(1 for _info in self.client.list_objects(folder))
             if count:
                 raise InvalidRunLogError(
-                    f"{self.where(run_id)} holds {count} objects but no {CHUNK_RUN_OBJECT}: "
-                    "not a complete chunked run log; it was left as is"
-                ) from exc
-            raise self._not_found(run_id) from exc
+                    f"{self.where(run_id)} holds {count} objects but no {CHUNK_RUN_OBJECT}: the leftovers of a "
+                    f"deleted run or of writes into it; they were left as is (rm {run_id} removes them)"
+                )
+            raise self._not_found(run_id)
         fields_ = decode_run_log(run.body, self._url(run_key))
         self._writers[run_id] = run.metadata.get(WRITTEN_BY, "")
-        replacing = run.metadata.get(_REPLACING, "")
-        if replacing:
-            return self._being_replaced(run_id, fields_, replacing)
         entries = list(self.client.list_objects(folder))
-        if not any(info.key == run_key and info.etag == run.etag for info in entries):
-            return None  # the run object changed since it was read: a replacement may lie between
         listed = {info.key: info for info in entries if self._kind_of(info.key, folder)}
-        generation = run.metadata.get(_REPLACED_BY, "")
+        stored = self._held_versions(listed)
+        stored.update(self._get_many([key for key in listed if key not in stored]))
+        moved = not any(info.key == run_key and same_etag(info.etag, run.etag) for info in entries) or any(
+            key not in stored or not same_etag(stored[key].etag, info.etag) for key, info in listed.items())
+        if moved:  # something changed meanwhile: a pipeline's write, or a replacement committed
+            again = self._get_or_none(run_key)
+            if again is None or _generation_of(decode_run_log(again.body, self._url(run_key))) != _generation_of(
+                    fields_):
+                return None
+        intent = _intent_of(fields_)
+        logs: List[Tuple[Tuple[int, str], str, Dict[str, Any]]] = []
+        names = {key[len(folder):]: key for key in stored}
+        for name in (intent or {}).get("logs", {}):
+            names.setdefault(name, folder + name)
+        for name, key in names.items():
+            log = self._visible(name, stored.get(key), intent)
+            if log is not None:
+                order = self._order_of(name, stored.get(key), intent)
+                logs.append((order, self._kind_of(key, folder), log))
+        logs.sort(key=lambda item: item[0])
+        # The version of exactly what was read: a later check against RunLog.json and a LIST then fails if
+        # anything changed since, even when part of it was read newer than listed.
+        version = chunked_version(run.etag, {key[len(folder):]: stored[key].etag for key in stored})
+        return assemble_run_log(public(fields_), [log for _o, kind, log in logs if kind == "step"],
+                                [log for _o, kind, log in logs if kind == "branch"], self.where(run_id)), version
 
-        def tagged(stored: S3Object) -> bool:
-            return stored.metadata.get(_REPLACED_BY, generation) == generation
+    def _visible(self, name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]]
+                 ) -> Optional[Dict[str, Any]]:
+        """What a reader sees of log object `name` (see the protocol above): a log's own fields, or None."""
+        if intent:
+            begun = intent["begin"].get(name)
+            if begun is not None and stored is not None and same_etag(stored.etag, begun):
+                new = intent["logs"].get(name)
+                return dict(new) if new is not None else None
+            if begun is None and stored is None and name in intent["logs"]:
+                return dict(intent["logs"][name])
+        if stored is None:
+            return None
+        return _live_log(stored.body, self._url(stored.key))
 
-        # A log listed with the ETag of the version this process holds is those bytes: no GET. (A
-        # replacement may have re-tagged the same bytes: those are fetched.)
-        bodies = {key: stored for key, stored in self._held_versions(listed).items() if tagged(stored)}
-        bodies.update(self._get_many([key for key in listed if key not in bodies]))
-        if len(bodies) < len(listed) or not all(tagged(stored) for stored in bodies.values()):
-            return None  # a log was deleted or rewritten by a replacement since the run object was read
-        steps: List[Dict[str, Any]] = []
-        branches: List[Dict[str, Any]] = []
-        for key in sorted(bodies, key=lambda key: _creation_order(bodies[key])):
-            log = decode_log_object(bodies[key].body, self._url(key))
-            (steps if self._kind_of(key, folder) == "step" else branches).append(log)
-        return assemble_run_log(fields_, steps, branches, self.where(run_id))
+    @staticmethod
+    def _order_of(name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
+        # A replacement's logs in its document's order (the numbers its roll-forward stores), others by
+        # their own creation time.
+        if intent and name in intent["logs"] and (
+                stored is None or same_etag(stored.etag, intent["begin"].get(name, ""))):
+            return int(intent["created"]) + list(intent["logs"]).index(name), name
+        return _creation_order(stored) if stored is not None else (0, name)
 
     def _held_versions(self, listed: Mapping[str, ObjectInfo]) -> Dict[str, S3Object]:
+        # A log listed with the ETag of the version this process holds is those bytes: no GET.
         with self._lock():
             held = {key: self._versions.get(key) for key in listed}
         return {
             key: S3Object(key, version.body, version.etag, listed[key].last_modified, dict(version.metadata or {}))
             for key, version in held.items()
-            if version is not None and version.etag == listed[key].etag
+            if version is not None and same_etag(version.etag, listed[key].etag)
         }
 
-    def _being_replaced(self, run_id: str, fields_: Dict[str, Any], token: str) -> Optional[Dict[str, Any]]:
-        # Mid-replacement the run log is the new one: its logs from the replacement object, the run's own
-        # fields (updated since, maybe) from the run object. None when the replacement ended meanwhile.
-        key = self._replacement_key(run_id, token)
-        try:
-            stored = self.client.get_object(key)
-        except NotFoundError as exc:
-            if isinstance(exc, NoSuchBucketError):
-                raise
-            return None
-        chunks = _chunks_of_run(decode_run_log(stored.body, self._url(key)))
-        if self._abandoned(token):
-            logger.warning(
-                "%s: a put that replaces it started %.0f s ago and has not finished (its writer may have "
-                "stopped); showing the run log it writes; put it again with --force to finish it",
-                self.where(run_id), wall_clock() - _token_time(token),
-            )
-        steps = [own for kind, own in chunks if kind == "step"]
-        return assemble_run_log(fields_, steps, [own for kind, own in chunks if kind == "branch"], self.where(run_id))
-
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
-        """A step log's own fields (its branches are their own objects): one GET, or none when this
-        process wrote the step: a step's object is written by the process that runs the step alone."""
-        key = self.chunk_key(run_id, "step", internal_name)
-        with self._lock():
-            version = self._versions.get(key) if key in self._written else None
-        if version is None:
-            return self._read_chunk(run_id, "step", internal_name)
-        document = _json_copy(version.document) if version.document is not None else decode_log_object(
-            version.body, self._url(key))
-        document.setdefault("branches", {})
-        return document
+        """A step log's own fields (its branches are their own objects): its GET and RunLog.json's, at once."""
+        return self._read_chunk(run_id, "step", internal_name)
 
     def read_branch(self, run_id: str, internal_name: str) -> Dict[str, Any]:
-        """A branch log's own fields, or the run object for '' (the base dag): one GET."""
+        """A branch log's own fields, or the run object for '' (the base dag)."""
         if not internal_name:
             return self.read(run_id, full=False)
         return self._read_chunk(run_id, "branch", internal_name)
 
     def _read_chunk(self, run_id: str, kind: str, internal_name: str) -> Dict[str, Any]:
+        # The log's object and RunLog.json, fetched together: a replacement under way decides what shows.
         key = self.chunk_key(run_id, kind, internal_name)
-
-        def missing() -> RunlogS3Error:
-            # Which is missing, the log or the whole run? A run this process has seen needs no HEAD
-            # (runnable and magnus look a branch log up before they create it, once per branch).
-            if self._run_identity(run_id) not in _KNOWN_RUNS and not self.exists(run_id):
-                return self._not_found(run_id)
-            return LogNotFoundError(f"{kind} log {internal_name!r} is not in run log {run_id!r} ({self._url(key)})")
-
-        stored = self._get(key, missing)
-        document = decode_log_object(stored.body, self._url(key))
-        self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)  # a rewrite is one PUT
+        run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+        if run is None:
+            raise self._not_found(run_id)
         self._known_run(run_id)
+        run_object = decode_run_log(run.body, self._url(run.key))
+        self._remember(run.key, run.etag, run.body, metadata=run.metadata or None)
+        if stored is not None:
+            self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)  # a rewrite is one PUT
+        document = self._visible(key[len(self.folder(run_id)):], stored, _intent_of(run_object))
+        if document is None:
+            raise _log_not_found(kind, internal_name, run_id, self._url(key))
         document.setdefault(_CHUNK_CHILDREN[kind], {})
         return document
 
     def _get_many(self, keys: List[str]) -> Dict[str, S3Object]:
         """GET the keys from a bounded pool of threads; a key deleted since the LIST is left out."""
+        return {key: result for key, result in zip(keys, self._in_pool(self._get_or_none, keys)) if result is not None}
 
-        def get(key: str) -> Optional[S3Object]:
-            try:
-                return self.client.get_object(key)
-            except NotFoundError as exc:
-                if isinstance(exc, NoSuchBucketError):
-                    raise
-                return None
-
-        return {key: result for key, result in zip(keys, self._in_pool(get, keys)) if result is not None}
-
-    @staticmethod
-    def _kind_of(key: str, folder: str) -> str:
-        name = key[len(folder):]
-        for prefix, kind in _CHUNK_KINDS.items():
-            if name.startswith(prefix) and name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
-                return kind
-        return ""
+    def has_objects(self, run_id: str) -> bool:
+        """Whether anything is stored under the run's folder (a run, or the leftovers of one)."""
+        return any(True for _info in self.client.list_objects(self.folder(run_id)))
 
     # Writing.
 
     def create(self, document: Dict[str, Any]) -> None:
-        """Store a new run's object, and any logs it carries; RunLogExistsError if the run is there."""
+        """Store a new run's object, with the logs it carries at once (one commit point);
+        RunLogExistsError if the run is there."""
         run_id = document["run_id"]
-        check_run_log(document, "the run log to create")
-        chunks = self._prepare_chunks(run_id, _chunks_of_run(document))
-        body = encode_run_log(_run_fields(document))
+        check_input(document, "the run log to create")
+        logs = self._prepare_logs(run_id, _chunks_of_run(document))
+        if logs:
+            self._replace(run_id, _run_fields(document), logs, creating=True)
+            return
         self._create_object(
             self.key(run_id),
-            body,
+            self._encode(_run_fields(document)),
             lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
             metadata=self._creator_tags(),
         )
         self._known_run(run_id)
-        self._put_chunks(chunks, replace=True)
 
-    def write(self, document: Dict[str, Any]) -> None:
-        """Replace the run: afterwards it holds exactly `document`'s logs (the last writer wins for each).
-        A reader sees the old run log or the new one, never a mix, even if this stops halfway."""
+    def replace(self, document: Dict[str, Any]) -> None:
+        """Replace the run: afterwards it holds exactly `document`'s logs, but for logs that writers
+        change while it runs (theirs are newer). Readers see the old run log or the new one, never a mix,
+        even if this stops halfway (see the protocol above)."""
         run_id = document["run_id"]
-        check_run_log(document, "the run log to write")
-        chunks = self._prepare_chunks(run_id, _chunks_of_run(document))
-        key, folder = self.key(run_id), self.folder(run_id)
-        body = encode_run_log(_run_fields(document))
-        _check_write_size(body, self._url(key))
-        replacement = encode_run_log(document)
-        _check_write_size(replacement, self.where(run_id))
-        token = self._begin_replacement(run_id, body, replacement)
-        self._known_run(run_id)
-        self._put_chunks(chunks, replace=True, metadata={_REPLACED_BY: token})
-        carried = {chunk_key for chunk_key, _body in chunks}
-        listed = [info.key for info in self.client.list_objects(folder)]
-        dropped = [listed_key for listed_key in listed if self._kind_of(listed_key, folder) and listed_key not in carried]
-        ours = self._replacement_key(run_id, token)
-        abandoned = [listed_key for listed_key in listed
-                     if listed_key.startswith(folder + REPLACEMENT_PREFIX) and listed_key != ours]
-        self._in_pool(self.client.delete_object, dropped + abandoned)
-        self._forget(dropped)
+        check_input(document, "the run log to write")
+        self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
+                      creating=False)
 
-        def end(metadata: Dict[str, str]) -> None:
-            if metadata.get(_REPLACING) == token:
-                del metadata[_REPLACING]
+    def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
+        """Replace the run only if its version is still `etag` (read_version's): PreconditionFailedError if
+        any object changed since. A log a pipeline writes after the check is kept (it is newer)."""
+        run_id = document["run_id"]
+        check_input(document, "the run log to write")
+        self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
+                      creating=False, expected=etag)
 
-        self._mutate_object(key, lambda _document: None, decode_run_log, lambda: self._not_found(run_id),
-                            change_metadata=end)
-        self.client.delete_object(ours)
+    def _prepare_logs(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+        """{object name: own fields} of each log, every key and size checked before anything is written."""
+        folder = self.folder(run_id)
+        prepared = {}
+        for kind, own in chunks:
+            key = self.chunk_key(run_id, kind, own.get("internal_name"))
+            _check_write_size(encode_run_log(own), self._url(key))
+            prepared[key[len(folder):]] = own
+        return prepared
 
-    def _begin_replacement(self, run_id: str, body: bytes, replacement: bytes) -> str:
-        """Store the new run log whole, then mark the run object as being replaced by it (the commit
-        point, If-Match): returns the replacement's token. Waits while another replacement holds the mark,
-        unless it was abandoned or is this same replacement (a put run again after it stopped)."""
-        key, where = self.key(run_id), self.where(run_id)
-        token = f"{int(wall_clock() * 1e9)}-{os.urandom(4).hex()}"
-        self.client.put_object(self._replacement_key(run_id, token), replacement)
+    def _replace(self, run_id: str, fields_: Dict[str, Any], logs: Dict[str, Dict[str, Any]], creating: bool,
+                 expected: str = "") -> None:
+        run_key, folder, where = self.key(run_id), self.folder(run_id), self.where(run_id)
+        token = new_token()
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
         while True:
             rounds += 1
+            run = self._get_or_none(run_key)
+            if run is not None and creating:
+                raise RunLogExistsError(f"a run log for run id {run_id!r} already exists at {where}")
+            current = decode_run_log(run.body, self._url(run_key)) if run is not None else {}
+            pending = _intent_of(current)
+            if pending:  # another replacement committed and has not finished: finish it first
+                self._finish(run_id, pending)
+                if expected:
+                    continue  # the run changed (it was being replaced): the check below refuses
+                self._next_round(rounds, deadline, where, "other replacements kept committing", doing="replacing",
+                                 remedy="try again when they have finished")
+                continue
+            begin = {info.key[len(folder):]: info.etag for info in self.client.list_objects(folder)
+                     if self._kind_of(info.key, folder)}
+            if expected and (run is None or chunked_version(run.etag, begin) != expected):
+                raise PreconditionFailedError(f"{where} changed since version {expected}; nothing written",
+                                              operation="PUT", code="PreconditionFailed", status=412,
+                                              bucket=self.client.bucket, key=run_key)
+            intent = {"token": token, "since": self.client.server_now() or wall_clock(), "created": time.time_ns(),
+                      "logs": logs, "begin": begin}
+            new = dict(fields_, **{STORE_FIELD: {"generation": _generation_of(current) + 1, "replacing": intent}})
+            body = self._encode(new)
+            _check_write_size(body, self._url(run_key))
+            creator = (run.metadata.get(WRITTEN_BY, "") if run is not None else "") or self.writer
+            metadata = {WRITTEN_BY: creator} if creator else None
             try:
-                stored: Optional[S3Object] = self.client.get_object(key)
+                if run is None:
+                    etag = self.client.put_object(run_key, body, if_none_match=True, metadata=metadata)
+                else:
+                    etag = self.client.put_object(run_key, body, if_match=run.etag, metadata=metadata)
+            except PreconditionFailedError as exc:
+                stored = self._get_or_none(run_key) if exc.after_lost_reply else None
+                if stored is not None and stored.body == body:  # our commit landed, its reply lost
+                    etag = stored.etag
+                else:
+                    self.conflicts += 1
+                    self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
+                    continue
+            self._remember(run_key, etag, body, metadata=metadata)
+            break
+        self._known_run(run_id)
+        try:
+            self._finish(run_id, intent)
+        except RunlogS3Error as exc:  # committed: readers see the new run log; the next writer finishes it
+            logger.warning("%s: replaced; writing its logs failed (%s); the next put or writer finishes it",
+                           where, exc)
+
+    def _finish(self, run_id: str, intent: Mapping[str, Any]) -> None:
+        """Roll a committed replacement forward, then clear its intent (see the protocol above)."""
+        folder, token = self.folder(run_id), intent["token"]
+        begin, logs = intent["begin"], intent["logs"]
+        order = {name: number for number, name in enumerate(logs)}
+
+        def roll_forward(name: str) -> None:
+            key = folder + name
+            if name in logs:
+                document = dict(logs[name], **{STORE_FIELD: {"replacement": token}})
+                metadata = {_CREATED: str(int(intent["created"]) + order[name])}
+            else:
+                internal_name = urllib.parse.unquote(name[name.index("-") + 1:-len(RUN_LOG_SUFFIX)])
+                document = {"internal_name": internal_name, STORE_FIELD: {"removed_by": token}}
+                metadata = {}
+            body = self._encode(document)
+            try:
+                if name in begin:
+                    etag = self.client.put_object(key, body, if_match=begin[name], metadata=metadata)
+                else:
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+            except PreconditionFailedError:
+                return  # a newer write is there (or this step was done already): it stays
             except NotFoundError as exc:
                 if isinstance(exc, NoSuchBucketError):
                     raise
-                stored = None
-            held = stored.metadata.get(_REPLACING, "") if stored is not None else ""
-            if stored is not None and held == token:  # ours landed, its reply lost
-                self._remember(key, stored.etag, stored.body, metadata=stored.metadata)
-                return token
-            if held and not self._abandoned(held) and self._replacement_body(run_id, held) != replacement:
-                started = wall_clock() - _token_time(held)
-                self._next_round(
-                    rounds, deadline, where, f"another put has been replacing it (it started {started:.0f} s ago)",
-                    doing="replacing", remedy="try again when it has finished",
-                )
-                continue
-            # The run object keeps who created the run (written-by) through the replacement.
-            creator = (stored.metadata.get(WRITTEN_BY, "") if stored is not None else "") or self.writer
-            marked = {_REPLACED_BY: token, _REPLACING: token, **({WRITTEN_BY: creator} if creator else {})}
-            try:
-                etag = self.client.put_object(
-                    key, body, metadata=marked, if_match=stored.etag if stored is not None else "",
-                    if_none_match=stored is None,
-                )
-            except PreconditionFailedError:
-                self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
-                continue
-            self._remember(key, etag, body, metadata=marked)
-            return token
+                return  # deleted since (rm)
+            self._remember(key, etag, body, metadata=metadata)
 
-    def _replacement_key(self, run_id: str, token: str) -> str:
-        return self.folder(run_id) + f"{REPLACEMENT_PREFIX}{token}{RUN_LOG_SUFFIX}"
+        self._in_pool(roll_forward, sorted(set(logs) | set(begin)))
 
-    def _replacement_body(self, run_id: str, token: str) -> Optional[bytes]:
+        def clear(run_object: Dict[str, Any]) -> None:
+            if (_intent_of(run_object) or {}).get("token") == token:
+                del run_object[STORE_FIELD]["replacing"]
+
         try:
-            return self.client.get_object(self._replacement_key(run_id, token)).body
-        except NotFoundError as exc:
-            if isinstance(exc, NoSuchBucketError):
-                raise
-            return None
+            self._mutate_object(self.key(run_id), clear, decode_run_log, lambda: self._not_found(run_id))
+        except RunLogNotFoundError:
+            pass  # deleted since (rm): nothing left to clear
 
-    def _abandoned(self, token: str) -> bool:
-        # A replacement still marked after conflict_timeout was stopped halfway: the next put may take over.
-        return wall_clock() - _token_time(token) > self.client.config.conflict_timeout
+    def unfinished_replacement(self, run_id: str) -> str:
+        """The token of a replacement committed and not yet finished ('' when none): one GET."""
+        stored = self._get_or_none(self.key(run_id))
+        if stored is None:
+            return ""
+        return str((_intent_of(decode_run_log(stored.body, self._url(stored.key))) or {}).get("token", ""))
+
+    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
+        """A compare-and-swap of the run object; a replacement found there unfinished after
+        REPLACEMENT_GRACE (its writer stopped) is finished."""
+        document = super().mutate(run_id, change)
+        intent = _intent_of(document)
+        if intent is not None:
+            now = self.client.server_now() or wall_clock()
+            if now - float(intent.get("since") or 0) > REPLACEMENT_GRACE:
+                logger.info("%s: finishing a replacement its writer left unfinished", self.where(run_id))
+                self._finish(run_id, intent)
+        return document
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
-        """Set a step log's object (one PUT when new or last written here); logs it carries are added if absent."""
+        """Set a step log's object (one PUT when new or last written here); logs it carries are added if
+        absent. A step in a branch needs that branch (BranchLogNotFoundError, as the frameworks raise)."""
         own = _own_fields("step", step_log)
         self.chunk_key(run_id, "step", own.get("internal_name"))
-        children = self._prepare_chunks(run_id, list(_chunks_under("step", step_log)))
+        children = self._prepare_logs(run_id, list(_chunks_under("step", step_log)))
         self._check_run(run_id)
-        self._replace_chunk(run_id, "step", own)
-        self._put_chunks(children, replace=False)
+        self._write_log(run_id, "step", own)
+        self._add_logs(run_id, children)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
-        """Set a branch log's object; logs it carries are added if absent."""
+        """Set a branch log's object; logs it carries are added if absent. It needs a step to belong to."""
         own = _own_fields("branch", branch_log)
         self.chunk_key(run_id, "branch", own.get("internal_name"))
-        children = self._prepare_chunks(run_id, list(_chunks_under("branch", branch_log)))
+        children = self._prepare_logs(run_id, list(_chunks_under("branch", branch_log)))
         self._check_run(run_id)
-        self._replace_chunk(run_id, "branch", own)
-        self._put_chunks(children, replace=False)
+        self._write_log(run_id, "branch", own)
+        self._add_logs(run_id, children)
+
+    def _write_log(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
+        # The whole log is set, whatever was stored: the result does not depend on the version it replaces.
+        def set_log(document: Dict[str, Any]) -> None:
+            document.clear()
+            document.update(own)
+
+        self._mutate_object(
+            self.chunk_key(run_id, kind, own["internal_name"]), set_log, _live_log, None,
+            new_metadata=lambda: {_CREATED: str(time.time_ns())},
+            before_create=lambda: self._check_parent(run_id, kind, own["internal_name"]),
+        )
+
+    def _check_parent(self, run_id: str, kind: str, internal_name: str) -> None:
+        """Before a log is created: its parent exists (a step's branch, a branch's step), as stored or as a
+        replacement under way shows it. One GET (a branch's name may need one per dot)."""
+        folder = self.folder(run_id)
+        if kind == "step":
+            parent = internal_name.rpartition(".")[0]
+            if not parent:
+                return  # a step of the run itself: the run is checked
+            candidates = [self.chunk_key(run_id, "branch", parent)]
+        else:
+            candidates = [self.chunk_key(run_id, "step", name) for name in _parent_names(internal_name)]
+        for key in candidates:
+            stored = self._get_or_none(key)
+            if stored is not None and _live_log(stored.body, self._url(key)) is not None:
+                return
+        # Not stored: a replacement under way may bring it. Finish that replacement, then look again.
+        run = self._get_or_none(self.key(run_id))
+        intent = _intent_of(decode_run_log(run.body, self._url(run.key))) if run is not None else None
+        if intent and any(key[len(folder):] in intent["logs"] for key in candidates):
+            self._finish(run_id, intent)
+            if any(self._get_or_none(key) is not None for key in candidates):
+                return
+        missing = "branch" if kind == "step" else "step"
+        name = internal_name.rpartition(".")[0] if kind == "step" else internal_name
+        raise LogNotFoundError(
+            f"{missing} log {name!r} is not in run log {run_id!r}: {kind} log {internal_name!r} has no "
+            f"{missing} to belong to; add the {missing} log first", kind=missing,
+        )
+
+    def _add_logs(self, run_id: str, logs: Dict[str, Dict[str, Any]]) -> None:
+        # Logs a parent carries are added where absent: a write of a parent never undoes a child.
+        folder, first = self.folder(run_id), time.time_ns()
+
+        def add(numbered: Tuple[int, str]) -> None:
+            number, name = numbered
+            key, metadata = folder + name, {_CREATED: str(first + number)}
+            body = self._encode(logs[name])
+            if self._create_object(key, body, None, metadata=metadata):
+                return
+            stored = self._get_or_none(key)  # there: a log, or a tombstone, which counts as absent
+            if stored is not None and _live_log(stored.body, self._url(key)) is None:
+                try:
+                    self._remember(key, self.client.put_object(key, body, if_match=stored.etag, metadata=metadata),
+                                   body, metadata=metadata)
+                except PreconditionFailedError:
+                    pass  # written meanwhile: that log stays
+
+        self._in_pool(add, list(enumerate(logs)))
 
     def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
-        """Add or overwrite the parameters of a branch: a compare-and-swap of the branch's object."""
+        """Add or overwrite the parameters of a branch: a compare-and-swap of the branch's object, applied
+        to the branch as a replacement under way shows it."""
         if not internal_name:
             self.set_parameters(run_id, parameters)
             return
         key = self.chunk_key(run_id, "branch", internal_name)
-
-        def missing() -> RunlogS3Error:
-            return LogNotFoundError(f"branch log {internal_name!r} is not in run log {run_id!r} ({self._url(key)})")
-
-        if parameters:
-            self._mutate_object(key, lambda document: update_parameters(document, parameters), decode_log_object,
-                                missing, unchanged_is_done=True)
+        changed = self._changed_parameters(key, lambda document: document, parameters)
+        if not changed:
+            return
+        deadline = self._clock() + self.client.config.conflict_timeout
+        rounds = 0
+        while True:
+            rounds += 1
+            run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+            if run is None:
+                raise self._not_found(run_id)
+            intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
+            branch = self._visible(key[len(self.folder(run_id)):], stored, intent)
+            if branch is None:
+                raise _log_not_found("branch", internal_name, run_id, self._url(key))
+            update_parameters(branch, changed)
+            body = self._encode(branch)
+            _check_write_size(body, self._url(key))
+            metadata = dict(stored.metadata) if stored is not None else {_CREATED: str(time.time_ns())}
+            try:
+                if stored is None:
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+                else:
+                    _require_strong_etag(stored.etag, key, self.client)
+                    etag = self.client.put_object(key, body, if_match=stored.etag, metadata=metadata)
+            except PreconditionFailedError:
+                self.conflicts += 1
+                self._next_round(rounds, deadline, self._url(key), "other writers kept changing it")
+                continue
+            self._remember(key, etag, body, branch, metadata)
+            return
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
-        """Set the run's own fields; its parameters and run config gain only what is new; steps it
-        carries are added if absent."""
+        """put_run_log: the run's own fields; its parameters and run config gain only what is new; logs it
+        carries are added where absent, stored ones kept. A run not created yet is created with them."""
         fields_ = {name: value for name, value in run_log.items() if name != "steps"}
-        chunks = self._prepare_chunks(run_id, _chunks_of_run(run_log))
-        self.mutate(run_id, lambda document: put_run_fields(document, fields_))
-        self._put_chunks(chunks, replace=False)
+        logs = self._prepare_logs(run_id, _chunks_of_run(run_log))
+        try:
+            self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+        except RunLogNotFoundError:
+            try:
+                self.create(dict(run_log))
+                return
+            except RunLogExistsError:
+                self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+        self._add_logs(run_id, logs)
 
     def delete(self, run_id: str) -> int:
-        """Delete every object of the run, its own object last (so a failed rm can be run again)."""
+        """Delete every object of the run, its own object first (readers then find no run at once; what a
+        failed rm, or a late writer, leaves is found and removed by the next rm)."""
         folder = self.folder(run_id)
         keys = [info.key for info in self.client.list_objects(folder)]
         if not keys:
             raise self._not_found(run_id)
         run_key = self.key(run_id)
-        others = [key for key in keys if key != run_key]
-        self._in_pool(self.client.delete_object, others)
         if run_key in keys:
             self.client.delete_object(run_key)
+        self._in_pool(self.client.delete_object, [key for key in keys if key != run_key])
         self._forget(keys)
-        _KNOWN_RUNS.discard(self._run_identity(run_id))
+        _known_runs().discard(self._run_identity(run_id))
         return len(keys)
 
     def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
-        """The chunked runs in a top-level listing: each folder's objects counted and sized (one LIST each)."""
+        """The chunked runs in a top-level listing (a folder holding RunLog.json or a log object: the
+        leftovers of a run are listed too), each folder's objects counted and sized (one LIST each)."""
         prefix = self._list_prefix()
         folders = [info.key for info in entries if info.key.endswith("/") and not info.size and not info.etag]
 
         def summary(folder: str) -> Optional[ObjectInfo]:
             objects = list(self.client.list_objects(folder))
-            if not any(info.key == folder + CHUNK_RUN_OBJECT for info in objects):
+            if not any(info.key == folder + CHUNK_RUN_OBJECT or self._kind_of(info.key, folder) for info in objects):
                 return None  # a folder, but not a run of this layout
             return ObjectInfo(
                 folder[len(prefix):-1],
@@ -2481,20 +2777,9 @@ class ChunkedS3RunLogs(S3RunLogs):
         runs = [run for run in self._in_pool(summary, folders) if run is not None]
         return sorted(runs, key=lambda run: (run.last_modified, run.key))
 
-    def _prepare_chunks(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> List[Tuple[str, bytes]]:
-        """(key, body) of each chunk, every key and size checked before the first PUT: a log that cannot be
-        stored fails the whole call, never after its parent and siblings were written."""
-        prepared = []
-        for kind, own in chunks:
-            key = self.chunk_key(run_id, kind, own.get("internal_name"))
-            body = encode_run_log(own)
-            _check_write_size(body, self._url(key))
-            prepared.append((key, body))
-        return prepared
-
     def _check_run(self, run_id: str) -> None:
         # A step written to a run that does not exist would be an orphan: look once per run and process.
-        if self._run_identity(run_id) not in _KNOWN_RUNS:
+        if self._run_identity(run_id) not in _known_runs():
             if not self.exists(run_id):
                 raise self._not_found(run_id)
             self._known_run(run_id)
@@ -2503,33 +2788,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         return self.client.object_url(self.key(run_id))  # endpoint, bucket and key
 
     def _known_run(self, run_id: str) -> None:
-        _KNOWN_RUNS.add(self._run_identity(run_id))
-
-    def _replace_chunk(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
-        def replace(document: Dict[str, Any]) -> None:
-            document.clear()
-            document.update(own)
-
-        key = self.chunk_key(run_id, kind, own.get("internal_name"))
-        self._mutate_object(key, replace, decode_log_object, None, lambda: {_CREATED: str(time.time_ns())},
-                            unchanged_is_done=kind == "step")
-
-    def _put_chunks(
-        self, chunks: List[Tuple[str, bytes]], *, replace: bool, metadata: Optional[Dict[str, str]] = None
-    ) -> None:
-        # replace: last writer wins (put_run_log); else only where absent (a parent never undoes a child).
-        # Creation times in the document's order keep that order when the run is assembled.
-        first = time.time_ns()
-
-        def put(numbered: Tuple[int, Tuple[str, bytes]]) -> None:
-            number, (key, body) = numbered
-            tags = {_CREATED: str(first + number), **(metadata or {})}
-            if replace:
-                self._remember(key, self.client.put_object(key, body, metadata=tags), body, metadata=tags)
-            else:
-                self._create_object(key, body, None, metadata=tags)
-
-        self._in_pool(put, list(enumerate(chunks)))
+        _known_runs().add(self._run_identity(run_id))
 
     @staticmethod
     def _in_pool(function: Callable[[Any], Any], items: List[Any]) -> List[Any]:
@@ -2541,24 +2800,13 @@ class ChunkedS3RunLogs(S3RunLogs):
             return list(pool.map(function, items))
 
 
-_CREATED = "created-ns"  # x-amz-meta-created-ns: when the chunk was first written, kept on rewrites
-
-# A replacement (put_run_log, put --force) rewrites many objects, yet a reader sees the old run log or
-# the new one, never a mix. The writer stores the whole new run log as Replacement-<token>.json, then
-# marks RunLog.json "replacing: <token>" with If-Match (the commit point; replacements of a run take
-# turns), rewrites the logs tagged "replaced-by: <token>", deletes the logs it does not carry, and
-# clears the mark. A reader that finds the mark serves the new run log from the replacement object; one
-# that finds a listed log gone, or tagged by a replacement RunLog.json does not name, read across a
-# replacement and reads again. Pipeline writes keep an object's tags; a log they create has none.
-_REPLACING = "replacing"
-_REPLACED_BY = "replaced-by"
-REPLACEMENT_PREFIX = "Replacement-"
+def _log_not_found(kind: str, internal_name: str, run_id: str, where: str) -> LogNotFoundError:
+    return LogNotFoundError(f"{kind} log {internal_name!r} is not in run log {run_id!r} ({where})", kind=kind)
 
 
-def _token_time(token: str) -> float:
-    """When a replacement began (its token is <wall-clock ns>-<random>); 0 for a token not of that form."""
-    start = token.partition("-")[0]
-    return int(start) / 1e9 if start.isdigit() else 0.0
+def unfinished_replacement(run_logs: S3RunLogs, run_id: str) -> str:
+    """The token of a chunked run's replacement committed but not finished ('' for none, or the s3 layout)."""
+    return run_logs.unfinished_replacement(run_id) if isinstance(run_logs, ChunkedS3RunLogs) else ""
 
 
 def _creation_order(stored: S3Object) -> Tuple[int, str]:
@@ -2567,17 +2815,13 @@ def _creation_order(stored: S3Object) -> Tuple[int, str]:
     created = stored.metadata.get(_CREATED, "")
     if created.isdigit():
         return int(created), stored.key
-    try:
-        from email.utils import parsedate_to_datetime  # Last-Modified is an HTTP date
-
-        return int(parsedate_to_datetime(stored.last_modified).timestamp() * 1e9), stored.key
-    except (TypeError, ValueError):
-        return 0, stored.key
+    modified = parse_http_date(stored.last_modified)
+    return (int(modified * 1e9) if modified is not None else 0), stored.key
 
 
 def _run_fields(document: Mapping[str, Any]) -> Dict[str, Any]:
     """The run object of the chunked layout: the run log without its steps."""
-    return _json_copy({name: value for name, value in document.items() if name != "steps"})
+    return _json_copy({name: value for name, value in document.items() if name not in ("steps", STORE_FIELD)})
 
 
 def _chunks_of_run(document: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
@@ -2712,8 +2956,12 @@ class _MagnusStoreMethods(_StoreCore):
         return self._model("RunLog", self._call(run_id, self.run_logs.read, run_id, full))
 
     def put_run_log(self, run_log: Any, **kwargs: Any) -> None:
-        """Replace the whole run log: the last writer wins (use the add_* methods to merge)."""
-        self.run_logs.write(self._as_dict(run_log))
+        """Set the run's own fields (status, tag, ...): its logs, parameters and run config are kept, logs
+        it carries added where absent, as the frameworks' chunked stores do (a run read without full=False
+        and put back keeps its history). A run not created yet is created. A whole-run replacement is the
+        command line's `put --force`."""
+        run_log = self._as_dict(run_log)
+        self._call(run_log["run_id"], self.run_logs.set_run_fields, run_log["run_id"], run_log)
 
     def update_run_log_status(self, run_id: str, status: str) -> None:
         """Set the run's status."""
