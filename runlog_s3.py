@@ -3641,32 +3641,36 @@ class BucketRuns:
             return document, run_logs.written_by(run_id, document)
         raise self._not_found(run_id)
 
-    def read_version(self, run_id: str, needed_by: str) -> Tuple[Dict[str, Any], str]:
-        """(run log, ETag) of a run in the s3 layout: one GET; a chunked run is a UsageError naming `needed_by`."""
-        try:
-            return self.plain.read_version(run_id)
-        except RunLogNotFoundError:
-            if not self.chunked.exists(run_id):
-                raise self._not_found(run_id) from None
-        raise UsageError(
-            f"{needed_by} needs the s3 layout; {self.chunked.where(run_id)} is a chunked run of many objects"
-        )
+    def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str, S3RunLogs]:
+        """(run log, version, layout) of a run: its ETag for the s3 layout (one GET), a digest of its objects'
+        ETags for chunked-s3 (chunked_version): what put --if-match and edit check before they write."""
+        for run_logs in (self.plain, self.chunked):
+            try:
+                document, version = run_logs.read_version(run_id)
+            except RunLogNotFoundError:
+                continue
+            return document, version, run_logs
+        raise self._not_found(run_id)
 
     def holding(self, run_id: str) -> S3RunLogs:
-        """The layout the run is stored in; RunLogNotFoundError when it is in neither."""
-        for run_logs in (self.plain, self.chunked):
-            if run_logs.exists(run_id):
-                return run_logs
+        """The layout the run is stored in (a chunked run by any of its objects, so the leftovers of a
+        deleted one are found too); RunLogNotFoundError when it is in neither."""
+        if self.plain.exists(run_id):
+            return self.plain
+        if self.chunked.exists(run_id) or self.chunked.has_objects(run_id):
+            return self.chunked
         raise self._not_found(run_id)
 
     def status(self, run_id: str, layout: str) -> Tuple[str, str]:
         """A listed run's status and the framework that wrote it: one GET of its run log (s3) or run
-        object (chunked-s3); '?' if unreadable."""
+        object (chunked-s3); '?' if unreadable, INCOMPLETE for a chunked folder without its run object."""
+        run_logs = self.chunked if layout == "chunked-s3" else self.plain
         try:
-            run_logs = self.chunked if layout == "chunked-s3" else self.plain
             document = run_logs.read(run_id, full=False)
             return str(document.get("status", "?")), run_logs.written_by(run_id, document)
-        except (RunLogNotFoundError, InvalidRunLogError):
+        except RunLogNotFoundError:
+            return ("INCOMPLETE", "?") if layout == "chunked-s3" else ("?", "?")
+        except InvalidRunLogError:
             return "?", "?"
 
     def list(self) -> List[Tuple[ObjectInfo, str]]:
@@ -3691,7 +3695,7 @@ def _print_json(document: Mapping[str, Any], compact: bool = False) -> None:
 
 def _cmd_get(runs: BucketRuns, args: Any) -> int:
     if args.etag:
-        document, etag = runs.read_version(args.run_id, "--etag")
+        document, etag, _layout = runs.read_version(args.run_id)
         _print_json(document, args.compact)
         print(f"ETag: {etag}", file=sys.stderr)  # stdout stays the JSON document
         return EXIT_OK
@@ -4015,8 +4019,6 @@ def _cmd_put(runs: BucketRuns, args: Any) -> int:
     if args.create or not exists:
         run_logs.create(document)  # If-None-Match: a run created meanwhile is refused, not replaced
     elif args.if_match:
-        if run_logs.layout == "chunked-s3":
-            raise UsageError(f"--if-match needs the s3 layout; {where} is a chunked run of many objects; nothing written")
         try:
             run_logs.replace_if_unchanged(document, args.if_match)
         except PreconditionFailedError as exc:
@@ -4025,7 +4027,7 @@ def _cmd_put(runs: BucketRuns, args: Any) -> int:
                 "apply your change, and put again"
             ) from exc
     elif args.force:
-        run_logs.write(document)
+        run_logs.replace(document)
     else:
         raise UsageError(
             f"{where} exists; nothing written: use edit {args.run_id} (compare-and-swap), put --if-match ETAG "
@@ -4041,8 +4043,7 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
     import subprocess
     import tempfile
 
-    document, etag = runs.read_version(args.run_id, "edit (get, then put --force, for a chunked run)")
-    run_logs = runs.plain
+    document, etag, run_logs = runs.read_version(args.run_id)
     where = run_logs.where(args.run_id)
     original = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
@@ -4083,11 +4084,20 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
     return EXIT_OK
 
 
+FINISHED_STATUSES = ("SUCCESS", "FAIL")
+
+
 def _cmd_rm(runs: BucketRuns, args: Any) -> int:
     if not args.yes and not sys.stdin.isatty():
         raise UsageError(f"refusing to delete run {args.run_id!r} without --yes (stdin is not a terminal)")
     run_logs = runs.holding(args.run_id)
     where = run_logs.where(args.run_id)
+    status = runs.status(args.run_id, run_logs.layout)[0]
+    if status not in FINISHED_STATUSES + ("?", "INCOMPLETE") and not args.force:
+        # A pipeline still writing it would write on after the delete: what it adds then is found by
+        # ls and removed by another rm, but the run it believes in is gone.
+        raise UsageError(f"run {args.run_id!r} is {status}: a pipeline may still be writing it; nothing deleted; "
+                         "wait until it ends, or rm --force to delete it anyway")
     if not args.yes:
         answer = input(f"delete {where}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
@@ -4413,6 +4423,8 @@ def _parser() -> Any:
     rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
     rm.add_argument("run_id", help=run_id_help)
     rm.add_argument("--yes", action="store_true", help="do not ask")
+    rm.add_argument("--force", action="store_true",
+                    help="delete a run that is not finished (CREATED or PROCESSING: a pipeline may be writing it)")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
     check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
