@@ -2366,12 +2366,13 @@ class ChunkedS3RunLogs(S3RunLogs):
         intent = _intent_of(fields_)
         logs: List[Tuple[Tuple[int, str], str, Dict[str, Any]]] = []
         names = {key[len(folder):]: key for key in stored}
-        for name in (intent or {}).get("logs", {}):
+        positions = {name: number for number, name in enumerate((intent or {}).get("logs", {}))}
+        for name in positions:
             names.setdefault(name, folder + name)
         for name, key in names.items():
             log = self._visible(name, stored.get(key), intent)
             if log is not None:
-                order = self._order_of(name, stored.get(key), intent)
+                order = self._order_of(name, stored.get(key), intent, positions)
                 logs.append((order, self._kind_of(key, folder), log))
         logs.sort(key=lambda item: item[0])
         # The version of exactly what was read: a later check against RunLog.json and a LIST then fails if
@@ -2395,12 +2396,12 @@ class ChunkedS3RunLogs(S3RunLogs):
         return _live_log(stored.body, self._url(stored.key))
 
     @staticmethod
-    def _order_of(name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]]) -> Tuple[int, str]:
+    def _order_of(name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]],
+                  positions: Mapping[str, int]) -> Tuple[int, str]:
         # A replacement's logs in its document's order (the numbers its roll-forward stores), others by
         # their own creation time.
-        if intent and name in intent["logs"] and (
-                stored is None or same_etag(stored.etag, intent["begin"].get(name, ""))):
-            return int(intent["created"]) + list(intent["logs"]).index(name), name
+        if intent and name in positions and (stored is None or same_etag(stored.etag, intent["begin"].get(name, ""))):
+            return int(intent["created"]) + positions[name], name
         return _creation_order(stored) if stored is not None else (0, name)
 
     def _held_versions(self, listed: Mapping[str, ObjectInfo]) -> Dict[str, S3Object]:
