@@ -3595,8 +3595,11 @@ def test_a_put_from_the_command_line_keeps_who_created_the_run(bucket, cli_env, 
 #   RUNLOG_S3_SIM_SEED=N python -m pytest -q -k simulation
 #       replays schedule N exactly (a failure prints its seed, layout, scripts and last requests).
 #   RUNLOG_S3_SIM_SCHEDULES=100000 python -m pytest -q -s -k simulation_explores
-#       a long run (RUNLOG_S3_SIM_START=M begins at seed M); prints the schedules per second.
+#       a long run (RUNLOG_S3_SIM_START=M begins at seed M); prints the schedules per second. With
+#       RUNLOG_S3_SIM_KEEP_GOING=1 it goes on past a violation and lists every violating seed.
 
+# Read at import: the aws_environment fixture removes every RUNLOG_S3_* variable before a test runs.
+SIM_SETTINGS = {name: value for name, value in os.environ.items() if name.startswith("RUNLOG_S3_SIM_")}
 SIM_BUCKET, SIM_RUN = "sim-bucket", "sim-run"
 SIM_ACCESS_KEY = "AKIASIMSENTINEL7Q4Z"
 SIM_SECRET_KEY = "SIMsecretSENTINELc41e9a"
@@ -4546,6 +4549,8 @@ def sim_check(sim):
     - Every value read (by any read, and by the reads after the schedule, which are the final state) has
       a writer that is not definitely failed, began before the read returned, and was not superseded
       when the read began. So an acknowledged write is lost when no read can show it any more.
+    - No read goes back in time: a read that begins after another returned never shows a value every
+      writer of which returned before any writer of what the other read began.
     - A full read is never a mix: if it shows a value a multi-register write P wrote itself, no register
       of P shows a value every writer of which P replaced (acknowledged before P began).
     - A definitely failed operation landed nothing; an acknowledged write landed before it returned
@@ -4561,7 +4566,7 @@ def sim_check(sim):
     bound = 4 * sim.config.conflict_timeout + 60
     for op in sim.ops:
         if op.error is not None and (not isinstance(op.error, runlog_s3.RunlogS3Error)
-                                     or isinstance(op.error, InvalidRunLogError)):
+                                     or (pipeline and isinstance(op.error, InvalidRunLogError))):
             problems.append(f"{op!r}: an error that no fault or writer explains")
         elif op.error is not None and "\n" in str(op.error):
             problems.append(f"{op.label}: an error message of more than one line: {str(op.error)[:300]!r}")
@@ -4604,6 +4609,22 @@ def sim_check(sim):
     def name(register):
         return " ".join(register)
 
+    history = {register: [] for register in SIM_REGISTERS}  # per register: (read, the writers of what it saw)
+    for read in sim.ops:  # in the order they began
+        if read.reads is None:
+            continue
+        for register, value in read.reads.items():
+            found = writers(read, register, value)
+            if not found:
+                continue  # said below
+            for earlier, newer in history[register]:
+                if earlier.t_resp < read.t_inv and max(op.t_resp for op in found) < min(op.t_inv for op in newer):
+                    problems.append(
+                        f"{read.label} ({read.kind} by {read.actor}) read {name(register)} = {value} after "
+                        f"{earlier.label} had read {earlier.reads[register]}: every writer of {value} had returned "
+                        f"before any writer of {earlier.reads[register]} began")
+                    break
+            history[register].append((read, found))
     for read in sim.ops:
         if read.reads is None:
             continue
@@ -4700,10 +4721,10 @@ def sim_digest(sim):
 
 def sim_seeds(default):
     """RUNLOG_S3_SIM_SEED: that one schedule; else RUNLOG_S3_SIM_SCHEDULES seeds from RUNLOG_S3_SIM_START."""
-    if os.environ.get("RUNLOG_S3_SIM_SEED"):
-        return [int(os.environ["RUNLOG_S3_SIM_SEED"])]
-    start = int(os.environ.get("RUNLOG_S3_SIM_START", "0"))
-    return range(start, start + int(os.environ.get("RUNLOG_S3_SIM_SCHEDULES", default)))
+    if SIM_SETTINGS.get("RUNLOG_S3_SIM_SEED"):
+        return [int(SIM_SETTINGS["RUNLOG_S3_SIM_SEED"])]
+    start = int(SIM_SETTINGS.get("RUNLOG_S3_SIM_START", "0"))
+    return range(start, start + int(SIM_SETTINGS.get("RUNLOG_S3_SIM_SCHEDULES", default)))
 
 
 # The tests.
@@ -4711,16 +4732,22 @@ def sim_seeds(default):
 
 @pytest.mark.parametrize("layout", SIM_LAYOUTS)
 def test_simulation_explores_schedules_and_every_invariant_holds(layout):
-    seeds = sim_seeds(1000)
+    seeds, failed = sim_seeds(1000), []
+    keep_going = bool(SIM_SETTINGS.get("RUNLOG_S3_SIM_KEEP_GOING"))
     started = time.perf_counter()
     with sim_patches() as world:
         for seed in seeds:
             sim, violations = simulate(sim_scenario(seed, layout), world)
-            if violations:
+            if violations and not keep_going:
                 pytest.fail(sim_report(sim, violations), pytrace=False)
+            if violations:
+                failed.append(f"{seed}: {violations[0][:240]}")
     elapsed = time.perf_counter() - started
     print(f"\nsimulation of {layout}: {len(seeds)} schedules in {elapsed:.1f} s "
-          f"({len(seeds) / elapsed:.0f} schedules per second)")
+          f"({len(seeds) / elapsed:.0f} schedules per second), {len(failed)} violating")
+    if failed:
+        pytest.fail(f"{len(failed)} of {len(seeds)} schedules of {layout} violate an invariant; see one with "
+                    "RUNLOG_S3_SIM_SEED=N python -m pytest -q -k simulation:\n" + "\n".join(failed[:100]), pytrace=False)
 
 
 def sim_digests(seeds, layouts=SIM_LAYOUTS):
@@ -4731,7 +4758,7 @@ def sim_digests(seeds, layouts=SIM_LAYOUTS):
 def test_simulation_replays_a_seed_exactly():
     # Same seed, same schedule: every request, reply, fault, time and outcome, in this process and in
     # another one with other hash seeds (set and dict orders must not steer a schedule).
-    seeds = [int(os.environ["RUNLOG_S3_SIM_SEED"])] if os.environ.get("RUNLOG_S3_SIM_SEED") else [3, 7, 16, 42]
+    seeds = [int(SIM_SETTINGS["RUNLOG_S3_SIM_SEED"])] if SIM_SETTINGS.get("RUNLOG_S3_SIM_SEED") else [3, 7, 16, 42]
     here = sim_digests(seeds)
     assert here == sim_digests(seeds)
     assert len(set(here)) == len(here)  # and different seeds are different schedules
