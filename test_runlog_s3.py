@@ -3615,6 +3615,7 @@ SIM_REGISTERS = ([("run",), ("status",)] + [("param", name) for name in SIM_PARA
 SIM_UNCHECKED = "x-sim-unchecked-"  # a condition a mutant dropped, sent under this name for SimS3 to judge
 ABSENT = "(absent)"  # the value of a log, parameter or run that is not there
 INFINITY = float("inf")
+SIM_ABSENT_ANSWERS = (404, 412)  # what servers answer to If-Match on a missing key
 SIM_FAULTS = ("lost", "reset", "5xx-before", "5xx-after", "timeout", "short", "held", "refused", "connect-timeout")
 SIM_FAULT_NOTES = {"lost": "applied; no reply within read_timeout", "reset": "applied; connection reset",
                    "short": "applied; reply cut short", "5xx-after": "applied; answered 5xx"}
@@ -3693,9 +3694,10 @@ class SimS3:
     the body, If-None-Match: * and If-Match on PUT, If-Match on DELETE, 404 / 412, user metadata, LIST
     (v2) in pages of 2-3 entries, a Date header on the server's own clock, RequestTimeTooSkewed."""
 
-    def __init__(self, sim, skew=0.0):
+    def __init__(self, sim, skew=0.0, absent=404):
         self.sim = sim
         self.skew = skew  # the server's clock minus the true time, seen in Date and Last-Modified
+        self.absent = absent  # the answer to If-Match on a missing key: 404 as AWS and moto, 412 as SeaweedFS
         self.objects = {}
 
     def clock(self):
@@ -3724,9 +3726,9 @@ class SimS3:
                 return self.error(404, "NoSuchKey", "The specified key does not exist.", method)
             return HttpReply(200, self.object_headers(stored), stored.body if method == "GET" else b"")
         if match is not None:
-            if stored is None:
+            if stored is None and self.absent == 404:
                 return self.error(404, "NoSuchKey", "The specified key does not exist.", method)
-            if match.strip().strip('"') != stored.etag.strip('"'):
+            if stored is None or match.strip().strip('"') != stored.etag.strip('"'):
                 return self.error(412, "PreconditionFailed", "At least one of the pre-conditions you specified did "
                                   "not hold", method)
         if method == "DELETE":
@@ -4095,7 +4097,7 @@ class Sim:
         self.scenario, self.world = scenario, world
         self.rng = random.Random(f"runlog-s3-sim-{scenario.seed}-run")
         self.now, self.ticks, self.switches = 0.0, 0, 0
-        self.server = SimS3(self, scenario.server_skew)
+        self.server = SimS3(self, scenario.server_skew, self.rng.choice(SIM_ABSENT_ANSWERS))
         self.config = Config.from_dict({
             "s3_bucket": SIM_BUCKET, "endpoint_url": "http://sim", "prefix": "runs", "use_credentials": True,
             "aws_access_key_name": "SIM_KEY_ID", "aws_secret_access_key_name": "SIM_SECRET",
@@ -4696,7 +4698,8 @@ def sim_report(sim, violations):
     lines.append(
         f"scenario: {scenario.kind}, faults on {scenario.fault_rate:.0%} of requests, conflict_timeout "
         f"{scenario.conflict_timeout:g} s, read_timeout {scenario.read_timeout:g} s, max_attempts "
-        f"{scenario.max_attempts}, server clock {scenario.server_skew:+.0f} s, "
+        f"{scenario.max_attempts}, server clock {scenario.server_skew:+.0f} s, If-Match on a missing key "
+        f"{sim.server.absent}, "
         + (f"run created before: {sim_describe_step(('create', 'setup-1', scenario.created))}" if scenario.created
            else "a writer creates the run"))
     for spec in scenario.actors:
@@ -4773,9 +4776,9 @@ def test_simulation_replays_a_seed_exactly():
 class _SimBucketTransport(Transport):
     """SimS3 answering a real client directly (no actors, no faults), to compare it with moto."""
 
-    def __init__(self):
+    def __init__(self, absent):
         self.now, self.rng, self.world = 0.0, random.Random(0), SimWorld()
-        self.server = SimS3(self, skew=time.time() - SIM_EPOCH)
+        self.server = SimS3(self, skew=time.time() - SIM_EPOCH, absent=absent)
 
     def send(self, request):
         headers = {name.lower(): value for name, value in request.headers.items()}
@@ -4812,17 +4815,19 @@ def _bucket_conversation(client):
     attempt("delete, stale", lambda: client._request("DELETE", "d/a.json", headers={"If-Match": md5}).status)
     attempt("delete", lambda: client._request("DELETE", "d/a.json", headers={"If-Match": etag}).status)
     attempt("delete absent", lambda: client.delete_object("d/a.json"))
+    attempt("delete absent, if-match", lambda: client._request("DELETE", "d/a.json", headers={"If-Match": etag}).status)
     return seen
 
 
-def test_simulation_bucket_answers_as_a_real_server_does(moto_bucket):
-    # The simulated S3 must not be kinder than a real one: the same requests, the same answers.
-    config = Config.from_dict(moto_bucket)
-    real = _bucket_conversation(S3Client(config))
-    simulated = _bucket_conversation(S3Client(Config.from_dict({**moto_bucket, "s3_bucket": SIM_BUCKET,
+def test_simulation_bucket_answers_as_a_real_server_does(bucket):
+    # The simulated S3 must not be kinder than a real one: the same requests, the same answers. Servers
+    # differ on If-Match for a missing key (moto, like AWS, says 404; SeaweedFS 412): SimS3 draws one.
+    real = _bucket_conversation(S3Client(Config.from_dict(bucket)))
+    absent = dict(real)["update, absent"][1]
+    simulated = _bucket_conversation(S3Client(Config.from_dict({**bucket, "s3_bucket": SIM_BUCKET,
                                                                 "endpoint_url": "http://sim"}),
-                                              transport=_SimBucketTransport()))
-    assert simulated == real
+                                              transport=_SimBucketTransport(absent)))
+    assert absent in SIM_ABSENT_ANSWERS and simulated == real
     assert ("create again", ("PreconditionFailedError", 412)) in real and ("update, stale", (
         "PreconditionFailedError", 412)) in real
 
