@@ -3587,8 +3587,9 @@ def test_a_put_from_the_command_line_keeps_who_created_the_run(bucket, cli_env, 
 # writers, an operator, readers), each with its own store and client as separate processes would have,
 # run one at a time on greenlets: every request and every sleep is a switch point where the same
 # generator picks who goes next, and time is virtual, so minutes of retries, timeouts and conflict
-# deadlines cost milliseconds. SimHistory holds what the operations reported against what they read
-# and what the bucket was sent; its docstring is the checker's specification.
+# deadlines cost milliseconds. sim_check holds what the operations reported against what they read
+# and what the bucket was sent; its docstring is the checker's specification. Mutants (SIM_MUTANTS)
+# show the simulation has teeth: each must be killed within the CI budget.
 #
 #   python -m pytest -q -k simulation
 #       CI: 1,000 schedules per layout (seeds 0-999), then every mutant must be killed.
@@ -3633,15 +3634,18 @@ class SimAbort(BaseException):
 
 
 def sim_step(name, label):
+    """A step log written by the operation `label`."""
     return {"name": name, "internal_name": name, "step_type": "parallel" if name == "fan" else "task",
             "status": "SUCCESS", "write": label}
 
 
 def sim_branch(name, label):
+    """A branch log written by the operation `label`."""
     return {"internal_name": name, "status": "SUCCESS", "write": label}
 
 
 def sim_document(label, parameters, steps, branches):
+    """A whole run log written by the operation `label`: the parallel step "fan" and what is named."""
     fan = dict(sim_step("fan", label), branches={name: dict(sim_branch(name, label), steps={}) for name in branches})
     top = {"fan": fan, **{name: dict(sim_step(name, label), branches={}) for name in steps}}
     return {"run_id": SIM_RUN, "status": label, "parameters": {name: label for name in parameters}, "steps": top}
