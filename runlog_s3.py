@@ -70,12 +70,30 @@ except ValueError:
 
 
 class RunlogS3Error(Exception):
-    """Base of every error this module raises; the message is one line that says what to do."""
+    """Base of every error this module raises; the message is one line that says what to do.
+
+    .may_have_landed: the operation that failed may have written something all the same (a reply lost,
+    a 5xx, a timeout after a PUT was sent, or a first write of several that did land): its outcome is
+    unknown, never "nothing written".
+    """
+
+    may_have_landed = False
 
     def __init__(self, message: str):
         # Not super(): when combined with magnus's exceptions, theirs would replace the message.
         Exception.__init__(self, message)
         self.message = message  # magnus's own exceptions carry .message; keep the same attribute
+
+    def say_may_have_landed(self) -> None:
+        """Mark this error as one after which a write may have landed, and say so in its message."""
+        if self.may_have_landed:
+            return
+        self.may_have_landed = True
+        if "; nothing written" in self.message:
+            self.message = self.message.replace("; nothing written", "; what it wrote before may have landed")
+        elif "may have been written" not in self.message:
+            self.message += "; what it wrote before this failure may have landed"
+        self.args = (self.message,)
 
 
 class ConfigError(RunlogS3Error, ValueError):
@@ -107,9 +125,6 @@ class S3Error(RunlogS3Error):
         self.bucket = bucket
         self.key = key
         self.request_id = request_id
-        # True when the request (a PUT or DELETE) may have been applied although this error says it failed:
-        # a reply lost, a 5xx, a timeout after it was sent. Such a failure is "outcome unknown", never "nothing written".
-        self.may_have_landed = False
 
 
 class NotFoundError(S3Error):
@@ -607,7 +622,7 @@ def _sts_request(
                 raise S3Error(f"STS {action} at {url} failed: its reply is not complete XML",
                               operation=action) from None
         error = _error_from_reply(reply, operation=f"STS {action}", bucket="", key="")
-        if _is_clock_skew(error):
+        if _is_clock_skew(error, reply):
             if not skew_corrected and not last and _correct_clock(reply):
                 skew_corrected = True
                 continue
@@ -1045,6 +1060,10 @@ class S3Client:
         self._base_url, self._path_prefix = self._addressing()
         self.transport = transport or BotocoreTransport(config, self._environ, self._base_url)
         self._last_date = ("", 0.0)  # the Date header of the last reply and when it came (see server_now)
+        # PUTs and DELETEs that landed or may have (a reply lost, a 5xx): an operation that fails after
+        # this moved says its outcome is unknown (S3RunLogs._writing).
+        self.writes_landed = 0
+        self._count_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Client(bucket={self.bucket!r}, region={self.config.region!r}, endpoint={self._base_url!r})"
@@ -1184,11 +1203,15 @@ class S3Client:
                 may_have_landed = may_have_landed or (changes and failure.may_have_arrived)
                 if not failure.retry or attempt >= self.config.max_attempts:
                     error = self._transport_error(operation, key, failure, attempt, exc, credentials, may_have_landed)
+                    if may_have_landed:
+                        self._count_landed()
                     raise error from None
                 self._backoff(attempt, operation, key, failure.what)
                 continue
             self._note_server_time(reply)
             if 200 <= reply.status < 300:
+                if changes:
+                    self._count_landed()
                 return reply
             error = _error_from_reply(
                 reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method
@@ -1207,7 +1230,7 @@ class S3Client:
                     f"(access key {mask_access_key(credentials.access_key)})",
                 )
                 error.args = (error.message,)
-            if _is_clock_skew(error):
+            if _is_clock_skew(error, reply):
                 if not skew_corrected and _correct_clock(reply):
                     skew_corrected = True
                     continue
@@ -1226,6 +1249,8 @@ class S3Client:
                               f"raise max_attempts to retry longer){landed}",)
                 error.message = error.args[0]
             error.may_have_landed = may_have_landed and not isinstance(error, PreconditionFailedError)
+            if may_have_landed:
+                self._count_landed()  # an earlier attempt may have landed (a 412 then may be it)
             raise error
 
     def _transport_error(
@@ -1245,6 +1270,10 @@ class S3Client:
         )
         error.may_have_landed = may_have_landed
         return error
+
+    def _count_landed(self) -> None:
+        with self._count_lock:
+            self.writes_landed += 1
 
     def _note_server_time(self, reply: HttpReply) -> None:
         date = reply.header("Date")
@@ -1297,12 +1326,20 @@ def redact(text: str, credentials: Credentials) -> str:
 _SKEW_CODES = frozenset({"RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture", "SignatureExpired"})
 
 
-def _is_clock_skew(error: S3Error) -> bool:
+_SKEW_SUSPECTED = 300.0  # a bare 403 from a server whose clock is this far from ours (s): S3 allows 15 minutes
+
+
+def _is_clock_skew(error: S3Error, reply: HttpReply) -> bool:
     message = error.message.lower()
-    return error.code in _SKEW_CODES or (
+    if error.code in _SKEW_CODES or (
         error.code in ("InvalidSignatureException", "AccessDenied", "SignatureDoesNotMatch")
         and ("skew" in message or "signature expired" in message or "not yet current" in message)
-    )
+    ):
+        return True
+    # A HEAD's 403 has no body to say why: a Date far from our clock says it may be skew, worth one retry.
+    server = _server_time(reply)
+    return (error.status == 403 and not reply.body and server is not None
+            and _SKEW_SUSPECTED < abs(server - wall_clock()) <= MAX_CLOCK_CORRECTION)
 
 
 def parse_http_date(text: str) -> Optional[float]:
@@ -1720,6 +1757,22 @@ class _Version(NamedTuple):
     metadata: Optional[Mapping[str, str]] = None  # sent again with every rewrite (a PUT replaces it)
 
 
+class _Writing:
+    """Around one operation of a store: if it fails after any of its writes landed, or may have (a reply
+    lost, a 5xx), its error says the outcome is unknown (RunlogS3Error.may_have_landed), never
+    "nothing written"."""
+
+    def __init__(self, client: S3Client):
+        self._client = client
+
+    def __enter__(self) -> None:
+        self._before = self._client.writes_landed
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if isinstance(error, RunlogS3Error) and self._client.writes_landed != self._before:
+            error.say_may_have_landed()
+
+
 class S3RunLogs:
     """The run logs under one bucket and prefix, as dicts, written with compare-and-swap.
 
@@ -1804,14 +1857,15 @@ class S3RunLogs:
 
     def create(self, document: Dict[str, Any]) -> None:
         """Store a new run log; RunLogExistsError if one is there (unless it is ours, whose reply was lost)."""
-        run_id = document["run_id"]
-        body = self._encode(check_input(document, "the run log to create"))
-        self._create_object(
-            self.key(run_id),
-            body,
-            lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
-            metadata=self._creator_tags(),
-        )
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            body = self._encode(check_input(document, "the run log to create"))
+            self._create_object(
+                self.key(run_id),
+                body,
+                lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+                metadata=self._creator_tags(),
+            )
 
     def _creator_tags(self) -> Optional[Dict[str, str]]:
         # Kept by every later compare-and-swap (they send an object's metadata again).
@@ -1820,31 +1874,33 @@ class S3RunLogs:
     def replace(self, document: Dict[str, Any]) -> None:
         """Replace the whole run log (put --force): If-Match on the version read, read again after a 412;
         the last writer wins. A missing run is created."""
-        new = _json_copy(check_input(document, "the run log to write"))
+        with _Writing(self.client):
+            new = _json_copy(check_input(document, "the run log to write"))
 
-        def replace_all(stored: Dict[str, Any]) -> None:
-            stored.clear()
-            stored.update(new)
+            def replace_all(stored: Dict[str, Any]) -> None:
+                stored.clear()
+                stored.update(new)
 
-        self._mutate_object(self.key(document["run_id"]), replace_all, decode_run_log, None,
-                            new_metadata=self._creator_tags)
+            self._mutate_object(self.key(document["run_id"]), replace_all, decode_run_log, None,
+                                new_metadata=self._creator_tags)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
         """Replace the whole run log only if its ETag is still `etag` (PreconditionFailedError if not)."""
-        run_id = document["run_id"]
-        body = self._encode(check_input(document, "the run log to write"))
-        key = self.key(run_id)
-        _check_write_size(body, self._url(key))
-        tags = self._kept_tags(run_id)
-        try:
-            new_etag = self.client.put_object(key, body, if_match=etag, metadata=tags)
-        except PreconditionFailedError as exc:
-            # An earlier attempt may have landed with its reply lost: then the stored bytes are ours.
-            stored = self._get_or_none(key) if exc.after_lost_reply else None
-            if stored is None or stored.body != body:
-                raise
-            new_etag = stored.etag
-        self._remember(key, new_etag, body, metadata=tags)
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            body = self._encode(check_input(document, "the run log to write"))
+            key = self.key(run_id)
+            _check_write_size(body, self._url(key))
+            tags = self._kept_tags(run_id)
+            try:
+                new_etag = self.client.put_object(key, body, if_match=etag, metadata=tags)
+            except PreconditionFailedError as exc:
+                # An earlier attempt may have landed with its reply lost: then the stored bytes are ours.
+                stored = self._get_or_none(key) if exc.after_lost_reply else None
+                if stored is None or stored.body != body:
+                    raise
+                new_etag = stored.etag
+            self._remember(key, new_etag, body, metadata=tags)
 
     def _kept_tags(self, run_id: str) -> Optional[Dict[str, str]]:
         # A rewrite of the whole run log (put, edit) keeps who created the run, as last read or written
@@ -1866,28 +1922,31 @@ class S3RunLogs:
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
         """put_run_log: set the run's own fields from a run log; its stored logs, parameters and run config
         are kept (new ones added). A run not created yet is created, as the frameworks' base classes do."""
-        try:
-            self.mutate(run_id, lambda document: put_run_fields(document, run_log))
-        except RunLogNotFoundError:
+        with _Writing(self.client):
             try:
-                self.create(dict(run_log))
-            except RunLogExistsError:  # created meanwhile: set the fields on it
                 self.mutate(run_id, lambda document: put_run_fields(document, run_log))
+            except RunLogNotFoundError:
+                try:
+                    self.create(dict(run_log))
+                except RunLogExistsError:  # created meanwhile: set the fields on it
+                    self.mutate(run_id, lambda document: put_run_fields(document, run_log))
 
     def set_parameters(self, run_id: str, parameters: Mapping[str, Any]) -> None:
         """Add or overwrite the parameters that differ from the version this process last saw: magnus
         hands back every parameter after each task, and writing back one the task left as it found it
         would undo another branch's change made meanwhile. Nothing changed sends nothing."""
-        changed = self._changed_parameters(self.key(run_id), lambda document: document, parameters)
-        if changed:
-            self.mutate(run_id, lambda document: update_parameters(document, changed))
+        with _Writing(self.client):
+            changed = self._changed_parameters(self.key(run_id), lambda document: document, parameters)
+            if changed:
+                self.mutate(run_id, lambda document: update_parameters(document, changed))
 
     def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
         """Add or overwrite the parameters of a branch (runnable scopes parameters to branches)."""
-        changed = self._changed_parameters(
-            self.key(run_id), lambda document: find_branch(document, internal_name), parameters)
-        if changed:
-            self.mutate(run_id, lambda document: update_parameters(find_branch(document, internal_name), changed))
+        with _Writing(self.client):
+            changed = self._changed_parameters(
+                self.key(run_id), lambda document: find_branch(document, internal_name), parameters)
+            if changed:
+                self.mutate(run_id, lambda document: update_parameters(find_branch(document, internal_name), changed))
 
     def set_run_config(self, run_id: str, run_config: Mapping[str, Any]) -> None:
         """Add or overwrite run config entries; none given changes nothing and sends nothing."""
@@ -1900,7 +1959,8 @@ class S3RunLogs:
 
     def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
         """Apply `change` to the run log and store it with compare-and-swap; returns what was stored."""
-        return self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id))
+        with _Writing(self.client):
+            return self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id))
 
     def _changed_parameters(
         self, key: str, container: Callable[[Dict[str, Any]], Dict[str, Any]], parameters: Mapping[str, Any]
@@ -1921,12 +1981,13 @@ class S3RunLogs:
 
     def delete(self, run_id: str) -> int:
         """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted."""
-        if not self.exists(run_id):
-            raise self._not_found(run_id)
-        key = self.key(run_id)
-        self.client.delete_object(key)
-        self._forget([key])
-        return 1
+        with _Writing(self.client):
+            if not self.exists(run_id):
+                raise self._not_found(run_id)
+            key = self.key(run_id)
+            self.client.delete_object(key)
+            self._forget([key])
+            return 1
 
     def list(self) -> List[ObjectInfo]:
         """Every run of this layout under the prefix as (run id in .key, size, last-modified), oldest first."""
@@ -2343,7 +2404,10 @@ class ChunkedS3RunLogs(S3RunLogs):
         folder, run_key = self.folder(run_id), self.key(run_id)
         run = self._get_or_none(run_key)
         if run is None:
-            count = sum(1 for _info in self.client.list_objects(folder))
+            found = [info.key for info in self.client.list_objects(folder)]
+            if run_key in found:
+                return None  # created since the GET: read again
+            count = len(found)
             if count:
                 raise InvalidRunLogError(
                     f"{self.where(run_id)} holds {count} objects but no {CHUNK_RUN_OBJECT}: the leftovers of a "
@@ -2454,36 +2518,39 @@ class ChunkedS3RunLogs(S3RunLogs):
     def create(self, document: Dict[str, Any]) -> None:
         """Store a new run's object, with the logs it carries at once (one commit point);
         RunLogExistsError if the run is there."""
-        run_id = document["run_id"]
-        check_input(document, "the run log to create")
-        logs = self._prepare_logs(run_id, _chunks_of_run(document))
-        if logs:
-            self._replace(run_id, _run_fields(document), logs, creating=True)
-            return
-        self._create_object(
-            self.key(run_id),
-            self._encode(_run_fields(document)),
-            lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
-            metadata=self._creator_tags(),
-        )
-        self._known_run(run_id)
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            check_input(document, "the run log to create")
+            logs = self._prepare_logs(run_id, _chunks_of_run(document))
+            if logs:
+                self._replace(run_id, _run_fields(document), logs, creating=True)
+                return
+            self._create_object(
+                self.key(run_id),
+                self._encode(_run_fields(document)),
+                lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+                metadata=self._creator_tags(),
+            )
+            self._known_run(run_id)
 
     def replace(self, document: Dict[str, Any]) -> None:
         """Replace the run: afterwards it holds exactly `document`'s logs, but for logs that writers
         change while it runs (theirs are newer). Readers see the old run log or the new one, never a mix,
         even if this stops halfway (see the protocol above)."""
-        run_id = document["run_id"]
-        check_input(document, "the run log to write")
-        self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
-                      creating=False)
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            check_input(document, "the run log to write")
+            self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
+                          creating=False)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
         """Replace the run only if its version is still `etag` (read_version's): PreconditionFailedError if
         any object changed since. A log a pipeline writes after the check is kept (it is newer)."""
-        run_id = document["run_id"]
-        check_input(document, "the run log to write")
-        self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
-                      creating=False, expected=etag)
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            check_input(document, "the run log to write")
+            self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
+                          creating=False, expected=etag)
 
     def _prepare_logs(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
         """{object name: own fields} of each log, every key and size checked before anything is written."""
@@ -2535,12 +2602,18 @@ class ChunkedS3RunLogs(S3RunLogs):
                     etag = self.client.put_object(run_key, body, if_match=run.etag, metadata=metadata)
             except PreconditionFailedError as exc:
                 stored = self._get_or_none(run_key) if exc.after_lost_reply else None
-                if stored is not None and stored.body == body:  # our commit landed, its reply lost
-                    etag = stored.etag
-                else:
+                ours = stored is not None and (_intent_of(decode_run_log(stored.body, self._url(run_key))) or {}).get(
+                    "token") == token
+                if not ours:
+                    # Refused; or our commit landed, its reply lost, and was finished or changed since:
+                    # replace again (a replacement applied twice leaves the same run), with a new token.
                     self.conflicts += 1
+                    token = new_token()
                     self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
                     continue
+                assert stored is not None
+                etag, body, metadata = stored.etag, stored.body, dict(stored.metadata) or metadata
+                intent = _intent_of(decode_run_log(body, self._url(run_key))) or intent
             self._remember(run_key, etag, body, metadata=metadata)
             break
         self._known_run(run_id)
@@ -2600,33 +2673,36 @@ class ChunkedS3RunLogs(S3RunLogs):
     def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
         """A compare-and-swap of the run object; a replacement found there unfinished after
         REPLACEMENT_GRACE (its writer stopped) is finished."""
-        document = super().mutate(run_id, change)
-        intent = _intent_of(document)
-        if intent is not None:
-            now = self.client.server_now() or wall_clock()
-            if now - float(intent.get("since") or 0) > REPLACEMENT_GRACE:
-                logger.info("%s: finishing a replacement its writer left unfinished", self.where(run_id))
-                self._finish(run_id, intent)
-        return document
+        with _Writing(self.client):
+            document = super().mutate(run_id, change)
+            intent = _intent_of(document)
+            if intent is not None:
+                now = self.client.server_now() or wall_clock()
+                if now - float(intent.get("since") or 0) > REPLACEMENT_GRACE:
+                    logger.info("%s: finishing a replacement its writer left unfinished", self.where(run_id))
+                    self._finish(run_id, intent)
+            return document
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
         """Set a step log's object (one PUT when new or last written here); logs it carries are added if
         absent. A step in a branch needs that branch (BranchLogNotFoundError, as the frameworks raise)."""
-        own = _own_fields("step", step_log)
-        self.chunk_key(run_id, "step", own.get("internal_name"))
-        children = self._prepare_logs(run_id, list(_chunks_under("step", step_log)))
-        self._check_run(run_id)
-        self._write_log(run_id, "step", own)
-        self._add_logs(run_id, children)
+        with _Writing(self.client):
+            own = _own_fields("step", step_log)
+            self.chunk_key(run_id, "step", own.get("internal_name"))
+            children = self._prepare_logs(run_id, list(_chunks_under("step", step_log)))
+            self._check_run(run_id)
+            self._write_log(run_id, "step", own)
+            self._add_logs(run_id, children)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
         """Set a branch log's object; logs it carries are added if absent. It needs a step to belong to."""
-        own = _own_fields("branch", branch_log)
-        self.chunk_key(run_id, "branch", own.get("internal_name"))
-        children = self._prepare_logs(run_id, list(_chunks_under("branch", branch_log)))
-        self._check_run(run_id)
-        self._write_log(run_id, "branch", own)
-        self._add_logs(run_id, children)
+        with _Writing(self.client):
+            own = _own_fields("branch", branch_log)
+            self.chunk_key(run_id, "branch", own.get("internal_name"))
+            children = self._prepare_logs(run_id, list(_chunks_under("branch", branch_log)))
+            self._check_run(run_id)
+            self._write_log(run_id, "branch", own)
+            self._add_logs(run_id, children)
 
     def _write_log(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
         # The whole log is set, whatever was stored: the result does not depend on the version it replaces.
@@ -2692,70 +2768,73 @@ class ChunkedS3RunLogs(S3RunLogs):
     def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
         """Add or overwrite the parameters of a branch: a compare-and-swap of the branch's object, applied
         to the branch as a replacement under way shows it."""
-        if not internal_name:
-            self.set_parameters(run_id, parameters)
-            return
-        key = self.chunk_key(run_id, "branch", internal_name)
-        changed = self._changed_parameters(key, lambda document: document, parameters)
-        if not changed:
-            return
-        deadline = self._clock() + self.client.config.conflict_timeout
-        rounds = 0
-        while True:
-            rounds += 1
-            run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
-            if run is None:
-                raise self._not_found(run_id)
-            intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
-            branch = self._visible(key[len(self.folder(run_id)):], stored, intent)
-            if branch is None:
-                raise _log_not_found("branch", internal_name, run_id, self._url(key))
-            update_parameters(branch, changed)
-            body = self._encode(branch)
-            _check_write_size(body, self._url(key))
-            metadata = dict(stored.metadata) if stored is not None else {_CREATED: str(time.time_ns())}
-            try:
-                if stored is None:
-                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
-                else:
-                    _require_strong_etag(stored.etag, key, self.client)
-                    etag = self.client.put_object(key, body, if_match=stored.etag, metadata=metadata)
-            except PreconditionFailedError:
-                self.conflicts += 1
-                self._next_round(rounds, deadline, self._url(key), "other writers kept changing it")
-                continue
-            self._remember(key, etag, body, branch, metadata)
-            return
+        with _Writing(self.client):
+            if not internal_name:
+                self.set_parameters(run_id, parameters)
+                return
+            key = self.chunk_key(run_id, "branch", internal_name)
+            changed = self._changed_parameters(key, lambda document: document, parameters)
+            if not changed:
+                return
+            deadline = self._clock() + self.client.config.conflict_timeout
+            rounds = 0
+            while True:
+                rounds += 1
+                run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+                if run is None:
+                    raise self._not_found(run_id)
+                intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
+                branch = self._visible(key[len(self.folder(run_id)):], stored, intent)
+                if branch is None:
+                    raise _log_not_found("branch", internal_name, run_id, self._url(key))
+                update_parameters(branch, changed)
+                body = self._encode(branch)
+                _check_write_size(body, self._url(key))
+                metadata = dict(stored.metadata) if stored is not None else {_CREATED: str(time.time_ns())}
+                try:
+                    if stored is None:
+                        etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+                    else:
+                        _require_strong_etag(stored.etag, key, self.client)
+                        etag = self.client.put_object(key, body, if_match=stored.etag, metadata=metadata)
+                except PreconditionFailedError:
+                    self.conflicts += 1
+                    self._next_round(rounds, deadline, self._url(key), "other writers kept changing it")
+                    continue
+                self._remember(key, etag, body, branch, metadata)
+                return
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
         """put_run_log: the run's own fields; its parameters and run config gain only what is new; logs it
         carries are added where absent, stored ones kept. A run not created yet is created with them."""
-        fields_ = {name: value for name, value in run_log.items() if name != "steps"}
-        logs = self._prepare_logs(run_id, _chunks_of_run(run_log))
-        try:
-            self.mutate(run_id, lambda document: put_run_fields(document, fields_))
-        except RunLogNotFoundError:
+        with _Writing(self.client):
+            fields_ = {name: value for name, value in run_log.items() if name != "steps"}
+            logs = self._prepare_logs(run_id, _chunks_of_run(run_log))
             try:
-                self.create(dict(run_log))
-                return
-            except RunLogExistsError:
                 self.mutate(run_id, lambda document: put_run_fields(document, fields_))
-        self._add_logs(run_id, logs)
+            except RunLogNotFoundError:
+                try:
+                    self.create(dict(run_log))
+                    return
+                except RunLogExistsError:
+                    self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+            self._add_logs(run_id, logs)
 
     def delete(self, run_id: str) -> int:
         """Delete every object of the run, its own object first (readers then find no run at once; what a
         failed rm, or a late writer, leaves is found and removed by the next rm)."""
-        folder = self.folder(run_id)
-        keys = [info.key for info in self.client.list_objects(folder)]
-        if not keys:
-            raise self._not_found(run_id)
-        run_key = self.key(run_id)
-        if run_key in keys:
-            self.client.delete_object(run_key)
-        self._in_pool(self.client.delete_object, [key for key in keys if key != run_key])
-        self._forget(keys)
-        _known_runs().discard(self._run_identity(run_id))
-        return len(keys)
+        with _Writing(self.client):
+            folder = self.folder(run_id)
+            keys = [info.key for info in self.client.list_objects(folder)]
+            if not keys:
+                raise self._not_found(run_id)
+            run_key = self.key(run_id)
+            if run_key in keys:
+                self.client.delete_object(run_key)
+            self._in_pool(self.client.delete_object, [key for key in keys if key != run_key])
+            self._forget(keys)
+            _known_runs().discard(self._run_identity(run_id))
+            return len(keys)
 
     def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
         """The chunked runs in a top-level listing (a folder holding RunLog.json or a log object: the
@@ -4023,10 +4102,12 @@ def _cmd_put(runs: BucketRuns, args: Any) -> int:
         try:
             run_logs.replace_if_unchanged(document, args.if_match)
         except PreconditionFailedError as exc:
-            raise ConflictError(
-                f"{where} changed since ETag {args.if_match}; nothing written: get it again (get --etag), "
-                "apply your change, and put again"
-            ) from exc
+            outcome = ("a first attempt's reply was lost, so it may have been written all the same: get it again "
+                       "to see" if exc.may_have_landed else "nothing written: get it again (get --etag)")
+            error = ConflictError(f"{where} changed since ETag {args.if_match}; {outcome}, apply your change, and put "
+                                  "again")
+            error.may_have_landed = exc.may_have_landed
+            raise error from exc
     elif args.force:
         run_logs.replace(document)
     else:
@@ -4077,9 +4158,11 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
     try:
         run_logs.replace_if_unchanged(new, etag)
     except PreconditionFailedError as exc:
-        raise ConflictError(
-            f"{where} changed while you edited it; nothing written; {kept}: run edit again and re-apply it"
-        ) from exc
+        outcome = ("a first attempt's reply was lost, so it may have been written all the same" if exc.may_have_landed
+                   else "nothing written")
+        error = ConflictError(f"{where} changed while you edited it; {outcome}; {kept}: run edit again and re-apply it")
+        error.may_have_landed = exc.may_have_landed
+        raise error from exc
     os.unlink(path)
     print(f"wrote {where} ({len(encode_run_log(new))} bytes)")
     return EXIT_OK

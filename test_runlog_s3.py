@@ -4481,7 +4481,7 @@ def sim_patches(mutant=None):
         patch.setattr(runlog_s3, "os", _SimOs(world))
         patch.setattr(runlog_s3.ChunkedS3RunLogs, "_in_pool", staticmethod(_sim_in_turn))
         patch.setattr(runlog_s3, "_clock_offset", {"seconds": 0.0})  # per actor from here on: see Sim.switch_to
-        patch.setattr(runlog_s3, "_KNOWN_RUNS", set())
+        patch.setattr(runlog_s3, "_KNOWN_RUNS", {})
         patch.setattr(runlog_s3.logger, "propagate", False)  # its records go to the schedule, not to pytest's
         world.patch, world.sign_request = patch, runlog_s3.sign_request
         if mutant is not None:
@@ -4536,7 +4536,7 @@ class SimActor:
 
         self.sim, self.spec, self.name, self.faults = sim, spec, spec.name, faults
         self.clock_offset = {"seconds": 0.0}
-        self.known_runs = set()
+        self.known_runs = {}  # by process id, as runlog_s3 keeps it
         self.wake = sim.now
         self.done = self.crashed = False
         self.requests = 0
