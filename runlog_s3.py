@@ -517,7 +517,9 @@ class CredentialProvider:
             return self._assumed
 
     def secrets(self) -> List[str]:
-        """The secret keys and tokens handed out so far (never fetched for this): what must not be stored."""
+        """The secret keys and tokens this provider hands out (read on first use, as a request would): what
+        must never be stored."""
+        self.get()
         held = [self._last_base, self._assumed]
         return [value for credentials in held if credentials is not None
                 for value in (credentials.secret_key, credentials.token) if value]
@@ -767,8 +769,9 @@ def classify_transport_error(exc: BaseException) -> TransportFailure:
         # was applied, so it may have arrived.
         return TransportFailure(True, "the TLS connection failed", "check the endpoint and any proxy in between")
     if isinstance(exc, errors.ProxyConnectionError):
-        return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy",
-                                may_have_arrived=False)
+        # urllib3 1.26 (botocore's on Python < 3.10) calls any socket error through a proxy a proxy error,
+        # a reset while the reply is read included: the request may have arrived.
+        return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy")
     if isinstance(exc, errors.ConnectTimeoutError):
         return TransportFailure(True, "the connection timed out",
                                 "check the endpoint and the network, or connect_timeout",
@@ -1034,6 +1037,11 @@ def _error_from_reply(
     return S3Error(f"{base}{tail}", **kwargs)
 
 
+def _bare_etag(etag: str) -> str:
+    etag = etag.strip()
+    return (etag[2:] if etag.startswith("W/") else etag).strip('"')
+
+
 class S3Client:
     """A minimal S3 client for one bucket: GET, PUT (conditional), HEAD, DELETE, ListObjectsV2.
 
@@ -1103,7 +1111,9 @@ class S3Client:
         for name, value in (metadata or {}).items():
             headers[_METADATA_HEADER + name] = value
         if if_match:
-            headers["If-Match"] = if_match
+            # Quoted and strong whatever form it came in (a LIST may give it unquoted, a proxy mark it weak):
+            # S3 compares If-Match strongly.
+            headers["If-Match"] = f'"{_bare_etag(if_match)}"'
         if if_none_match:
             headers["If-None-Match"] = "*"
         if self.config.server_side_encryption:
@@ -1119,15 +1129,20 @@ class S3Client:
         size = int(reply.header("Content-Length") or 0)
         return ObjectInfo(key, size, reply.header("ETag"), reply.header("Last-Modified"), metadata=_metadata_of(reply))
 
-    def delete_object(self, key: str) -> None:
-        """DELETE (S3 answers 204 whether or not the key existed)."""
-        self._request("DELETE", key)
+    def delete_object(self, key: str, if_match: str = "") -> None:
+        """DELETE (S3 answers 204 whether or not the key existed); with if_match, only if the object is still
+        that version (PreconditionFailedError otherwise; a server may ignore the condition: `check` says)."""
+        self._request("DELETE", key, headers={"If-Match": f'"{_bare_etag(if_match)}"'} if if_match else None)
 
-    def list_objects(self, prefix: str = "", delimiter: str = "") -> Iterator[ObjectInfo]:
-        """ListObjectsV2 over every page; with a delimiter, common prefixes come as keys ending in it."""
+    def list_objects(self, prefix: str = "", delimiter: str = "", pages: Optional[List[int]] = None
+                     ) -> Iterator[ObjectInfo]:
+        """ListObjectsV2 over every page; with a delimiter, common prefixes come as keys ending in it. A list
+        given as `pages` gets a 1 appended per page (a listing of several pages is not one moment)."""
         token = ""
         seen_tokens = set()
         while True:
+            if pages is not None:
+                pages.append(1)
             query = {"list-type": "2", "prefix": prefix}
             if delimiter:
                 query["delimiter"] = delimiter
@@ -1683,11 +1698,6 @@ def _is_strong_etag(etag: str) -> bool:
     return bool(etag) and not etag.startswith("W/")
 
 
-def _bare_etag(etag: str) -> str:
-    etag = etag.strip()
-    return (etag[2:] if etag.startswith("W/") else etag).strip('"')
-
-
 def same_etag(a: str, b: str) -> bool:
     """Whether two ETags name the same version of an object, however the server quoted them: a LIST
     and a GET of one object may differ in quotes, and a proxy may mark an ETag weak (W/)."""
@@ -1745,8 +1755,10 @@ def scrub(body: bytes, secrets: List[str]) -> bytes:
     """The body with every credential value this process holds masked: an executor may copy credentials
     into what it records (magnus 0.4's local-container puts them in run_config.variables)."""
     for secret in secrets:
-        if len(secret) >= 8 and secret.encode() in body:
-            body = body.replace(secret.encode(), b"***")
+        # as written, and percent-encoded (a URL or a query string holding it)
+        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+            if len(form) >= 8 and form.encode() in body:
+                body = body.replace(form.encode(), b"***")
     return body
 
 
@@ -1979,15 +1991,20 @@ class S3RunLogs:
 
     # Removing and listing.
 
-    def delete(self, run_id: str) -> int:
-        """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted."""
+    def delete(self, run_id: str, if_match: str = "") -> int:
+        """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted. With
+        if_match, only if the run log is still that version (PreconditionFailedError otherwise)."""
         with _Writing(self.client):
             if not self.exists(run_id):
                 raise self._not_found(run_id)
             key = self.key(run_id)
-            self.client.delete_object(key)
+            self.client.delete_object(key, if_match=if_match)
             self._forget([key])
             return 1
+
+    def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """The run's own object and its ETag: the whole run log here (one GET)."""
+        return self.read_version(run_id)
 
     def list(self) -> List[ObjectInfo]:
         """Every run of this layout under the prefix as (run id in .key, size, last-modified), oldest first."""
@@ -2217,17 +2234,23 @@ class S3RunLogs:
 #   If-Match B[K], If-None-Match where K was absent; a 412 means a newer write is there, and it stays.
 #   Then the intent is cleared by compare-and-swap. No roll-forward step changes the view.
 # - Why no interleaving loses or mixes: the view changes only at commit points and at pipeline writes.
-#   A pipeline write to K after R listed it moves K's ETag off B[K] for good (roll-forward bodies carry
-#   their token, pipeline bodies their own content), so it shows and no roll-forward step overwrites it.
+#   A pipeline write to K after R listed it moves K's ETag off B[K] for good (every body is unique:
+#   roll-forward bodies carry their token, pipeline bodies a nonce of their own), so it shows and no
+#   roll-forward step overwrites it.
 #   A second replacement first rolls forward and clears the intent it finds, then lists and commits;
 #   the first writer, resuming late, sends only writes conditioned on its B, which no object holds any
 #   more: each fails (fencing, with no lease to judge). Whoever finds an intent can finish it, so a
 #   stopped writer holds nothing up; RunLog.json writers finish one older than REPLACEMENT_GRACE (on the
 #   server's clock), a replacement finishes any it finds before it begins.
-# - A reader GETs RunLog.json, LISTs, GETs the logs; if RunLog.json moved between the GET and the LIST, or
-#   a log between the LIST and its GET, it GETs RunLog.json again: the same generation means no
-#   replacement committed meanwhile (each log is as listed or a newer write), else it reads again. A read
-#   of one log GETs RunLog.json beside it, for the intent.
+# - A reader GETs RunLog.json, LISTs, GETs the logs; if RunLog.json moved between the GET and the LIST, a
+#   log between the LIST and its GET, or the LIST took several pages (not one moment), it GETs RunLog.json
+#   again: the same generation means no replacement committed meanwhile, else it reads again. So a full
+#   read never mixes a replacement's logs with those it replaced; each log is a version it had during the
+#   read (logs that pipelines write meanwhile are each as listed or newer, not all of one instant). A read
+#   of one log GETs RunLog.json beside it, for the intent; so does the check that a new log's parent
+#   exists (a parent a replacement under way drops is missing).
+# - A new run created over objects left in its folder (a late writer after an rm) is a replacement with
+#   those objects listed: they become tombstones, never part of the new run.
 # - Left open: a branch's parameters (runnable) are merged into the branch as this writer saw it; a
 #   replacement committed between that read and the write loses to the write for that branch.
 
@@ -2305,6 +2328,12 @@ def assemble_run_log(
     if orphans:
         logger.warning("%s: %d logs have no parent log and were left out: %s", where, len(orphans), ", ".join(orphans[:5]))
     return document
+
+
+def _written_once(log: Mapping[str, Any]) -> Dict[str, Any]:
+    """A log as a pipeline writes it, with a nonce: no two writes have the same bytes, so an object's ETag
+    never comes back to a version a replacement listed (an ETag is a digest of the bytes)."""
+    return dict(log, **{STORE_FIELD: {"write": new_token()}})
 
 
 def _intent_of(run_object: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
@@ -2416,11 +2445,13 @@ class ChunkedS3RunLogs(S3RunLogs):
             raise self._not_found(run_id)
         fields_ = decode_run_log(run.body, self._url(run_key))
         self._writers[run_id] = run.metadata.get(WRITTEN_BY, "")
-        entries = list(self.client.list_objects(folder))
+        pages: List[int] = []
+        entries = list(self.client.list_objects(folder, pages=pages))
         listed = {info.key: info for info in entries if self._kind_of(info.key, folder)}
         stored = self._held_versions(listed)
         stored.update(self._get_many([key for key in listed if key not in stored]))
-        moved = not any(info.key == run_key and same_etag(info.etag, run.etag) for info in entries) or any(
+        # A listing of several pages is not one moment: a put may commit between them.
+        moved = len(pages) > 1 or not any(info.key == run_key and same_etag(info.etag, run.etag) for info in entries) or any(
             key not in stored or not same_etag(stored[key].etag, info.etag) for key, info in listed.items())
         if moved:  # something changed meanwhile: a pipeline's write, or a replacement committed
             again = self._get_or_none(run_key)
@@ -2497,9 +2528,12 @@ class ChunkedS3RunLogs(S3RunLogs):
         self._known_run(run_id)
         run_object = decode_run_log(run.body, self._url(run.key))
         self._remember(run.key, run.etag, run.body, metadata=run.metadata or None)
-        if stored is not None:
-            self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)  # a rewrite is one PUT
-        document = self._visible(key[len(self.folder(run_id)):], stored, _intent_of(run_object))
+        name, intent = key[len(self.folder(run_id)):], _intent_of(run_object)
+        if stored is not None and not (intent and same_etag(stored.etag, intent["begin"].get(name, ""))):
+            # A base for the next rewrite (one PUT) and for parameters diffed against it: only when it is what
+            # the reader is shown, not an object a replacement under way stands in for.
+            self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)
+        document = self._visible(name, stored, intent)
         if document is None:
             raise _log_not_found(kind, internal_name, run_id, self._url(key))
         document.setdefault(_CHUNK_CHILDREN[kind], {})
@@ -2522,7 +2556,9 @@ class ChunkedS3RunLogs(S3RunLogs):
             run_id = document["run_id"]
             check_input(document, "the run log to create")
             logs = self._prepare_logs(run_id, _chunks_of_run(document))
-            if logs:
+            # Objects left under the folder (a late writer after an rm) would join the new run: a create that
+            # finds any replaces them, as a create with logs always does. One LIST per run.
+            if logs or self.has_objects(run_id):
                 self._replace(run_id, _run_fields(document), logs, creating=True)
                 return
             self._create_object(
@@ -2573,6 +2609,8 @@ class ChunkedS3RunLogs(S3RunLogs):
             run = self._get_or_none(run_key)
             if run is not None and creating:
                 raise RunLogExistsError(f"a run log for run id {run_id!r} already exists at {where}")
+            if run is not None:
+                _require_strong_etag(run.etag, run_key, self.client)
             current = decode_run_log(run.body, self._url(run_key)) if run is not None else {}
             pending = _intent_of(current)
             if pending:  # another replacement committed and has not finished: finish it first
@@ -2584,7 +2622,7 @@ class ChunkedS3RunLogs(S3RunLogs):
                 continue
             begin = {info.key[len(folder):]: info.etag for info in self.client.list_objects(folder)
                      if self._kind_of(info.key, folder)}
-            if expected and (run is None or chunked_version(run.etag, begin) != expected):
+            if expected and (run is None or not same_etag(chunked_version(run.etag, begin), expected)):
                 raise PreconditionFailedError(f"{where} changed since version {expected}; nothing written",
                                               operation="PUT", code="PreconditionFailed", status=412,
                                               bucket=self.client.bucket, key=run_key)
@@ -2644,8 +2682,16 @@ class ChunkedS3RunLogs(S3RunLogs):
                     etag = self.client.put_object(key, body, if_match=begin[name], metadata=metadata)
                 else:
                     etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
-            except PreconditionFailedError:
-                return  # a newer write is there (or this step was done already): it stays
+            except PreconditionFailedError as exc:
+                # A newer write is there (or this step was done already): it stays. Unless the object is still
+                # as listed: then the server refuses the ETag its own LIST gave, and going on would mix.
+                now = self._get_or_none(key) if name in begin else None
+                if now is not None and same_etag(now.etag, begin[name]) and not exc.after_lost_reply:
+                    raise S3Error(
+                        f"{self._url(key)}: the server refused If-Match with the ETag its LIST gave ({begin[name]}); "
+                        "the replacement stays committed and unfinished (readers see it whole): run `runlog-s3 check`",
+                        operation="PUT", code="ETagMismatch", bucket=self.client.bucket, key=key) from exc
+                return
             except NotFoundError as exc:
                 if isinstance(exc, NoSuchBucketError):
                     raise
@@ -2662,6 +2708,11 @@ class ChunkedS3RunLogs(S3RunLogs):
             self._mutate_object(self.key(run_id), clear, decode_run_log, lambda: self._not_found(run_id))
         except RunLogNotFoundError:
             pass  # deleted since (rm): nothing left to clear
+
+    def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """RunLog.json (the run's own fields) and its ETag: one GET."""
+        stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
+        return public(decode_run_log(stored.body, self._url(stored.key))), stored.etag
 
     def unfinished_replacement(self, run_id: str) -> str:
         """The token of a replacement committed and not yet finished ('' when none): one GET."""
@@ -2708,7 +2759,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         # The whole log is set, whatever was stored: the result does not depend on the version it replaces.
         def set_log(document: Dict[str, Any]) -> None:
             document.clear()
-            document.update(own)
+            document.update(_written_once(own))
 
         self._mutate_object(
             self.chunk_key(run_id, kind, own["internal_name"]), set_log, _live_log, None,
@@ -2717,8 +2768,9 @@ class ChunkedS3RunLogs(S3RunLogs):
         )
 
     def _check_parent(self, run_id: str, kind: str, internal_name: str) -> None:
-        """Before a log is created: its parent exists (a step's branch, a branch's step), as stored or as a
-        replacement under way shows it. One GET (a branch's name may need one per dot)."""
+        """Before a log is created: its parent exists (a step's branch, a branch's step) as a reader sees it,
+        a replacement under way deciding. Its GET and RunLog.json's at once (a branch's name with dots
+        may need one GET per dot)."""
         folder = self.folder(run_id)
         if kind == "step":
             parent = internal_name.rpartition(".")[0]
@@ -2727,19 +2779,14 @@ class ChunkedS3RunLogs(S3RunLogs):
             candidates = [self.chunk_key(run_id, "branch", parent)]
         else:
             candidates = [self.chunk_key(run_id, "step", name) for name in _parent_names(internal_name)]
-        for key in candidates:
-            stored = self._get_or_none(key)
-            if stored is not None and _live_log(stored.body, self._url(key)) is not None:
-                return
-        # Not stored: a replacement under way may bring it. Finish that replacement, then look again.
-        run = self._get_or_none(self.key(run_id))
-        intent = _intent_of(decode_run_log(run.body, self._url(run.key))) if run is not None else None
-        if intent and any(key[len(folder):] in intent["logs"] for key in candidates):
-            self._finish(run_id, intent)
-            if any(self._get_or_none(key) is not None for key in candidates):
-                return
+        run, *found = self._in_pool(self._get_or_none, [self.key(run_id)] + candidates)
+        if run is None:
+            raise self._not_found(run_id)
+        intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
+        if any(self._visible(key[len(folder):], stored, intent) is not None for key, stored in zip(candidates, found)):
+            return
         missing = "branch" if kind == "step" else "step"
-        name = internal_name.rpartition(".")[0] if kind == "step" else internal_name
+        name = internal_name.rpartition(".")[0] if kind == "step" else next(_parent_names(internal_name), "")
         raise LogNotFoundError(
             f"{missing} log {name!r} is not in run log {run_id!r}: {kind} log {internal_name!r} has no "
             f"{missing} to belong to; add the {missing} log first", kind=missing,
@@ -2752,7 +2799,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         def add(numbered: Tuple[int, str]) -> None:
             number, name = numbered
             key, metadata = folder + name, {_CREATED: str(first + number)}
-            body = self._encode(logs[name])
+            body = self._encode(_written_once(logs[name]))
             if self._create_object(key, body, None, metadata=metadata):
                 return
             stored = self._get_or_none(key)  # there: a log, or a tombstone, which counts as absent
@@ -2788,7 +2835,7 @@ class ChunkedS3RunLogs(S3RunLogs):
                 if branch is None:
                     raise _log_not_found("branch", internal_name, run_id, self._url(key))
                 update_parameters(branch, changed)
-                body = self._encode(branch)
+                body = self._encode(_written_once(branch))
                 _check_write_size(body, self._url(key))
                 metadata = dict(stored.metadata) if stored is not None else {_CREATED: str(time.time_ns())}
                 try:
@@ -2820,9 +2867,10 @@ class ChunkedS3RunLogs(S3RunLogs):
                     self.mutate(run_id, lambda document: put_run_fields(document, fields_))
             self._add_logs(run_id, logs)
 
-    def delete(self, run_id: str) -> int:
+    def delete(self, run_id: str, if_match: str = "") -> int:
         """Delete every object of the run, its own object first (readers then find no run at once; what a
-        failed rm, or a late writer, leaves is found and removed by the next rm)."""
+        failed rm, or a late writer, leaves is found and removed by the next rm). With if_match, only if
+        the run object is still that version (PreconditionFailedError otherwise, nothing deleted)."""
         with _Writing(self.client):
             folder = self.folder(run_id)
             keys = [info.key for info in self.client.list_objects(folder)]
@@ -2830,7 +2878,7 @@ class ChunkedS3RunLogs(S3RunLogs):
                 raise self._not_found(run_id)
             run_key = self.key(run_id)
             if run_key in keys:
-                self.client.delete_object(run_key)
+                self.client.delete_object(run_key, if_match=if_match)
             self._in_pool(self.client.delete_object, [key for key in keys if key != run_key])
             self._forget(keys)
             _known_runs().discard(self._run_identity(run_id))
@@ -4176,7 +4224,13 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
         raise UsageError(f"refusing to delete run {args.run_id!r} without --yes (stdin is not a terminal)")
     run_logs = runs.holding(args.run_id)
     where = run_logs.where(args.run_id)
-    status = runs.status(args.run_id, run_logs.layout)[0]
+    try:
+        document, etag = run_logs.read_run_object(args.run_id)
+        status = str(document.get("status", "?"))
+    except RunLogNotFoundError:  # a chunked folder without its run object: leftovers
+        status, etag = "INCOMPLETE", ""
+    except InvalidRunLogError:
+        status, etag = "?", ""
     if status not in FINISHED_STATUSES + ("?", "INCOMPLETE") and not args.force:
         # A pipeline still writing it would write on after the delete: what it adds then is found by
         # ls and removed by another rm, but the run it believes in is gone.
@@ -4187,7 +4241,11 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
             return EXIT_FAILED
-    deleted = run_logs.delete(args.run_id)
+    try:  # only the run as it was checked: a pipeline that wrote it since (a retry, a resume) keeps it
+        deleted = run_logs.delete(args.run_id, if_match="" if args.force else etag)
+    except PreconditionFailedError as exc:
+        raise ConflictError(f"{where} was written since it was checked (a pipeline resumed?); nothing deleted; look "
+                            "at it again (show), then rm again") from exc
     print(f"deleted {where}" + (f" ({deleted} objects)" if run_logs.layout == "chunked-s3" else ""))
     return EXIT_OK
 
