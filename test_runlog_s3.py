@@ -3845,3 +3845,76 @@ def test_conditional_and_loop_branches_are_filed_under_their_own_step_as_runnabl
                 for name, step in container["steps"].items()}
 
     assert shape(ours) == shape(theirs)
+
+
+# A step written in one process and read back in another (#23 item 12), and a run marked FAIL through
+# get_run_log_by_id -> put_run_log (#23 item 13), through runnable's own executors. On chunked-s3
+# these wait for the lead's store changes (reads served from memory removed; put_run_log keeps logs).
+
+_LOCAL_CONTAINER_WITHOUT_DOCKER = """
+import sys
+from extensions.pipeline_executor.emulate import Emulator
+from extensions.pipeline_executor.local_container import LocalContainerExecutor
+from runnable.cli import app
+
+# No Docker here: the container is a process of its own running the command the executor built for it
+# (`runnable execute-single-node ...`, as the container would), with the executor's environment. The
+# parent's own code is unchanged: it writes the step PROCESSING, waits for the container, then reads the
+# step back and marks it FAIL unless the container's process wrote SUCCESS.
+def spin_container(self, node, command, iter_variable=None, auto_remove_container=True):
+    Emulator.run_click_command(self, command)
+
+LocalContainerExecutor._spin_container = spin_container
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("executor", ["emulator", "local-container"])
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_runnable_executors_that_run_a_step_in_another_process_read_its_outcome(framework_bin, moto_bucket, tmp_path,
+                                                                              executor, store_type):
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    store = {"type": store_type, "config": moto_bucket}
+    command = bench_runlog_s3.write_runnable_pipeline(work, store, 2, 2, runnable=str(Path(python).parent / "runnable"))
+    executor_block = {"type": executor, **({"config": {"docker_image": "not-used"}} if executor != "emulator" else {})}
+    (work / "runnable-config.yaml").write_text(json.dumps({"pipeline-executor": executor_block, "run-log-store": store,
+                                                           "catalog": {"type": "do-nothing"}}))
+    if executor == "local-container":
+        command = [python, "-c", _LOCAL_CONTAINER_WITHOUT_DOCKER, *command[1:]]
+    result = subprocess.run(command + ["other-process"], cwd=work, env=environ, capture_output=True,
+                            text=True, timeout=300)
+    document = runlog_s3.open_run_logs(moto_bucket, store_type).read("other-process")
+    failed = [log["internal_name"] for _depth, _kind, log in runlog_s3.iter_steps(document) if log["status"] != "SUCCESS"]
+    assert (result.returncode, document["status"], failed) == (0, "SUCCESS", []), (result.stdout + result.stderr)[-3000:]
+    assert bench_runlog_s3.successful_logs(document) == bench_runlog_s3.expected_logs(2, 2)
+
+
+_ARGO_PIPELINE = {"dag": {"start_at": "first", "steps": {
+    "first": {"type": "task", "command_type": "shell", "command": "echo first", "next": "second"},
+    "second": {"type": "task", "command_type": "shell", "command": "exit 1", "next": "success"},
+    "success": {"type": "success"}, "fail": {"type": "fail"}}}}
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_runnable_argo_marking_a_failed_step_keeps_the_runs_history(framework_bin, moto_bucket, tmp_path, store_type):
+    # Each Argo pod runs `runnable execute-single-node` for one step; when its step fails, the argo
+    # executor's execute_node marks the run FAIL by get_run_log_by_id(run_id) (not full) -> status ->
+    # put_run_log. Here the pods' commands run one after another without Kubernetes.
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(_ARGO_PIPELINE))
+    (tmp_path / "argo.yaml").write_text(json.dumps({
+        "pipeline-executor": {"type": "argo", "config": {"pvc_for_runnable": "runnable", "defaults": {"image": "image"},
+                                                         "argoWorkflow": {"metadata": {"generateName": "argo-"},
+                                                                          "spec": {"serviceAccountName": "default"}}}},
+        "run-log-store": {"type": store_type, "config": moto_bucket}, "catalog": {"type": "do-nothing"}}))
+    runnable = str(Path(python).parent / "runnable")
+    pods = [subprocess.run([runnable, "execute-single-node", "argo-run", "pipeline.yaml", step, "--config", "argo.yaml"],
+                           cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+            for step in ("first", "second")]
+    assert [pod.returncode for pod in pods] == [0, 1], pods[0].stderr[-2000:]
+    assert "Step second failed" in pods[1].stdout + pods[1].stderr
+    document = runlog_s3.open_run_logs(moto_bucket, store_type).read("argo-run")
+    assert document["status"] == "FAIL"
+    assert {name: step["status"] for name, step in document["steps"].items()} == {"first": "SUCCESS", "second": "FAIL"}
