@@ -1550,8 +1550,11 @@ def decode_run_log(body: bytes, where: str) -> Dict[str, Any]:
 
 # Internal names are dot paths (step.branch.step...). magnus forbids dots in step names, but a map's
 # branch is named after its item (`each.data.csv` for the item "data.csv"), so a name is resolved
-# against the logs that exist, never by splitting on every dot.
-_BRANCHING_STEP_TYPES = ("parallel", "map", "dag")
+# against the logs that exist, never by splitting on every dot. The step types that hold branches:
+# magnus 0.4's parallel, map and dag; runnable adds conditional and loop. A new branch goes to the
+# longest step of these types whose name begins its own: a conditional inside a parallel's branch
+# (`par.b1.cond.heads`) belongs to `par.b1.cond`, not to `par`.
+_BRANCHING_STEP_TYPES = ("parallel", "map", "dag", "conditional", "loop")
 
 
 def _parent_names(internal_name: str) -> Iterator[str]:
@@ -3003,11 +3006,10 @@ class _StoreCore:
         """The shared credentials file (the local-container integrations mount it)."""
         return os.path.expanduser(self.config.aws_credentials_file)
 
-    def _call(
-        self, run_id: str, operation: Callable[..., Any], *args: Any, name: str = "", missing: str = "BranchLogNotFoundError"
-    ) -> Any:
-        # Our errors become the framework's own, keeping our message. `missing` is the framework's name
-        # for a step or branch log that is not there.
+    def _call(self, run_id: str, operation: Callable[..., Any], *args: Any, missing: Tuple[str, str] = ("", "")) -> Any:
+        # Our errors become the framework's own, keeping our message. `missing` is what the framework's
+        # base class raises when a log this operation needs is not there: its error's name and the name
+        # of the log it reports (a step's branch for add_step_log, a branch's step for add_branch_log).
         error: RunlogS3Error
         error_args: Tuple[str, ...]
         try:
@@ -3017,7 +3019,7 @@ class _StoreCore:
         except RunLogExistsError as exc:
             error, error_args = exc, ("RunLogExistsError", run_id)
         except LogNotFoundError as exc:
-            error, error_args = exc, (missing, run_id, name)
+            error, error_args = exc, (missing[0] or "BranchLogNotFoundError", run_id, missing[1])
         framework_error = self._errors.get(error_args[0])
         if framework_error is None:
             raise error
@@ -3025,16 +3027,22 @@ class _StoreCore:
 
 
 def _framework_errors(exceptions: Any, names: Tuple[str, ...]) -> Dict[str, type]:
-    """The framework's exception classes, each also one of ours (so it carries our message)."""
+    """The framework's exception classes, each also one of ours: made with the framework's arguments (so
+    it has the framework's attributes: run_id, step_name, branch_name), carrying our message."""
     ours = {"RunLogNotFoundError": RunLogNotFoundError, "RunLogExistsError": RunLogExistsError,
             "StepLogNotFoundError": LogNotFoundError, "BranchLogNotFoundError": LogNotFoundError,
             "JobLogNotFoundError": LogNotFoundError}
 
-    def __init__(self: Any, message: str, *args: Any) -> None:
-        RunlogS3Error.__init__(self, message)
+    def error_class(name: str) -> type:
+        theirs = getattr(exceptions, name)
 
-    return {name: type(name, (ours[name], getattr(exceptions, name)), {"__init__": __init__, "__module__": __name__})
-            for name in names}
+        def __init__(self: Any, message: str, *args: Any) -> None:
+            theirs.__init__(self, *args)  # sets the attributes the framework's callers read
+            RunlogS3Error.__init__(self, message)
+
+        return type(name, (ours[name], theirs), {"__init__": __init__, "__module__": __name__})
+
+    return {name: error_class(name) for name in names}
 
 
 def _installed_version(distribution: str) -> str:
@@ -3113,29 +3121,32 @@ class _MagnusStoreMethods(_StoreCore):
 
     def get_step_log(self, internal_name: str, run_id: str, **kwargs: Any) -> Any:
         """A step log by its internal name."""
-        step = self._call(
-            run_id, self.run_logs.read_step, run_id, internal_name, name=internal_name, missing="StepLogNotFoundError"
-        )
+        step = self._call(run_id, self.run_logs.read_step, run_id, internal_name,
+                          missing=("StepLogNotFoundError", internal_name))
         return self._model("StepLog", step)
 
     def add_step_log(self, step_log: Any, run_id: str, **kwargs: Any) -> None:
         """Set a step log in its branch; branches stored under it by other writers are kept."""
         step = self._as_dict(step_log)
         logger.debug("add step log %s to run %s", step.get("internal_name"), run_id)
-        self._call(run_id, self.run_logs.add_step, run_id, step, name=step.get("internal_name", ""))
+        branch_name = str(step.get("internal_name", "")).rpartition(".")[0]
+        self._call(run_id, self.run_logs.add_step, run_id, step, missing=("BranchLogNotFoundError", branch_name))
 
     def get_branch_log(self, internal_branch_name: str, run_id: str, **kwargs: Any) -> Any:
         """A branch log by its internal name, or the run log for '' (the base dag)."""
-        log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name, name=internal_branch_name)
+        log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name,
+                         missing=("BranchLogNotFoundError", internal_branch_name))
         return self._model("BranchLog" if internal_branch_name else "RunLog", log)
 
     def add_branch_log(self, branch_log: Any, run_id: str, **kwargs: Any) -> None:
-        """Set a branch log in its step; for a run log (the base dag) set the run's own fields."""
+        """Set a branch log in its step; for a run log (the base dag) set the run's own fields, storing the
+        run if it is not there yet (the frameworks' base classes put_run_log it)."""
         branch = self._as_dict(branch_log)
         if "run_id" in branch:
-            self._call(run_id, self.run_logs.set_run_fields, run_id, branch)
+            self._call(run_id, self.run_logs.set_run_fields, run_id, branch)  # creates a run not created yet
         else:
-            self._call(run_id, self.run_logs.add_branch, run_id, branch, name=branch.get("internal_name", ""))
+            step_name = str(branch.get("internal_name", "")).rpartition(".")[0]
+            self._call(run_id, self.run_logs.add_branch, run_id, branch, missing=("StepLogNotFoundError", step_name))
 
 
 def _store_classes(methods: type, base: type, framework: str, **attributes: Any) -> Dict[str, type]:
@@ -3348,7 +3359,8 @@ class _RunnableStoreMethods(_PydanticStoreMethods, _MagnusStoreMethods):
     def get_parameters(self, run_id: str, internal_branch_name: str = "", **kwargs: Any) -> dict:
         """The parameters of the run, or of a branch (runnable scopes them), as runnable's typed models."""
         if internal_branch_name:
-            log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name, name=internal_branch_name)
+            log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name,
+                             missing=("BranchLogNotFoundError", internal_branch_name))
         else:
             log = self._call(run_id, self.run_logs.read, run_id, False)
         return self._model("RunLog", {"run_id": run_id, "parameters": log.get("parameters", {})}).parameters
@@ -3358,7 +3370,7 @@ class _RunnableStoreMethods(_PydanticStoreMethods, _MagnusStoreMethods):
         values = {name: value.model_dump() if hasattr(value, "model_dump") else value
                   for name, value in parameters.items()}
         self._call(run_id, self.run_logs.set_branch_parameters, run_id, internal_branch_name, values,
-                   name=internal_branch_name)
+                   missing=("BranchLogNotFoundError", internal_branch_name))
 
     def get_job_log(self, run_id: str) -> Any:
         """The job log of a job's run (JobLogNotFoundError when the run has none)."""
