@@ -935,10 +935,17 @@ _ACCESS_HINTS = {
 }
 
 
+_POLICY_HINT = ("the bucket policy may require conditional writes (s3:if-none-match / s3:if-match), and this {method} "
+                "carried no If-None-Match or If-Match")
+
+
 def _error_from_reply(
-    reply: HttpReply, *, operation: str, bucket: str, key: str, region: str = "", method: str = ""
+    reply: HttpReply, *, operation: str, bucket: str, key: str, region: str = "", method: str = "",
+    unconditional_write: bool = False,
 ) -> S3Error:
-    """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message."""
+    """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message.
+    unconditional_write: the request was a PUT or DELETE of an object without If-Match or If-None-Match,
+    which a bucket policy requiring conditional writes refuses with AccessDenied."""
     fields_ = _xml_fields(reply.body)
     code = fields_.get("Code") or _STATUS_CODES.get(reply.status, "")
     detail = fields_.get("Message", "")
@@ -978,8 +985,10 @@ def _error_from_reply(
         # Some servers (SeaweedFS among them), and every HEAD (a reply without a body), answer a
         # signature made with a wrong secret with a bare 403 / AccessDenied: name both causes.
         hint = _ACCESS_HINTS.get(method or operation.split()[0], "the credentials need permission for this")
-        return S3Error(f"{base}; check the access key and secret (a wrong secret can look like this), or {hint}{tail}",
-                       **kwargs)
+        policy = _POLICY_HINT.format(method=method or operation) + "; " if (
+            unconditional_write and code == "AccessDenied") else ""
+        return S3Error(f"{base}; {policy}check the access key and secret (a wrong secret can look like this), or "
+                       f"{hint}{tail}", **kwargs)
     return S3Error(f"{base}{tail}", **kwargs)
 
 
@@ -1008,6 +1017,8 @@ class S3Client:
         self.on_retry: Optional[Callable[[str, int, float], None]] = None  # (message, attempt, delay): the CLI's notices
         self._base_url, self._path_prefix = self._addressing()
         self.transport = transport or BotocoreTransport(config, self._environ, self._base_url)
+        self._conditional_delete: Optional[ConditionalDelete] = None  # found out by the first conditional_delete()
+        self._probe_lock_pid, self._probe_lock_held = os.getpid(), threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Client(bucket={self.bucket!r}, region={self.config.region!r}, endpoint={self._base_url!r})"
@@ -1043,6 +1054,14 @@ class S3Client:
         metadata: Optional[Mapping[str, str]] = None,
     ) -> str:
         """PUT, optionally only if the ETag matches or only if no object exists; returns the new ETag."""
+        headers = self.put_headers(if_match=if_match, if_none_match=if_none_match, metadata=metadata)
+        reply = self._request("PUT", key, headers=headers, body=body)
+        return reply.header("ETag")
+
+    def put_headers(
+        self, *, if_match: str = "", if_none_match: bool = False, metadata: Optional[Mapping[str, str]] = None
+    ) -> Dict[str, str]:
+        """The headers of a PUT of a run log object: content type, condition, metadata, encryption."""
         headers = {"Content-Type": "application/json"}
         for name, value in (metadata or {}).items():
             headers[_METADATA_HEADER + name] = value
@@ -1054,8 +1073,7 @@ class S3Client:
             headers["x-amz-server-side-encryption"] = self.config.server_side_encryption
         if self.config.sse_kms_key_id:
             headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.config.sse_kms_key_id
-        reply = self._request("PUT", key, headers=headers, body=body)
-        return reply.header("ETag")
+        return headers
 
     def head_object(self, key: str) -> ObjectInfo:
         """HEAD: size, ETag, last-modified and metadata without the body."""
@@ -1063,9 +1081,10 @@ class S3Client:
         size = int(reply.header("Content-Length") or 0)
         return ObjectInfo(key, size, reply.header("ETag"), reply.header("Last-Modified"), metadata=_metadata_of(reply))
 
-    def delete_object(self, key: str) -> None:
-        """DELETE (S3 answers 204 whether or not the key existed)."""
-        self._request("DELETE", key)
+    def delete_object(self, key: str, if_match: str = "") -> None:
+        """DELETE, only if the ETag still matches when if_match is given (S3 answers 204 whether or not
+        an unconditional DELETE's key existed; a server may ignore the condition: conditional_delete())."""
+        self._request("DELETE", key, headers={"If-Match": if_match} if if_match else None)
 
     def list_objects(self, prefix: str = "", delimiter: str = "") -> Iterator[ObjectInfo]:
         """ListObjectsV2 over every page; with a delimiter, common prefixes come as keys ending in it."""
@@ -1114,6 +1133,17 @@ class S3Client:
         reply = self._request("HEAD", "", operation="HEAD bucket")
         return reply.header("x-amz-bucket-region")
 
+    def conditional_delete(self) -> ConditionalDelete:
+        """Whether this server honours If-Match on DELETE (AWS S3 does since 2025-09, some servers ignore
+        it): found out once per client, by a probe on a scratch key under the prefix, then remembered."""
+        if self._probe_lock_pid != os.getpid():  # a forked child must not wait for a lock its parent held
+            self._probe_lock_pid, self._probe_lock_held = os.getpid(), threading.Lock()
+        with self._probe_lock_held:
+            if self._conditional_delete is None:
+                self._conditional_delete = probe_conditional_delete(self, scratch_key(self.config.key_prefix, "probe"))
+                logger.debug("conditional DELETE on %s: %s", self._base_url, self._conditional_delete.detail)
+            return self._conditional_delete
+
     # The one place a request is built, signed, sent, retried and its errors parsed.
 
     def _request(
@@ -1151,7 +1181,8 @@ class S3Client:
             if 200 <= reply.status < 300:
                 return reply
             error = _error_from_reply(
-                reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method
+                reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method,
+                unconditional_write=_is_unconditional_write(method, key, headers),
             )
             if isinstance(error, PreconditionFailedError):
                 error.after_lost_reply = may_have_landed
@@ -1207,6 +1238,61 @@ class S3Client:
             self.on_retry(f"{operation} s3://{self.bucket}/{key}: {reason}; retrying (attempt {attempt + 1} of "
                           f"{self.config.max_attempts}) in {delay:.1f} s", attempt, delay)
         self._sleep(delay)
+
+
+class ConditionalDelete(NamedTuple):
+    """Whether a server honours If-Match on DELETE, and what its probe saw, in words."""
+
+    honoured: bool
+    detail: str
+
+
+# An ETag no object has: the MD5 of nothing is d41d8cd9..., and S3 never mints one of all zeros.
+STALE_ETAG = '"00000000000000000000000000000000"'
+
+
+def scratch_key(prefix: str, purpose: str) -> str:
+    """A key of this process's own under the prefix, for a probe or a check: no run's name, no folder."""
+    return "/".join(filter(None, [prefix, f".runlog-s3-{purpose}-{os.getpid()}-{random.getrandbits(32):08x}"]))
+
+
+def probe_conditional_delete(client: S3Client, key: str) -> ConditionalDelete:
+    """Write a scratch object (If-None-Match: *), DELETE it with a stale If-Match and see whether it is
+    kept, then delete it with its own ETag. Every request of the probe carries a condition."""
+    etag = client.put_object(key, b'{"probe":"runlog-s3 conditional delete"}', if_none_match=True)
+    try:
+        client.delete_object(key, if_match=STALE_ETAG)
+    except PreconditionFailedError:
+        client.delete_object(key, if_match=etag)
+        return ConditionalDelete(True, "a DELETE with a stale If-Match was refused (412) and the object kept")
+    except S3Error as exc:
+        if exc.status not in (400, 501):
+            raise
+        _delete_quietly(client, key, "")
+        return ConditionalDelete(False, "this server does not support If-Match on DELETE: it answered "
+                                        f"{exc.code or 'HTTP'} ({exc.status})")
+    try:
+        client.head_object(key)
+    except NotFoundError:
+        return ConditionalDelete(False, "this server ignores If-Match on DELETE: a DELETE with a stale If-Match "
+                                        "deleted the object")
+    _delete_quietly(client, key, etag)
+    return ConditionalDelete(False, "this server ignores If-Match on DELETE: a DELETE with a stale If-Match was "
+                                    "answered as done (the object was kept)")
+
+
+def _delete_quietly(client: S3Client, key: str, etag: str) -> None:
+    # Cleaning up after a probe or a check: a scratch object left behind is no run and harms nothing.
+    try:
+        client.delete_object(key, if_match=etag)
+    except S3Error as exc:
+        logger.debug("could not delete the scratch object s3://%s/%s: %s", client.bucket, key, exc.message)
+
+
+def _is_unconditional_write(method: str, key: str, headers: Mapping[str, str]) -> bool:
+    """A PUT or DELETE of an object that a bucket policy requiring conditional writes refuses."""
+    return method in ("PUT", "DELETE") and bool(key) and not any(
+        name.lower() in ("if-match", "if-none-match") for name in headers)
 
 
 def _metadata_of(reply: HttpReply) -> Dict[str, str]:

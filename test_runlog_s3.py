@@ -1802,6 +1802,179 @@ def test_cli_check_local_passes_with_only_the_local_extra(tmp_path):
     assert "magnus" not in subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True).stdout
 
 
+# Servers that get conditional writes wrong, or require them ######################################
+
+
+class ConditionProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server that changes what conditions mean.
+
+    - "non-atomic": checks If-Match / If-None-Match itself (a HEAD upstream), answers 412 when the
+      condition fails, else lands the write 30 ms later without its condition: a server whose check and
+      write are two steps (SeaweedFS before its fix of issue 8800, versitygw before PR 2288).
+    - "ignore-delete-condition": drops If-Match from DELETEs (AWS S3 before 2025-09, some servers).
+    - "require-conditions": refuses an object PUT without If-None-Match or If-Match, and a DELETE without
+      If-Match, with 403 AccessDenied, as a bucket policy with the s3:if-none-match / s3:if-match
+      condition keys does (moto and SeaweedFS enforce no such policy).
+
+    The first two change signed headers, so they front moto (which checks no signature); the third
+    forwards requests untouched and fronts SeaweedFS too. `refused` counts its 403s, `writes` the
+    object PUTs and DELETEs that came through, by whether they carried a condition."""
+
+    LATENCY = 0.03
+
+    def __init__(self, upstream_url, mode):
+        import http.server
+        from collections import Counter
+
+        self.upstream, self.mode = urlsplit(upstream_url), mode
+        self.refused, self.writes, self._lock = [], Counter(), threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                self.handle_one_request()  # one request per connection
+
+            def handle_one_request(self):
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline or not self.parse_request():
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, data = proxy.answer(self.command, self.path, dict(self.headers), body)
+                self.send_response_only(status)
+                for name, value in headers:
+                    if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # 16 writers connect at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def answer(self, method, path, headers, body):
+        conditions = {name.lower(): value for name, value in headers.items() if name.lower() in ("if-match",
+                                                                                                "if-none-match")}
+        object_write = method in ("PUT", "DELETE") and "/" in urlsplit(path).path.strip("/")
+        if object_write:
+            with self._lock:
+                self.writes["conditional" if conditions else "unconditional"] += 1
+        if self.mode == "require-conditions" and object_write and (
+                not conditions or (method == "DELETE" and "if-match" not in conditions)):
+            with self._lock:
+                self.refused.append(f"{method} {urlsplit(path).path}")
+            return self.error(403, "AccessDenied", "Access Denied")
+        if self.mode == "ignore-delete-condition" and method == "DELETE":
+            headers = {name: value for name, value in headers.items() if name.lower() != "if-match"}
+        if self.mode == "non-atomic" and object_write and conditions:
+            unconditional = {name: value for name, value in headers.items()
+                             if name.lower() not in ("if-match", "if-none-match", "content-length", "content-md5")}
+            status, found, _ = self.forward("HEAD", path, unconditional, b"")
+            if status not in (200, 404):
+                return status, found, b""
+            etag = dict((name.lower(), value) for name, value in found).get("etag", "")
+            exists = status == 200
+            if (conditions.get("if-none-match") == "*" and exists) or (
+                    "if-match" in conditions and (not exists or conditions["if-match"] != etag)):
+                return self.error(412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
+            time.sleep(self.LATENCY)  # the condition held when checked; the write lands later
+            headers = {name: value for name, value in headers.items() if name.lower() not in conditions}
+        return self.forward(method, path, headers, body)
+
+    @staticmethod
+    def error(status, code, message):
+        return status, [("Content-Type", "application/xml")], (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
+            "<RequestId>condition-proxy</RequestId></Error>").encode()
+
+    def forward(self, method, path, headers, body):
+        import http.client
+
+        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            reply = connection.getresponse()
+            return reply.status, reply.getheaders(), reply.read()
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def condition_proxy(request):
+    """condition_proxy(upstream config, mode) -> (proxy, config through it); stopped after the test."""
+    proxies = []
+
+    def start(config, mode):
+        proxies.append(ConditionProxy(config["endpoint_url"], mode))
+        return proxies[-1], {**config, "endpoint_url": proxies[-1].endpoint_url}
+
+    yield start
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("mode, honoured", [("ignore-delete-condition", False), ("pass-through", True)])
+def test_a_client_finds_out_once_whether_delete_honours_if_match(moto_bucket, condition_proxy, mode, honoured):
+    proxy, config = condition_proxy(moto_bucket, mode)
+    client = S3Client(Config.from_dict(config), transport=CountingTransport(config))
+    found = client.conditional_delete()
+    assert found.honoured is honoured and found.detail
+    assert client.conditional_delete() is found
+    methods = [method for method, _path, _query in client.transport.sent]
+    assert methods == (["PUT", "DELETE", "DELETE"] if honoured else ["PUT", "DELETE", "HEAD"])
+    assert proxy.writes["unconditional"] == 0  # the probe's own writes carry conditions
+    assert list(client.list_objects("runs/")) == []
+
+
+def test_delete_sends_if_match_and_a_stale_one_keeps_the_object(bucket):
+    client = S3Client(Config.from_dict(bucket))
+    etag = client.put_object("runs/kept.json", b"{}", if_none_match=True)
+    with pytest.raises(PreconditionFailedError):
+        client.delete_object("runs/kept.json", if_match=runlog_s3.STALE_ETAG)
+    assert client.head_object("runs/kept.json").etag == etag
+    client.delete_object("runs/kept.json", if_match=etag)
+    with pytest.raises(NotFoundError):
+        client.head_object("runs/kept.json")
+
+
+@pytest.mark.parametrize("method, options, named", [
+    ("PUT", {}, True),
+    ("DELETE", {}, True),
+    ("PUT", {"if_none_match": True}, False),
+    ("PUT", {"if_match": '"0123456789abcdef0123456789abcdef"'}, False),
+    ("DELETE", {"if_match": '"0123456789abcdef0123456789abcdef"'}, False),
+])
+@responses.activate
+def test_access_denied_on_an_unconditional_write_names_the_bucket_policy(method, options, named):
+    client, _transport = fake_client()
+    responses.add(getattr(responses, method), f"{AWS_URL}/runs/r.json", **s3_error("AccessDenied", "Access Denied", 403))
+    with pytest.raises(S3Error) as raised:
+        if method == "PUT":
+            client.put_object("runs/r.json", b"{}", **options)
+        else:
+            client.delete_object("runs/r.json", **options)
+    message = str(raised.value)
+    assert ("the bucket policy may require conditional writes (s3:if-none-match / s3:if-match), and this "
+            f"{method} carried no If-None-Match or If-Match" in message) is named, message
+    assert "check the access key and secret of " in message and "\n" not in message
+
 def test_remembered_document_never_shares_a_callers_objects(bucket):
     store = runlog_s3.S3RunLogStore(bucket)
     store.create_run_log("alias")
