@@ -27,6 +27,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import (
@@ -42,6 +43,7 @@ from typing import (
     Optional,
     Tuple,
     Type,
+    Union,
     cast,
 )
 
@@ -3861,11 +3863,13 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
 
 
 class CheckResult(NamedTuple):
-    """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN."""
+    """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN;
+    counts, for a check that counted something (in --json only)."""
 
     name: str
     result: str
     detail: str
+    counts: Optional[Dict[str, Any]] = None
 
     @property
     def passed(self) -> bool:
@@ -3881,19 +3885,28 @@ def _magnus_extensions_installed() -> bool:
     return importlib.util.find_spec("magnus_extensions") is not None
 
 
+RACE_WRITERS, RACE_ROUNDS = 16, 20  # check's defaults: a few seconds on loopback (moto, ministack)
+# Seconds: a slow endpoint ends the race early, with the rounds done so far (SeaweedFS makes the losers
+# of a race retry its lock once a second: a round of 16 writers there takes up to 8 s).
+_RACE_DEADLINE = 30.0
+
+
 class _Skipped(Exception):
     """A check that cannot be made here, and why."""
 
 
-def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult]:
-    """Credentials, identity, bucket and region, read/write/delete, listing, and conditional writes."""
+def run_checks(
+    client: S3Client, environ: Mapping[str, str], writers: int = RACE_WRITERS, rounds: int = RACE_ROUNDS
+) -> List[CheckResult]:
+    """Credentials, identity, bucket and region, read/write/delete, listing, conditional writes one at a
+    time and raced by concurrent writers, and conditional DELETE. Every scratch write has a condition."""
     results: List[CheckResult] = []
     bucket = client.bucket
-    scratch = "/".join(filter(None, [client.config.key_prefix, f".runlog-s3-check-{os.getpid()}-{random.getrandbits(32):08x}"]))
+    scratch = scratch_key(client.config.key_prefix, "check")
 
-    def check(name: str, action: Callable[[], str]) -> bool:
+    def check(name: str, action: Callable[[], Union[str, CheckResult]]) -> bool:
         try:
-            detail = action()
+            outcome = action()
         except _Skipped as skipped:
             results.append(CheckResult(name, "SKIP", str(skipped)))
             return True
@@ -3903,8 +3916,9 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
         except Exception as exc:  # a check reports every failure as a line, whatever it is
             results.append(CheckResult(name, "FAIL", f"{type(exc).__name__}: {exc}"))
             return False
-        results.append(CheckResult(name, "PASS", detail))
-        return True
+        results.append(outcome._replace(name=name) if isinstance(outcome, CheckResult) else
+                       CheckResult(name, "PASS", outcome))
+        return results[-1].passed
 
     def credentials() -> str:
         found = client.credentials.get()
@@ -3927,11 +3941,11 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
 
     def read_write_delete() -> str:
         body = b'{"check":"runlog-s3"}'
-        client.put_object(scratch, body)
+        etag = client.put_object(scratch, body, if_none_match=True)
         if client.get_object(scratch).body != body:
             raise S3Error(f"s3://{bucket}/{scratch} read back different bytes than were written")
-        client.delete_object(scratch)
-        return f"put, get and delete of s3://{bucket}/{scratch}"
+        delete_scratch(client, scratch, etag)
+        return f"put (If-None-Match), get and delete (If-Match) of s3://{bucket}/{scratch}"
 
     def listing() -> str:
         prefix = f"{client.config.key_prefix}/" if client.config.key_prefix else ""
@@ -3939,25 +3953,42 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
         return f"ListObjectsV2 on s3://{bucket}/{prefix}"
 
     def conditional_writes() -> str:
-        etag = client.put_object(scratch, b"{}")
+        etag = client.put_object(scratch, b"{}", if_none_match=True)
+        missing = f"{scratch}-missing"
         try:
-            for description, options in (
-                ("If-None-Match: * on an existing key", {"if_none_match": True}),
-                ("If-Match with a stale ETag", {"if_match": '"00000000000000000000000000000000"'}),
+            for description, key, options in (
+                ("If-None-Match: * on an existing key", scratch, {"if_none_match": True}),
+                ("If-Match with a stale ETag", scratch, {"if_match": STALE_ETAG}),
+                ("If-Match on a missing key", missing, {"if_match": etag}),
             ):
                 try:
-                    client.put_object(scratch, b'{"overwritten":true}', **options)
-                except PreconditionFailedError:
+                    written = client.put_object(key, b'{"overwritten":true}', **options)
+                except (PreconditionFailedError, NotFoundError) as exc:
+                    if isinstance(exc, NoSuchBucketError):
+                        raise
                     continue
+                if key == missing:
+                    delete_scratch(client, missing, written)
                 raise S3Error(
                     f"the server accepted a PUT with {description}: it ignores conditional writes, so "
                     "parallel writes are NOT safe on this endpoint (use AWS S3, or a server that honours If-Match)"
                 )
             if client.get_object(scratch).etag != etag:
-                raise S3Error("the object changed although both conditional PUTs were refused")
+                raise S3Error("the object changed although its conditional PUTs were refused")
         finally:
-            client.delete_object(scratch)
-        return "conditional PUTs on an existing key are refused (412): parallel writes are safe"
+            delete_scratch(client, scratch, etag)
+        return ("conditional PUTs on an existing key are refused (412), and If-Match on a missing key too "
+                "(412 or 404)")
+
+    def concurrent_conditional_writes() -> CheckResult:
+        return race_result(client, race_conditional_writes(client, scratch, writers, rounds))
+
+    def conditional_delete() -> CheckResult:
+        found = client.conditional_delete()
+        if found.honoured:
+            return CheckResult("", "PASS", f"{found.detail}: rm deletes only the version of a run it listed")
+        return CheckResult("", "WARN", f"{found.detail}; rm cannot tell a run rewritten while it deletes it "
+                                       "(AWS S3 honours If-Match on DELETE since 2025-09)")
 
     if _magnus_extensions_installed():
         results.append(CheckResult(
@@ -3969,8 +4000,198 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
     if check("bucket", bucket_region):
         check("read, write, delete", read_write_delete)
         check("list", listing)
-        check("conditional writes", conditional_writes)
+        if check("conditional writes", conditional_writes):
+            check("concurrent conditional writes", concurrent_conditional_writes)
+        check("conditional delete", conditional_delete)
     return results
+
+
+def delete_scratch(client: S3Client, key: str, etag: str) -> None:
+    """DELETE a scratch object with If-Match on its ETag; where a server refuses the condition on DELETE
+    (400, 501), without it; an object changed meanwhile is deleted in the version found by a HEAD."""
+    try:
+        client.delete_object(key, if_match=etag)
+    except PreconditionFailedError:
+        try:
+            client.delete_object(key, if_match=client.head_object(key).etag)
+        except NotFoundError:
+            pass
+    except NotFoundError:
+        pass
+    except S3Error as exc:
+        if exc.status not in (400, 501):
+            raise
+        client.delete_object(key)
+
+
+# The race: `writers` threads, each with a client of its own (its own connections, opened before the
+# race), PUT to one scratch key per round with the same condition, released together by a barrier with
+# their requests already signed. Even rounds create (If-None-Match: *), odd rounds update (If-Match on
+# the ETag of an object written just before). Exactly one may win a round; the others must get 412,
+# and what is stored must be the winner's body. A server that checks the condition and stores the
+# object in two steps lets several win, and all but the last winner's write are lost.
+
+class RaceOutcome(NamedTuple):
+    """One writer's PUT in one round: won (2xx), refused (412), or an error; retried when the first
+    reply asked for a retry (409 ConditionalRequestConflict, 503 SlowDown...) or was lost."""
+
+    won: bool = False
+    refused: bool = False
+    error: str = ""
+    retried: bool = False
+    server: str = ""  # the reply's Server header
+
+
+def _client_like(client: S3Client) -> S3Client:
+    """A client for the same bucket with the same credentials and connections of its own."""
+    return S3Client(client.config, client.credentials, environ=client._environ)
+
+
+def _race_put(client: S3Client, key: str, body: bytes, etag: str, barrier: threading.Barrier) -> RaceOutcome:
+    """One writer's turn in a round: sign, wait for the others, send."""
+    headers = client.put_headers(if_match=etag, if_none_match=not etag)
+    if client.config.expected_bucket_owner:
+        headers["x-amz-expected-bucket-owner"] = client.config.expected_bucket_owner
+    request = sign_request("PUT", client.object_url(key), headers, body, client.credentials.get(),
+                           client.config.region, "s3")
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        return RaceOutcome(error="the writers were not all ready (a writer failed or the race was stopped)")
+    server = ""
+    try:
+        reply = client.transport.send(request)
+    except _transport_errors() as exc:
+        if not classify_transport_error(exc).retry:
+            return RaceOutcome(error=f"PUT s3://{client.bucket}/{key}: {classify_transport_error(exc).what} "
+                                     f"({type(exc).__name__}: {_first_line(exc)})")
+    else:
+        server = reply.header("Server")
+        if 200 <= reply.status < 300:
+            return RaceOutcome(won=True, server=server)
+        error = _error_from_reply(reply, operation="PUT", bucket=client.bucket, key=key,
+                                  region=client.config.region, method="PUT")
+        if isinstance(error, PreconditionFailedError):
+            return RaceOutcome(refused=True, server=server)
+        if error.status not in _RETRYABLE_STATUS and error.code not in _RETRYABLE_CODES:
+            return RaceOutcome(error=error.message, server=server)
+    # Retried as the store would, with backoff. The first PUT may have landed: a refused retry whose
+    # body is what is stored counts as the winner (see _count_round).
+    try:
+        client.put_object(key, body, if_match=etag, if_none_match=not etag)
+    except PreconditionFailedError:
+        return RaceOutcome(refused=True, retried=True, server=server)
+    except RunlogS3Error as exc:
+        return RaceOutcome(error=exc.message, retried=True, server=server)
+    return RaceOutcome(won=True, retried=True, server=server)
+
+
+def race_body(round_number: int, writer: int) -> bytes:
+    """What writer `writer` PUTs in round `round_number`: a body no other writer or round sends."""
+    return json.dumps({"check": "runlog-s3", "round": round_number, "writer": writer}).encode()
+
+
+def race_conditional_writes(
+    client: S3Client, key_base: str, writers: int = RACE_WRITERS, rounds: int = RACE_ROUNDS,
+    deadline: float = _RACE_DEADLINE,
+) -> Dict[str, Any]:
+    """Race `writers` concurrent conditional PUTs for `rounds` rounds; returns the counts (see race_result)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    clients = [_client_like(client) for _ in range(writers)]
+    kinds: Dict[str, Counter] = {"If-None-Match: *": Counter(), "If-Match": Counter()}
+    counts: Dict[str, Any] = {
+        "server": client.endpoint_url or f"AWS S3 ({client.config.region})", "server_header": "",
+        "writers": writers, "rounds_asked": rounds, "rounds": 0, "rounds_with_several_winners": 0,
+        "rounds_with_no_winner": 0, "rounds_keeping_a_loser": 0, "most_winners": 0, "winners": 0, "refused": 0,
+        "retried": 0, "errors": 0, "first_error": "", "slowest_round_seconds": 0.0, "by_condition": kinds,
+    }
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="runlog-s3-race") as pool:
+        list(pool.map(lambda each: each.head_bucket(), clients))  # connections open before the first round
+        for number in range(rounds):
+            if time.monotonic() - started > deadline:
+                break
+            key = f"{key_base}-race-{number:03d}"
+            kind = "If-None-Match: *" if number % 2 == 0 else "If-Match"
+            etag = client.put_object(key, race_body(number, -1), if_none_match=True) if kind == "If-Match" else ""
+            barrier = threading.Barrier(writers, timeout=60)
+            round_started = time.monotonic()
+            try:
+                outcomes = list(pool.map(_race_put, clients, [key] * writers,
+                                         [race_body(number, writer) for writer in range(writers)],
+                                         [etag] * writers, [barrier] * writers))
+            except BaseException:
+                barrier.abort()  # the writers still waiting give up at once (Ctrl-C)
+                raise
+            counts["slowest_round_seconds"] = round(max(counts["slowest_round_seconds"],
+                                                        time.monotonic() - round_started), 2)
+            try:
+                stored: Optional[S3Object] = client.get_object(key)
+            except NotFoundError:
+                stored = None
+            _count_round(counts, kinds[kind], outcomes, stored, number)
+            if stored is not None:
+                delete_scratch(client, key, stored.etag)
+            if counts["errors"]:
+                break
+    counts["seconds"] = round(time.monotonic() - started, 2)
+    counts["by_condition"] = {kind: dict(kind_counts) for kind, kind_counts in kinds.items()}
+    return counts
+
+
+def _count_round(
+    counts: Dict[str, Any], kind: Counter, outcomes: List[RaceOutcome], stored: Optional[S3Object], number: int
+) -> None:
+    winners = {writer for writer, outcome in enumerate(outcomes) if outcome.won}
+    # -1: the object written before an If-Match round; -2: none (no writer of an If-None-Match round won)
+    stored_writer = int(json.loads(stored.body).get("writer", -2)) if stored is not None else -2
+    if 0 <= stored_writer < len(outcomes) and outcomes[stored_writer].retried:
+        winners.add(stored_writer)  # its first PUT landed, the reply asked for a retry, the retry was refused
+    errors = [outcome.error for outcome in outcomes if outcome.error]
+    counts["server_header"] = counts["server_header"] or next((o.server for o in outcomes if o.server), "")
+    counts["rounds"] += 1
+    kind["rounds"] += 1
+    counts["winners"] += len(winners)
+    counts["refused"] += sum(outcome.refused for writer, outcome in enumerate(outcomes) if writer not in winners)
+    counts["retried"] += sum(outcome.retried for outcome in outcomes)
+    counts["most_winners"] = max(counts["most_winners"], len(winners))
+    if errors:
+        counts["errors"] += len(errors)
+        counts["first_error"] = counts["first_error"] or f"round {number}: {errors[0]}"
+        return
+    for outcome, happened in (("rounds_with_several_winners", len(winners) > 1), ("rounds_with_no_winner", not winners),
+                              ("rounds_keeping_a_loser", bool(winners) and stored_writer not in winners)):
+        counts[outcome] += happened
+        kind[outcome] += happened
+
+
+def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
+    """The check line for a race's counts: FAIL when a round had several winners, none, or kept a
+    refused writer's body, or when the race could not be run to the end."""
+    server = counts["server"] + (f" ({counts['server_header']})" if counts["server_header"] else "")
+    done, writers = counts["rounds"], counts["writers"]
+    by_kind = ", ".join(f"{kind} in {each.get('rounds_with_several_winners', 0)} of {each.get('rounds', 0)}"
+                        for kind, each in counts["by_condition"].items())
+    if counts["rounds_with_several_winners"]:
+        return CheckResult("", "FAIL", (
+            f"{server}: conditional writes are not atomic under concurrency: {counts['rounds_with_several_winners']} "
+            f"of {done} rounds had 2 or more winners; writes can be lost on this server ({writers} concurrent "
+            f"writers, up to {counts['most_winners']} winners in a round; {by_kind})"), counts)
+    if counts["errors"]:
+        return CheckResult("", "FAIL", f"{server}: the race of {writers} concurrent conditional writers stopped in round "
+                                       f"{done}: {counts['first_error']}", counts)
+    if counts["rounds_with_no_winner"] or counts["rounds_keeping_a_loser"]:
+        return CheckResult("", "FAIL", (
+            f"{server}: conditional writes are not reliable under concurrency: in {counts['rounds_with_no_winner']} "
+            f"of {done} rounds all {writers} writers were refused, in {counts['rounds_keeping_a_loser']} the object "
+            "kept a refused writer's body; writes can be lost on this server"), counts)
+    shortfall = f" of {counts['rounds_asked']} asked" if done < counts["rounds_asked"] else ""
+    slow = counts["slowest_round_seconds"]
+    waits = f"; the losers of a race waited: a round took up to {slow:.1f} s" if slow >= 1 else ""
+    return CheckResult("", "PASS", (
+        f"{writers} concurrent writers, {done} rounds{shortfall} of If-None-Match: * and If-Match on one ETag: exactly "
+        f"one winner a round, the others refused (412), in {counts['seconds']:.1f} s{waits}"), counts)
 
 
 def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:
@@ -4062,7 +4283,7 @@ def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
         client = S3Client(Config.from_dict(config))
         create_bucket(client)
         print(f"embedded server {server.endpoint_url}, bucket {_LOCAL_BUCKET}", file=sys.stderr if args.json else sys.stdout)
-        results = run_checks(client, os.environ)
+        results = run_checks(client, os.environ, args.writers, args.rounds)
         if not all(result.passed for result in results):
             return _report_checks(results, args.json)
         if not args.json:
@@ -4079,7 +4300,8 @@ def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
 
 def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
     if as_json:
-        print(json.dumps([result._asdict() for result in results], indent=2))
+        print(json.dumps([{name: value for name, value in result._asdict().items() if value is not None}
+                          for result in results], indent=2))
     else:
         for result in results:
             print(result.line(), flush=True)
@@ -4177,9 +4399,15 @@ def _parser() -> Any:
     rm.add_argument("--yes", action="store_true", help="do not ask")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
-    check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
+    check.add_argument("--writers", type=_positive_count, default=RACE_WRITERS, metavar="N",
+                       help=f"concurrent writers racing conditional writes, and with --local the writer processes of "
+                       f"its workload (default {RACE_WRITERS})")
+    check.add_argument("--rounds", type=_positive_count, default=RACE_ROUNDS, metavar="N",
+                       help=f"rounds of the race of conditional writes, alternately If-None-Match and If-Match "
+                       f"(default {RACE_ROUNDS})")
     check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
-    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail")
+    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail, "
+                       "and counts where a check counted (the race's rounds and winners)")
     register = command("register", help="let magnus and runnable find a copied-in runlog_s3.py: write its .dist-info beside it")
     register.add_argument("--folder", default="", help="the folder runlog_s3.py was copied into (default: this "
                           "module's), e.g. /app")
@@ -4217,7 +4445,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         if sys.stderr.isatty() or args.verbose:
             client.on_retry = _retry_notice()
         if args.command == "check":
-            return _report_checks(run_checks(client, environ), args.json)
+            return _report_checks(run_checks(client, environ, args.writers, args.rounds), args.json)
         return commands[args.command](BucketRuns(client), args)
     except (RunLogNotFoundError, NotFoundError) as exc:
         return _fail(exc, EXIT_FAILED, args.debug)

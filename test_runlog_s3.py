@@ -1738,12 +1738,12 @@ def test_cli_get_imports_neither_magnus_moto_nor_yaml(bucket, cli_env):
 
 
 def test_cli_check_passes_against_a_good_bucket(bucket, cli_env, s3_server):
-    result = cli("check", env={**cli_env, "AWS_ENDPOINT_URL_STS": s3_server.endpoint_url})
+    result = cli("check", "--rounds", "2", "--writers", "4", env={**cli_env, "AWS_ENDPOINT_URL_STS": s3_server.endpoint_url})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "PASS  credentials found", "PASS  caller identity", "PASS  bucket", "PASS  read, write, delete", "PASS  list",
-        "PASS  conditional writes"]
+        "PASS  conditional writes", "PASS  concurrent conditional writes", "PASS  conditional delete"]
     assert "environment" in lines[0] and ACCESS_KEY[-4:] in lines[0] and SECRET_KEY not in result.stdout
 
 
@@ -1799,6 +1799,7 @@ def test_cli_check_local_passes_with_only_the_local_extra(tmp_path):
                             timeout=300, cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS  parallel writes: 16 writer processes wrote 176 logs, 176 kept, 0 lost" in result.stdout
+    assert "PASS  concurrent conditional writes: 16 concurrent writers, 20 rounds of " in result.stdout
     assert "magnus" not in subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True).stdout
 
 
@@ -1812,11 +1813,12 @@ class ConditionProxy:
       condition fails, else lands the write 30 ms later without its condition: a server whose check and
       write are two steps (SeaweedFS before its fix of issue 8800, versitygw before PR 2288).
     - "ignore-delete-condition": drops If-Match from DELETEs (AWS S3 before 2025-09, some servers).
+    - "if-match-creates": a PUT with If-Match on a missing key is stored (MinIO's issue 21526).
     - "require-conditions": refuses an object PUT without If-None-Match or If-Match, and a DELETE without
       If-Match, with 403 AccessDenied, as a bucket policy with the s3:if-none-match / s3:if-match
       condition keys does (moto and SeaweedFS enforce no such policy).
 
-    The first two change signed headers, so they front moto (which checks no signature); the third
+    The first three change signed headers, so they front moto (which checks no signature); the third
     forwards requests untouched and fronts SeaweedFS too. `refused` counts its 403s, `writes` the
     object PUTs and DELETEs that came through, by whether they carried a condition."""
 
@@ -1878,10 +1880,11 @@ class ConditionProxy:
             return self.error(403, "AccessDenied", "Access Denied")
         if self.mode == "ignore-delete-condition" and method == "DELETE":
             headers = {name: value for name, value in headers.items() if name.lower() != "if-match"}
+        if self.mode == "if-match-creates" and method == "PUT" and "if-match" in conditions:
+            if self.head(path, headers)[0] == 404:
+                return self.forward(method, path, {k: v for k, v in headers.items() if k.lower() != "if-match"}, body)
         if self.mode == "non-atomic" and object_write and conditions:
-            unconditional = {name: value for name, value in headers.items()
-                             if name.lower() not in ("if-match", "if-none-match", "content-length", "content-md5")}
-            status, found, _ = self.forward("HEAD", path, unconditional, b"")
+            status, found, _ = self.head(path, headers)
             if status not in (200, 404):
                 return status, found, b""
             etag = dict((name.lower(), value) for name, value in found).get("etag", "")
@@ -1892,6 +1895,12 @@ class ConditionProxy:
             time.sleep(self.LATENCY)  # the condition held when checked; the write lands later
             headers = {name: value for name, value in headers.items() if name.lower() not in conditions}
         return self.forward(method, path, headers, body)
+
+    def head(self, path, headers):
+        """HEAD on the upstream for the object a request names (moto checks no signature)."""
+        kept = {name: value for name, value in headers.items()
+                if name.lower() not in ("if-match", "if-none-match", "content-length", "content-md5")}
+        return self.forward("HEAD", path, kept, b"")
 
     @staticmethod
     def error(status, code, message):
@@ -1928,6 +1937,84 @@ def condition_proxy(request):
     yield start
     for proxy in proxies:
         proxy.stop()
+
+
+def check_env(config):
+    return {"RUNLOG_S3_BUCKET": config["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": config["endpoint_url"],
+            "RUNLOG_S3_PREFIX": config["prefix"]}
+
+
+def check_lines(result):
+    return {line.split(":")[0].split("  ", 1)[1]: line for line in result.stdout.splitlines() if "  " in line}
+
+
+def test_check_fails_a_server_whose_conditional_writes_are_not_atomic(moto_bucket, condition_proxy):
+    # Each condition is right when tested alone: only a race shows that writes are lost.
+    proxy, config = condition_proxy(moto_bucket, "non-atomic")
+    started = time.monotonic()
+    result = cli("check", "--json", env=check_env(config))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = {line["name"]: line for line in json.loads(result.stdout)}
+    assert lines["conditional writes"]["result"] == "PASS", lines["conditional writes"]
+    race = lines["concurrent conditional writes"]
+    assert race["result"] == "FAIL"
+    counts = race["counts"]
+    assert (counts["writers"], counts["rounds"], counts["errors"]) == (16, 20, 0), race
+    assert counts["rounds_with_several_winners"] >= 15 and counts["most_winners"] >= 8, counts
+    assert race["detail"].startswith(
+        f"{config['endpoint_url']} (Werkzeug/") and (
+        f": conditional writes are not atomic under concurrency: {counts['rounds_with_several_winners']} of 20 rounds "
+        "had 2 or more winners; writes can be lost on this server (16 concurrent writers, up to ") in race["detail"]
+    for kind in ("If-None-Match: *", "If-Match"):
+        assert counts["by_condition"][kind]["rounds_with_several_winners"] >= 5, counts
+    print(f"\nnon-atomic server: {counts['rounds_with_several_winners']} of 20 rounds had 2 or more winners, up to "
+          f"{counts['most_winners']}; check took {elapsed:.1f} s")
+    plain = cli("check", "--rounds", "4", env=check_env(config))
+    assert plain.returncode == 1
+    assert check_lines(plain)["concurrent conditional writes"].startswith("FAIL  concurrent conditional writes: ")
+    assert proxy.writes["unconditional"] == 0 and proxy.writes["conditional"] > 16 * 24  # check's own writes too
+
+
+def test_check_races_conditional_writes_and_passes_a_server_that_honours_them(bucket, condition_proxy):
+    started = time.monotonic()
+    result = cli("check", "--json", env=check_env(bucket))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line["name"]: line for line in json.loads(result.stdout)}
+    race = lines["concurrent conditional writes"]
+    counts = race["counts"]
+    assert race["result"] == "PASS" and counts["writers"] == 16 and counts["errors"] == 0, race
+    assert counts["rounds"] == 20 or (counts["rounds"] >= 4 and counts["seconds"] >= 30), counts  # SeaweedFS is slow
+    assert counts["winners"] == counts["rounds"] and counts["refused"] == 15 * counts["rounds"], counts
+    assert counts["rounds_with_several_winners"] == counts["rounds_with_no_winner"] == 0, counts
+    assert race["detail"].startswith("16 concurrent writers, ") and "exactly one winner a round" in race["detail"]
+    assert lines["conditional delete"]["result"] == "PASS"
+    assert "a DELETE with a stale If-Match was refused (412) and the object kept" in lines["conditional delete"]["detail"]
+    leftovers = [info.key for info in S3Client(Config.from_dict(bucket)).list_objects("runs/")]
+    assert leftovers == []  # every scratch object deleted
+    print(f"\ncheck: {counts['rounds']} rounds in {counts['seconds']} s (slowest round {counts['slowest_round_seconds']} "
+          f"s); the whole check {elapsed:.1f} s")
+
+
+def test_check_fails_a_server_that_takes_if_match_on_a_missing_key_for_a_create(moto_bucket, condition_proxy):
+    _proxy, config = condition_proxy(moto_bucket, "if-match-creates")
+    result = cli("check", "--rounds", "2", env=check_env(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert check_lines(result)["conditional writes"] == (
+        "FAIL  conditional writes: the server accepted a PUT with If-Match on a missing key: it ignores conditional "
+        "writes, so parallel writes are NOT safe on this endpoint (use AWS S3, or a server that honours If-Match)")
+    assert list(S3Client(Config.from_dict(moto_bucket)).list_objects("runs/")) == []
+
+
+def test_check_says_when_a_server_ignores_if_match_on_delete(moto_bucket, condition_proxy):
+    _proxy, config = condition_proxy(moto_bucket, "ignore-delete-condition")
+    result = cli("check", "--rounds", "2", env=check_env(config))
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning: rm still works, less safely
+    line = check_lines(result)["conditional delete"]
+    assert line == ("WARN  conditional delete: this server ignores If-Match on DELETE: a DELETE with a stale If-Match "
+                    "deleted the object; rm cannot tell a run rewritten while it deletes it (AWS S3 honours If-Match "
+                    "on DELETE since 2025-09)")
 
 
 @pytest.mark.parametrize("mode, honoured", [("ignore-delete-condition", False), ("pass-through", True)])
@@ -1974,6 +2061,21 @@ def test_access_denied_on_an_unconditional_write_names_the_bucket_policy(method,
     assert ("the bucket policy may require conditional writes (s3:if-none-match / s3:if-match), and this "
             f"{method} carried no If-None-Match or If-Match" in message) is named, message
     assert "check the access key and secret of " in message and "\n" not in message
+
+
+def test_a_policy_requiring_conditional_writes_refuses_what_has_none_and_check_passes(bucket, condition_proxy):
+    proxy, config = condition_proxy(bucket, "require-conditions")
+    client = S3Client(Config.from_dict(config))
+    with pytest.raises(S3Error) as raised:
+        client.put_object("runs/unconditional.json", b"{}")
+    assert raised.value.status == 403 and "s3:if-none-match / s3:if-match" in str(raised.value)
+    etag = client.put_object("runs/conditional.json", b"{}", if_none_match=True)
+    client.delete_object("runs/conditional.json", if_match=etag)
+    result = cli("check", "--rounds", "2", "--writers", "4", env=check_env(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout and "WARN" not in result.stdout, result.stdout
+    assert proxy.refused == ["PUT /{}/runs/unconditional.json".format(config["s3_bucket"])]
+
 
 def test_remembered_document_never_shares_a_callers_objects(bucket):
     store = runlog_s3.S3RunLogStore(bucket)
@@ -3012,7 +3114,7 @@ def test_check_without_a_bucket_says_what_to_configure(tmp_path):
 
 
 def test_check_says_skip_for_what_it_cannot_check(bucket, cli_env):
-    result = cli("check", env=cli_env)
+    result = cli("check", "--rounds", "2", "--writers", "4", env=cli_env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SKIP  caller identity: custom S3 endpoint and no AWS_ENDPOINT_URL_STS" in result.stdout
     assert "PASS  caller identity" not in result.stdout
@@ -3112,7 +3214,7 @@ def test_show_and_check_speak_json(bucket, cli_env):
     stored_run(bucket, "shown", steps=("one", "two"))
     shown = json.loads(cli("show", "shown", "--json", env=cli_env).stdout)
     assert [row["name"] for row in shown["steps"]] == ["one", "two"] and shown["status"] == "SUCCESS"
-    checked = json.loads(cli("check", "--json", env=cli_env).stdout)
+    checked = json.loads(cli("check", "--json", "--rounds", "2", "--writers", "4", env=cli_env).stdout)
     assert {"name", "result", "detail"} <= set(checked[0]) and {row["result"] for row in checked} <= {"PASS", "SKIP"}
 
 
