@@ -2077,6 +2077,38 @@ def test_a_policy_requiring_conditional_writes_refuses_what_has_none_and_check_p
     assert proxy.refused == ["PUT /{}/runs/unconditional.json".format(config["s3_bucket"])]
 
 
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_the_store_works_where_a_bucket_policy_requires_conditional_writes(bucket, condition_proxy, tmp_path, layout):
+    # Every write of the store carries a condition: the pipeline's writes, put_run_log, put --force, rm.
+    proxy, config = condition_proxy(bucket, "require-conditions")
+    store = store_class("S3RunLogStore" if layout == "s3" else "ChunkedS3RunLogStore")(config)
+    store.create_run_log("guarded", status="PROCESSING")
+    store.set_parameters("guarded", {"x": 1})
+    store.set_run_config("guarded", {"executor": {"type": "local"}})
+    step = store.create_step_log("fan", "fan")
+    step.status = "PROCESSING"
+    store.add_step_log(step, "guarded")
+    branch = store.create_branch_log("fan.a")
+    store.add_branch_log(branch, "guarded")
+    inner = store.create_step_log("work", "fan.a.work")
+    inner.status = "SUCCESS"
+    store.add_step_log(inner, "guarded")
+    run_log = store.get_run_log_by_id("guarded", full=True)
+    run_log.status = "SUCCESS"
+    store.put_run_log(run_log)
+    store.update_run_log_status("guarded", "SUCCESS")
+    env = check_env(config)
+    document = json.loads(cli("get", "guarded", env=env).stdout)
+    del document["steps"]["fan"]["branches"]["fan.a"]
+    forced = cli("put", "guarded", "--force", env=env, stdin=json.dumps(document))
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(cli("get", "guarded", env=env).stdout)["steps"]["fan"]["branches"] == {}
+    removed = cli("rm", "guarded", "--yes", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert cli("get", "guarded", env=env).returncode == 1
+    assert proxy.refused == [] and proxy.writes["conditional"] > 0, proxy.refused
+
+
 def test_remembered_document_never_shares_a_callers_objects(bucket):
     store = runlog_s3.S3RunLogStore(bucket)
     store.create_run_log("alias")
