@@ -91,7 +91,25 @@ def seaweedfs(tmp_path_factory):
     server.stop()
 
 
-SERVERS = ["moto", "seaweedfs"]
+@pytest.fixture(scope="session")
+def ministack(tmp_path_factory):
+    """One MiniStack for the session, in a virtual environment of its own (it pins botocore); in CI a
+    failed install or start fails the run, elsewhere it skips."""
+    folder = tmp_path_factory.mktemp("ministack")
+    try:
+        server = bench_runlog_s3.MiniStack(bench_runlog_s3.make_ministack_venv(folder / "venv", _pip_environment()),
+                                           folder / "server")
+        server.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"MiniStack ({bench_runlog_s3.MINISTACK_PACKAGE}) could not be set up: {error}")
+        pytest.skip(f"MiniStack could not be set up here: {error}")
+    yield server
+    server.stop()
+
+
+SERVERS = ["moto", "seaweedfs", "ministack"]
+SERVER_FIXTURES = {"moto": "s3_server", "seaweedfs": "seaweedfs", "ministack": "ministack"}
 
 
 def new_bucket(endpoint_url):
@@ -103,8 +121,8 @@ def new_bucket(endpoint_url):
 
 @pytest.fixture(params=SERVERS)
 def bucket(request, aws_environment):
-    """A new bucket on each test server (moto in this process, SeaweedFS); returns a config block for it."""
-    server = request.getfixturevalue("s3_server" if request.param == "moto" else "seaweedfs")
+    """A new bucket on each test server (moto in this process, SeaweedFS, MiniStack); returns a config block for it."""
+    server = request.getfixturevalue(SERVER_FIXTURES[request.param])
     return new_bucket(server.endpoint_url)
 
 
