@@ -4186,12 +4186,13 @@ def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
             f"{server}: conditional writes are not reliable under concurrency: in {counts['rounds_with_no_winner']} "
             f"of {done} rounds all {writers} writers were refused, in {counts['rounds_keeping_a_loser']} the object "
             "kept a refused writer's body; writes can be lost on this server"), counts)
-    shortfall = f" of {counts['rounds_asked']} asked" if done < counts["rounds_asked"] else ""
+    shortfall = (f" (the race stops after {_RACE_DEADLINE:.0f} s: {done} of {counts['rounds_asked']} rounds asked)"
+                 if done < counts["rounds_asked"] else "")
     slow = counts["slowest_round_seconds"]
     waits = f"; the losers of a race waited: a round took up to {slow:.1f} s" if slow >= 1 else ""
     return CheckResult("", "PASS", (
-        f"{writers} concurrent writers, {done} rounds{shortfall} of If-None-Match: * and If-Match on one ETag: exactly "
-        f"one winner a round, the others refused (412), in {counts['seconds']:.1f} s{waits}"), counts)
+        f"{writers} concurrent writers, {done} rounds of If-None-Match: * and If-Match on one ETag: exactly one winner "
+        f"a round, the others refused (412), in {counts['seconds']:.1f} s{shortfall}{waits}"), counts)
 
 
 def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:
