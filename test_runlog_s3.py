@@ -1832,6 +1832,7 @@ class ConditionProxy:
       write are two steps (SeaweedFS before its fix of issue 8800, versitygw before PR 2288).
     - "ignore-delete-condition": drops If-Match from DELETEs (AWS S3 before 2025-09, some servers).
     - "if-match-creates": a PUT with If-Match on a missing key is stored (MinIO's issue 21526).
+    - "refuse-delete-condition": a DELETE with If-Match is answered 501 NotImplemented (LocalStack 2026.3).
     - "require-conditions": refuses an object PUT without If-None-Match or If-Match, and a DELETE without
       If-Match, with 403 AccessDenied, as a bucket policy with the s3:if-none-match / s3:if-match
       condition keys does (moto and SeaweedFS enforce no such policy).
@@ -1896,6 +1897,8 @@ class ConditionProxy:
             with self._lock:
                 self.refused.append(f"{method} {urlsplit(path).path}")
             return self.error(403, "AccessDenied", "Access Denied")
+        if self.mode == "refuse-delete-condition" and method == "DELETE" and "if-match" in conditions:
+            return self.error(501, "NotImplemented", "A header you provided implies functionality that is not implemented")
         if self.mode == "ignore-delete-condition" and method == "DELETE":
             headers = {name: value for name, value in headers.items() if name.lower() != "if-match"}
         if self.mode == "if-match-creates" and method == "PUT" and "if-match" in conditions:
@@ -2025,26 +2028,38 @@ def test_check_fails_a_server_that_takes_if_match_on_a_missing_key_for_a_create(
     assert list(S3Client(Config.from_dict(moto_bucket)).list_objects("runs/")) == []
 
 
-def test_check_says_when_a_server_ignores_if_match_on_delete(moto_bucket, condition_proxy):
-    _proxy, config = condition_proxy(moto_bucket, "ignore-delete-condition")
+@pytest.mark.parametrize("mode, said, deleted", [
+    ("ignore-delete-condition", "this server ignores If-Match on DELETE: a DELETE with a stale If-Match deleted the "
+                                "object", "If-Match"),
+    ("refuse-delete-condition", "this server does not support If-Match on DELETE: it answered NotImplemented (501)",
+                                "without If-Match, which the server refused"),
+])
+def test_check_says_when_a_server_ignores_if_match_on_delete(moto_bucket, condition_proxy, mode, said, deleted):
+    _proxy, config = condition_proxy(moto_bucket, mode)
     result = cli("check", "--rounds", "2", env=check_env(config))
     assert result.returncode == 0, result.stdout + result.stderr  # a warning: rm still works, less safely
-    line = check_lines(result)["conditional delete"]
-    assert line == ("WARN  conditional delete: this server ignores If-Match on DELETE: a DELETE with a stale If-Match "
-                    "deleted the object; rm cannot tell a run rewritten while it deletes it (AWS S3 honours If-Match "
-                    "on DELETE since 2025-09)")
+    lines = check_lines(result)
+    assert lines["conditional delete"] == (f"WARN  conditional delete: {said}; rm cannot tell a run rewritten while "
+                                           "it deletes it (AWS S3 honours If-Match on DELETE since 2025-09)")
+    assert lines["read, write, delete"].startswith(f"PASS  read, write, delete: put (If-None-Match), get and delete "
+                                                   f"({deleted}) of ")
+    assert list(S3Client(Config.from_dict(moto_bucket)).list_objects("runs/")) == []
 
 
-@pytest.mark.parametrize("mode, honoured", [("ignore-delete-condition", False), ("pass-through", True)])
-def test_a_client_finds_out_once_whether_delete_honours_if_match(moto_bucket, condition_proxy, mode, honoured):
+@pytest.mark.parametrize("mode, honoured, methods, unconditional", [
+    ("pass-through", True, ["PUT", "DELETE", "DELETE"], 0),
+    ("ignore-delete-condition", False, ["PUT", "DELETE", "HEAD"], 0),
+    ("refuse-delete-condition", False, ["PUT", "DELETE", "DELETE"], 1),  # the scratch object deleted without it
+])
+def test_a_client_finds_out_once_whether_delete_honours_if_match(moto_bucket, condition_proxy, mode, honoured, methods,
+                                                                 unconditional):
     proxy, config = condition_proxy(moto_bucket, mode)
     client = S3Client(Config.from_dict(config), transport=CountingTransport(config))
     found = client.conditional_delete()
     assert found.honoured is honoured and found.detail
     assert client.conditional_delete() is found
-    methods = [method for method, _path, _query in client.transport.sent]
-    assert methods == (["PUT", "DELETE", "DELETE"] if honoured else ["PUT", "DELETE", "HEAD"])
-    assert proxy.writes["unconditional"] == 0  # the probe's own writes carry conditions
+    assert [method for method, _path, _query in client.transport.sent] == methods
+    assert proxy.writes["unconditional"] == unconditional
     assert list(client.list_objects("runs/")) == []
 
 
