@@ -182,6 +182,67 @@ class SeaweedFS:
         self.process = None
 
 
+# MiniStack pins botocore (==), so it lives in a virtual environment of its own.
+MINISTACK_PACKAGE = "ministack==1.5.33"
+
+
+def make_ministack_venv(folder: Path, environ: Optional[Dict[str, str]] = None) -> Path:
+    """A virtual environment with MiniStack alone: returns its bin folder."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
+    installed = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", MINISTACK_PACKAGE],
+                               capture_output=True, text=True, timeout=900, env=environ)
+    if installed.returncode != 0:
+        raise RuntimeError(f"could not install {MINISTACK_PACKAGE}: {installed.stderr.strip()[-1500:]}")
+    return folder / "bin"
+
+
+class MiniStack:
+    """MiniStack (PyPI ministack, a local AWS emulator whose S3 is Python on one asyncio loop), S3 only,
+    in memory, in its own process group on a free loopback port. It checks no signature (AUTH off)."""
+
+    def __init__(self, bin_folder: Path, folder: Path):
+        self.bin_folder, self.folder = Path(bin_folder), Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_ports(1)[0]
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.process: Optional[subprocess.Popen] = None
+        printed = subprocess.run([str(self.bin_folder / "python"), "-m", "pip", "show", "ministack"],
+                                 capture_output=True, text=True).stdout
+        self.version = next((line.split(":", 1)[1].strip() for line in printed.splitlines()
+                             if line.startswith("Version:")), "unknown")
+
+    def start(self, timeout: float = 60) -> MiniStack:
+        environ = {**os.environ, "GATEWAY_PORT": str(self.port), "BIND_HOST": "127.0.0.1", "SERVICES": "s3",
+                   "LOG_LEVEL": "WARNING", "TMPDIR": str(self.folder), "S3_DATA_DIR": str(self.folder / "s3")}
+        with open(self.folder / "ministack.log", "ab") as log:
+            self.process = subprocess.Popen([str(self.bin_folder / "ministack")], stdout=log, stderr=subprocess.STDOUT,
+                                            env=environ, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ministack exited with {self.process.returncode}: "
+                                   f"{(self.folder / 'ministack.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.endpoint_url + "/", timeout=1):
+                    return self
+            except urllib.error.HTTPError:
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"ministack did not answer on {self.endpoint_url} within {timeout} s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.process = None
+
+
 class LatencyProxy:
     """An HTTP proxy on 127.0.0.1 in front of an S3 server: every request waits `delay` seconds first
     (a network round trip, which loopback lacks), is counted by verb (a GET with list-type is LIST),

@@ -27,6 +27,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import (
@@ -42,6 +43,7 @@ from typing import (
     Optional,
     Tuple,
     Type,
+    Union,
     cast,
 )
 
@@ -989,10 +991,17 @@ _ACCESS_HINTS = {
 }
 
 
+_POLICY_HINT = ("the bucket policy may require conditional writes (s3:if-none-match / s3:if-match), and this {method} "
+                "carried no If-None-Match or If-Match")
+
+
 def _error_from_reply(
-    reply: HttpReply, *, operation: str, bucket: str, key: str, region: str = "", method: str = ""
+    reply: HttpReply, *, operation: str, bucket: str, key: str, region: str = "", method: str = "",
+    unconditional_write: bool = False,
 ) -> S3Error:
-    """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message."""
+    """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message.
+    unconditional_write: the request was a PUT or DELETE of an object without If-Match or If-None-Match,
+    which a bucket policy requiring conditional writes refuses with AccessDenied."""
     fields_ = _xml_fields(reply.body)
     code = fields_.get("Code") or _STATUS_CODES.get(reply.status, "")
     detail = fields_.get("Message", "")
@@ -1032,8 +1041,10 @@ def _error_from_reply(
         # Some servers (SeaweedFS among them), and every HEAD (a reply without a body), answer a
         # signature made with a wrong secret with a bare 403 / AccessDenied: name both causes.
         hint = _ACCESS_HINTS.get(method or operation.split()[0], "the credentials need permission for this")
-        return S3Error(f"{base}; check the access key and secret (a wrong secret can look like this), or {hint}{tail}",
-                       **kwargs)
+        policy = _POLICY_HINT.format(method=method or operation) + "; " if (
+            unconditional_write and code == "AccessDenied") else ""
+        return S3Error(f"{base}; {policy}check the access key and secret (a wrong secret can look like this), or "
+                       f"{hint}{tail}", **kwargs)
     return S3Error(f"{base}{tail}", **kwargs)
 
 
@@ -1072,6 +1083,9 @@ class S3Client:
         # this moved says its outcome is unknown (S3RunLogs._writing).
         self.writes_landed = 0
         self._count_lock = threading.Lock()
+        self._conditional_delete: Optional[ConditionalDelete] = None  # found out by the first conditional_delete()
+        self.said_unconditional_delete = False  # a store deleting without the condition has said so once
+        self._probe_lock_pid, self._probe_lock_held = os.getpid(), threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Client(bucket={self.bucket!r}, region={self.config.region!r}, endpoint={self._base_url!r})"
@@ -1107,6 +1121,14 @@ class S3Client:
         metadata: Optional[Mapping[str, str]] = None,
     ) -> str:
         """PUT, optionally only if the ETag matches or only if no object exists; returns the new ETag."""
+        headers = self.put_headers(if_match=if_match, if_none_match=if_none_match, metadata=metadata)
+        reply = self._request("PUT", key, headers=headers, body=body)
+        return reply.header("ETag")
+
+    def put_headers(
+        self, *, if_match: str = "", if_none_match: bool = False, metadata: Optional[Mapping[str, str]] = None
+    ) -> Dict[str, str]:
+        """The headers of a PUT of a run log object: content type, condition, metadata, encryption."""
         headers = {"Content-Type": "application/json"}
         for name, value in (metadata or {}).items():
             headers[_METADATA_HEADER + name] = value
@@ -1120,8 +1142,7 @@ class S3Client:
             headers["x-amz-server-side-encryption"] = self.config.server_side_encryption
         if self.config.sse_kms_key_id:
             headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.config.sse_kms_key_id
-        reply = self._request("PUT", key, headers=headers, body=body)
-        return reply.header("ETag")
+        return headers
 
     def head_object(self, key: str) -> ObjectInfo:
         """HEAD: size, ETag, last-modified and metadata without the body."""
@@ -1130,8 +1151,9 @@ class S3Client:
         return ObjectInfo(key, size, reply.header("ETag"), reply.header("Last-Modified"), metadata=_metadata_of(reply))
 
     def delete_object(self, key: str, if_match: str = "") -> None:
-        """DELETE (S3 answers 204 whether or not the key existed); with if_match, only if the object is still
-        that version (PreconditionFailedError otherwise; a server may ignore the condition: `check` says)."""
+        """DELETE, only if the ETag still matches when if_match is given (PreconditionFailedError otherwise;
+        S3 answers 204 whether or not an unconditional DELETE's key existed; a server may ignore the
+        condition: conditional_delete())."""
         self._request("DELETE", key, headers={"If-Match": f'"{_bare_etag(if_match)}"'} if if_match else None)
 
     def list_objects(self, prefix: str = "", delimiter: str = "", pages: Optional[List[int]] = None
@@ -1185,6 +1207,17 @@ class S3Client:
         reply = self._request("HEAD", "", operation="HEAD bucket")
         return reply.header("x-amz-bucket-region")
 
+    def conditional_delete(self) -> ConditionalDelete:
+        """Whether this server honours If-Match on DELETE (AWS S3 does since 2025-09, some servers ignore
+        it): found out once per client, by a probe on a scratch key under the prefix, then remembered."""
+        if self._probe_lock_pid != os.getpid():  # a forked child must not wait for a lock its parent held
+            self._probe_lock_pid, self._probe_lock_held = os.getpid(), threading.Lock()
+        with self._probe_lock_held:
+            if self._conditional_delete is None:
+                self._conditional_delete = probe_conditional_delete(self, scratch_key(self.config.key_prefix, "probe"))
+                logger.debug("conditional DELETE on %s: %s", self._base_url, self._conditional_delete.detail)
+            return self._conditional_delete
+
     # The one place a request is built, signed, sent, retried and its errors parsed.
 
     def _request(
@@ -1229,7 +1262,8 @@ class S3Client:
                     self._count_landed()
                 return reply
             error = _error_from_reply(
-                reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method
+                reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method,
+                unconditional_write=_is_unconditional_write(method, key, headers),
             )
             if isinstance(error, PreconditionFailedError):
                 error.after_lost_reply = may_have_landed
@@ -1314,6 +1348,61 @@ class S3Client:
             self.on_retry(f"{operation} s3://{self.bucket}/{key}: {reason}; retrying (attempt {attempt + 1} of "
                           f"{self.config.max_attempts}) in {delay:.1f} s", attempt, delay)
         self._sleep(delay)
+
+
+class ConditionalDelete(NamedTuple):
+    """Whether a server honours If-Match on DELETE, and what its probe saw, in words."""
+
+    honoured: bool
+    detail: str
+
+
+# An ETag no object has: the MD5 of nothing is d41d8cd9..., and S3 never mints one of all zeros.
+STALE_ETAG = '"00000000000000000000000000000000"'
+
+
+def scratch_key(prefix: str, purpose: str) -> str:
+    """A key of this process's own under the prefix, for a probe or a check: no run's name, no folder."""
+    return "/".join(filter(None, [prefix, f".runlog-s3-{purpose}-{os.getpid()}-{random.getrandbits(32):08x}"]))
+
+
+def probe_conditional_delete(client: S3Client, key: str) -> ConditionalDelete:
+    """Write a scratch object (If-None-Match: *), DELETE it with a stale If-Match and see whether it is
+    kept, then delete it with its own ETag. Every request of the probe carries a condition."""
+    etag = client.put_object(key, b'{"probe":"runlog-s3 conditional delete"}', if_none_match=True)
+    try:
+        client.delete_object(key, if_match=STALE_ETAG)
+    except PreconditionFailedError:
+        client.delete_object(key, if_match=etag)
+        return ConditionalDelete(True, "a DELETE with a stale If-Match was refused (412) and the object kept")
+    except S3Error as exc:
+        if exc.status not in (400, 501):
+            raise
+        _delete_quietly(client, key, "")
+        return ConditionalDelete(False, "this server does not support If-Match on DELETE: it answered "
+                                        f"{exc.code or 'HTTP'} ({exc.status})")
+    try:
+        client.head_object(key)
+    except NotFoundError:
+        return ConditionalDelete(False, "this server ignores If-Match on DELETE: a DELETE with a stale If-Match "
+                                        "deleted the object")
+    _delete_quietly(client, key, etag)
+    return ConditionalDelete(False, "this server ignores If-Match on DELETE: a DELETE with a stale If-Match was "
+                                    "answered as done (the object was kept)")
+
+
+def _delete_quietly(client: S3Client, key: str, etag: str) -> None:
+    # Cleaning up after a probe or a check: a scratch object left behind is no run and harms nothing.
+    try:
+        client.delete_object(key, if_match=etag)
+    except S3Error as exc:
+        logger.debug("could not delete the scratch object s3://%s/%s: %s", client.bucket, key, exc.message)
+
+
+def _is_unconditional_write(method: str, key: str, headers: Mapping[str, str]) -> bool:
+    """A PUT or DELETE of an object that a bucket policy requiring conditional writes refuses."""
+    return method in ("PUT", "DELETE") and bool(key) and not any(
+        name.lower() in ("if-match", "if-none-match") for name in headers)
 
 
 def _metadata_of(reply: HttpReply) -> Dict[str, str]:
@@ -1995,15 +2084,43 @@ class S3RunLogs:
     # Removing and listing.
 
     def delete(self, run_id: str, if_match: str = "") -> int:
-        """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted. With
-        if_match, only if the run log is still that version (PreconditionFailedError otherwise)."""
+        """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted. Only the
+        version `if_match` names, else the one a HEAD finds: a run written meanwhile is not deleted unseen
+        (PreconditionFailedError), where the server honours If-Match on DELETE."""
         with _Writing(self.client):
-            if not self.exists(run_id):
-                raise self._not_found(run_id)
             key = self.key(run_id)
-            self.client.delete_object(key, if_match=if_match)
+            try:
+                info = self.client.head_object(key)
+            except NotFoundError as exc:
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                raise self._not_found(run_id) from exc
+            self._delete_if_unchanged(key, if_match or info.etag)
             self._forget([key])
             return 1
+
+    def _delete_if_unchanged(self, key: str, etag: str) -> bool:
+        """DELETE If-Match `etag`; False when the object was written since (it stays). Where the server
+        ignores the condition (conditional_delete found out once), the DELETE is unconditional, said once."""
+        try:
+            honoured = self.client.conditional_delete()
+        except S3Error as exc:  # the probe needs PutObject on the prefix: without it, do without
+            honoured = ConditionalDelete(False, f"could not find out ({exc.code or exc.status})")
+        if not honoured.honoured:
+            if not self.client.said_unconditional_delete:
+                self.client.said_unconditional_delete = True
+                logger.warning("%s: %s; deleting without a condition: an object written meanwhile is deleted too",
+                               self.client.endpoint_url or "S3", honoured.detail)
+            self.client.delete_object(key)
+            return True
+        try:
+            self.client.delete_object(key, if_match=etag)
+        except PreconditionFailedError:
+            return False
+        except NotFoundError as exc:  # gone already (a concurrent rm); some servers answer a conditional DELETE so
+            if isinstance(exc, NoSuchBucketError):
+                raise
+        return True
 
     def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
         """The run's own object and its ETag: the whole run log here (one GET)."""
@@ -2876,16 +2993,24 @@ class ChunkedS3RunLogs(S3RunLogs):
         the run object is still that version (PreconditionFailedError otherwise, nothing deleted)."""
         with _Writing(self.client):
             folder = self.folder(run_id)
-            keys = [info.key for info in self.client.list_objects(folder)]
-            if not keys:
+            listed = {info.key: info.etag for info in self.client.list_objects(folder)}
+            if not listed:
                 raise self._not_found(run_id)
             run_key = self.key(run_id)
-            if run_key in keys:
-                self.client.delete_object(run_key, if_match=if_match)
-            self._in_pool(self.client.delete_object, [key for key in keys if key != run_key])
-            self._forget(keys)
+            if run_key in listed and not self._delete_if_unchanged(run_key, if_match or listed[run_key]):
+                raise PreconditionFailedError(f"{self.where(run_id)}: its {CHUNK_RUN_OBJECT} was written since it "
+                                              "was checked; nothing deleted", operation="DELETE", status=412,
+                                              code="PreconditionFailed", bucket=self.client.bucket, key=run_key)
+            others = [key for key in listed if key != run_key]
+            deleted = self._in_pool(lambda key: self._delete_if_unchanged(key, listed[key]), others)
+            kept = [key for key, done in zip(others, deleted) if not done]
+            self._forget(list(listed))
             _known_runs().discard(self._run_identity(run_id))
-            return len(keys)
+            if kept:
+                raise ConflictError(
+                    f"{self.where(run_id)}: {len(kept)} of its objects were written while rm ran and were kept (a "
+                    f"pipeline still writing it?); ls lists what is left; rm {run_id} again to delete it")
+            return len(listed)
 
     def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
         """The chunked runs in a top-level listing (a folder holding RunLog.json or a log object: the
@@ -4263,11 +4388,13 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
 
 
 class CheckResult(NamedTuple):
-    """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN."""
+    """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN;
+    counts, for a check that counted something (in --json only)."""
 
     name: str
     result: str
     detail: str
+    counts: Optional[Dict[str, Any]] = None
 
     @property
     def passed(self) -> bool:
@@ -4283,19 +4410,28 @@ def _magnus_extensions_installed() -> bool:
     return importlib.util.find_spec("magnus_extensions") is not None
 
 
+RACE_WRITERS, RACE_ROUNDS = 16, 20  # check's defaults: a few seconds on loopback (moto, ministack)
+# Seconds: a slow endpoint ends the race early, with the rounds done so far (SeaweedFS makes the losers
+# of a race retry its lock once a second: a round of 16 writers there takes up to 8 s).
+_RACE_DEADLINE = 30.0
+
+
 class _Skipped(Exception):
     """A check that cannot be made here, and why."""
 
 
-def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult]:
-    """Credentials, identity, bucket and region, read/write/delete, listing, and conditional writes."""
+def run_checks(
+    client: S3Client, environ: Mapping[str, str], writers: int = RACE_WRITERS, rounds: int = RACE_ROUNDS
+) -> List[CheckResult]:
+    """Credentials, identity, bucket and region, read/write/delete, listing, conditional writes one at a
+    time and raced by concurrent writers, and conditional DELETE. Every scratch write has a condition."""
     results: List[CheckResult] = []
     bucket = client.bucket
-    scratch = "/".join(filter(None, [client.config.key_prefix, f".runlog-s3-check-{os.getpid()}-{random.getrandbits(32):08x}"]))
+    scratch = scratch_key(client.config.key_prefix, "check")
 
-    def check(name: str, action: Callable[[], str]) -> bool:
+    def check(name: str, action: Callable[[], Union[str, CheckResult]]) -> bool:
         try:
-            detail = action()
+            outcome = action()
         except _Skipped as skipped:
             results.append(CheckResult(name, "SKIP", str(skipped)))
             return True
@@ -4305,8 +4441,9 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
         except Exception as exc:  # a check reports every failure as a line, whatever it is
             results.append(CheckResult(name, "FAIL", f"{type(exc).__name__}: {exc}"))
             return False
-        results.append(CheckResult(name, "PASS", detail))
-        return True
+        results.append(outcome._replace(name=name) if isinstance(outcome, CheckResult) else
+                       CheckResult(name, "PASS", outcome))
+        return results[-1].passed
 
     def credentials() -> str:
         found = client.credentials.get()
@@ -4329,11 +4466,11 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
 
     def read_write_delete() -> str:
         body = b'{"check":"runlog-s3"}'
-        client.put_object(scratch, body)
+        etag = client.put_object(scratch, body, if_none_match=True)
         if client.get_object(scratch).body != body:
             raise S3Error(f"s3://{bucket}/{scratch} read back different bytes than were written")
-        client.delete_object(scratch)
-        return f"put, get and delete of s3://{bucket}/{scratch}"
+        how = "If-Match" if delete_scratch(client, scratch, etag) else "without If-Match, which the server refused"
+        return f"put (If-None-Match), get and delete ({how}) of s3://{bucket}/{scratch}"
 
     def listing() -> str:
         prefix = f"{client.config.key_prefix}/" if client.config.key_prefix else ""
@@ -4341,25 +4478,42 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
         return f"ListObjectsV2 on s3://{bucket}/{prefix}"
 
     def conditional_writes() -> str:
-        etag = client.put_object(scratch, b"{}")
+        etag = client.put_object(scratch, b"{}", if_none_match=True)
+        missing = f"{scratch}-missing"
         try:
-            for description, options in (
-                ("If-None-Match: * on an existing key", {"if_none_match": True}),
-                ("If-Match with a stale ETag", {"if_match": '"00000000000000000000000000000000"'}),
+            for description, key, options in (
+                ("If-None-Match: * on an existing key", scratch, {"if_none_match": True}),
+                ("If-Match with a stale ETag", scratch, {"if_match": STALE_ETAG}),
+                ("If-Match on a missing key", missing, {"if_match": etag}),
             ):
                 try:
-                    client.put_object(scratch, b'{"overwritten":true}', **options)
-                except PreconditionFailedError:
+                    written = client.put_object(key, b'{"overwritten":true}', **options)
+                except (PreconditionFailedError, NotFoundError) as exc:
+                    if isinstance(exc, NoSuchBucketError):
+                        raise
                     continue
+                if key == missing:
+                    delete_scratch(client, missing, written)
                 raise S3Error(
                     f"the server accepted a PUT with {description}: it ignores conditional writes, so "
                     "parallel writes are NOT safe on this endpoint (use AWS S3, or a server that honours If-Match)"
                 )
             if client.get_object(scratch).etag != etag:
-                raise S3Error("the object changed although both conditional PUTs were refused")
+                raise S3Error("the object changed although its conditional PUTs were refused")
         finally:
-            client.delete_object(scratch)
-        return "conditional PUTs on an existing key are refused (412): parallel writes are safe"
+            delete_scratch(client, scratch, etag)
+        return ("conditional PUTs on an existing key are refused (412), and If-Match on a missing key too "
+                "(412 or 404)")
+
+    def concurrent_conditional_writes() -> CheckResult:
+        return race_result(client, race_conditional_writes(client, scratch, writers, rounds))
+
+    def conditional_delete() -> CheckResult:
+        found = client.conditional_delete()
+        if found.honoured:
+            return CheckResult("", "PASS", f"{found.detail}: rm deletes only the version of a run it listed")
+        return CheckResult("", "WARN", f"{found.detail}; rm cannot tell a run rewritten while it deletes it "
+                                       "(AWS S3 honours If-Match on DELETE since 2025-09)")
 
     if _magnus_extensions_installed():
         results.append(CheckResult(
@@ -4371,8 +4525,202 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
     if check("bucket", bucket_region):
         check("read, write, delete", read_write_delete)
         check("list", listing)
-        check("conditional writes", conditional_writes)
+        if check("conditional writes", conditional_writes):
+            check("concurrent conditional writes", concurrent_conditional_writes)
+        check("conditional delete", conditional_delete)
     return results
+
+
+def delete_scratch(client: S3Client, key: str, etag: str) -> bool:
+    """DELETE a scratch object with If-Match on its ETag; where a server refuses the condition on DELETE
+    (400, 501: LocalStack answers 501 NotImplemented), without it, and then False; an object changed
+    meanwhile is deleted in the version found by a HEAD."""
+    try:
+        client.delete_object(key, if_match=etag)
+    except PreconditionFailedError:
+        try:
+            client.delete_object(key, if_match=client.head_object(key).etag)
+        except NotFoundError:
+            pass
+    except NotFoundError:
+        pass
+    except S3Error as exc:
+        if exc.status not in (400, 501):
+            raise
+        client.delete_object(key)
+        return False
+    return True
+
+
+# The race: `writers` threads, each with a client of its own (its own connections, opened before the
+# race), PUT to one scratch key per round with the same condition, released together by a barrier with
+# their requests already signed. Even rounds create (If-None-Match: *), odd rounds update (If-Match on
+# the ETag of an object written just before). Exactly one may win a round; the others must get 412,
+# and what is stored must be the winner's body. A server that checks the condition and stores the
+# object in two steps lets several win, and all but the last winner's write are lost.
+
+class RaceOutcome(NamedTuple):
+    """One writer's PUT in one round: won (2xx), refused (412), or an error; retried when the first
+    reply asked for a retry (409 ConditionalRequestConflict, 503 SlowDown...) or was lost."""
+
+    won: bool = False
+    refused: bool = False
+    error: str = ""
+    retried: bool = False
+    server: str = ""  # the reply's Server header
+
+
+def _client_like(client: S3Client) -> S3Client:
+    """A client for the same bucket with the same credentials and connections of its own."""
+    return S3Client(client.config, client.credentials, environ=client._environ)
+
+
+def _race_put(client: S3Client, key: str, body: bytes, etag: str, barrier: threading.Barrier) -> RaceOutcome:
+    """One writer's turn in a round: sign, wait for the others, send."""
+    headers = client.put_headers(if_match=etag, if_none_match=not etag)
+    if client.config.expected_bucket_owner:
+        headers["x-amz-expected-bucket-owner"] = client.config.expected_bucket_owner
+    request = sign_request("PUT", client.object_url(key), headers, body, client.credentials.get(),
+                           client.config.region, "s3")
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        return RaceOutcome(error="the writers were not all ready (a writer failed or the race was stopped)")
+    server = ""
+    try:
+        reply = client.transport.send(request)
+    except _transport_errors() as exc:
+        if not classify_transport_error(exc).retry:
+            return RaceOutcome(error=f"PUT s3://{client.bucket}/{key}: {classify_transport_error(exc).what} "
+                                     f"({type(exc).__name__}: {_first_line(exc)})")
+    else:
+        server = reply.header("Server")
+        if 200 <= reply.status < 300:
+            return RaceOutcome(won=True, server=server)
+        error = _error_from_reply(reply, operation="PUT", bucket=client.bucket, key=key,
+                                  region=client.config.region, method="PUT")
+        if isinstance(error, PreconditionFailedError):
+            return RaceOutcome(refused=True, server=server)
+        if error.status not in _RETRYABLE_STATUS and error.code not in _RETRYABLE_CODES:
+            return RaceOutcome(error=error.message, server=server)
+    # Retried as the store would, with backoff. The first PUT may have landed: a refused retry whose
+    # body is what is stored counts as the winner (see _count_round).
+    try:
+        client.put_object(key, body, if_match=etag, if_none_match=not etag)
+    except PreconditionFailedError:
+        return RaceOutcome(refused=True, retried=True, server=server)
+    except RunlogS3Error as exc:
+        return RaceOutcome(error=exc.message, retried=True, server=server)
+    return RaceOutcome(won=True, retried=True, server=server)
+
+
+def race_body(round_number: int, writer: int) -> bytes:
+    """What writer `writer` PUTs in round `round_number`: a body no other writer or round sends."""
+    return json.dumps({"check": "runlog-s3", "round": round_number, "writer": writer}).encode()
+
+
+def race_conditional_writes(
+    client: S3Client, key_base: str, writers: int = RACE_WRITERS, rounds: int = RACE_ROUNDS,
+    deadline: float = _RACE_DEADLINE,
+) -> Dict[str, Any]:
+    """Race `writers` concurrent conditional PUTs for `rounds` rounds; returns the counts (see race_result)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    clients = [_client_like(client) for _ in range(writers)]
+    kinds: Dict[str, Counter] = {"If-None-Match: *": Counter(), "If-Match": Counter()}
+    counts: Dict[str, Any] = {
+        "server": client.endpoint_url or f"AWS S3 ({client.config.region})", "server_header": "",
+        "writers": writers, "rounds_asked": rounds, "rounds": 0, "rounds_with_several_winners": 0,
+        "rounds_with_no_winner": 0, "rounds_keeping_a_loser": 0, "most_winners": 0, "winners": 0, "refused": 0,
+        "retried": 0, "errors": 0, "first_error": "", "slowest_round_seconds": 0.0, "by_condition": kinds,
+    }
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="runlog-s3-race") as pool:
+        list(pool.map(lambda each: each.head_bucket(), clients))  # connections open before the first round
+        for number in range(rounds):
+            if time.monotonic() - started > deadline:
+                break
+            key = f"{key_base}-race-{number:03d}"
+            kind = "If-None-Match: *" if number % 2 == 0 else "If-Match"
+            etag = client.put_object(key, race_body(number, -1), if_none_match=True) if kind == "If-Match" else ""
+            barrier = threading.Barrier(writers, timeout=60)
+            round_started = time.monotonic()
+            try:
+                outcomes = list(pool.map(_race_put, clients, [key] * writers,
+                                         [race_body(number, writer) for writer in range(writers)],
+                                         [etag] * writers, [barrier] * writers))
+            except BaseException:
+                barrier.abort()  # the writers still waiting give up at once (Ctrl-C)
+                raise
+            counts["slowest_round_seconds"] = round(max(counts["slowest_round_seconds"],
+                                                        time.monotonic() - round_started), 2)
+            try:
+                stored: Optional[S3Object] = client.get_object(key)
+            except NotFoundError:
+                stored = None
+            _count_round(counts, kinds[kind], outcomes, stored, number)
+            if stored is not None:
+                delete_scratch(client, key, stored.etag)
+            if counts["errors"]:
+                break
+    counts["seconds"] = round(time.monotonic() - started, 2)
+    counts["by_condition"] = {kind: dict(kind_counts) for kind, kind_counts in kinds.items()}
+    return counts
+
+
+def _count_round(
+    counts: Dict[str, Any], kind: Counter, outcomes: List[RaceOutcome], stored: Optional[S3Object], number: int
+) -> None:
+    winners = {writer for writer, outcome in enumerate(outcomes) if outcome.won}
+    # -1: the object written before an If-Match round; -2: none (no writer of an If-None-Match round won)
+    stored_writer = int(json.loads(stored.body).get("writer", -2)) if stored is not None else -2
+    if 0 <= stored_writer < len(outcomes) and outcomes[stored_writer].retried:
+        winners.add(stored_writer)  # its first PUT landed, the reply asked for a retry, the retry was refused
+    errors = [outcome.error for outcome in outcomes if outcome.error]
+    counts["server_header"] = counts["server_header"] or next((o.server for o in outcomes if o.server), "")
+    counts["rounds"] += 1
+    kind["rounds"] += 1
+    counts["winners"] += len(winners)
+    counts["refused"] += sum(outcome.refused for writer, outcome in enumerate(outcomes) if writer not in winners)
+    counts["retried"] += sum(outcome.retried for outcome in outcomes)
+    counts["most_winners"] = max(counts["most_winners"], len(winners))
+    if errors:
+        counts["errors"] += len(errors)
+        counts["first_error"] = counts["first_error"] or f"round {number}: {errors[0]}"
+        return
+    for outcome, happened in (("rounds_with_several_winners", len(winners) > 1), ("rounds_with_no_winner", not winners),
+                              ("rounds_keeping_a_loser", bool(winners) and stored_writer not in winners)):
+        counts[outcome] += happened
+        kind[outcome] += happened
+
+
+def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
+    """The check line for a race's counts: FAIL when a round had several winners, none, or kept a
+    refused writer's body, or when the race could not be run to the end."""
+    server = counts["server"] + (f" ({counts['server_header']})" if counts["server_header"] else "")
+    done, writers = counts["rounds"], counts["writers"]
+    by_kind = ", ".join(f"{kind} in {each.get('rounds_with_several_winners', 0)} of {each.get('rounds', 0)}"
+                        for kind, each in counts["by_condition"].items())
+    if counts["rounds_with_several_winners"]:
+        return CheckResult("", "FAIL", (
+            f"{server}: conditional writes are not atomic under concurrency: {counts['rounds_with_several_winners']} "
+            f"of {done} rounds had 2 or more winners; writes can be lost on this server ({writers} concurrent "
+            f"writers, up to {counts['most_winners']} winners in a round; {by_kind})"), counts)
+    if counts["errors"]:
+        return CheckResult("", "FAIL", f"{server}: the race of {writers} concurrent conditional writers stopped in round "
+                                       f"{done}: {counts['first_error']}", counts)
+    if counts["rounds_with_no_winner"] or counts["rounds_keeping_a_loser"]:
+        return CheckResult("", "FAIL", (
+            f"{server}: conditional writes are not reliable under concurrency: in {counts['rounds_with_no_winner']} "
+            f"of {done} rounds all {writers} writers were refused, in {counts['rounds_keeping_a_loser']} the object "
+            "kept a refused writer's body; writes can be lost on this server"), counts)
+    shortfall = (f" (the race stops after {_RACE_DEADLINE:.0f} s: {done} of {counts['rounds_asked']} rounds asked)"
+                 if done < counts["rounds_asked"] else "")
+    slow = counts["slowest_round_seconds"]
+    waits = f"; the losers of a race waited: a round took up to {slow:.1f} s" if slow >= 1 else ""
+    return CheckResult("", "PASS", (
+        f"{writers} concurrent writers, {done} rounds of If-None-Match: * and If-Match on one ETag: exactly one winner "
+        f"a round, the others refused (412), in {counts['seconds']:.1f} s{shortfall}{waits}"), counts)
 
 
 def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:
@@ -4464,7 +4812,7 @@ def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
         client = S3Client(Config.from_dict(config))
         create_bucket(client)
         print(f"embedded server {server.endpoint_url}, bucket {_LOCAL_BUCKET}", file=sys.stderr if args.json else sys.stdout)
-        results = run_checks(client, os.environ)
+        results = run_checks(client, os.environ, args.writers, args.rounds)
         if not all(result.passed for result in results):
             return _report_checks(results, args.json)
         if not args.json:
@@ -4481,7 +4829,8 @@ def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
 
 def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
     if as_json:
-        print(json.dumps([result._asdict() for result in results], indent=2))
+        print(json.dumps([{name: value for name, value in result._asdict().items() if value is not None}
+                          for result in results], indent=2))
     else:
         for result in results:
             print(result.line(), flush=True)
@@ -4581,9 +4930,15 @@ def _parser() -> Any:
                     help="delete a run that is not finished (CREATED or PROCESSING: a pipeline may be writing it)")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
-    check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
+    check.add_argument("--writers", type=_positive_count, default=RACE_WRITERS, metavar="N",
+                       help=f"concurrent writers racing conditional writes, and with --local the writer processes of "
+                       f"its workload (default {RACE_WRITERS})")
+    check.add_argument("--rounds", type=_positive_count, default=RACE_ROUNDS, metavar="N",
+                       help=f"rounds of the race of conditional writes, alternately If-None-Match and If-Match "
+                       f"(default {RACE_ROUNDS})")
     check.add_argument("--steps", type=int, default=10, help="step logs per writer for --local (default 10)")
-    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail")
+    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail, "
+                       "and counts where a check counted (the race's rounds and winners)")
     register = command("register", help="let magnus and runnable find a copied-in runlog_s3.py: write its .dist-info beside it")
     register.add_argument("--folder", default="", help="the folder runlog_s3.py was copied into (default: this "
                           "module's), e.g. /app")
@@ -4621,7 +4976,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         if sys.stderr.isatty() or args.verbose:
             client.on_retry = _retry_notice()
         if args.command == "check":
-            return _report_checks(run_checks(client, environ), args.json)
+            return _report_checks(run_checks(client, environ, args.writers, args.rounds), args.json)
         return commands[args.command](BucketRuns(client), args)
     except (RunLogNotFoundError, NotFoundError) as exc:
         return _fail(exc, EXIT_FAILED, args.debug)

@@ -100,7 +100,25 @@ def seaweedfs(tmp_path_factory):
     server.stop()
 
 
-SERVERS = ["moto", "seaweedfs"]
+@pytest.fixture(scope="session")
+def ministack(tmp_path_factory):
+    """One MiniStack for the session, in a virtual environment of its own (it pins botocore); in CI a
+    failed install or start fails the run, elsewhere it skips."""
+    folder = tmp_path_factory.mktemp("ministack")
+    try:
+        server = bench_runlog_s3.MiniStack(bench_runlog_s3.make_ministack_venv(folder / "venv", _pip_environment()),
+                                           folder / "server")
+        server.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"MiniStack ({bench_runlog_s3.MINISTACK_PACKAGE}) could not be set up: {error}")
+        pytest.skip(f"MiniStack could not be set up here: {error}")
+    yield server
+    server.stop()
+
+
+SERVERS = ["moto", "seaweedfs", "ministack"]
+SERVER_FIXTURES = {"moto": "s3_server", "seaweedfs": "seaweedfs", "ministack": "ministack"}
 
 
 def new_bucket(endpoint_url):
@@ -112,8 +130,8 @@ def new_bucket(endpoint_url):
 
 @pytest.fixture(params=SERVERS)
 def bucket(request, aws_environment):
-    """A new bucket on each test server (moto in this process, SeaweedFS); returns a config block for it."""
-    server = request.getfixturevalue("s3_server" if request.param == "moto" else "seaweedfs")
+    """A new bucket on each test server (moto in this process, SeaweedFS, MiniStack); returns a config block for it."""
+    server = request.getfixturevalue(SERVER_FIXTURES[request.param])
     return new_bucket(server.endpoint_url)
 
 
@@ -1757,12 +1775,12 @@ def test_cli_get_imports_neither_magnus_moto_nor_yaml(bucket, cli_env):
 
 
 def test_cli_check_passes_against_a_good_bucket(bucket, cli_env, s3_server):
-    result = cli("check", env={**cli_env, "AWS_ENDPOINT_URL_STS": s3_server.endpoint_url})
+    result = cli("check", "--rounds", "2", "--writers", "4", env={**cli_env, "AWS_ENDPOINT_URL_STS": s3_server.endpoint_url})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "PASS  credentials found", "PASS  caller identity", "PASS  bucket", "PASS  read, write, delete", "PASS  list",
-        "PASS  conditional writes"]
+        "PASS  conditional writes", "PASS  concurrent conditional writes", "PASS  conditional delete"]
     assert "environment" in lines[0] and ACCESS_KEY[-4:] in lines[0] and SECRET_KEY not in result.stdout
 
 
@@ -1818,7 +1836,329 @@ def test_cli_check_local_passes_with_only_the_local_extra(tmp_path):
                             timeout=300, cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS  parallel writes: 16 writer processes wrote 176 logs, 176 kept, 0 lost" in result.stdout
+    assert "PASS  concurrent conditional writes: 16 concurrent writers, 20 rounds of " in result.stdout
     assert "magnus" not in subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True).stdout
+
+
+# Servers that get conditional writes wrong, or require them ######################################
+
+
+class ConditionProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server that changes what conditions mean.
+
+    - "non-atomic": checks If-Match / If-None-Match itself (a HEAD upstream), answers 412 when the
+      condition fails, else lands the write 30 ms later without its condition: a server whose check and
+      write are two steps (SeaweedFS before its fix of issue 8800, versitygw before PR 2288).
+    - "ignore-delete-condition": drops If-Match from DELETEs (AWS S3 before 2025-09, some servers).
+    - "if-match-creates": a PUT with If-Match on a missing key is stored (MinIO's issue 21526).
+    - "refuse-delete-condition": a DELETE with If-Match is answered 501 NotImplemented (LocalStack 2026.3).
+    - "require-conditions": refuses an object PUT without If-None-Match or If-Match, and a DELETE without
+      If-Match, with 403 AccessDenied, as a bucket policy with the s3:if-none-match / s3:if-match
+      condition keys does (moto and SeaweedFS enforce no such policy).
+
+    The first three change signed headers, so they front moto (which checks no signature); the third
+    forwards requests untouched and fronts SeaweedFS too. `refused` counts its 403s, `writes` the
+    object PUTs and DELETEs that came through, by whether they carried a condition."""
+
+    LATENCY = 0.03
+
+    def __init__(self, upstream_url, mode):
+        import http.server
+        from collections import Counter
+
+        self.upstream, self.mode = urlsplit(upstream_url), mode
+        self.refused, self.writes, self._lock = [], Counter(), threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                self.handle_one_request()  # one request per connection
+
+            def handle_one_request(self):
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline or not self.parse_request():
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, data = proxy.answer(self.command, self.path, dict(self.headers), body)
+                self.send_response_only(status)
+                for name, value in headers:
+                    if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # 16 writers connect at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def answer(self, method, path, headers, body):
+        conditions = {name.lower(): value for name, value in headers.items() if name.lower() in ("if-match",
+                                                                                                "if-none-match")}
+        object_write = method in ("PUT", "DELETE") and "/" in urlsplit(path).path.strip("/")
+        if object_write:
+            with self._lock:
+                self.writes["conditional" if conditions else "unconditional"] += 1
+        if self.mode == "require-conditions" and object_write and (
+                not conditions or (method == "DELETE" and "if-match" not in conditions)):
+            with self._lock:
+                self.refused.append(f"{method} {urlsplit(path).path}")
+            return self.error(403, "AccessDenied", "Access Denied")
+        if self.mode == "refuse-delete-condition" and method == "DELETE" and "if-match" in conditions:
+            return self.error(501, "NotImplemented", "A header you provided implies functionality that is not implemented")
+        if self.mode == "ignore-delete-condition" and method == "DELETE":
+            headers = {name: value for name, value in headers.items() if name.lower() != "if-match"}
+        if self.mode == "if-match-creates" and method == "PUT" and "if-match" in conditions:
+            if self.head(path, headers)[0] == 404:
+                return self.forward(method, path, {k: v for k, v in headers.items() if k.lower() != "if-match"}, body)
+        if self.mode == "non-atomic" and object_write and conditions:
+            status, found, _ = self.head(path, headers)
+            if status not in (200, 404):
+                return status, found, b""
+            etag = dict((name.lower(), value) for name, value in found).get("etag", "")
+            exists = status == 200
+            if (conditions.get("if-none-match") == "*" and exists) or (
+                    "if-match" in conditions and (not exists or conditions["if-match"] != etag)):
+                return self.error(412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
+            time.sleep(self.LATENCY)  # the condition held when checked; the write lands later
+            headers = {name: value for name, value in headers.items() if name.lower() not in conditions}
+        return self.forward(method, path, headers, body)
+
+    def head(self, path, headers):
+        """HEAD on the upstream for the object a request names (moto checks no signature)."""
+        kept = {name: value for name, value in headers.items()
+                if name.lower() not in ("if-match", "if-none-match", "content-length", "content-md5")}
+        return self.forward("HEAD", path, kept, b"")
+
+    @staticmethod
+    def error(status, code, message):
+        return status, [("Content-Type", "application/xml")], (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
+            "<RequestId>condition-proxy</RequestId></Error>").encode()
+
+    def forward(self, method, path, headers, body):
+        import http.client
+
+        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            reply = connection.getresponse()
+            return reply.status, reply.getheaders(), reply.read()
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def condition_proxy(request):
+    """condition_proxy(upstream config, mode) -> (proxy, config through it); stopped after the test."""
+    proxies = []
+
+    def start(config, mode):
+        proxies.append(ConditionProxy(config["endpoint_url"], mode))
+        return proxies[-1], {**config, "endpoint_url": proxies[-1].endpoint_url}
+
+    yield start
+    for proxy in proxies:
+        proxy.stop()
+
+
+def check_env(config):
+    return {"RUNLOG_S3_BUCKET": config["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": config["endpoint_url"],
+            "RUNLOG_S3_PREFIX": config["prefix"]}
+
+
+def check_lines(result):
+    return {line.split(":")[0].split("  ", 1)[1]: line for line in result.stdout.splitlines() if "  " in line}
+
+
+def test_check_fails_a_server_whose_conditional_writes_are_not_atomic(moto_bucket, condition_proxy):
+    # Each condition is right when tested alone: only a race shows that writes are lost.
+    proxy, config = condition_proxy(moto_bucket, "non-atomic")
+    started = time.monotonic()
+    result = cli("check", "--json", env=check_env(config))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = {line["name"]: line for line in json.loads(result.stdout)}
+    assert lines["conditional writes"]["result"] == "PASS", lines["conditional writes"]
+    race = lines["concurrent conditional writes"]
+    assert race["result"] == "FAIL"
+    counts = race["counts"]
+    assert (counts["writers"], counts["rounds"], counts["errors"]) == (16, 20, 0), race
+    assert counts["rounds_with_several_winners"] >= 15 and counts["most_winners"] >= 8, counts
+    assert race["detail"].startswith(
+        f"{config['endpoint_url']} (Werkzeug/") and (
+        f": conditional writes are not atomic under concurrency: {counts['rounds_with_several_winners']} of 20 rounds "
+        "had 2 or more winners; writes can be lost on this server (16 concurrent writers, up to ") in race["detail"]
+    for kind in ("If-None-Match: *", "If-Match"):
+        assert counts["by_condition"][kind]["rounds_with_several_winners"] >= 5, counts
+    print(f"\nnon-atomic server: {counts['rounds_with_several_winners']} of 20 rounds had 2 or more winners, up to "
+          f"{counts['most_winners']}; check took {elapsed:.1f} s")
+    plain = cli("check", "--rounds", "4", env=check_env(config))
+    assert plain.returncode == 1
+    assert check_lines(plain)["concurrent conditional writes"].startswith("FAIL  concurrent conditional writes: ")
+    assert proxy.writes["unconditional"] == 0 and proxy.writes["conditional"] > 16 * 24  # check's own writes too
+
+
+def test_check_races_conditional_writes_and_passes_a_server_that_honours_them(bucket, condition_proxy):
+    started = time.monotonic()
+    result = cli("check", "--json", env=check_env(bucket))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line["name"]: line for line in json.loads(result.stdout)}
+    race = lines["concurrent conditional writes"]
+    counts = race["counts"]
+    assert race["result"] == "PASS" and counts["writers"] == 16 and counts["errors"] == 0, race
+    assert counts["rounds"] == 20 or (counts["rounds"] >= 4 and counts["seconds"] >= 30), counts  # SeaweedFS is slow
+    assert counts["winners"] == counts["rounds"] and counts["refused"] == 15 * counts["rounds"], counts
+    assert counts["rounds_with_several_winners"] == counts["rounds_with_no_winner"] == 0, counts
+    assert race["detail"].startswith("16 concurrent writers, ") and "exactly one winner a round" in race["detail"]
+    assert lines["conditional delete"]["result"] == "PASS"
+    assert "a DELETE with a stale If-Match was refused (412) and the object kept" in lines["conditional delete"]["detail"]
+    leftovers = [info.key for info in S3Client(Config.from_dict(bucket)).list_objects("runs/")]
+    assert leftovers == []  # every scratch object deleted
+    print(f"\ncheck: {counts['rounds']} rounds in {counts['seconds']} s (slowest round {counts['slowest_round_seconds']} "
+          f"s); the whole check {elapsed:.1f} s")
+
+
+def test_check_fails_a_server_that_takes_if_match_on_a_missing_key_for_a_create(moto_bucket, condition_proxy):
+    _proxy, config = condition_proxy(moto_bucket, "if-match-creates")
+    result = cli("check", "--rounds", "2", env=check_env(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert check_lines(result)["conditional writes"] == (
+        "FAIL  conditional writes: the server accepted a PUT with If-Match on a missing key: it ignores conditional "
+        "writes, so parallel writes are NOT safe on this endpoint (use AWS S3, or a server that honours If-Match)")
+    assert list(S3Client(Config.from_dict(moto_bucket)).list_objects("runs/")) == []
+
+
+@pytest.mark.parametrize("mode, said, deleted", [
+    ("ignore-delete-condition", "this server ignores If-Match on DELETE: a DELETE with a stale If-Match deleted the "
+                                "object", "If-Match"),
+    ("refuse-delete-condition", "this server does not support If-Match on DELETE: it answered NotImplemented (501)",
+                                "without If-Match, which the server refused"),
+])
+def test_check_says_when_a_server_ignores_if_match_on_delete(moto_bucket, condition_proxy, mode, said, deleted):
+    _proxy, config = condition_proxy(moto_bucket, mode)
+    result = cli("check", "--rounds", "2", env=check_env(config))
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning: rm still works, less safely
+    lines = check_lines(result)
+    assert lines["conditional delete"] == (f"WARN  conditional delete: {said}; rm cannot tell a run rewritten while "
+                                           "it deletes it (AWS S3 honours If-Match on DELETE since 2025-09)")
+    assert lines["read, write, delete"].startswith(f"PASS  read, write, delete: put (If-None-Match), get and delete "
+                                                   f"({deleted}) of ")
+    assert list(S3Client(Config.from_dict(moto_bucket)).list_objects("runs/")) == []
+
+
+@pytest.mark.parametrize("mode, honoured, methods, unconditional", [
+    ("pass-through", True, ["PUT", "DELETE", "DELETE"], 0),
+    ("ignore-delete-condition", False, ["PUT", "DELETE", "HEAD"], 0),
+    ("refuse-delete-condition", False, ["PUT", "DELETE", "DELETE"], 1),  # the scratch object deleted without it
+])
+def test_a_client_finds_out_once_whether_delete_honours_if_match(moto_bucket, condition_proxy, mode, honoured, methods,
+                                                                 unconditional):
+    proxy, config = condition_proxy(moto_bucket, mode)
+    client = S3Client(Config.from_dict(config), transport=CountingTransport(config))
+    found = client.conditional_delete()
+    assert found.honoured is honoured and found.detail
+    assert client.conditional_delete() is found
+    assert [method for method, _path, _query in client.transport.sent] == methods
+    assert proxy.writes["unconditional"] == unconditional
+    assert list(client.list_objects("runs/")) == []
+
+
+def test_delete_sends_if_match_and_a_stale_one_keeps_the_object(bucket):
+    client = S3Client(Config.from_dict(bucket))
+    etag = client.put_object("runs/kept.json", b"{}", if_none_match=True)
+    with pytest.raises(PreconditionFailedError):
+        client.delete_object("runs/kept.json", if_match=runlog_s3.STALE_ETAG)
+    assert client.head_object("runs/kept.json").etag == etag
+    client.delete_object("runs/kept.json", if_match=etag)
+    with pytest.raises(NotFoundError):
+        client.head_object("runs/kept.json")
+
+
+@pytest.mark.parametrize("method, options, named", [
+    ("PUT", {}, True),
+    ("DELETE", {}, True),
+    ("PUT", {"if_none_match": True}, False),
+    ("PUT", {"if_match": '"0123456789abcdef0123456789abcdef"'}, False),
+    ("DELETE", {"if_match": '"0123456789abcdef0123456789abcdef"'}, False),
+])
+@responses.activate
+def test_access_denied_on_an_unconditional_write_names_the_bucket_policy(method, options, named):
+    client, _transport = fake_client()
+    responses.add(getattr(responses, method), f"{AWS_URL}/runs/r.json", **s3_error("AccessDenied", "Access Denied", 403))
+    with pytest.raises(S3Error) as raised:
+        if method == "PUT":
+            client.put_object("runs/r.json", b"{}", **options)
+        else:
+            client.delete_object("runs/r.json", **options)
+    message = str(raised.value)
+    assert ("the bucket policy may require conditional writes (s3:if-none-match / s3:if-match), and this "
+            f"{method} carried no If-None-Match or If-Match" in message) is named, message
+    assert "check the access key and secret of " in message and "\n" not in message
+
+
+def test_a_policy_requiring_conditional_writes_refuses_what_has_none_and_check_passes(bucket, condition_proxy):
+    proxy, config = condition_proxy(bucket, "require-conditions")
+    client = S3Client(Config.from_dict(config))
+    with pytest.raises(S3Error) as raised:
+        client.put_object("runs/unconditional.json", b"{}")
+    assert raised.value.status == 403 and "s3:if-none-match / s3:if-match" in str(raised.value)
+    etag = client.put_object("runs/conditional.json", b"{}", if_none_match=True)
+    client.delete_object("runs/conditional.json", if_match=etag)
+    result = cli("check", "--rounds", "2", "--writers", "4", env=check_env(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout and "WARN" not in result.stdout, result.stdout
+    assert proxy.refused == ["PUT /{}/runs/unconditional.json".format(config["s3_bucket"])]
+
+
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_the_store_works_where_a_bucket_policy_requires_conditional_writes(bucket, condition_proxy, tmp_path, layout):
+    # Every write of the store carries a condition: the pipeline's writes, put_run_log, put --force, rm.
+    proxy, config = condition_proxy(bucket, "require-conditions")
+    store = store_class("S3RunLogStore" if layout == "s3" else "ChunkedS3RunLogStore")(config)
+    store.create_run_log("guarded", status="PROCESSING")
+    store.set_parameters("guarded", {"x": 1})
+    store.set_run_config("guarded", {"executor": {"type": "local"}})
+    step = store.create_step_log("fan", "fan")
+    step.status = "PROCESSING"
+    store.add_step_log(step, "guarded")
+    branch = store.create_branch_log("fan.a")
+    store.add_branch_log(branch, "guarded")
+    inner = store.create_step_log("work", "fan.a.work")
+    inner.status = "SUCCESS"
+    store.add_step_log(inner, "guarded")
+    run_log = store.get_run_log_by_id("guarded", full=True)
+    run_log.status = "SUCCESS"
+    store.put_run_log(run_log)
+    store.update_run_log_status("guarded", "SUCCESS")
+    env = check_env(config)
+    document = json.loads(cli("get", "guarded", env=env).stdout)
+    del document["steps"]["fan"]["branches"]["fan.a"]
+    forced = cli("put", "guarded", "--force", env=env, stdin=json.dumps(document))
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(cli("get", "guarded", env=env).stdout)["steps"]["fan"]["branches"] == {}
+    removed = cli("rm", "guarded", "--yes", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert cli("get", "guarded", env=env).returncode == 1
+    assert proxy.refused == [] and proxy.writes["conditional"] > 0, proxy.refused
 
 
 def test_remembered_document_never_shares_a_callers_objects(bucket):
@@ -3325,7 +3665,7 @@ def test_check_without_a_bucket_says_what_to_configure(tmp_path):
 
 
 def test_check_says_skip_for_what_it_cannot_check(bucket, cli_env):
-    result = cli("check", env=cli_env)
+    result = cli("check", "--rounds", "2", "--writers", "4", env=cli_env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SKIP  caller identity: custom S3 endpoint and no AWS_ENDPOINT_URL_STS" in result.stdout
     assert "PASS  caller identity" not in result.stdout
@@ -3425,7 +3765,7 @@ def test_show_and_check_speak_json(bucket, cli_env):
     stored_run(bucket, "shown", steps=("one", "two"))
     shown = json.loads(cli("show", "shown", "--json", env=cli_env).stdout)
     assert [row["name"] for row in shown["steps"]] == ["one", "two"] and shown["status"] == "SUCCESS"
-    checked = json.loads(cli("check", "--json", env=cli_env).stdout)
+    checked = json.loads(cli("check", "--json", "--rounds", "2", "--writers", "4", env=cli_env).stdout)
     assert {"name", "result", "detail"} <= set(checked[0]) and {row["result"] for row in checked} <= {"PASS", "SKIP"}
 
 
