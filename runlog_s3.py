@@ -3844,19 +3844,21 @@ def _cmd_get(runs: BucketRuns, args: Any) -> int:
 
 
 def _cmd_ls(runs: BucketRuns, args: Any) -> int:
-    listed = runs.list()
-    if args.limit:
-        listed = listed[-args.limit:]
-    statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
-    rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
-             "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
-            for (run, layout), (status, written_by) in zip(listed, statuses)]
+    if args.since or args.status or args.limit:  # one LIST of the prefix, a GET per run shown (find_runs)
+        rows = _found_rows(runs, args)
+    else:
+        listed = runs.list()
+        statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
+        rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
+                 "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+                for (run, layout), (status, written_by) in zip(listed, statuses)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     # New columns go last: scripts that cut the first five keep working.
     table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN BY")] + [
         (row["run_id"], row["status"], row["layout"], row["last_modified"],
+         "-" if row["size"] is None else
          f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""),
          row["written_by"])
         for row in rows
@@ -4262,6 +4264,213 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
     return EXIT_OK
 
 
+# The life of runs: find them, keep them, move them ###############################################
+#
+# ls --since/--status/--limit and prune work on thousands of runs, so they find them with one LIST of the
+# prefix. Delimited by "/", a chunked run is a folder whose time costs a LIST of its own. Delimited by
+# "Log-" instead, the listing shows every s3 run object and every RunLog.json with its LastModified, and
+# rolls a chunked run's StepLog-/BranchLog- objects into at most two common prefixes: both layouts' times
+# from the listing itself, no request per run. A run id holding "Log-" rolls up too: that part of the
+# prefix is listed again by "/", and each chunked run found there costs one request (its RunLog.json).
+
+LISTING_DELIMITER = "Log-"
+LISTABLE_STATUSES = MAGNUS_STATUSES + ("INCOMPLETE",)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class ListedRun(NamedTuple):
+    """A run as a listing shows it. Its time is its run object's: the run log (s3) or RunLog.json, which
+    every status change rewrites (chunked-s3); for leftovers, their newest object."""
+
+    run_id: str
+    layout: str
+    last_modified: str  # as S3 gives it
+    modified: float  # seconds since the epoch (0 when the server gave none this module reads)
+    size: Optional[int] = None  # None: not counted (a chunked run's objects cost a LIST of their own)
+    objects: Optional[int] = None
+    etag: str = ""
+
+
+class RunListing(NamedTuple):
+    """What one listing of the prefix shows (list_runs)."""
+
+    runs: List[ListedRun]  # with their times
+    unlisted: List[str]  # chunked runs whose RunLog.json the listing could not show (ids holding "Log-")
+    leftovers: List[str]  # chunked folders with logs but no RunLog.json (a deleted run's, INCOMPLETE)
+    now: float  # the server's clock when it answered
+
+
+class RunState(NamedTuple):
+    """A run object as read by one GET: what ls shows and what prune checks before a conditional delete."""
+
+    status: str  # INCOMPLETE when the run object is gone (deleted since it was listed), '?' when unreadable
+    written_by: str
+    etag: str = ""
+    modified: float = 0.0
+    last_modified: str = ""
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """Seconds in '90d', '12h', '30m', '45s' or '2w'; UsageError naming the flag otherwise."""
+    number, unit = text.strip()[:-1], text.strip()[-1:]
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit] if number.replace(".", "", 1).isdigit() else 0.0
+    except KeyError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise UsageError(f"{flag} {text!r} is not a duration: give a number and a unit, e.g. 90d, 12h, 30m "
+                         "(s, m, h, d, w); nothing done")
+    return seconds
+
+
+def parse_statuses(text: str, flag: str, allowed: Tuple[str, ...], why: str = "") -> Tuple[str, ...]:
+    """The statuses of a comma-separated list (any case); UsageError naming the first not in `allowed`."""
+    names = tuple(dict.fromkeys(name.strip().upper() for name in text.split(",") if name.strip()))
+    wrong = [name for name in names if name not in allowed] or ([] if names else [text])
+    if wrong:
+        raise UsageError(f"{flag} {text!r}: {wrong[0]!r} is not a status {why or 'of a run'}: give some of "
+                         f"{', '.join(allowed)}, comma-separated; nothing done")
+    return names
+
+
+def _listed_time(text: str) -> float:
+    # LastModified as a LIST gives it (ISO 8601) or as a GET does (an HTTP date).
+    if not text:
+        return 0.0
+    if text[:1].isdigit():
+        try:
+            return _parse_iso_time(text)
+        except ValueError:
+            return 0.0
+    return parse_http_date(text) or 0.0
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def list_runs(runs: BucketRuns) -> RunListing:
+    """Every run under the prefix with its time, from the pages of one LIST delimited by "Log-" (see above)."""
+    client = runs.plain.client
+    prefix = f"{runs.plain.prefix}/" if runs.plain.prefix else ""
+    found: Dict[Tuple[str, str], ListedRun] = {}
+    with_logs, rolled, unlisted = set(), [], []
+
+    def add(info: ObjectInfo) -> None:
+        name = info.key[len(prefix):]
+        folder, slash, rest = name.partition("/")
+        if not slash and name.endswith(RUN_LOG_SUFFIX) and name != RUN_LOG_SUFFIX:
+            run_id, layout = name[: -len(RUN_LOG_SUFFIX)], "s3"
+        elif slash and rest == CHUNK_RUN_OBJECT and folder:
+            run_id, layout = folder, "chunked-s3"
+        else:
+            return
+        size = info.size if layout == "s3" else None
+        found[run_id, layout] = ListedRun(run_id, layout, info.last_modified, _listed_time(info.last_modified), size,
+                                          1 if layout == "s3" else None, info.etag)
+
+    for info in client.list_objects(prefix, delimiter=LISTING_DELIMITER):
+        if info.etag or info.last_modified:
+            add(info)
+            continue
+        folder, slash, rest = info.key[len(prefix):].partition("/")  # a common prefix
+        if slash and rest in _CHUNK_KINDS:
+            with_logs.add(folder)
+        elif not slash:
+            rolled.append(info.key)  # a run id holding "Log-"
+    for rolled_prefix in rolled:
+        for info in client.list_objects(rolled_prefix, delimiter="/"):
+            if info.etag or info.last_modified:
+                add(info)
+            elif info.key.endswith("/"):
+                unlisted.append(info.key[len(prefix):-1])
+    chunked = {run_id for run_id, layout in found if layout == "chunked-s3"}
+    return RunListing(list(found.values()), sorted(set(unlisted) - chunked), sorted(with_logs - chunked),
+                      client.server_now() or wall_clock())
+
+
+def read_run_state(run_logs: S3RunLogs, run_id: str) -> RunState:
+    """One GET of a run's object: its status, who wrote it, its ETag and time."""
+    key = run_logs.key(run_id)
+    try:
+        stored = run_logs.client.get_object(key)
+    except NotFoundError as exc:
+        if isinstance(exc, NoSuchBucketError):
+            raise
+        return RunState("INCOMPLETE" if run_logs.layout == "chunked-s3" else "?", "?")
+    try:
+        document = public(decode_run_log(stored.body, f"s3://{run_logs.client.bucket}/{key}"))
+    except InvalidRunLogError:
+        return RunState("?", "?", stored.etag, _listed_time(stored.last_modified), stored.last_modified)
+    written_by = stored.metadata.get(WRITTEN_BY, "") or guess_framework(document)
+    return RunState(str(document.get("status", "?")), written_by, stored.etag, _listed_time(stored.last_modified),
+                    stored.last_modified)
+
+
+def _leftovers_summary(runs: BucketRuns, run_id: str) -> ListedRun:
+    # A folder without its run object: one LIST, for its time, size and object count.
+    objects = list(runs.chunked.client.list_objects(runs.chunked.folder(run_id)))
+    newest = max((info.last_modified for info in objects), key=_listed_time, default="")
+    return ListedRun(run_id, "chunked-s3", newest, _listed_time(newest), sum(info.size for info in objects),
+                     len(objects))
+
+
+def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optional[Tuple[str, ...]] = None,
+              limit: int = 0) -> List[Tuple[ListedRun, RunState]]:
+    """The runs written within `since` seconds with one of `statuses`, newest first, at most `limit`.
+
+    Requests: the listing's pages; then one GET per run inside the window, newest first, in batches no
+    larger than the runs still wanted (so none is read past the limit-th match); none for a run outside
+    it. Runs the listing cannot time cost one request each first: ids holding "Log-" (a GET of their
+    RunLog.json) and, unless --status leaves INCOMPLETE out, leftovers (a LIST of their folder)."""
+    listing = list_runs(runs)
+    cutoff = listing.now - since if since is not None else None
+    known: Dict[Tuple[str, str], RunState] = {}
+    candidates = list(listing.runs)
+
+    def timed(run_id: str) -> Tuple[ListedRun, RunState]:
+        state = read_run_state(runs.chunked, run_id)
+        return ListedRun(run_id, "chunked-s3", state.last_modified, state.modified, etag=state.etag), state
+
+    for run, state in ChunkedS3RunLogs._in_pool(timed, listing.unlisted):
+        if state.status == "INCOMPLETE":  # no RunLog.json after all: leftovers
+            listing.leftovers.append(run.run_id)
+        else:
+            candidates.append(run)
+            known[run.run_id, run.layout] = state
+    if statuses is None or "INCOMPLETE" in statuses:
+        for run in ChunkedS3RunLogs._in_pool(lambda run_id: _leftovers_summary(runs, run_id), listing.leftovers):
+            candidates.append(run)
+            known[run.run_id, run.layout] = RunState("INCOMPLETE", "?")
+    candidates = sorted((run for run in candidates if cutoff is None or run.modified >= cutoff),
+                        key=lambda run: (run.modified, run.run_id), reverse=True)
+
+    def state_of(run: ListedRun) -> RunState:
+        held = known.get((run.run_id, run.layout))
+        return held if held is not None else read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain,
+                                                            run.run_id)
+
+    chosen: List[Tuple[ListedRun, RunState]] = []
+    position = 0
+    while position < len(candidates) and not (limit and len(chosen) >= limit):
+        batch = candidates[position:position + (min(ASSEMBLY_THREADS, limit - len(chosen)) if limit else len(candidates))]
+        position += len(batch)
+        for run, state in zip(batch, ChunkedS3RunLogs._in_pool(state_of, batch)):
+            if (statuses is None or state.status in statuses) and not (limit and len(chosen) >= limit):
+                chosen.append((run, state))
+    return chosen
+
+
+def _found_rows(runs: BucketRuns, args: Any) -> List[Dict[str, Any]]:
+    """ls --since/--status/--limit: the rows of find_runs, oldest first."""
+    since = parse_duration(args.since, "--since") if args.since else None
+    statuses = parse_statuses(args.status, "--status", LISTABLE_STATUSES) if args.status else None
+    found = find_runs(runs, since, statuses, args.limit)
+    return [{"run_id": run.run_id, "status": state.status, "layout": run.layout, "written_by": state.written_by,
+             "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+            for run, state in sorted(found, key=lambda item: (item[0].modified, item[0].run_id))]
+
+
 class CheckResult(NamedTuple):
     """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN."""
 
@@ -4551,6 +4760,11 @@ def _parser() -> Any:
     ls.add_argument("--limit", type=_positive_count, default=0, metavar="N", help="only the newest N (e.g. --limit 20)")
     ls.add_argument("--json", action="store_true", help="a JSON list: run_id, status, layout, written_by, last_modified, "
                     "size, objects")
+    ls.add_argument("--since", default="", metavar="AGE", help="only runs written within AGE, e.g. 7d, 12h, 30m (s, m, h, "
+                    "d, w); a chunked-s3 run is timed by its RunLog.json. With --since, --status or --limit the runs "
+                    "come from one LIST and a GET per run shown; a chunked-s3 run's size is not counted (-)")
+    ls.add_argument("--status", default="", metavar="STATUSES", help="only runs with these statuses, comma-separated, "
+                    f"e.g. FAIL or SUCCESS,FAIL (of {', '.join(LISTABLE_STATUSES)})")
     show = command("show", help="a run log as a tree of steps and branches")
     show.add_argument("run_id", help=run_id_help)
     show.add_argument("--json", action="store_true", help="the tree as JSON: run_id, status, written_by, steps[name, "

@@ -5740,3 +5740,199 @@ def test_runnable_argo_marking_a_failed_step_keeps_the_runs_history(framework_bi
     document = runlog_s3.open_run_logs(moto_bucket, store_type).read("argo-run")
     assert document["status"] == "FAIL"
     assert {name: step["status"] for name, step in document["steps"].items()} == {"first": "SUCCESS", "second": "FAIL"}
+
+
+# The life of runs: find them, keep them, move them, re-run them (issue 28) ########################
+
+
+def life_run(run_id, status="SUCCESS", branch_status="SUCCESS"):
+    """A run log as magnus 0.4 writes it: parameters, run config, a task, and a parallel step whose branch holds
+    a step; in each log the children come before other fields, as magnus orders them."""
+    def attempt(number, attempt_status):
+        return {"attempt_number": number, "start_time": "2026-11-20 10:00:00.000001",
+                "end_time": "2026-11-20 10:00:02.500000", "duration": "0:00:02.499999", "status": attempt_status,
+                "message": ""}
+
+    def step(name, internal_name, step_status, step_type="task", branches=None):
+        return {"name": name, "internal_name": internal_name, "status": step_status, "step_type": step_type,
+                "message": "", "mock": False, "code_identities": [],
+                "attempts": [attempt(1, step_status)] if step_type == "task" else [],
+                "user_defined_metrics": {}, "branches": branches or {}, "data_catalog": []}
+
+    branch = {"internal_name": "fan.a", "status": branch_status,
+              "steps": {"fan.a.work": step("work", "fan.a.work", branch_status)}}
+    return {"run_id": run_id, "dag_hash": "d1c3", "use_cached": False, "tag": "nightly", "original_run_id": "",
+            "status": status, "steps": {"prepare": step("prepare", "prepare", "SUCCESS"),
+                                        "fan": step("fan", "fan", branch_status, "parallel", {"fan.a": branch})},
+            "parameters": {"items": ["data.csv", "model.v2"], "learning_rate": 0.1},
+            "run_config": {"executor": {"type": "local", "config": {"enable_parallel": True}}}}
+
+
+def put_life_run(bucket, layout, run_id, status="SUCCESS", writer=""):
+    run_logs = runlog_s3.open_run_logs(bucket, layout)
+    run_logs.writer = writer
+    run_logs.create(life_run(run_id, status))
+    return run_logs
+
+
+def listed_ids(result):
+    assert result.returncode == 0, result.stderr
+    return [row["run_id"] for row in json.loads(result.stdout)]
+
+
+def test_ls_since_status_and_limit_on_both_layouts(bucket, cli_env):
+    # A run's time is its run object's last write (S3 keeps whole seconds): runs written 5.5 s apart
+    # fall on either side of --since 4s.
+    put_life_run(bucket, "s3", "old-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "old-fail-chunked", "FAIL")
+    time.sleep(5.5)
+    put_life_run(bucket, "s3", "new-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "new-fail-chunked", "FAIL")
+    put_life_run(bucket, "chunked-s3", "new-ok-chunked", "SUCCESS", writer="runnable 0.50.0")
+    put_life_run(bucket, "s3", "new-live", "PROCESSING")
+    recent = cli("ls", "--since", "4s", "--json", env=cli_env)
+    assert sorted(listed_ids(recent)) == ["new-fail", "new-fail-chunked", "new-live", "new-ok-chunked"]
+    rows = {row["run_id"]: row for row in json.loads(recent.stdout)}
+    assert rows["new-ok-chunked"] == {**rows["new-ok-chunked"], "status": "SUCCESS", "layout": "chunked-s3",
+                                      "written_by": "runnable 0.50.0", "size": None, "objects": None}
+    assert rows["new-fail"]["size"] == len(runlog_s3.encode_run_log(life_run("new-fail", "FAIL")))
+    failed = cli("ls", "--status", "fail", "--json", env=cli_env)  # any case; every run's time
+    assert sorted(listed_ids(failed)) == ["new-fail", "new-fail-chunked", "old-fail", "old-fail-chunked"]
+    assert sorted(listed_ids(cli("ls", "--status", "FAIL", "--since", "4s", "--json", env=cli_env))) == [
+        "new-fail", "new-fail-chunked"]
+    assert sorted(listed_ids(cli("ls", "--status", "SUCCESS,PROCESSING", "--json", env=cli_env))) == [
+        "new-live", "new-ok-chunked"]
+    newest = cli("ls", "--status", "FAIL", "--limit", "3", env=cli_env)  # the newest 3, shown oldest first
+    assert newest.returncode == 0, newest.stderr
+    lines = newest.stdout.splitlines()
+    assert lines[0].split()[:3] == ["RUN_ID", "STATUS", "LAYOUT"] and len(lines) == 4
+    assert {line.split()[0] for line in lines[1:]} >= {"new-fail", "new-fail-chunked"}
+    assert lines[1].split()[0] in ("old-fail", "old-fail-chunked") and "FAIL" in lines[3]
+    assert [line.split()[4] for line in lines[1:] if "chunked-s3" in line] == ["-"] * 2  # not counted
+
+
+def test_ls_filters_find_runs_whose_ids_hold_the_delimiter_and_leftovers(bucket, cli_env):
+    # "Log-" is the listing's delimiter: a run id holding it rolls its objects up with the logs', and is
+    # listed again by "/". A chunked folder without RunLog.json is leftovers (INCOMPLETE).
+    put_life_run(bucket, "s3", "nightlyLog-1", "FAIL")
+    put_life_run(bucket, "chunked-s3", "nightlyLog-2", "FAIL", writer="magnus 0.5.1")
+    put_life_run(bucket, "chunked-s3", "Log-", "SUCCESS")
+    late = put_life_run(bucket, "chunked-s3", "deleted", "FAIL")
+    assert cli("rm", "deleted", "--yes", env=cli_env).returncode == 0
+    late.add_step("deleted", {"name": "late", "internal_name": "late", "status": "SUCCESS"})  # a late writer
+    everything = cli("ls", "--since", "1h", "--json", env=cli_env)
+    rows = {row["run_id"]: (row["status"], row["layout"]) for row in json.loads(everything.stdout)}
+    assert rows == {"nightlyLog-1": ("FAIL", "s3"), "nightlyLog-2": ("FAIL", "chunked-s3"),
+                    "Log-": ("SUCCESS", "chunked-s3"), "deleted": ("INCOMPLETE", "chunked-s3")}, everything.stderr
+    assert listed_ids(cli("ls", "--status", "INCOMPLETE", "--json", env=cli_env)) == ["deleted"]
+    assert sorted(listed_ids(cli("ls", "--status", "FAIL", "--json", env=cli_env))) == ["nightlyLog-1", "nightlyLog-2"]
+    assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == sorted(rows)  # ls without filters agrees
+
+
+@pytest.mark.parametrize("args, named", [
+    (("ls", "--since", "7x"), "--since '7x' is not a duration: give a number and a unit, e.g. 90d"),
+    (("ls", "--since", "0d"), "--since '0d' is not a duration"),
+    (("ls", "--since", "d"), "--since 'd' is not a duration"),
+    (("ls", "--since=-3d"), "--since '-3d' is not a duration"),
+    (("ls", "--status", "DONE"), "--status 'DONE': 'DONE' is not a status of a run: give some of CREATED, PROCESSING"),
+    (("ls", "--status", ","), "--status ',': ',' is not a status"),
+])
+def test_ls_and_prune_refuse_bad_input_in_one_line_and_delete_nothing(bucket, cli_env, args, named):
+    put_life_run(bucket, "s3", "kept", "SUCCESS")
+    put_life_run(bucket, "chunked-s3", "kept-chunked", "FAIL")
+    if args[0] == "prune":
+        time.sleep(1.1)  # old enough for --older-than 1s: a prune that went on would delete them
+    result = cli(*args, env=cli_env)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr
+    assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == ["kept", "kept-chunked"]
+
+
+def write_runs_into_moto(bucket, objects):
+    """Objects (key, body, last modified) written straight into moto's backend, in this process: S3 takes no
+    LastModified over its API, and 10,000 runs over HTTP would take a minute."""
+    import datetime
+
+    from moto.s3.models import s3_backends
+
+    partition, account = s3_backends.bucket_accounts[bucket["s3_bucket"]]
+    backend = s3_backends[account][partition]
+    for key, body, modified in objects:
+        stored = backend.put_object(bucket["s3_bucket"], key, body)
+        stored.last_modified = datetime.datetime.fromtimestamp(modified, datetime.timezone.utc).replace(tzinfo=None)
+
+
+TEN_THOUSAND = 10_000
+RUN_EVERY = 864.0  # seconds between two runs' last writes: 10,000 runs over 100 days
+
+
+def ten_thousand_runs(bucket):
+    """Run i (0 the newest) last written (i + 0.5) * RUN_EVERY seconds ago: even i in the s3 layout, odd i
+    chunked-s3 (RunLog.json, a step log, and for every other one a branch log); FAIL when i % 7 == 3.
+    Returns the number of entries a LIST delimited by 'Log-' shows."""
+    now, objects, entries = time.time(), [], 0
+    for i in range(TEN_THOUSAND):
+        run_id, modified = f"run-{i:05d}", now - (i + 0.5) * RUN_EVERY
+        run = json.dumps({"run_id": run_id, "status": "FAIL" if i % 7 == 3 else "SUCCESS", "steps": {}}).encode()
+        if i % 2 == 0:
+            objects.append((f"runs/{run_id}.json", run, modified))
+            entries += 1
+            continue
+        objects.append((f"runs/{run_id}/RunLog.json", run, modified))
+        objects.append((f"runs/{run_id}/StepLog-one.json", b'{"internal_name":"one","status":"SUCCESS"}', modified))
+        entries += 2
+        if i % 4 == 1:
+            objects.append((f"runs/{run_id}/BranchLog-one.b.json", b'{"internal_name":"one.b","status":"SUCCESS"}',
+                            modified))
+            entries += 1
+    write_runs_into_moto(bucket, objects)
+    return entries
+
+
+def run_keys(numbers):
+    return {f"/{{bucket}}/runs/run-{i:05d}" + (".json" if i % 2 == 0 else "/RunLog.json") for i in numbers}
+
+
+def test_ls_filters_hold_the_request_budget_on_10000_runs(moto_bucket):
+    # The newest first, one LIST of the prefix (its pages), a GET per run read and none for a run outside
+    # --since; --limit stops the reads at the limit-th run shown. Before: a LIST of every chunked folder
+    # (5,000) to learn its time, then a GET per run shown.
+    entries = ten_thousand_runs(moto_bucket)
+    pages = -(-entries // 1000)
+    transport = CountingTransport(moto_bucket)
+    runs = runlog_s3.BucketRuns(S3Client(Config.from_dict(moto_bucket), transport=transport))
+    in_window = [i for i in range(TEN_THOUSAND) if (i + 0.5) * RUN_EVERY < 7 * 86400]  # 700 runs
+    failed = [i for i in in_window if i % 7 == 3]
+
+    def requests_for(since, statuses, limit):
+        transport.sent.clear()
+        found = runlog_s3.find_runs(runs, since, statuses, limit)
+        verbs = {}
+        for method, _path, query in transport.sent:
+            verb = "LIST" if "list-type" in query else method
+            verbs[verb] = verbs.get(verb, 0) + 1
+        got = {path.replace(moto_bucket["s3_bucket"], "{bucket}") for method, path, query in transport.sent
+               if method == "GET" and "list-type" not in query}
+        return [run.run_id for run, _state in found], verbs, got
+
+    # ls --status FAIL --since 7d --limit 5: reads stop at the 5th FAIL, the 32nd newest run
+    shown, verbs, got = requests_for(7 * 86400, ("FAIL",), 5)
+    assert shown == [f"run-{i:05d}" for i in failed[:5]]
+    assert verbs == {"LIST": pages, "GET": failed[4] + 1} == {"LIST": 18, "GET": 32}
+    assert got == run_keys(range(failed[4] + 1))
+    # ls --since 7d: every run inside the window read once, none outside it
+    shown, verbs, got = requests_for(7 * 86400, None, 0)
+    assert len(shown) == len(in_window) == 700 and verbs == {"LIST": pages, "GET": 700} and got == run_keys(in_window)
+    # ls --limit 20 (the benchmark's row): the 20 newest, 20 GETs
+    shown, verbs, got = requests_for(None, None, 20)
+    assert shown == [f"run-{i:05d}" for i in range(20)] and verbs == {"LIST": pages, "GET": 20}
+    assert got == run_keys(range(20))
+    # The command line does the same: counted by verb by a proxy in front of the server.
+    with bench_runlog_s3.LatencyProxy(moto_bucket["endpoint_url"]) as proxy:
+        result = cli("ls", "--status", "FAIL", "--since", "7d", "--limit", "5", "--json",
+                     env={"RUNLOG_S3_BUCKET": moto_bucket["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": proxy.endpoint_url,
+                          "RUNLOG_S3_PREFIX": "runs"})
+        counts = dict(proxy.counts)
+    assert listed_ids(result) == [f"run-{i:05d}" for i in reversed(failed[:5])]  # shown oldest first
+    assert counts == {"LIST": 18, "GET": 32}
+
