@@ -4471,6 +4471,124 @@ def _found_rows(runs: BucketRuns, args: Any) -> List[Dict[str, Any]]:
             for run, state in sorted(found, key=lambda item: (item[0].modified, item[0].run_id))]
 
 
+# prune ############################################################################################
+
+
+class PruneDecision(NamedTuple):
+    run: ListedRun
+    delete: bool
+    reason: str  # why kept: one of _KEPT_REASONS
+    state: Optional[RunState] = None
+    objects: int = 1
+    newest: float = 0.0  # the run's last write (a chunked run: its newest object)
+
+
+_KEPT_REASONS = {
+    "newer": "written since the cutoff",
+    "status": "with a status not in --status",
+    "running": "still CREATED or PROCESSING (a pipeline may be writing it)",
+    "changed": "written since they were checked",
+    "leftovers": "leftovers of a deleted run (INCOMPLETE; rm RUN_ID removes them)",
+    "unreadable": "unreadable (not a run log)",
+    "gone": "deleted meanwhile",
+}
+
+
+def _decide_prune(runs: BucketRuns, run: ListedRun, cutoff: float, statuses: Tuple[str, ...]) -> PruneDecision:
+    # A run is deleted only if its last write is older than the cutoff and its status is one of `statuses`,
+    # both read from the version the delete is then conditioned on (If-Match its ETag).
+    if run.modified >= cutoff:
+        return PruneDecision(run, False, "newer")
+    objects, newest = 1, run.modified
+    if run.layout == "chunked-s3":
+        listed = list(runs.chunked.client.list_objects(runs.chunked.folder(run.run_id)))
+        if not any(info.key == runs.chunked.key(run.run_id) for info in listed):
+            return PruneDecision(run, False, "leftovers" if listed else "gone")
+        objects, newest = len(listed), max(_listed_time(info.last_modified) for info in listed)
+        if newest >= cutoff:
+            return PruneDecision(run, False, "newer", objects=objects, newest=newest)
+    state = read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain, run.run_id)
+    newest = max(newest, state.modified)
+    if state.status in ("INCOMPLETE", "?") and not state.etag:
+        return PruneDecision(run, False, "gone", state)
+    if state.status == "?":
+        return PruneDecision(run, False, "unreadable", state)
+    if state.modified >= cutoff:
+        return PruneDecision(run, False, "changed", state, objects, newest)
+    if state.status in ("CREATED", "PROCESSING"):
+        return PruneDecision(run, False, "running", state, objects, newest)
+    if state.status not in statuses:
+        return PruneDecision(run, False, "status", state, objects, newest)
+    return PruneDecision(run, True, "", state, objects, newest)
+
+
+def _prune_line(verb: str, runs: BucketRuns, decision: PruneDecision, objects: int) -> str:
+    run_logs = runs.chunked if decision.run.layout == "chunked-s3" else runs.plain
+    status = decision.state.status if decision.state else "?"
+    count = f", {_count(objects, 'object')}" if decision.run.layout == "chunked-s3" else ""
+    return f"{verb} {run_logs.where(decision.run.run_id)} ({status}, last written {_when(decision.newest)}{count})"
+
+
+def _cmd_prune(runs: BucketRuns, args: Any) -> int:
+    older_than = parse_duration(args.older_than, "--older-than")
+    statuses = parse_statuses(args.status, "--status", FINISHED_STATUSES,
+                              why="prune deletes (it never deletes a run that may still be written; rm --force does)")
+    if not args.dry_run and not args.yes and not sys.stdin.isatty():
+        raise UsageError("refusing to prune without --yes (stdin is not a terminal); --dry-run says what it would delete")
+    listing = list_runs(runs)
+    cutoff = listing.now - older_than
+    timed = listing.runs + [ListedRun(run_id, "chunked-s3", "", 0.0) for run_id in listing.unlisted]
+    decisions = ChunkedS3RunLogs._in_pool(lambda run: _decide_prune(runs, run, cutoff, statuses), timed)
+    decisions += [PruneDecision(ListedRun(run_id, "chunked-s3", "", 0.0), False, "leftovers")
+                  for run_id in listing.leftovers]
+    decisions.sort(key=lambda decision: (decision.newest or decision.run.modified, decision.run.run_id))
+    doomed = [decision for decision in decisions if decision.delete]
+    kept = [decision for decision in decisions if not decision.delete]
+    if doomed and not args.dry_run and not args.yes:
+        for decision in doomed:
+            print(_prune_line("would delete", runs, decision, decision.objects))
+        if input(f"delete these {_count(len(doomed), 'run')}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return EXIT_FAILED
+
+    def delete(decision: PruneDecision) -> Tuple[PruneDecision, int, str]:
+        run_logs = runs.chunked if decision.run.layout == "chunked-s3" else runs.plain
+        assert decision.state is not None
+        try:  # only the version checked: a pipeline that wrote it since (a retry, a resume) keeps it
+            return decision, run_logs.delete(decision.run.run_id, if_match=decision.state.etag), ""
+        except PreconditionFailedError:
+            return decision._replace(delete=False, reason="changed"), 0, ""
+        except RunLogNotFoundError:
+            return decision._replace(delete=False, reason="gone"), 0, ""
+        except RunlogS3Error as exc:
+            return decision._replace(delete=False, reason="error"), 0, exc.message
+
+    done = doomed if args.dry_run else ChunkedS3RunLogs._in_pool(delete, doomed) if doomed else []
+    deleted = objects = 0
+    errors = []
+    for result in done:
+        decision, count, error = result if not args.dry_run else (result, result.objects, "")
+        if error:
+            errors.append(error)
+            print(f"runlog-s3: error: {error}", file=sys.stderr)
+        elif decision.delete:
+            deleted, objects = deleted + 1, objects + count
+            print(_prune_line("would delete" if args.dry_run else "deleted", runs, decision, count))
+        else:
+            kept.append(decision)
+    for decision in kept:  # the runs old enough that were kept for a reason worth a look
+        if decision.reason in ("running", "changed", "leftovers", "unreadable"):
+            where = (runs.chunked if decision.run.layout == "chunked-s3" else runs.plain).where(decision.run.run_id)
+            print(f"kept {where}: {_KEPT_REASONS[decision.reason]}")
+    reasons = {reason: sum(decision.reason == reason for decision in kept) for reason in _KEPT_REASONS}
+    why = ", ".join(f"{number} {_KEPT_REASONS[reason]}" for reason, number in reasons.items() if number)
+    verb = "would prune" if args.dry_run else "pruned"
+    print(f"{verb} {_count(deleted, 'run')} ({_count(objects, 'object')}) last written before {_when(cutoff)} "
+          f"(older than {args.older_than}) with status {','.join(statuses)}; kept {len(kept)}" + (f": {why}" if why else "")
+          + ("; nothing deleted (--dry-run)" if args.dry_run else ""))
+    return EXIT_FAILED if errors else EXIT_OK
+
+
 class CheckResult(NamedTuple):
     """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN."""
 
@@ -4793,6 +4911,14 @@ def _parser() -> Any:
     rm.add_argument("--yes", action="store_true", help="do not ask")
     rm.add_argument("--force", action="store_true",
                     help="delete a run that is not finished (CREATED or PROCESSING: a pipeline may be writing it)")
+    prune = command("prune", help="delete whole runs last written before AGE, finished ones only (SUCCESS, FAIL), "
+                    "each with a delete conditioned on the version checked; says what it deleted and what it kept")
+    prune.add_argument("--older-than", dest="older_than", required=True, metavar="AGE",
+                       help="e.g. 90d, 12h (s, m, h, d, w): a run's age is its last write (a chunked-s3 run's newest object)")
+    prune.add_argument("--status", default="SUCCESS,FAIL", metavar="STATUSES",
+                       help="delete only runs with these statuses (default SUCCESS,FAIL; never CREATED or PROCESSING)")
+    prune.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would be deleted; delete nothing")
+    prune.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
     check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
@@ -4814,6 +4940,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         setattr(args, name, getattr(args, name, default))
     commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm,
                 "timeline": _cmd_timeline}
+    commands.update({"prune": _cmd_prune})
     try:
         try:
             level = log_level_from(environ)

@@ -5836,6 +5836,11 @@ def test_ls_filters_find_runs_whose_ids_hold_the_delimiter_and_leftovers(bucket,
     (("ls", "--since=-3d"), "--since '-3d' is not a duration"),
     (("ls", "--status", "DONE"), "--status 'DONE': 'DONE' is not a status of a run: give some of CREATED, PROCESSING"),
     (("ls", "--status", ","), "--status ',': ',' is not a status"),
+    (("prune", "--older-than", "90days", "--yes"), "--older-than '90days' is not a duration"),
+    (("prune", "--older-than", "90d", "--status", "PROCESSING", "--yes"),
+     "'PROCESSING' is not a status prune deletes (it never deletes a run that may still be written; rm --force does)"),
+    (("prune", "--older-than", "90d", "--status", "SUCCESS,CREATED", "--yes"), "'CREATED' is not a status prune"),
+    (("prune", "--older-than", "1s"), "refusing to prune without --yes (stdin is not a terminal)"),
 ])
 def test_ls_and_prune_refuse_bad_input_in_one_line_and_delete_nothing(bucket, cli_env, args, named):
     put_life_run(bucket, "s3", "kept", "SUCCESS")
@@ -5935,4 +5940,92 @@ def test_ls_filters_hold_the_request_budget_on_10000_runs(moto_bucket):
         counts = dict(proxy.counts)
     assert listed_ids(result) == [f"run-{i:05d}" for i in reversed(failed[:5])]  # shown oldest first
     assert counts == {"LIST": 18, "GET": 32}
+
+
+def folder_objects(bucket, run_id):
+    client = S3Client(Config.from_dict(bucket))
+    return sorted(info.key.rsplit("/", 1)[1] for info in client.list_objects(f"runs/{run_id}/"))
+
+
+def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_env):
+    # Old: 5.5 s before the new ones, on either side of --older-than 4s (S3 keeps whole seconds).
+    put_life_run(bucket, "s3", "old-ok", "SUCCESS")
+    put_life_run(bucket, "s3", "old-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "old-fail-chunked", "FAIL")
+    put_life_run(bucket, "chunked-s3", "old-live-chunked", "PROCESSING")
+    put_life_run(bucket, "s3", "old-created", "CREATED")
+    put_life_run(bucket, "s3", "old-triggered", "TRIGGERED")
+    resumed = put_life_run(bucket, "chunked-s3", "old-resumed", "FAIL")
+    time.sleep(5.5)
+    put_life_run(bucket, "s3", "new-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "new-ok-chunked", "SUCCESS")
+    # A retry writes a step of an old run before its RunLog.json: the run's age is its newest object's.
+    resumed.add_step("old-resumed", {"name": "retried", "internal_name": "retried", "status": "PROCESSING"})
+    objects_before = {run_id: folder_objects(bucket, run_id) for run_id in ("old-live-chunked", "old-resumed")}
+    assert len(folder_objects(bucket, "old-fail-chunked")) == 5  # RunLog.json, 3 step logs, a branch log
+
+    dry = cli("prune", "--older-than", "4s", "--dry-run", env=cli_env)
+    assert dry.returncode == 0, dry.stderr
+    where = f"s3://{bucket['s3_bucket']}/runs/"
+    assert sorted(line.split(" (")[0] for line in dry.stdout.splitlines() if line.startswith("would delete")) == [
+        f"would delete {where}{name}" for name in ("old-fail-chunked/", "old-fail.json", "old-ok.json")]
+    assert dry.stdout.splitlines()[-1].startswith("would prune 3 runs (7 objects) last written before ")
+    assert dry.stdout.rstrip().endswith("nothing deleted (--dry-run)")
+    assert len(listed_ids(cli("ls", "--json", env=cli_env))) == 9
+
+    only_success = cli("prune", "--older-than", "4s", "--status", "success", "--yes", env=cli_env)
+    assert only_success.returncode == 0, only_success.stderr
+    assert [line.split(", last written")[0] for line in only_success.stdout.splitlines()
+            if line.startswith("deleted")] == [f"deleted {where}old-ok.json (SUCCESS"]
+
+    pruned = cli("prune", "--older-than", "4s", "--yes", env=cli_env)
+    assert pruned.returncode == 0, pruned.stderr
+    lines = pruned.stdout.splitlines()
+    assert sorted(line.split(", last written")[0] for line in lines if line.startswith("deleted")) == [
+        f"deleted {where}old-fail-chunked/ (FAIL", f"deleted {where}old-fail.json (FAIL"]
+    assert ", 5 objects)" in next(line for line in lines if "old-fail-chunked" in line)
+    assert sorted(line for line in lines if line.startswith("kept")) == [
+        f"kept {where}old-created.json: still CREATED or PROCESSING (a pipeline may be writing it)",
+        f"kept {where}old-live-chunked/: still CREATED or PROCESSING (a pipeline may be writing it)"]
+    assert lines[-1].startswith("pruned 2 runs (6 objects) last written before ")
+    assert lines[-1].endswith("(older than 4s) with status SUCCESS,FAIL; kept 6: 3 written since the cutoff, "
+                              "1 with a status not in --status, 2 still CREATED or PROCESSING (a pipeline may be "
+                              "writing it)"), lines[-1]
+    assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == [
+        "new-fail", "new-ok-chunked", "old-created", "old-live-chunked", "old-resumed", "old-triggered"]
+    assert folder_objects(bucket, "old-fail-chunked") == []  # the whole run, never part of it
+    assert {run_id: folder_objects(bucket, run_id) for run_id in objects_before} == objects_before
+
+
+def test_prune_never_deletes_a_run_written_after_it_was_checked(bucket, capsys, monkeypatch):
+    # A pipeline resumes an old run between prune's check and its delete: the delete, If-Match the
+    # version checked, is refused, and the run is kept whole.
+    for layout in ("s3", "chunked-s3"):
+        put_life_run(bucket, layout, f"resumed-{layout}", "FAIL")
+    time.sleep(2.2)
+    pipeline = {layout: runlog_s3.open_run_logs(bucket, layout) for layout in ("s3", "chunked-s3")}
+
+    def before(request):
+        if request.method == "DELETE" and request.headers.get("If-Match"):
+            layout = "chunked-s3" if "/RunLog.json" in request.url else "s3"
+            pipeline[layout].set_status(f"resumed-{layout}", "PROCESSING")
+
+    config = Config.from_dict(bucket)
+    runs = runlog_s3.BucketRuns(S3Client(config, transport=HookedTransport(config, before)))
+    args = argparse_namespace(older_than="1s", status="SUCCESS,FAIL", dry_run=False, yes=True)
+    assert runlog_s3._cmd_prune(runs, args) == 0
+    printed = capsys.readouterr().out
+    assert "deleted" not in printed.replace("pruned 0 runs", ""), printed
+    where = f"s3://{bucket['s3_bucket']}/runs/"
+    assert f"kept {where}resumed-s3.json: written since they were checked" in printed
+    assert f"kept {where}resumed-chunked-s3/: written since they were checked" in printed
+    for layout in ("s3", "chunked-s3"):
+        assert pipeline[layout].read(f"resumed-{layout}") == dict(life_run(f"resumed-{layout}", "FAIL"),
+                                                                   status="PROCESSING")
+
+
+def argparse_namespace(**values):
+    import argparse
+
+    return argparse.Namespace(**values)
 
