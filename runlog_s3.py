@@ -1857,6 +1857,10 @@ class S3RunLogs:
         """Which framework wrote a run just read: the tag its creator left, else guessed from its shape."""
         return self._writers.get(run_id) or guess_framework(document)
 
+    def writer_tag(self, run_id: str) -> str:
+        """The written-by tag of a run just read, exactly as stored ('' when it has none): what export records."""
+        return self._writers.get(run_id, "")
+
     def exists(self, run_id: str) -> bool:
         """Whether the run has a log in this layout (one HEAD)."""
         try:
@@ -1916,6 +1920,11 @@ class S3RunLogs:
                     raise
                 new_etag = stored.etag
             self._remember(key, new_etag, body, metadata=tags)
+
+    def check_writable(self, document: Mapping[str, Any]) -> None:
+        """Raise what writing `document` would raise for its keys and sizes, sending nothing: import checks
+        every run of an archive before it writes any."""
+        _check_write_size(encode_run_log(document), self.where(document["run_id"]))
 
     def _kept_tags(self, run_id: str) -> Optional[Dict[str, str]]:
         # A rewrite of the whole run log (put, edit) keeps who created the run, as last read or written
@@ -2590,6 +2599,11 @@ class ChunkedS3RunLogs(S3RunLogs):
             check_input(document, "the run log to write")
             self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
                           creating=False, expected=etag)
+
+    def check_writable(self, document: Mapping[str, Any]) -> None:
+        run_id = document["run_id"]
+        _check_write_size(encode_run_log(_run_fields(document)), self._url(self.key(run_id)))
+        self._prepare_logs(run_id, _chunks_of_run(document))
 
     def _prepare_logs(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
         """{object name: own fields} of each log, every key and size checked before anything is written."""
@@ -4589,6 +4603,160 @@ def _cmd_prune(runs: BucketRuns, args: Any) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+# export and import ################################################################################
+
+EXPORT_FORMAT = "runlog-s3-export"
+EXPORT_VERSION = 1
+
+
+def export_runs(runs: BucketRuns, run_ids: List[str]) -> Dict[str, Any]:
+    """The archive of the runs: each run log whole, with its layout and written-by tag as stored."""
+
+    def entry(run_id: str) -> Dict[str, Any]:
+        document, _version, run_logs = runs.read_version(run_id)
+        return {"run_id": run_id, "layout": run_logs.layout, "written_by": run_logs.writer_tag(run_id),
+                "run_log": document}
+
+    prefix = runs.plain.prefix
+    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "written_by": f"runlog-s3 {__version__}",
+            "exported_at": _when(wall_clock()), "source": f"s3://{runs.plain.client.bucket}/{prefix + '/' if prefix else ''}",
+            "runs": ChunkedS3RunLogs._in_pool(entry, list(dict.fromkeys(run_ids)))}
+
+
+def _cmd_export(runs: BucketRuns, args: Any) -> int:
+    archive = export_runs(runs, args.run_ids)  # every run read before anything is written
+    body = (json.dumps(archive, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    said = f"exported {_count(len(archive['runs']), 'run')} ({len(body)} bytes) from {archive['source']}"
+    if args.output in ("", "-"):
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+        print(f"{said} to stdout", file=sys.stderr)
+        return EXIT_OK
+    partial = f"{args.output}.partial-{os.getpid()}"
+    try:  # a file that exists is whole: written aside, then renamed
+        with open(partial, "wb") as stream:
+            stream.write(body)
+        os.replace(partial, args.output)
+    except OSError as exc:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}; nothing exported") from exc
+    print(f"{said} to {args.output}")
+    return EXIT_OK
+
+
+def read_export(body: bytes, source: str) -> List[Dict[str, Any]]:
+    """The runs of an archive, every one checked (format, version, shape, run ids) before any is written."""
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"{source} {problem}; nothing written")
+
+    try:
+        archive = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        detail = "it is empty" if not body.strip() else f"{type(exc).__name__}: {_first_line(exc)}"
+        raise bad(f"is not a runlog-s3 export: not valid JSON, truncated or another format ({detail})") from None
+    if not isinstance(archive, dict) or archive.get("format") != EXPORT_FORMAT:
+        hint = " (it looks like one run log: put RUN_ID FILE writes it)" if isinstance(archive, dict) and "run_id" in archive else ""
+        raise bad(f"is not a runlog-s3 export: no \"format\": \"{EXPORT_FORMAT}\"{hint}")
+    if archive.get("version") != EXPORT_VERSION:
+        raise bad(f"is a runlog-s3 export of version {archive.get('version')!r}; this runlog-s3 ({__version__}) reads "
+                  f"version {EXPORT_VERSION}: use the runlog-s3 that wrote it")
+    entries = archive.get("runs")
+    if not isinstance(entries, list):
+        raise bad("is not a whole runlog-s3 export: it has no list of runs")
+    seen = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"{source}, run {number}"
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(name), kind) for name, kind in (
+                ("run_id", str), ("layout", str), ("written_by", str), ("run_log", dict))):
+            raise bad(f"has a run ({number}) without run_id, layout, written_by and run_log")
+        try:
+            validate_run_id(entry["run_id"])
+            check_input(entry["run_log"], where)
+            check_run_log_shape(entry["run_log"], where)
+        except (InvalidRunIdError, InvalidRunLogError) as exc:
+            raise UsageError(exc.message if exc.message.endswith("nothing written") else f"{exc.message}; nothing written") from None
+        if entry["run_log"]["run_id"] != entry["run_id"]:
+            raise bad(f"holds run log {entry['run_log']['run_id']!r} as run {entry['run_id']!r}")
+        if entry["layout"] not in LAYOUTS:
+            raise bad(f"has run {entry['run_id']!r} in layout {entry['layout']!r}, not one of {', '.join(LAYOUTS)}")
+        if entry["run_id"] in seen:
+            raise bad(f"holds run {entry['run_id']!r} twice")
+        seen.add(entry["run_id"])
+    return entries
+
+
+def _read_import_file(path: str) -> Tuple[bytes, str]:
+    if path == "-":
+        if sys.stdin.isatty():
+            raise UsageError("import reads an export from FILE or from stdin ('-'); stdin is a terminal")
+        return sys.stdin.buffer.read(), "stdin"
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(), path
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}; nothing written") from exc
+
+
+def import_run(runs: BucketRuns, entry: Mapping[str, Any], target: S3RunLogs, force: bool,
+               layout_given: bool) -> Tuple[str, S3RunLogs]:
+    """Write one run of an archive: created in `target` with If-None-Match; with `force`, a run that exists
+    is replaced where it is stored, through replace (the protected path). Returns (verb, layout written)."""
+    run_id = entry["run_id"]
+    stored = runs.plain if runs.plain.exists(run_id) else runs.chunked if runs.chunked.exists(run_id) else None
+    exists = RunLogExistsError(f"not imported {run_id}: it exists at {(stored or target).where(run_id)} (import "
+                               "--force replaces it)")
+    if stored is None:
+        try:
+            target.create(entry["run_log"])  # If-None-Match: never over a run created meanwhile
+        except RunLogExistsError:
+            raise exists from None
+        return "imported", target
+    if not force:
+        raise exists
+    if layout_given and stored.layout != target.layout:
+        raise UsageError(f"run {run_id!r} is stored in layout {stored.layout}, not {target.layout}; not replaced (rm "
+                         "it first, or import without --layout)")
+    replacing = LAYOUTS[stored.layout](runs.plain.client)
+    replacing.replace(entry["run_log"])  # atomic on chunked-s3, as put --force; the stored tag is kept
+    return "replaced", replacing
+
+
+def _cmd_import(runs: BucketRuns, args: Any) -> int:
+    body, source = _read_import_file(args.file)
+    entries = read_export(body, source)
+    targets = []
+    for entry in entries:  # keys and sizes checked in the layout each run goes to, before any write
+        target = LAYOUTS[args.layout or args.config_layout or entry["layout"]](runs.plain.client)
+        target.writer = entry["written_by"]  # the tag the export recorded, on each run created
+        try:
+            target.check_writable(entry["run_log"])
+        except (InvalidRunIdError, InvalidRunLogError) as exc:
+            raise UsageError(f"{source}: {exc.message}") from exc
+        targets.append(target)
+    imported, existing = 0, 0
+    for entry, target in zip(entries, targets):
+        try:
+            verb, written = import_run(runs, entry, target, args.force, bool(args.layout))
+        except RunLogExistsError as exc:
+            existing += 1
+            print(exc.message)
+            continue
+        except RunlogS3Error as exc:
+            done = f"{imported} of {len(entries)} runs imported before it" if imported else "no run imported"
+            exc.message = f"importing {entry['run_id']}: {exc.message} ({done})"
+            exc.args = (exc.message,)
+            raise
+        imported += 1
+        tag = f", written by {entry['written_by']}" if entry["written_by"] else ""
+        print(f"{verb} {entry['run_id']}: {written.where(entry['run_id'])} (layout {written.layout}{tag})")
+    prefix = runs.plain.prefix
+    print(f"imported {imported} of {_count(len(entries), 'run')} from {source} into "
+          f"s3://{runs.plain.client.bucket}/{prefix + '/' if prefix else ''}"
+          + (f"; {existing} exist already (import --force replaces them)" if existing else ""))
+    return EXIT_FAILED if existing else EXIT_OK
+
+
 class CheckResult(NamedTuple):
     """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN."""
 
@@ -4919,6 +5087,18 @@ def _parser() -> Any:
                        help="delete only runs with these statuses (default SUCCESS,FAIL; never CREATED or PROCESSING)")
     prune.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would be deleted; delete nothing")
     prune.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    export = command("export", help="write runs to one self-describing JSON file (each run log whole, with its layout "
+                     "and written-by tag), for import into another bucket, prefix or layout")
+    export.add_argument("run_ids", nargs="+", metavar="RUN_ID", help=run_id_help)
+    export.add_argument("-o", "--output", default="-", metavar="FILE", help="the file to write, whole or not at all "
+                        "(default '-': stdout)")
+    import_ = command("import", help="write the runs of an export file into the configured bucket, prefix and layout, "
+                      "each with If-None-Match: never over an existing run unless --force")
+    import_.add_argument("file", metavar="FILE", help="a file export wrote ('-' for stdin)")
+    import_.add_argument("--force", action="store_true", help="replace runs that exist, as put --force does (atomically "
+                         "on chunked-s3)")
+    import_.add_argument("--layout", choices=sorted(LAYOUTS), default=None, help="the layout of the runs it creates "
+                         "(default: the --config file's store type, else the layout each run was exported from)")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
     check.add_argument("--writers", type=int, default=16, help="writer processes for --local (default 16)")
@@ -4940,7 +5120,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         setattr(args, name, getattr(args, name, default))
     commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm,
                 "timeline": _cmd_timeline}
-    commands.update({"prune": _cmd_prune})
+    commands.update({"prune": _cmd_prune, "export": _cmd_export, "import": _cmd_import})
     try:
         try:
             level = log_level_from(environ)

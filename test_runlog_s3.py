@@ -6029,3 +6029,152 @@ def argparse_namespace(**values):
 
     return argparse.Namespace(**values)
 
+
+def other_server_bucket(request, bucket):
+    """A new bucket on the other test server than `bucket`'s."""
+    moto = request.getfixturevalue("s3_server")
+    other = request.getfixturevalue("seaweedfs") if bucket["endpoint_url"] == moto.endpoint_url else moto
+    return new_bucket(other.endpoint_url)
+
+
+def env_of(config):
+    return {"RUNLOG_S3_BUCKET": config["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": config["endpoint_url"],
+            "RUNLOG_S3_PREFIX": config["prefix"]}
+
+
+def log_order(document):
+    """Every step's and branch's internal name, in document order. (The fields of one log may come in another
+    order: chunked-s3 stores a log's children apart and shows them last.)"""
+    return [log["internal_name"] for _depth, _kind, log in runlog_s3.iter_steps(document)]
+
+
+@pytest.mark.parametrize("source_layout, target_layout", [("s3", "chunked-s3"), ("chunked-s3", "s3"),
+                                                          ("s3", "s3"), ("chunked-s3", "chunked-s3")])
+def test_export_import_round_trip_between_layouts_and_servers_reproduces_each_run_log(
+        bucket, request, tmp_path, source_layout, target_layout):
+    target = other_server_bucket(request, bucket)
+    put_life_run(bucket, source_layout, "nightly-1", "FAIL", writer="magnus 0.4.16")
+    put_life_run(bucket, source_layout, "nightly-2", "SUCCESS", writer="runnable 0.50.0")
+    put_life_run(bucket, source_layout, "untagged", "SUCCESS")  # a run without a written-by tag stays without
+    run_ids = ["nightly-1", "nightly-2", "untagged"]
+    exported = cli("export", *run_ids, "-o", str(tmp_path / "runs.json"), env=env_of(bucket))
+    assert exported.returncode == 0 and exported.stdout.startswith("exported 3 runs ("), exported.stderr
+    archive = json.loads((tmp_path / "runs.json").read_text())
+    assert {key: archive[key] for key in ("format", "version")} == {"format": "runlog-s3-export", "version": 1}
+    assert [(run["run_id"], run["layout"], run["written_by"]) for run in archive["runs"]] == [
+        ("nightly-1", source_layout, "magnus 0.4.16"), ("nightly-2", source_layout, "runnable 0.50.0"),
+        ("untagged", source_layout, "")]
+    imported = cli("import", str(tmp_path / "runs.json"), "--layout", target_layout, env=env_of(target))
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.splitlines()[-1].startswith("imported 3 of 3 runs from ")
+    for run_id in run_ids:
+        before = cli("get", run_id, env=env_of(bucket)).stdout
+        after = cli("get", run_id, env=env_of(target)).stdout
+        assert json.loads(after) == json.loads(before) == life_run(run_id, json.loads(before)["status"])
+        assert log_order(json.loads(after)) == log_order(json.loads(before))
+    listed = json.loads(cli("ls", "--json", env=env_of(target)).stdout)
+    assert [(row["run_id"], row["layout"]) for row in listed] == [(run_id, target_layout) for run_id in run_ids]
+    stored = runlog_s3.open_run_logs(target, target_layout)
+    tags = []
+    for run_id in run_ids:
+        stored.read(run_id)
+        tags.append(stored.writer_tag(run_id))
+    assert tags == ["magnus 0.4.16", "runnable 0.50.0", ""]
+
+
+def test_export_to_stdout_and_import_from_stdin_in_a_pipe(bucket, cli_env):
+    put_life_run(bucket, "chunked-s3", "piped-1", "FAIL")
+    put_life_run(bucket, "s3", "piped-2", "SUCCESS")
+    moved = {**cli_env, "RUNLOG_S3_PREFIX": "archive"}
+    command = (f"{shlex_quote(sys.executable)} -m runlog_s3 export piped-1 piped-2 -o - | "
+               f"RUNLOG_S3_PREFIX=archive {shlex_quote(sys.executable)} -m runlog_s3 import -")
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env={**os.environ, **cli_env},
+                            cwd=HERE, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("exported 2 runs (") and result.stderr.endswith(" to stdout\n")  # stdout: the archive
+    assert result.stdout.splitlines()[-1] == f"imported 2 of 2 runs from stdin into s3://{bucket['s3_bucket']}/archive/"
+    for run_id in ("piped-1", "piped-2"):
+        assert json.loads(cli("get", run_id, env=moved).stdout) == json.loads(cli("get", run_id, env=cli_env).stdout)
+
+
+def shlex_quote(text):
+    import shlex
+
+    return shlex.quote(text)
+
+
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_import_never_writes_over_an_existing_run_and_force_replaces_it(bucket, cli_env, tmp_path, layout):
+    put_life_run(bucket, layout, "kept", "FAIL")
+    put_life_run(bucket, layout, "fresh", "SUCCESS")
+    assert cli("export", "kept", "fresh", "-o", str(tmp_path / "runs.json"), env=cli_env).returncode == 0
+    assert cli("rm", "fresh", "--yes", env=cli_env).returncode == 0
+    changed = dict(life_run("kept", "SUCCESS"), tag="fixed by hand")  # the stored run changed since the export
+    runlog_s3.open_run_logs(bucket, layout).replace(changed)
+    result = cli("import", str(tmp_path / "runs.json"), env=cli_env)
+    assert result.returncode == 1, result.stderr
+    where = runlog_s3.open_run_logs(bucket, layout).where("kept")
+    assert result.stdout.splitlines()[0] == f"not imported kept: it exists at {where} (import --force replaces it)"
+    assert result.stdout.splitlines()[-1].endswith("; 1 exist already (import --force replaces them)")
+    assert json.loads(cli("get", "kept", env=cli_env).stdout) == changed
+    assert json.loads(cli("get", "fresh", env=cli_env).stdout) == life_run("fresh", "SUCCESS")
+    forced = cli("import", str(tmp_path / "runs.json"), "--force", env=cli_env)
+    assert forced.returncode == 0, forced.stderr
+    assert f"replaced kept: {where} (layout {layout})" in forced.stdout
+    assert json.loads(cli("get", "kept", env=cli_env).stdout) == life_run("kept", "FAIL")
+    other = "chunked-s3" if layout == "s3" else "s3"
+    refused = cli("import", str(tmp_path / "runs.json"), "--force", "--layout", other, env=cli_env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"run 'kept' is stored in layout {layout}, not {other}; not replaced" in refused.stderr
+
+
+def test_import_creates_with_if_none_match_even_when_a_run_appears_after_its_check(bucket, monkeypatch):
+    # A pipeline creates the run between import's look-up and its write: If-None-Match refuses the write.
+    for layout in ("s3", "chunked-s3"):
+        put_life_run(bucket, layout, f"raced-{layout}", "PROCESSING")
+        runs = runlog_s3.BucketRuns(S3Client(Config.from_dict(bucket)))
+        monkeypatch.setattr(runs.plain, "exists", lambda run_id: False)
+        monkeypatch.setattr(runs.chunked, "exists", lambda run_id: False)
+        entry = {"run_id": f"raced-{layout}", "layout": layout, "written_by": "",
+                 "run_log": life_run(f"raced-{layout}", "FAIL")}
+        with pytest.raises(runlog_s3.RunLogExistsError, match=f"not imported raced-{layout}: it exists at "):
+            runlog_s3.import_run(runs, entry, runlog_s3.open_run_logs(bucket, layout), False, False)
+        assert runlog_s3.open_run_logs(bucket, layout).read(f"raced-{layout}")["status"] == "PROCESSING"
+
+
+def _archive(*runs, **fields):
+    return json.dumps({"format": "runlog-s3-export", "version": 1, "runs": list(runs), **fields})
+
+
+def _entry(run_id, **changes):
+    return {"run_id": run_id, "layout": "s3", "written_by": "", "run_log": life_run(run_id), **changes}
+
+
+_GOOD = _archive(_entry("good-1"), _entry("good-2", layout="chunked-s3"))
+
+
+@pytest.mark.parametrize("archive, named", [
+    (_GOOD[:len(_GOOD) // 2], "is not a runlog-s3 export: not valid JSON, truncated or another format"),
+    ("", "is not a runlog-s3 export: not valid JSON, truncated or another format (it is empty)"),
+    ("\x1f\x8b\x08\x00 not json", "is not a runlog-s3 export: not valid JSON"),
+    (json.dumps(life_run("a-run-log")), 'no "format": "runlog-s3-export" (it looks like one run log: put RUN_ID FILE'),
+    (json.dumps({"format": "tar"}), 'is not a runlog-s3 export: no "format": "runlog-s3-export"; nothing written'),
+    (_archive(_entry("r"), version=2), "is a runlog-s3 export of version 2; this runlog-s3 (0.1.0) reads version 1"),
+    (json.dumps({"format": "runlog-s3-export", "version": 1}), "it has no list of runs"),
+    (_archive(_entry("good-1"), {"run_id": "r2", "layout": "s3"}), "has a run (2) without run_id, layout, "
+                                                                   "written_by and run_log"),
+    (_archive(_entry("good-1"), _entry("bad", run_log=dict(life_run("bad"), status="DONE"))),
+     "run 2: status 'DONE' is not one of magnus's"),
+    (_archive(_entry("good-1"), _entry("bad", run_log=life_run("other"))), "holds run log 'other' as run 'bad'"),
+    (_archive(_entry("good-1"), _entry("good-1")), "holds run 'good-1' twice"),
+    (_archive(_entry("good-1"), _entry("bad", layout="tarball")), "in layout 'tarball', not one of s3, chunked-s3"),
+    (_archive(_entry("good-1"), _entry("bad/id")), "run id 'bad/id' must not contain '/'"),
+    (_archive(_entry("good-1"), _entry("big", run_log=dict(life_run("big"), parameters={"x": "y" * (33 << 20)}))),
+     "over the 32 MiB limit of a run log; nothing written"),
+])
+def test_import_refuses_a_bad_archive_in_one_line_and_writes_nothing(bucket, cli_env, tmp_path, archive, named):
+    (tmp_path / "archive.json").write_text(archive)
+    result = cli("import", str(tmp_path / "archive.json"), env=cli_env)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr and "; nothing written" in result.stderr, result.stderr
+    assert listed_ids(cli("ls", "--json", env=cli_env)) == []
