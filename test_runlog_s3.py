@@ -6178,3 +6178,128 @@ def test_import_refuses_a_bad_archive_in_one_line_and_writes_nothing(bucket, cli
     assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert named in result.stderr and "; nothing written" in result.stderr, result.stderr
     assert listed_ids(cli("ls", "--json", env=cli_env)) == []
+
+
+# Re-run: runnable's retry and magnus 0.5's --use-cached, through these stores
+
+_RUNNABLE_FLAKY_PIPELINE = '''
+import os
+from runnable import Pipeline, PythonTask, ShellTask
+
+
+def flaky():
+    # Fails on its first try, passes on the next: the flag file says it was tried.
+    if not os.path.exists("tried.flag"):
+        open("tried.flag", "w").close()
+        raise RuntimeError("the first try fails")
+
+
+def main():
+    pipeline = Pipeline(steps=[ShellTask(name="first", command="echo first"), PythonTask(name="flaky", function=flaky),
+                               ShellTask(name="last", command="echo last", terminate_with_success=True)])
+    pipeline.execute(configuration_file="runnable-config.yaml")
+    return pipeline
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def step_attempts(document):
+    """{step: [attempt statuses]} of a run's top-level steps."""
+    return {name: [attempt["status"] for attempt in step["attempts"]] for name, step in document["steps"].items()}
+
+
+def run_flaky_runnable_pipeline(python, environ, work, store):
+    """The pipeline once (its step `flaky` fails), then `runnable retry`; returns both processes."""
+    work.mkdir()
+    (work / "pipeline.py").write_text(_RUNNABLE_FLAKY_PIPELINE)
+    (work / "runnable-config.yaml").write_text(json.dumps({"pipeline-executor": {"type": "local"},
+                                                           "run-log-store": store, "catalog": {"type": "do-nothing"}}))
+    first = subprocess.run([python, "pipeline.py"], cwd=work, env={**environ, "RUNNABLE_RUN_ID": "flaky-run"},
+                           capture_output=True, text=True, timeout=300)
+    retried = subprocess.run([str(Path(python).parent / "runnable"), "retry", "flaky-run", "--config",
+                              "runnable-config.yaml"], cwd=work, env=environ, capture_output=True, text=True, timeout=300)
+    return first, retried
+
+
+# What runnable's own file-system store holds after the retry (test below): the step that passed first is
+# skipped, the failed one gains an attempt, the fail node's log of the first run stays.
+RUNNABLE_RETRIED = {"first": ["SUCCESS"], "flaky": ["FAIL", "SUCCESS"], "fail": ["SUCCESS"], "last": ["SUCCESS"],
+                    "success": ["SUCCESS"]}
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_runnable_retry_reruns_only_what_failed_in_the_same_run(framework_bin, bucket, cli_env, tmp_path, store_type):
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    run_logs = runlog_s3.open_run_logs(bucket, store_type)
+    first, retried = run_flaky_runnable_pipeline(python, environ, tmp_path / "work",
+                                                 {"type": store_type, "config": bucket})
+    assert first.returncode != 0 and "Pipeline execution failed" in first.stdout + first.stderr
+    # runnable retry exits 0 whether or not the retry passed (it logs the error): the run log says.
+    assert "Pipeline executed successfully" in retried.stdout + retried.stderr, (retried.stdout + retried.stderr)[-3000:]
+    document = run_logs.read("flaky-run")
+    assert document["status"] == "SUCCESS" and step_attempts(document) == RUNNABLE_RETRIED
+    assert run_logs.written_by("flaky-run", document) == "runnable 0.50.0"
+    assert document["run_config"]["pipeline_definition_file"] == "pipeline.main"  # what retry runs again
+    assert listed_ids(cli("ls", "--json", env=cli_env)) == ["flaky-run"]  # the same run id, no other run
+
+
+def test_runnable_retry_with_its_own_file_system_store_records_the_same(framework_bin, tmp_path):
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    first, retried = run_flaky_runnable_pipeline(python, environ, tmp_path / "work", {"type": "file-system"})
+    assert first.returncode != 0 and "Pipeline executed successfully" in retried.stdout + retried.stderr
+    document = json.loads((tmp_path / "work" / ".run_log_store" / "flaky-run.json").read_text())
+    assert document["status"] == "SUCCESS" and step_attempts(document) == RUNNABLE_RETRIED
+
+
+_MAGNUS_FLAKY_PIPELINE = {"dag": {"start_at": "first", "steps": {
+    "first": {"type": "task", "command_type": "shell", "command": "echo first", "next": "flaky"},
+    "flaky": {"type": "task", "command_type": "shell", "next": "last",
+              "command": "if [ -f tried.flag ]; then echo passed; else touch tried.flag; exit 1; fi"},
+    "last": {"type": "task", "command_type": "shell", "command": "echo last", "next": "success"},
+    "success": {"type": "success"}, "fail": {"type": "fail"}}}}
+
+
+def run_flaky_magnus_pipeline(python, environ, work, store):
+    """magnus 0.5.1: the pipeline as run `first-try` (its step `flaky` fails), then `second-try` with
+    --use-cached first-try (magnus's re-run: a new run that skips what succeeded); returns both processes."""
+    work.mkdir()
+    (work / "pipeline.yaml").write_text(json.dumps(_MAGNUS_FLAKY_PIPELINE))
+    (work / "config.yaml").write_text(json.dumps({"executor": {"type": "local"}, "run_log_store": store,
+                                                  "catalog": {"type": "do-nothing"}}))
+    command = [str(Path(python).parent / "magnus"), "execute", "--file", "pipeline.yaml", "--config-file",
+               "config.yaml", "--log-level", "ERROR"]
+    first = subprocess.run(command + ["--run-id", "first-try"], cwd=work, env=environ, capture_output=True, text=True,
+                           timeout=300)
+    again = subprocess.run(command + ["--run-id", "second-try", "--use-cached", "first-try"], cwd=work, env=environ,
+                           capture_output=True, text=True, timeout=300)
+    return first, again
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_magnus_05_use_cached_reruns_only_what_failed(framework_bin, bucket, cli_env, tmp_path, store_type):
+    python, environ = _framework_python(framework_bin, "magnus-0.5", tmp_path)
+    first, again = run_flaky_magnus_pipeline(python, environ, tmp_path / "work", {"type": store_type, "config": bucket})
+    assert first.returncode == 1 and again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    run_logs = runlog_s3.open_run_logs(bucket, store_type)
+    failed, passed = run_logs.read("first-try"), run_logs.read("second-try")
+    assert failed["status"] == "FAIL" and step_attempts(failed) == {"first": ["SUCCESS"], "flaky": ["FAIL"],
+                                                                    "fail": ["SUCCESS"]}
+    assert (passed["status"], passed["use_cached"], passed["original_run_id"]) == ("SUCCESS", True, "first-try")
+    # `first` succeeded in first-try: skipped (its log, no attempt); `flaky` ran again and passed.
+    assert step_attempts(passed) == {"first": [], "flaky": ["SUCCESS"], "last": ["SUCCESS"], "success": ["SUCCESS"]}
+    assert passed["steps"]["first"]["status"] == "SUCCESS"
+
+
+@pytest.mark.parametrize("store_type, error", [("file-system", "KeyError: 'last'"),
+                                               ("chunked-fs", "EntityNotFoundError")])
+def test_magnus_05_use_cached_fails_with_magnus_own_stores(framework_bin, tmp_path, store_type, error):
+    # magnus 0.5.1 looks each step up in the previous run and expects StepLogNotFoundError for one that
+    # never ran (`last`, after the failure); its own stores raise KeyError or EntityNotFoundError instead,
+    # and the re-run stops there, its run left PROCESSING. These stores raise what magnus expects.
+    python, environ = _framework_python(framework_bin, "magnus-0.5", tmp_path)
+    first, again = run_flaky_magnus_pipeline(python, environ, tmp_path / "work", {"type": store_type})
+    assert first.returncode == 1 and again.returncode == 1
+    assert error in again.stdout + again.stderr, (again.stdout + again.stderr)[-3000:]
