@@ -1973,6 +1973,9 @@ def test_bench_quick_completes_and_prints_every_row():
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10): magnus file-system, sequential",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, moto + 20 ms round trip",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), s3, moto + 20 ms round trip",
+        "ls --limit 20 of 2000 runs (half chunked-s3), loopback: ls / raw LIST by '/' (aws s3 ls)",
+        "ls --limit 20 of 2000 runs (half chunked-s3), 20 ms round trip: ls / raw LIST by",
+        "ls --limit 20 of 2000 runs, loopback: before (a LIST per chunked folder)",
     ]
     if find_weed():
         expected_prefixes.append("64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, "
@@ -5853,20 +5856,6 @@ def test_ls_and_prune_refuse_bad_input_in_one_line_and_delete_nothing(bucket, cl
     assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == ["kept", "kept-chunked"]
 
 
-def write_runs_into_moto(bucket, objects):
-    """Objects (key, body, last modified) written straight into moto's backend, in this process: S3 takes no
-    LastModified over its API, and 10,000 runs over HTTP would take a minute."""
-    import datetime
-
-    from moto.s3.models import s3_backends
-
-    partition, account = s3_backends.bucket_accounts[bucket["s3_bucket"]]
-    backend = s3_backends[account][partition]
-    for key, body, modified in objects:
-        stored = backend.put_object(bucket["s3_bucket"], key, body)
-        stored.last_modified = datetime.datetime.fromtimestamp(modified, datetime.timezone.utc).replace(tzinfo=None)
-
-
 TEN_THOUSAND = 10_000
 RUN_EVERY = 864.0  # seconds between two runs' last writes: 10,000 runs over 100 days
 
@@ -5890,7 +5879,7 @@ def ten_thousand_runs(bucket):
             objects.append((f"runs/{run_id}/BranchLog-one.b.json", b'{"internal_name":"one.b","status":"SUCCESS"}',
                             modified))
             entries += 1
-    write_runs_into_moto(bucket, objects)
+    bench_runlog_s3.write_runs_into_moto(bucket["s3_bucket"], objects)  # backdated, fast
     return entries
 
 
