@@ -4618,7 +4618,7 @@ def export_runs(runs: BucketRuns, run_ids: List[str]) -> Dict[str, Any]:
                 "run_log": document}
 
     prefix = runs.plain.prefix
-    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "written_by": f"runlog-s3 {__version__}",
+    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_by": f"runlog-s3 {__version__}",
             "exported_at": _when(wall_clock()), "source": f"s3://{runs.plain.client.bucket}/{prefix + '/' if prefix else ''}",
             "runs": ChunkedS3RunLogs._in_pool(entry, list(dict.fromkeys(run_ids)))}
 
@@ -4680,6 +4680,8 @@ def read_export(body: bytes, source: str) -> List[Dict[str, Any]]:
             raise bad(f"holds run log {entry['run_log']['run_id']!r} as run {entry['run_id']!r}")
         if entry["layout"] not in LAYOUTS:
             raise bad(f"has run {entry['run_id']!r} in layout {entry['layout']!r}, not one of {', '.join(LAYOUTS)}")
+        if not entry["written_by"].isascii() or _has_control_characters(entry["written_by"]):
+            raise bad(f"has run {entry['run_id']!r} written by {entry['written_by']!r}: a tag is printable ASCII")
         if entry["run_id"] in seen:
             raise bad(f"holds run {entry['run_id']!r} twice")
         seen.add(entry["run_id"])

@@ -6156,6 +6156,8 @@ _GOOD = _archive(_entry("good-1"), _entry("good-2", layout="chunked-s3"))
      "run 2: status 'DONE' is not one of magnus's"),
     (_archive(_entry("good-1"), _entry("bad", run_log=life_run("other"))), "holds run log 'other' as run 'bad'"),
     (_archive(_entry("good-1"), _entry("good-1")), "holds run 'good-1' twice"),
+    (_archive(_entry("good-1"), _entry("tagged", written_by="magnus\r\nx-amz-acl: public-read")),
+     "written by 'magnus\\r\\nx-amz-acl: public-read': a tag is printable ASCII"),
     (_archive(_entry("good-1"), _entry("bad", layout="tarball")), "in layout 'tarball', not one of s3, chunked-s3"),
     (_archive(_entry("good-1"), _entry("bad/id")), "run id 'bad/id' must not contain '/'"),
     (_archive(_entry("good-1"), _entry("big", run_log=dict(life_run("big"), parameters={"x": "y" * (33 << 20)}))),
