@@ -1946,6 +1946,10 @@ class S3RunLogs:
         """Which framework wrote a run just read: the tag its creator left, else guessed from its shape."""
         return self._writers.get(run_id) or guess_framework(document)
 
+    def writer_tag(self, run_id: str) -> str:
+        """The written-by tag of a run just read, exactly as stored ('' when it has none): what export records."""
+        return self._writers.get(run_id, "")
+
     def exists(self, run_id: str) -> bool:
         """Whether the run has a log in this layout (one HEAD)."""
         try:
@@ -2005,6 +2009,11 @@ class S3RunLogs:
                     raise
                 new_etag = stored.etag
             self._remember(key, new_etag, body, metadata=tags)
+
+    def check_writable(self, document: Mapping[str, Any]) -> None:
+        """Raise what writing `document` would raise for its keys and sizes, sending nothing: import checks
+        every run of an archive before it writes any."""
+        _check_write_size(encode_run_log(document), self.where(document["run_id"]))
 
     def _kept_tags(self, run_id: str) -> Optional[Dict[str, str]]:
         # A rewrite of the whole run log (put, edit) keeps who created the run, as last read or written
@@ -2707,6 +2716,11 @@ class ChunkedS3RunLogs(S3RunLogs):
             check_input(document, "the run log to write")
             self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
                           creating=False, expected=etag)
+
+    def check_writable(self, document: Mapping[str, Any]) -> None:
+        run_id = document["run_id"]
+        _check_write_size(encode_run_log(_run_fields(document)), self._url(self.key(run_id)))
+        self._prepare_logs(run_id, _chunks_of_run(document))
 
     def _prepare_logs(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
         """{object name: own fields} of each log, every key and size checked before anything is written."""
@@ -3969,19 +3983,21 @@ def _cmd_get(runs: BucketRuns, args: Any) -> int:
 
 
 def _cmd_ls(runs: BucketRuns, args: Any) -> int:
-    listed = runs.list()
-    if args.limit:
-        listed = listed[-args.limit:]
-    statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
-    rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
-             "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
-            for (run, layout), (status, written_by) in zip(listed, statuses)]
+    if args.since or args.status or args.limit:  # one LIST of the prefix, a GET per run shown (find_runs)
+        rows = _found_rows(runs, args)
+    else:
+        listed = runs.list()
+        statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
+        rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
+                 "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+                for (run, layout), (status, written_by) in zip(listed, statuses)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     # New columns go last: scripts that cut the first five keep working.
     table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN BY")] + [
         (row["run_id"], row["status"], row["layout"], row["last_modified"],
+         "-" if row["size"] is None else
          f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""),
          row["written_by"])
         for row in rows
@@ -4385,6 +4401,487 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
                             "at it again (show), then rm again") from exc
     print(f"deleted {where}" + (f" ({deleted} objects)" if run_logs.layout == "chunked-s3" else ""))
     return EXIT_OK
+
+
+# The life of runs: find them, keep them, move them ###############################################
+#
+# ls --since/--status/--limit and prune work on thousands of runs, so they find them with one LIST of the
+# prefix. Delimited by "/", a chunked run is a folder whose time costs a LIST of its own. Delimited by
+# "Log-" instead, the listing shows every s3 run object and every RunLog.json with its LastModified, and
+# rolls a chunked run's StepLog-/BranchLog- objects into at most two common prefixes: both layouts' times
+# from the listing itself, no request per run. A run id holding "Log-" rolls up too: that part of the
+# prefix is listed again by "/", and each chunked run found there costs one request (its RunLog.json).
+
+LISTING_DELIMITER = "Log-"
+LISTABLE_STATUSES = MAGNUS_STATUSES + ("INCOMPLETE",)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class ListedRun(NamedTuple):
+    """A run as a listing shows it. Its time is its run object's: the run log (s3) or RunLog.json, which
+    every status change rewrites (chunked-s3); for leftovers, their newest object."""
+
+    run_id: str
+    layout: str
+    last_modified: str  # as S3 gives it
+    modified: float  # seconds since the epoch (0 when the server gave none this module reads)
+    size: Optional[int] = None  # None: not counted (a chunked run's objects cost a LIST of their own)
+    objects: Optional[int] = None
+    etag: str = ""
+
+
+class RunListing(NamedTuple):
+    """What one listing of the prefix shows (list_runs)."""
+
+    runs: List[ListedRun]  # with their times
+    unlisted: List[str]  # chunked runs whose RunLog.json the listing could not show (ids holding "Log-")
+    leftovers: List[str]  # chunked folders with logs but no RunLog.json (a deleted run's, INCOMPLETE)
+    now: float  # the server's clock when it answered
+
+
+class RunState(NamedTuple):
+    """A run object as read by one GET: what ls shows and what prune checks before a conditional delete."""
+
+    status: str  # INCOMPLETE when the run object is gone (deleted since it was listed), '?' when unreadable
+    written_by: str
+    etag: str = ""
+    modified: float = 0.0
+    last_modified: str = ""
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """Seconds in '90d', '12h', '30m', '45s' or '2w'; UsageError naming the flag otherwise."""
+    number, unit = text.strip()[:-1], text.strip()[-1:]
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit] if number.replace(".", "", 1).isdigit() else 0.0
+    except KeyError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise UsageError(f"{flag} {text!r} is not a duration: give a number and a unit, e.g. 90d, 12h, 30m "
+                         "(s, m, h, d, w); nothing done")
+    return seconds
+
+
+def parse_statuses(text: str, flag: str, allowed: Tuple[str, ...], why: str = "") -> Tuple[str, ...]:
+    """The statuses of a comma-separated list (any case); UsageError naming the first not in `allowed`."""
+    names = tuple(dict.fromkeys(name.strip().upper() for name in text.split(",") if name.strip()))
+    wrong = [name for name in names if name not in allowed] or ([] if names else [text])
+    if wrong:
+        raise UsageError(f"{flag} {text!r}: {wrong[0]!r} is not a status {why or 'of a run'}: give some of "
+                         f"{', '.join(allowed)}, comma-separated; nothing done")
+    return names
+
+
+def _listed_time(text: str) -> float:
+    # LastModified as a LIST gives it (ISO 8601) or as a GET does (an HTTP date).
+    if not text:
+        return 0.0
+    if text[:1].isdigit():
+        try:
+            return _parse_iso_time(text)
+        except ValueError:
+            return 0.0
+    return parse_http_date(text) or 0.0
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def list_runs(runs: BucketRuns) -> RunListing:
+    """Every run under the prefix with its time, from the pages of one LIST delimited by "Log-" (see above)."""
+    client = runs.plain.client
+    prefix = f"{runs.plain.prefix}/" if runs.plain.prefix else ""
+    found: Dict[Tuple[str, str], ListedRun] = {}
+    with_logs, rolled, unlisted = set(), [], []
+
+    def add(info: ObjectInfo) -> None:
+        name = info.key[len(prefix):]
+        folder, slash, rest = name.partition("/")
+        if not slash and name.endswith(RUN_LOG_SUFFIX) and name != RUN_LOG_SUFFIX:
+            run_id, layout = name[: -len(RUN_LOG_SUFFIX)], "s3"
+        elif slash and rest == CHUNK_RUN_OBJECT and folder:
+            run_id, layout = folder, "chunked-s3"
+        else:
+            return
+        size = info.size if layout == "s3" else None
+        found[run_id, layout] = ListedRun(run_id, layout, info.last_modified, _listed_time(info.last_modified), size,
+                                          1 if layout == "s3" else None, info.etag)
+
+    for info in client.list_objects(prefix, delimiter=LISTING_DELIMITER):
+        if info.etag or info.last_modified:
+            add(info)
+            continue
+        folder, slash, rest = info.key[len(prefix):].partition("/")  # a common prefix
+        if slash and rest in _CHUNK_KINDS:
+            with_logs.add(folder)
+        elif not slash:
+            rolled.append(info.key)  # a run id holding "Log-"
+    for rolled_prefix in rolled:
+        for info in client.list_objects(rolled_prefix, delimiter="/"):
+            if info.etag or info.last_modified:
+                add(info)
+            elif info.key.endswith("/"):
+                unlisted.append(info.key[len(prefix):-1])
+    chunked = {run_id for run_id, layout in found if layout == "chunked-s3"}
+    return RunListing(list(found.values()), sorted(set(unlisted) - chunked), sorted(with_logs - chunked),
+                      client.server_now() or wall_clock())
+
+
+def read_run_state(run_logs: S3RunLogs, run_id: str) -> RunState:
+    """One GET of a run's object: its status, who wrote it, its ETag and time."""
+    key = run_logs.key(run_id)
+    try:
+        stored = run_logs.client.get_object(key)
+    except NotFoundError as exc:
+        if isinstance(exc, NoSuchBucketError):
+            raise
+        return RunState("INCOMPLETE" if run_logs.layout == "chunked-s3" else "?", "?")
+    try:
+        document = public(decode_run_log(stored.body, f"s3://{run_logs.client.bucket}/{key}"))
+    except InvalidRunLogError:
+        return RunState("?", "?", stored.etag, _listed_time(stored.last_modified), stored.last_modified)
+    written_by = stored.metadata.get(WRITTEN_BY, "") or guess_framework(document)
+    return RunState(str(document.get("status", "?")), written_by, stored.etag, _listed_time(stored.last_modified),
+                    stored.last_modified)
+
+
+def _leftovers_summary(runs: BucketRuns, run_id: str) -> ListedRun:
+    # A folder without its run object: one LIST, for its time, size and object count.
+    objects = list(runs.chunked.client.list_objects(runs.chunked.folder(run_id)))
+    newest = max((info.last_modified for info in objects), key=_listed_time, default="")
+    return ListedRun(run_id, "chunked-s3", newest, _listed_time(newest), sum(info.size for info in objects),
+                     len(objects))
+
+
+def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optional[Tuple[str, ...]] = None,
+              limit: int = 0) -> List[Tuple[ListedRun, RunState]]:
+    """The runs written within `since` seconds with one of `statuses`, newest first, at most `limit`.
+
+    Requests: the listing's pages; then one GET per run inside the window, newest first, in batches no
+    larger than the runs still wanted (so none is read past the limit-th match); none for a run outside
+    it. Runs the listing cannot time cost one request each first: ids holding "Log-" (a GET of their
+    RunLog.json) and, unless --status leaves INCOMPLETE out, leftovers (a LIST of their folder)."""
+    listing = list_runs(runs)
+    cutoff = listing.now - since if since is not None else None
+    known: Dict[Tuple[str, str], RunState] = {}
+    candidates = list(listing.runs)
+
+    def timed(run_id: str) -> Tuple[ListedRun, RunState]:
+        state = read_run_state(runs.chunked, run_id)
+        return ListedRun(run_id, "chunked-s3", state.last_modified, state.modified, etag=state.etag), state
+
+    for run, state in ChunkedS3RunLogs._in_pool(timed, listing.unlisted):
+        if state.status == "INCOMPLETE":  # no RunLog.json after all: leftovers
+            listing.leftovers.append(run.run_id)
+        else:
+            candidates.append(run)
+            known[run.run_id, run.layout] = state
+    if statuses is None or "INCOMPLETE" in statuses:
+        for run in ChunkedS3RunLogs._in_pool(lambda run_id: _leftovers_summary(runs, run_id), listing.leftovers):
+            candidates.append(run)
+            known[run.run_id, run.layout] = RunState("INCOMPLETE", "?")
+    candidates = sorted((run for run in candidates if cutoff is None or run.modified >= cutoff),
+                        key=lambda run: (run.modified, run.run_id), reverse=True)
+
+    def state_of(run: ListedRun) -> RunState:
+        held = known.get((run.run_id, run.layout))
+        return held if held is not None else read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain,
+                                                            run.run_id)
+
+    chosen: List[Tuple[ListedRun, RunState]] = []
+    position = 0
+    while position < len(candidates) and not (limit and len(chosen) >= limit):
+        batch = candidates[position:position + (min(ASSEMBLY_THREADS, limit - len(chosen)) if limit else len(candidates))]
+        position += len(batch)
+        for run, state in zip(batch, ChunkedS3RunLogs._in_pool(state_of, batch)):
+            if (statuses is None or state.status in statuses) and not (limit and len(chosen) >= limit):
+                chosen.append((run, state))
+    return chosen
+
+
+def _found_rows(runs: BucketRuns, args: Any) -> List[Dict[str, Any]]:
+    """ls --since/--status/--limit: the rows of find_runs, oldest first."""
+    since = parse_duration(args.since, "--since") if args.since else None
+    statuses = parse_statuses(args.status, "--status", LISTABLE_STATUSES) if args.status else None
+    found = find_runs(runs, since, statuses, args.limit)
+    return [{"run_id": run.run_id, "status": state.status, "layout": run.layout, "written_by": state.written_by,
+             "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+            for run, state in sorted(found, key=lambda item: (item[0].modified, item[0].run_id))]
+
+
+# prune ############################################################################################
+
+
+class PruneDecision(NamedTuple):
+    run: ListedRun
+    delete: bool
+    reason: str  # why kept: one of _KEPT_REASONS
+    state: Optional[RunState] = None
+    objects: int = 1
+    newest: float = 0.0  # the run's last write (a chunked run: its newest object)
+
+
+_KEPT_REASONS = {
+    "newer": "written since the cutoff",
+    "status": "with a status not in --status",
+    "running": "still CREATED or PROCESSING (a pipeline may be writing it)",
+    "changed": "written since they were checked",
+    "leftovers": "leftovers of a deleted run (INCOMPLETE; rm RUN_ID removes them)",
+    "unreadable": "unreadable (not a run log)",
+    "gone": "deleted meanwhile",
+}
+
+
+def _decide_prune(runs: BucketRuns, run: ListedRun, cutoff: float, statuses: Tuple[str, ...]) -> PruneDecision:
+    # A run is deleted only if its last write is older than the cutoff and its status is one of `statuses`,
+    # both read from the version the delete is then conditioned on (If-Match its ETag).
+    if run.modified >= cutoff:
+        return PruneDecision(run, False, "newer")
+    objects, newest = 1, run.modified
+    if run.layout == "chunked-s3":
+        listed = list(runs.chunked.client.list_objects(runs.chunked.folder(run.run_id)))
+        if not any(info.key == runs.chunked.key(run.run_id) for info in listed):
+            return PruneDecision(run, False, "leftovers" if listed else "gone")
+        objects, newest = len(listed), max(_listed_time(info.last_modified) for info in listed)
+        if newest >= cutoff:
+            return PruneDecision(run, False, "newer", objects=objects, newest=newest)
+    state = read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain, run.run_id)
+    newest = max(newest, state.modified)
+    if state.status in ("INCOMPLETE", "?") and not state.etag:
+        return PruneDecision(run, False, "gone", state)
+    if state.status == "?":
+        return PruneDecision(run, False, "unreadable", state)
+    if state.modified >= cutoff:
+        return PruneDecision(run, False, "changed", state, objects, newest)
+    if state.status in ("CREATED", "PROCESSING"):
+        return PruneDecision(run, False, "running", state, objects, newest)
+    if state.status not in statuses:
+        return PruneDecision(run, False, "status", state, objects, newest)
+    return PruneDecision(run, True, "", state, objects, newest)
+
+
+def _prune_line(verb: str, runs: BucketRuns, decision: PruneDecision, objects: int) -> str:
+    run_logs = runs.chunked if decision.run.layout == "chunked-s3" else runs.plain
+    status = decision.state.status if decision.state else "?"
+    count = f", {_count(objects, 'object')}" if decision.run.layout == "chunked-s3" else ""
+    return f"{verb} {run_logs.where(decision.run.run_id)} ({status}, last written {_when(decision.newest)}{count})"
+
+
+def _cmd_prune(runs: BucketRuns, args: Any) -> int:
+    older_than = parse_duration(args.older_than, "--older-than")
+    statuses = parse_statuses(args.status, "--status", FINISHED_STATUSES,
+                              why="prune deletes (it never deletes a run that may still be written; rm --force does)")
+    if not args.dry_run and not args.yes and not sys.stdin.isatty():
+        raise UsageError("refusing to prune without --yes (stdin is not a terminal); --dry-run says what it would delete")
+    listing = list_runs(runs)
+    cutoff = listing.now - older_than
+    timed = listing.runs + [ListedRun(run_id, "chunked-s3", "", 0.0) for run_id in listing.unlisted]
+    decisions = ChunkedS3RunLogs._in_pool(lambda run: _decide_prune(runs, run, cutoff, statuses), timed)
+    decisions += [PruneDecision(ListedRun(run_id, "chunked-s3", "", 0.0), False, "leftovers")
+                  for run_id in listing.leftovers]
+    decisions.sort(key=lambda decision: (decision.newest or decision.run.modified, decision.run.run_id))
+    doomed = [decision for decision in decisions if decision.delete]
+    kept = [decision for decision in decisions if not decision.delete]
+    if doomed and not args.dry_run and not args.yes:
+        for decision in doomed:
+            print(_prune_line("would delete", runs, decision, decision.objects))
+        if input(f"delete these {_count(len(doomed), 'run')}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return EXIT_FAILED
+
+    def delete(decision: PruneDecision) -> Tuple[PruneDecision, int, str]:
+        run_logs = runs.chunked if decision.run.layout == "chunked-s3" else runs.plain
+        assert decision.state is not None
+        try:  # only the version checked: a pipeline that wrote it since (a retry, a resume) keeps it
+            return decision, run_logs.delete(decision.run.run_id, if_match=decision.state.etag), ""
+        except PreconditionFailedError:
+            return decision._replace(delete=False, reason="changed"), 0, ""
+        except RunLogNotFoundError:
+            return decision._replace(delete=False, reason="gone"), 0, ""
+        except RunlogS3Error as exc:
+            return decision._replace(delete=False, reason="error"), 0, exc.message
+
+    done = doomed if args.dry_run else ChunkedS3RunLogs._in_pool(delete, doomed) if doomed else []
+    deleted = objects = 0
+    errors = []
+    for result in done:
+        decision, count, error = result if not args.dry_run else (result, result.objects, "")
+        if error:
+            errors.append(error)
+            print(f"runlog-s3: error: {error}", file=sys.stderr)
+        elif decision.delete:
+            deleted, objects = deleted + 1, objects + count
+            print(_prune_line("would delete" if args.dry_run else "deleted", runs, decision, count))
+        else:
+            kept.append(decision)
+    for decision in kept:  # the runs old enough that were kept for a reason worth a look
+        if decision.reason in ("running", "changed", "leftovers", "unreadable"):
+            where = (runs.chunked if decision.run.layout == "chunked-s3" else runs.plain).where(decision.run.run_id)
+            print(f"kept {where}: {_KEPT_REASONS[decision.reason]}")
+    reasons = {reason: sum(decision.reason == reason for decision in kept) for reason in _KEPT_REASONS}
+    why = ", ".join(f"{number} {_KEPT_REASONS[reason]}" for reason, number in reasons.items() if number)
+    verb = "would prune" if args.dry_run else "pruned"
+    print(f"{verb} {_count(deleted, 'run')} ({_count(objects, 'object')}) last written before {_when(cutoff)} "
+          f"(older than {args.older_than}) with status {','.join(statuses)}; kept {len(kept)}" + (f": {why}" if why else "")
+          + ("; nothing deleted (--dry-run)" if args.dry_run else ""))
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+# export and import ################################################################################
+
+EXPORT_FORMAT = "runlog-s3-export"
+EXPORT_VERSION = 1
+
+
+def export_runs(runs: BucketRuns, run_ids: List[str]) -> Dict[str, Any]:
+    """The archive of the runs: each run log whole, with its layout and written-by tag as stored."""
+
+    def entry(run_id: str) -> Dict[str, Any]:
+        document, _version, run_logs = runs.read_version(run_id)
+        return {"run_id": run_id, "layout": run_logs.layout, "written_by": run_logs.writer_tag(run_id),
+                "run_log": document}
+
+    prefix = runs.plain.prefix
+    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_by": f"runlog-s3 {__version__}",
+            "exported_at": _when(wall_clock()), "source": f"s3://{runs.plain.client.bucket}/{prefix + '/' if prefix else ''}",
+            "runs": ChunkedS3RunLogs._in_pool(entry, list(dict.fromkeys(run_ids)))}
+
+
+def _cmd_export(runs: BucketRuns, args: Any) -> int:
+    archive = export_runs(runs, args.run_ids)  # every run read before anything is written
+    body = (json.dumps(archive, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    said = f"exported {_count(len(archive['runs']), 'run')} ({len(body)} bytes) from {archive['source']}"
+    if args.output in ("", "-"):
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+        print(f"{said} to stdout", file=sys.stderr)
+        return EXIT_OK
+    partial = f"{args.output}.partial-{os.getpid()}"
+    try:  # a file that exists is whole: written aside, then renamed
+        with open(partial, "wb") as stream:
+            stream.write(body)
+        os.replace(partial, args.output)
+    except OSError as exc:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}; nothing exported") from exc
+    print(f"{said} to {args.output}")
+    return EXIT_OK
+
+
+def read_export(body: bytes, source: str) -> List[Dict[str, Any]]:
+    """The runs of an archive, every one checked (format, version, shape, run ids) before any is written."""
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"{source} {problem}; nothing written")
+
+    try:
+        archive = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        detail = "it is empty" if not body.strip() else f"{type(exc).__name__}: {_first_line(exc)}"
+        raise bad(f"is not a runlog-s3 export: not valid JSON, truncated or another format ({detail})") from None
+    if not isinstance(archive, dict) or archive.get("format") != EXPORT_FORMAT:
+        hint = " (it looks like one run log: put RUN_ID FILE writes it)" if isinstance(archive, dict) and "run_id" in archive else ""
+        raise bad(f"is not a runlog-s3 export: no \"format\": \"{EXPORT_FORMAT}\"{hint}")
+    if archive.get("version") != EXPORT_VERSION:
+        raise bad(f"is a runlog-s3 export of version {archive.get('version')!r}; this runlog-s3 ({__version__}) reads "
+                  f"version {EXPORT_VERSION}: use the runlog-s3 that wrote it")
+    entries = archive.get("runs")
+    if not isinstance(entries, list):
+        raise bad("is not a whole runlog-s3 export: it has no list of runs")
+    seen = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"{source}, run {number}"
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(name), kind) for name, kind in (
+                ("run_id", str), ("layout", str), ("written_by", str), ("run_log", dict))):
+            raise bad(f"has a run ({number}) without run_id, layout, written_by and run_log")
+        try:
+            validate_run_id(entry["run_id"])
+            check_input(entry["run_log"], where)
+            check_run_log_shape(entry["run_log"], where)
+        except (InvalidRunIdError, InvalidRunLogError) as exc:
+            raise UsageError(exc.message if exc.message.endswith("nothing written") else f"{exc.message}; nothing written") from None
+        if entry["run_log"]["run_id"] != entry["run_id"]:
+            raise bad(f"holds run log {entry['run_log']['run_id']!r} as run {entry['run_id']!r}")
+        if entry["layout"] not in LAYOUTS:
+            raise bad(f"has run {entry['run_id']!r} in layout {entry['layout']!r}, not one of {', '.join(LAYOUTS)}")
+        if not entry["written_by"].isascii() or _has_control_characters(entry["written_by"]):
+            raise bad(f"has run {entry['run_id']!r} written by {entry['written_by']!r}: a tag is printable ASCII")
+        if entry["run_id"] in seen:
+            raise bad(f"holds run {entry['run_id']!r} twice")
+        seen.add(entry["run_id"])
+    return entries
+
+
+def _read_import_file(path: str) -> Tuple[bytes, str]:
+    if path == "-":
+        if sys.stdin.isatty():
+            raise UsageError("import reads an export from FILE or from stdin ('-'); stdin is a terminal")
+        return sys.stdin.buffer.read(), "stdin"
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(), path
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}; nothing written") from exc
+
+
+def import_run(runs: BucketRuns, entry: Mapping[str, Any], target: S3RunLogs, force: bool,
+               layout_given: bool) -> Tuple[str, S3RunLogs]:
+    """Write one run of an archive: created in `target` with If-None-Match; with `force`, a run that exists
+    is replaced where it is stored, through replace (the protected path). Returns (verb, layout written)."""
+    run_id = entry["run_id"]
+    stored = runs.plain if runs.plain.exists(run_id) else runs.chunked if runs.chunked.exists(run_id) else None
+    exists = RunLogExistsError(f"not imported {run_id}: it exists at {(stored or target).where(run_id)} (import "
+                               "--force replaces it)")
+    if stored is None:
+        try:
+            target.create(entry["run_log"])  # If-None-Match: never over a run created meanwhile
+        except RunLogExistsError:
+            raise exists from None
+        return "imported", target
+    if not force:
+        raise exists
+    if layout_given and stored.layout != target.layout:
+        raise UsageError(f"run {run_id!r} is stored in layout {stored.layout}, not {target.layout}; not replaced (rm "
+                         "it first, or import without --layout)")
+    replacing = LAYOUTS[stored.layout](runs.plain.client)
+    replacing.replace(entry["run_log"])  # atomic on chunked-s3, as put --force; the stored tag is kept
+    return "replaced", replacing
+
+
+def _cmd_import(runs: BucketRuns, args: Any) -> int:
+    body, source = _read_import_file(args.file)
+    entries = read_export(body, source)
+    targets = []
+    for entry in entries:  # keys and sizes checked in the layout each run goes to, before any write
+        target = LAYOUTS[args.layout or args.config_layout or entry["layout"]](runs.plain.client)
+        target.writer = entry["written_by"]  # the tag the export recorded, on each run created
+        try:
+            target.check_writable(entry["run_log"])
+        except (InvalidRunIdError, InvalidRunLogError) as exc:
+            raise UsageError(f"{source}: {exc.message}") from exc
+        targets.append(target)
+    imported, existing = 0, 0
+    for entry, target in zip(entries, targets):
+        try:
+            verb, written = import_run(runs, entry, target, args.force, bool(args.layout))
+        except RunLogExistsError as exc:
+            existing += 1
+            print(exc.message)
+            continue
+        except RunlogS3Error as exc:
+            done = f"{imported} of {len(entries)} runs imported before it" if imported else "no run imported"
+            exc.message = f"importing {entry['run_id']}: {exc.message} ({done})"
+            exc.args = (exc.message,)
+            raise
+        imported += 1
+        tag = f", written by {entry['written_by']}" if entry["written_by"] else ""
+        print(f"{verb} {entry['run_id']}: {written.where(entry['run_id'])} (layout {written.layout}{tag})")
+    prefix = runs.plain.prefix
+    print(f"imported {imported} of {_count(len(entries), 'run')} from {source} into "
+          f"s3://{runs.plain.client.bucket}/{prefix + '/' if prefix else ''}"
+          + (f"; {existing} exist already (import --force replaces them)" if existing else ""))
+    return EXIT_FAILED if existing else EXIT_OK
 
 
 class CheckResult(NamedTuple):
@@ -4900,6 +5397,11 @@ def _parser() -> Any:
     ls.add_argument("--limit", type=_positive_count, default=0, metavar="N", help="only the newest N (e.g. --limit 20)")
     ls.add_argument("--json", action="store_true", help="a JSON list: run_id, status, layout, written_by, last_modified, "
                     "size, objects")
+    ls.add_argument("--since", default="", metavar="AGE", help="only runs written within AGE, e.g. 7d, 12h, 30m (s, m, h, "
+                    "d, w); a chunked-s3 run is timed by its RunLog.json. With --since, --status or --limit the runs "
+                    "come from one LIST and a GET per run shown; a chunked-s3 run's size is not counted (-)")
+    ls.add_argument("--status", default="", metavar="STATUSES", help="only runs with these statuses, comma-separated, "
+                    f"e.g. FAIL or SUCCESS,FAIL (of {', '.join(LISTABLE_STATUSES)})")
     show = command("show", help="a run log as a tree of steps and branches")
     show.add_argument("run_id", help=run_id_help)
     show.add_argument("--json", action="store_true", help="the tree as JSON: run_id, status, written_by, steps[name, "
@@ -4928,6 +5430,26 @@ def _parser() -> Any:
     rm.add_argument("--yes", action="store_true", help="do not ask")
     rm.add_argument("--force", action="store_true",
                     help="delete a run that is not finished (CREATED or PROCESSING: a pipeline may be writing it)")
+    prune = command("prune", help="delete whole runs last written before AGE, finished ones only (SUCCESS, FAIL), "
+                    "each with a delete conditioned on the version checked; says what it deleted and what it kept")
+    prune.add_argument("--older-than", dest="older_than", required=True, metavar="AGE",
+                       help="e.g. 90d, 12h (s, m, h, d, w): a run's age is its last write (a chunked-s3 run's newest object)")
+    prune.add_argument("--status", default="SUCCESS,FAIL", metavar="STATUSES",
+                       help="delete only runs with these statuses (default SUCCESS,FAIL; never CREATED or PROCESSING)")
+    prune.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would be deleted; delete nothing")
+    prune.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    export = command("export", help="write runs to one self-describing JSON file (each run log whole, with its layout "
+                     "and written-by tag), for import into another bucket, prefix or layout")
+    export.add_argument("run_ids", nargs="+", metavar="RUN_ID", help=run_id_help)
+    export.add_argument("-o", "--output", default="-", metavar="FILE", help="the file to write, whole or not at all "
+                        "(default '-': stdout)")
+    import_ = command("import", help="write the runs of an export file into the configured bucket, prefix and layout, "
+                      "each with If-None-Match: never over an existing run unless --force")
+    import_.add_argument("file", metavar="FILE", help="a file export wrote ('-' for stdin)")
+    import_.add_argument("--force", action="store_true", help="replace runs that exist, as put --force does (atomically "
+                         "on chunked-s3)")
+    import_.add_argument("--layout", choices=sorted(LAYOUTS), default=None, help="the layout of the runs it creates "
+                         "(default: the --config file's store type, else the layout each run was exported from)")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
     check.add_argument("--writers", type=_positive_count, default=RACE_WRITERS, metavar="N",
@@ -4955,6 +5477,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         setattr(args, name, getattr(args, name, default))
     commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm,
                 "timeline": _cmd_timeline}
+    commands.update({"prune": _cmd_prune, "export": _cmd_export, "import": _cmd_import})
     try:
         try:
             level = log_level_from(environ)

@@ -2313,6 +2313,9 @@ def test_bench_quick_completes_and_prints_every_row():
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10): magnus file-system, sequential",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, moto + 20 ms round trip",
         "64 logs (parallel of 6, one a nested parallel of 4; map over 10), s3, moto + 20 ms round trip",
+        "ls --limit 20 of 2000 runs (half chunked-s3), loopback: ls / raw LIST by '/' (aws s3 ls)",
+        "ls --limit 20 of 2000 runs (half chunked-s3), 20 ms round trip: ls / raw LIST by",
+        "ls --limit 20 of 2000 runs, loopback: before (a LIST per chunked folder)",
     ]
     if find_weed():
         expected_prefixes.append("64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, "
@@ -6080,3 +6083,554 @@ def test_runnable_argo_marking_a_failed_step_keeps_the_runs_history(framework_bi
     document = runlog_s3.open_run_logs(moto_bucket, store_type).read("argo-run")
     assert document["status"] == "FAIL"
     assert {name: step["status"] for name, step in document["steps"].items()} == {"first": "SUCCESS", "second": "FAIL"}
+
+
+# The life of runs: find them, keep them, move them, re-run them (issue 28) ########################
+
+
+def life_run(run_id, status="SUCCESS", branch_status="SUCCESS"):
+    """A run log as magnus 0.4 writes it: parameters, run config, a task, and a parallel step whose branch holds
+    a step; in each log the children come before other fields, as magnus orders them."""
+    def attempt(number, attempt_status):
+        return {"attempt_number": number, "start_time": "2026-11-20 10:00:00.000001",
+                "end_time": "2026-11-20 10:00:02.500000", "duration": "0:00:02.499999", "status": attempt_status,
+                "message": ""}
+
+    def step(name, internal_name, step_status, step_type="task", branches=None):
+        return {"name": name, "internal_name": internal_name, "status": step_status, "step_type": step_type,
+                "message": "", "mock": False, "code_identities": [],
+                "attempts": [attempt(1, step_status)] if step_type == "task" else [],
+                "user_defined_metrics": {}, "branches": branches or {}, "data_catalog": []}
+
+    branch = {"internal_name": "fan.a", "status": branch_status,
+              "steps": {"fan.a.work": step("work", "fan.a.work", branch_status)}}
+    return {"run_id": run_id, "dag_hash": "d1c3", "use_cached": False, "tag": "nightly", "original_run_id": "",
+            "status": status, "steps": {"prepare": step("prepare", "prepare", "SUCCESS"),
+                                        "fan": step("fan", "fan", branch_status, "parallel", {"fan.a": branch})},
+            "parameters": {"items": ["data.csv", "model.v2"], "learning_rate": 0.1},
+            "run_config": {"executor": {"type": "local", "config": {"enable_parallel": True}}}}
+
+
+def put_life_run(bucket, layout, run_id, status="SUCCESS", writer=""):
+    run_logs = runlog_s3.open_run_logs(bucket, layout)
+    run_logs.writer = writer
+    run_logs.create(life_run(run_id, status))
+    return run_logs
+
+
+def listed_ids(result):
+    assert result.returncode == 0, result.stderr
+    return [row["run_id"] for row in json.loads(result.stdout)]
+
+
+def test_ls_since_status_and_limit_on_both_layouts(bucket, cli_env):
+    # A run's time is its run object's last write (S3 keeps whole seconds): runs written 5.5 s apart
+    # fall on either side of --since 4s.
+    put_life_run(bucket, "s3", "old-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "old-fail-chunked", "FAIL")
+    time.sleep(5.5)
+    put_life_run(bucket, "s3", "new-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "new-fail-chunked", "FAIL")
+    put_life_run(bucket, "chunked-s3", "new-ok-chunked", "SUCCESS", writer="runnable 0.50.0")
+    put_life_run(bucket, "s3", "new-live", "PROCESSING")
+    recent = cli("ls", "--since", "4s", "--json", env=cli_env)
+    assert sorted(listed_ids(recent)) == ["new-fail", "new-fail-chunked", "new-live", "new-ok-chunked"]
+    rows = {row["run_id"]: row for row in json.loads(recent.stdout)}
+    assert rows["new-ok-chunked"] == {**rows["new-ok-chunked"], "status": "SUCCESS", "layout": "chunked-s3",
+                                      "written_by": "runnable 0.50.0", "size": None, "objects": None}
+    assert rows["new-fail"]["size"] == len(runlog_s3.encode_run_log(life_run("new-fail", "FAIL")))
+    failed = cli("ls", "--status", "fail", "--json", env=cli_env)  # any case; every run's time
+    assert sorted(listed_ids(failed)) == ["new-fail", "new-fail-chunked", "old-fail", "old-fail-chunked"]
+    assert sorted(listed_ids(cli("ls", "--status", "FAIL", "--since", "4s", "--json", env=cli_env))) == [
+        "new-fail", "new-fail-chunked"]
+    assert sorted(listed_ids(cli("ls", "--status", "SUCCESS,PROCESSING", "--json", env=cli_env))) == [
+        "new-live", "new-ok-chunked"]
+    newest = cli("ls", "--status", "FAIL", "--limit", "3", env=cli_env)  # the newest 3, shown oldest first
+    assert newest.returncode == 0, newest.stderr
+    lines = newest.stdout.splitlines()
+    assert lines[0].split()[:3] == ["RUN_ID", "STATUS", "LAYOUT"] and len(lines) == 4
+    assert {line.split()[0] for line in lines[1:]} >= {"new-fail", "new-fail-chunked"}
+    assert lines[1].split()[0] in ("old-fail", "old-fail-chunked") and "FAIL" in lines[3]
+    assert [line.split()[4] for line in lines[1:] if "chunked-s3" in line] == ["-"] * 2  # not counted
+
+
+def test_ls_filters_find_runs_whose_ids_hold_the_delimiter_and_leftovers(bucket, cli_env):
+    # "Log-" is the listing's delimiter: a run id holding it rolls its objects up with the logs', and is
+    # listed again by "/". A chunked folder without RunLog.json is leftovers (INCOMPLETE).
+    put_life_run(bucket, "s3", "nightlyLog-1", "FAIL")
+    put_life_run(bucket, "chunked-s3", "nightlyLog-2", "FAIL", writer="magnus 0.5.1")
+    put_life_run(bucket, "chunked-s3", "Log-", "SUCCESS")
+    late = put_life_run(bucket, "chunked-s3", "deleted", "FAIL")
+    assert cli("rm", "deleted", "--yes", env=cli_env).returncode == 0
+    late.add_step("deleted", {"name": "late", "internal_name": "late", "status": "SUCCESS"})  # a late writer
+    everything = cli("ls", "--since", "1h", "--json", env=cli_env)
+    rows = {row["run_id"]: (row["status"], row["layout"]) for row in json.loads(everything.stdout)}
+    assert rows == {"nightlyLog-1": ("FAIL", "s3"), "nightlyLog-2": ("FAIL", "chunked-s3"),
+                    "Log-": ("SUCCESS", "chunked-s3"), "deleted": ("INCOMPLETE", "chunked-s3")}, everything.stderr
+    assert listed_ids(cli("ls", "--status", "INCOMPLETE", "--json", env=cli_env)) == ["deleted"]
+    assert sorted(listed_ids(cli("ls", "--status", "FAIL", "--json", env=cli_env))) == ["nightlyLog-1", "nightlyLog-2"]
+    assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == sorted(rows)  # ls without filters agrees
+
+
+@pytest.mark.parametrize("args, named", [
+    (("ls", "--since", "7x"), "--since '7x' is not a duration: give a number and a unit, e.g. 90d"),
+    (("ls", "--since", "0d"), "--since '0d' is not a duration"),
+    (("ls", "--since", "d"), "--since 'd' is not a duration"),
+    (("ls", "--since=-3d"), "--since '-3d' is not a duration"),
+    (("ls", "--status", "DONE"), "--status 'DONE': 'DONE' is not a status of a run: give some of CREATED, PROCESSING"),
+    (("ls", "--status", ","), "--status ',': ',' is not a status"),
+    (("prune", "--older-than", "90days", "--yes"), "--older-than '90days' is not a duration"),
+    (("prune", "--older-than", "90d", "--status", "PROCESSING", "--yes"),
+     "'PROCESSING' is not a status prune deletes (it never deletes a run that may still be written; rm --force does)"),
+    (("prune", "--older-than", "90d", "--status", "SUCCESS,CREATED", "--yes"), "'CREATED' is not a status prune"),
+    (("prune", "--older-than", "1s"), "refusing to prune without --yes (stdin is not a terminal)"),
+])
+def test_ls_and_prune_refuse_bad_input_in_one_line_and_delete_nothing(bucket, cli_env, args, named):
+    put_life_run(bucket, "s3", "kept", "SUCCESS")
+    put_life_run(bucket, "chunked-s3", "kept-chunked", "FAIL")
+    if args[0] == "prune":
+        time.sleep(1.1)  # old enough for --older-than 1s: a prune that went on would delete them
+    result = cli(*args, env=cli_env)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr
+    assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == ["kept", "kept-chunked"]
+
+
+TEN_THOUSAND = 10_000
+RUN_EVERY = 864.0  # seconds between two runs' last writes: 10,000 runs over 100 days
+
+
+def ten_thousand_runs(bucket):
+    """Run i (0 the newest) last written (i + 0.5) * RUN_EVERY seconds ago: even i in the s3 layout, odd i
+    chunked-s3 (RunLog.json, a step log, and for every other one a branch log); FAIL when i % 7 == 3.
+    Returns the number of entries a LIST delimited by 'Log-' shows."""
+    now, objects, entries = time.time(), [], 0
+    for i in range(TEN_THOUSAND):
+        run_id, modified = f"run-{i:05d}", now - (i + 0.5) * RUN_EVERY
+        run = json.dumps({"run_id": run_id, "status": "FAIL" if i % 7 == 3 else "SUCCESS", "steps": {}}).encode()
+        if i % 2 == 0:
+            objects.append((f"runs/{run_id}.json", run, modified))
+            entries += 1
+            continue
+        objects.append((f"runs/{run_id}/RunLog.json", run, modified))
+        objects.append((f"runs/{run_id}/StepLog-one.json", b'{"internal_name":"one","status":"SUCCESS"}', modified))
+        entries += 2
+        if i % 4 == 1:
+            objects.append((f"runs/{run_id}/BranchLog-one.b.json", b'{"internal_name":"one.b","status":"SUCCESS"}',
+                            modified))
+            entries += 1
+    bench_runlog_s3.write_runs_into_moto(bucket["s3_bucket"], objects)  # backdated, fast
+    return entries
+
+
+def run_keys(numbers):
+    return {f"/{{bucket}}/runs/run-{i:05d}" + (".json" if i % 2 == 0 else "/RunLog.json") for i in numbers}
+
+
+def test_ls_filters_hold_the_request_budget_on_10000_runs(moto_bucket):
+    # The newest first, one LIST of the prefix (its pages), a GET per run read and none for a run outside
+    # --since; --limit stops the reads at the limit-th run shown. Before: a LIST of every chunked folder
+    # (5,000) to learn its time, then a GET per run shown.
+    entries = ten_thousand_runs(moto_bucket)
+    pages = -(-entries // 1000)
+    transport = CountingTransport(moto_bucket)
+    runs = runlog_s3.BucketRuns(S3Client(Config.from_dict(moto_bucket), transport=transport))
+    in_window = [i for i in range(TEN_THOUSAND) if (i + 0.5) * RUN_EVERY < 7 * 86400]  # 700 runs
+    failed = [i for i in in_window if i % 7 == 3]
+
+    def requests_for(since, statuses, limit):
+        transport.sent.clear()
+        found = runlog_s3.find_runs(runs, since, statuses, limit)
+        verbs = {}
+        for method, _path, query in transport.sent:
+            verb = "LIST" if "list-type" in query else method
+            verbs[verb] = verbs.get(verb, 0) + 1
+        got = {path.replace(moto_bucket["s3_bucket"], "{bucket}") for method, path, query in transport.sent
+               if method == "GET" and "list-type" not in query}
+        return [run.run_id for run, _state in found], verbs, got
+
+    # ls --status FAIL --since 7d --limit 5: reads stop at the 5th FAIL, the 32nd newest run
+    shown, verbs, got = requests_for(7 * 86400, ("FAIL",), 5)
+    assert shown == [f"run-{i:05d}" for i in failed[:5]]
+    assert verbs == {"LIST": pages, "GET": failed[4] + 1} == {"LIST": 18, "GET": 32}
+    assert got == run_keys(range(failed[4] + 1))
+    # ls --since 7d: every run inside the window read once, none outside it
+    shown, verbs, got = requests_for(7 * 86400, None, 0)
+    assert len(shown) == len(in_window) == 700 and verbs == {"LIST": pages, "GET": 700} and got == run_keys(in_window)
+    # ls --limit 20 (the benchmark's row): the 20 newest, 20 GETs
+    shown, verbs, got = requests_for(None, None, 20)
+    assert shown == [f"run-{i:05d}" for i in range(20)] and verbs == {"LIST": pages, "GET": 20}
+    assert got == run_keys(range(20))
+    # The command line does the same: counted by verb by a proxy in front of the server.
+    with bench_runlog_s3.LatencyProxy(moto_bucket["endpoint_url"]) as proxy:
+        result = cli("ls", "--status", "FAIL", "--since", "7d", "--limit", "5", "--json",
+                     env={"RUNLOG_S3_BUCKET": moto_bucket["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": proxy.endpoint_url,
+                          "RUNLOG_S3_PREFIX": "runs"})
+        counts = dict(proxy.counts)
+    assert listed_ids(result) == [f"run-{i:05d}" for i in reversed(failed[:5])]  # shown oldest first
+    assert counts == {"LIST": 18, "GET": 32}
+
+
+def folder_objects(bucket, run_id):
+    client = S3Client(Config.from_dict(bucket))
+    return sorted(info.key.rsplit("/", 1)[1] for info in client.list_objects(f"runs/{run_id}/"))
+
+
+def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_env):
+    # Old: 5.5 s before the new ones, on either side of --older-than 4s (S3 keeps whole seconds).
+    put_life_run(bucket, "s3", "old-ok", "SUCCESS")
+    put_life_run(bucket, "s3", "old-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "old-fail-chunked", "FAIL")
+    put_life_run(bucket, "chunked-s3", "old-live-chunked", "PROCESSING")
+    put_life_run(bucket, "s3", "old-created", "CREATED")
+    put_life_run(bucket, "s3", "old-triggered", "TRIGGERED")
+    resumed = put_life_run(bucket, "chunked-s3", "old-resumed", "FAIL")
+    time.sleep(5.5)
+    put_life_run(bucket, "s3", "new-fail", "FAIL")
+    put_life_run(bucket, "chunked-s3", "new-ok-chunked", "SUCCESS")
+    # A retry writes a step of an old run before its RunLog.json: the run's age is its newest object's.
+    resumed.add_step("old-resumed", {"name": "retried", "internal_name": "retried", "status": "PROCESSING"})
+    objects_before = {run_id: folder_objects(bucket, run_id) for run_id in ("old-live-chunked", "old-resumed")}
+    assert len(folder_objects(bucket, "old-fail-chunked")) == 5  # RunLog.json, 3 step logs, a branch log
+
+    dry = cli("prune", "--older-than", "4s", "--dry-run", env=cli_env)
+    assert dry.returncode == 0, dry.stderr
+    where = f"s3://{bucket['s3_bucket']}/runs/"
+    assert sorted(line.split(" (")[0] for line in dry.stdout.splitlines() if line.startswith("would delete")) == [
+        f"would delete {where}{name}" for name in ("old-fail-chunked/", "old-fail.json", "old-ok.json")]
+    assert dry.stdout.splitlines()[-1].startswith("would prune 3 runs (7 objects) last written before ")
+    assert dry.stdout.rstrip().endswith("nothing deleted (--dry-run)")
+    assert len(listed_ids(cli("ls", "--json", env=cli_env))) == 9
+
+    only_success = cli("prune", "--older-than", "4s", "--status", "success", "--yes", env=cli_env)
+    assert only_success.returncode == 0, only_success.stderr
+    assert [line.split(", last written")[0] for line in only_success.stdout.splitlines()
+            if line.startswith("deleted")] == [f"deleted {where}old-ok.json (SUCCESS"]
+
+    pruned = cli("prune", "--older-than", "4s", "--yes", env=cli_env)
+    assert pruned.returncode == 0, pruned.stderr
+    lines = pruned.stdout.splitlines()
+    assert sorted(line.split(", last written")[0] for line in lines if line.startswith("deleted")) == [
+        f"deleted {where}old-fail-chunked/ (FAIL", f"deleted {where}old-fail.json (FAIL"]
+    assert ", 5 objects)" in next(line for line in lines if "old-fail-chunked" in line)
+    assert sorted(line for line in lines if line.startswith("kept")) == [
+        f"kept {where}old-created.json: still CREATED or PROCESSING (a pipeline may be writing it)",
+        f"kept {where}old-live-chunked/: still CREATED or PROCESSING (a pipeline may be writing it)"]
+    assert lines[-1].startswith("pruned 2 runs (6 objects) last written before ")
+    assert lines[-1].endswith("(older than 4s) with status SUCCESS,FAIL; kept 6: 3 written since the cutoff, "
+                              "1 with a status not in --status, 2 still CREATED or PROCESSING (a pipeline may be "
+                              "writing it)"), lines[-1]
+    assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == [
+        "new-fail", "new-ok-chunked", "old-created", "old-live-chunked", "old-resumed", "old-triggered"]
+    assert folder_objects(bucket, "old-fail-chunked") == []  # the whole run, never part of it
+    assert {run_id: folder_objects(bucket, run_id) for run_id in objects_before} == objects_before
+
+
+def test_prune_never_deletes_a_run_written_after_it_was_checked(bucket, capsys, monkeypatch):
+    # A pipeline resumes an old run between prune's check and its delete: the delete, If-Match the
+    # version checked, is refused, and the run is kept whole.
+    for layout in ("s3", "chunked-s3"):
+        put_life_run(bucket, layout, f"resumed-{layout}", "FAIL")
+    time.sleep(2.2)
+    pipeline = {layout: runlog_s3.open_run_logs(bucket, layout) for layout in ("s3", "chunked-s3")}
+
+    def before(request):
+        if request.method == "DELETE" and request.headers.get("If-Match"):
+            layout = "chunked-s3" if "/RunLog.json" in request.url else "s3"
+            pipeline[layout].set_status(f"resumed-{layout}", "PROCESSING")
+
+    config = Config.from_dict(bucket)
+    runs = runlog_s3.BucketRuns(S3Client(config, transport=HookedTransport(config, before)))
+    args = argparse_namespace(older_than="1s", status="SUCCESS,FAIL", dry_run=False, yes=True)
+    assert runlog_s3._cmd_prune(runs, args) == 0
+    printed = capsys.readouterr().out
+    assert "deleted" not in printed.replace("pruned 0 runs", ""), printed
+    where = f"s3://{bucket['s3_bucket']}/runs/"
+    assert f"kept {where}resumed-s3.json: written since they were checked" in printed
+    assert f"kept {where}resumed-chunked-s3/: written since they were checked" in printed
+    for layout in ("s3", "chunked-s3"):
+        assert pipeline[layout].read(f"resumed-{layout}") == dict(life_run(f"resumed-{layout}", "FAIL"),
+                                                                   status="PROCESSING")
+
+
+def argparse_namespace(**values):
+    import argparse
+
+    return argparse.Namespace(**values)
+
+
+def other_server_bucket(request, bucket):
+    """A new bucket on the other test server than `bucket`'s."""
+    moto = request.getfixturevalue("s3_server")
+    other = request.getfixturevalue("seaweedfs") if bucket["endpoint_url"] == moto.endpoint_url else moto
+    return new_bucket(other.endpoint_url)
+
+
+def env_of(config):
+    return {"RUNLOG_S3_BUCKET": config["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": config["endpoint_url"],
+            "RUNLOG_S3_PREFIX": config["prefix"]}
+
+
+def log_order(document):
+    """Every step's and branch's internal name, in document order. (The fields of one log may come in another
+    order: chunked-s3 stores a log's children apart and shows them last.)"""
+    return [log["internal_name"] for _depth, _kind, log in runlog_s3.iter_steps(document)]
+
+
+@pytest.mark.parametrize("source_layout, target_layout", [("s3", "chunked-s3"), ("chunked-s3", "s3"),
+                                                          ("s3", "s3"), ("chunked-s3", "chunked-s3")])
+def test_export_import_round_trip_between_layouts_and_servers_reproduces_each_run_log(
+        bucket, request, tmp_path, source_layout, target_layout):
+    target = other_server_bucket(request, bucket)
+    put_life_run(bucket, source_layout, "nightly-1", "FAIL", writer="magnus 0.4.16")
+    put_life_run(bucket, source_layout, "nightly-2", "SUCCESS", writer="runnable 0.50.0")
+    put_life_run(bucket, source_layout, "untagged", "SUCCESS")  # a run without a written-by tag stays without
+    run_ids = ["nightly-1", "nightly-2", "untagged"]
+    exported = cli("export", *run_ids, "-o", str(tmp_path / "runs.json"), env=env_of(bucket))
+    assert exported.returncode == 0 and exported.stdout.startswith("exported 3 runs ("), exported.stderr
+    archive = json.loads((tmp_path / "runs.json").read_text())
+    assert {key: archive[key] for key in ("format", "version")} == {"format": "runlog-s3-export", "version": 1}
+    assert [(run["run_id"], run["layout"], run["written_by"]) for run in archive["runs"]] == [
+        ("nightly-1", source_layout, "magnus 0.4.16"), ("nightly-2", source_layout, "runnable 0.50.0"),
+        ("untagged", source_layout, "")]
+    imported = cli("import", str(tmp_path / "runs.json"), "--layout", target_layout, env=env_of(target))
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.splitlines()[-1].startswith("imported 3 of 3 runs from ")
+    for run_id in run_ids:
+        before = cli("get", run_id, env=env_of(bucket)).stdout
+        after = cli("get", run_id, env=env_of(target)).stdout
+        assert json.loads(after) == json.loads(before) == life_run(run_id, json.loads(before)["status"])
+        assert log_order(json.loads(after)) == log_order(json.loads(before))
+    listed = json.loads(cli("ls", "--json", env=env_of(target)).stdout)
+    assert [(row["run_id"], row["layout"]) for row in listed] == [(run_id, target_layout) for run_id in run_ids]
+    stored = runlog_s3.open_run_logs(target, target_layout)
+    tags = []
+    for run_id in run_ids:
+        stored.read(run_id)
+        tags.append(stored.writer_tag(run_id))
+    assert tags == ["magnus 0.4.16", "runnable 0.50.0", ""]
+
+
+def test_export_to_stdout_and_import_from_stdin_in_a_pipe(bucket, cli_env):
+    put_life_run(bucket, "chunked-s3", "piped-1", "FAIL")
+    put_life_run(bucket, "s3", "piped-2", "SUCCESS")
+    moved = {**cli_env, "RUNLOG_S3_PREFIX": "archive"}
+    command = (f"{shlex_quote(sys.executable)} -m runlog_s3 export piped-1 piped-2 -o - | "
+               f"RUNLOG_S3_PREFIX=archive {shlex_quote(sys.executable)} -m runlog_s3 import -")
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env={**os.environ, **cli_env},
+                            cwd=HERE, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("exported 2 runs (") and result.stderr.endswith(" to stdout\n")  # stdout: the archive
+    assert result.stdout.splitlines()[-1] == f"imported 2 of 2 runs from stdin into s3://{bucket['s3_bucket']}/archive/"
+    for run_id in ("piped-1", "piped-2"):
+        assert json.loads(cli("get", run_id, env=moved).stdout) == json.loads(cli("get", run_id, env=cli_env).stdout)
+
+
+def shlex_quote(text):
+    import shlex
+
+    return shlex.quote(text)
+
+
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_import_never_writes_over_an_existing_run_and_force_replaces_it(bucket, cli_env, tmp_path, layout):
+    put_life_run(bucket, layout, "kept", "FAIL")
+    put_life_run(bucket, layout, "fresh", "SUCCESS")
+    assert cli("export", "kept", "fresh", "-o", str(tmp_path / "runs.json"), env=cli_env).returncode == 0
+    assert cli("rm", "fresh", "--yes", env=cli_env).returncode == 0
+    changed = dict(life_run("kept", "SUCCESS"), tag="fixed by hand")  # the stored run changed since the export
+    runlog_s3.open_run_logs(bucket, layout).replace(changed)
+    result = cli("import", str(tmp_path / "runs.json"), env=cli_env)
+    assert result.returncode == 1, result.stderr
+    where = runlog_s3.open_run_logs(bucket, layout).where("kept")
+    assert result.stdout.splitlines()[0] == f"not imported kept: it exists at {where} (import --force replaces it)"
+    assert result.stdout.splitlines()[-1].endswith("; 1 exist already (import --force replaces them)")
+    assert json.loads(cli("get", "kept", env=cli_env).stdout) == changed
+    assert json.loads(cli("get", "fresh", env=cli_env).stdout) == life_run("fresh", "SUCCESS")
+    forced = cli("import", str(tmp_path / "runs.json"), "--force", env=cli_env)
+    assert forced.returncode == 0, forced.stderr
+    assert f"replaced kept: {where} (layout {layout})" in forced.stdout
+    assert json.loads(cli("get", "kept", env=cli_env).stdout) == life_run("kept", "FAIL")
+    other = "chunked-s3" if layout == "s3" else "s3"
+    refused = cli("import", str(tmp_path / "runs.json"), "--force", "--layout", other, env=cli_env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"run 'kept' is stored in layout {layout}, not {other}; not replaced" in refused.stderr
+
+
+def test_import_creates_with_if_none_match_even_when_a_run_appears_after_its_check(bucket, monkeypatch):
+    # A pipeline creates the run between import's look-up and its write: If-None-Match refuses the write.
+    for layout in ("s3", "chunked-s3"):
+        put_life_run(bucket, layout, f"raced-{layout}", "PROCESSING")
+        runs = runlog_s3.BucketRuns(S3Client(Config.from_dict(bucket)))
+        monkeypatch.setattr(runs.plain, "exists", lambda run_id: False)
+        monkeypatch.setattr(runs.chunked, "exists", lambda run_id: False)
+        entry = {"run_id": f"raced-{layout}", "layout": layout, "written_by": "",
+                 "run_log": life_run(f"raced-{layout}", "FAIL")}
+        with pytest.raises(runlog_s3.RunLogExistsError, match=f"not imported raced-{layout}: it exists at "):
+            runlog_s3.import_run(runs, entry, runlog_s3.open_run_logs(bucket, layout), False, False)
+        assert runlog_s3.open_run_logs(bucket, layout).read(f"raced-{layout}")["status"] == "PROCESSING"
+
+
+def _archive(*runs, **fields):
+    return json.dumps({"format": "runlog-s3-export", "version": 1, "runs": list(runs), **fields})
+
+
+def _entry(run_id, **changes):
+    return {"run_id": run_id, "layout": "s3", "written_by": "", "run_log": life_run(run_id), **changes}
+
+
+_GOOD = _archive(_entry("good-1"), _entry("good-2", layout="chunked-s3"))
+
+
+@pytest.mark.parametrize("archive, named", [
+    (_GOOD[:len(_GOOD) // 2], "is not a runlog-s3 export: not valid JSON, truncated or another format"),
+    ("", "is not a runlog-s3 export: not valid JSON, truncated or another format (it is empty)"),
+    ("\x1f\x8b\x08\x00 not json", "is not a runlog-s3 export: not valid JSON"),
+    (json.dumps(life_run("a-run-log")), 'no "format": "runlog-s3-export" (it looks like one run log: put RUN_ID FILE'),
+    (json.dumps({"format": "tar"}), 'is not a runlog-s3 export: no "format": "runlog-s3-export"; nothing written'),
+    (_archive(_entry("r"), version=2), "is a runlog-s3 export of version 2; this runlog-s3 (0.1.0) reads version 1"),
+    (json.dumps({"format": "runlog-s3-export", "version": 1}), "it has no list of runs"),
+    (_archive(_entry("good-1"), {"run_id": "r2", "layout": "s3"}), "has a run (2) without run_id, layout, "
+                                                                   "written_by and run_log"),
+    (_archive(_entry("good-1"), _entry("bad", run_log=dict(life_run("bad"), status="DONE"))),
+     "run 2: status 'DONE' is not one of magnus's"),
+    (_archive(_entry("good-1"), _entry("bad", run_log=life_run("other"))), "holds run log 'other' as run 'bad'"),
+    (_archive(_entry("good-1"), _entry("good-1")), "holds run 'good-1' twice"),
+    (_archive(_entry("good-1"), _entry("tagged", written_by="magnus\r\nx-amz-acl: public-read")),
+     "written by 'magnus\\r\\nx-amz-acl: public-read': a tag is printable ASCII"),
+    (_archive(_entry("good-1"), _entry("bad", layout="tarball")), "in layout 'tarball', not one of s3, chunked-s3"),
+    (_archive(_entry("good-1"), _entry("bad/id")), "run id 'bad/id' must not contain '/'"),
+    (_archive(_entry("good-1"), _entry("big", run_log=dict(life_run("big"), parameters={"x": "y" * (33 << 20)}))),
+     "over the 32 MiB limit of a run log; nothing written"),
+])
+def test_import_refuses_a_bad_archive_in_one_line_and_writes_nothing(bucket, cli_env, tmp_path, archive, named):
+    (tmp_path / "archive.json").write_text(archive)
+    result = cli("import", str(tmp_path / "archive.json"), env=cli_env)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr and "; nothing written" in result.stderr, result.stderr
+    assert listed_ids(cli("ls", "--json", env=cli_env)) == []
+
+
+# Re-run: runnable's retry and magnus 0.5's --use-cached, through these stores
+
+_RUNNABLE_FLAKY_PIPELINE = '''
+import os
+from runnable import Pipeline, PythonTask, ShellTask
+
+
+def flaky():
+    # Fails on its first try, passes on the next: the flag file says it was tried.
+    if not os.path.exists("tried.flag"):
+        open("tried.flag", "w").close()
+        raise RuntimeError("the first try fails")
+
+
+def main():
+    pipeline = Pipeline(steps=[ShellTask(name="first", command="echo first"), PythonTask(name="flaky", function=flaky),
+                               ShellTask(name="last", command="echo last", terminate_with_success=True)])
+    pipeline.execute(configuration_file="runnable-config.yaml")
+    return pipeline
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def step_attempts(document):
+    """{step: [attempt statuses]} of a run's top-level steps."""
+    return {name: [attempt["status"] for attempt in step["attempts"]] for name, step in document["steps"].items()}
+
+
+def run_flaky_runnable_pipeline(python, environ, work, store):
+    """The pipeline once (its step `flaky` fails), then `runnable retry`; returns both processes."""
+    work.mkdir()
+    (work / "pipeline.py").write_text(_RUNNABLE_FLAKY_PIPELINE)
+    (work / "runnable-config.yaml").write_text(json.dumps({"pipeline-executor": {"type": "local"},
+                                                           "run-log-store": store, "catalog": {"type": "do-nothing"}}))
+    first = subprocess.run([python, "pipeline.py"], cwd=work, env={**environ, "RUNNABLE_RUN_ID": "flaky-run"},
+                           capture_output=True, text=True, timeout=300)
+    retried = subprocess.run([str(Path(python).parent / "runnable"), "retry", "flaky-run", "--config",
+                              "runnable-config.yaml"], cwd=work, env=environ, capture_output=True, text=True, timeout=300)
+    return first, retried
+
+
+# What runnable's own file-system store holds after the retry (test below): the step that passed first is
+# skipped, the failed one gains an attempt, the fail node's log of the first run stays.
+RUNNABLE_RETRIED = {"first": ["SUCCESS"], "flaky": ["FAIL", "SUCCESS"], "fail": ["SUCCESS"], "last": ["SUCCESS"],
+                    "success": ["SUCCESS"]}
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_runnable_retry_reruns_only_what_failed_in_the_same_run(framework_bin, bucket, cli_env, tmp_path, store_type):
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    run_logs = runlog_s3.open_run_logs(bucket, store_type)
+    first, retried = run_flaky_runnable_pipeline(python, environ, tmp_path / "work",
+                                                 {"type": store_type, "config": bucket})
+    assert first.returncode != 0 and "Pipeline execution failed" in first.stdout + first.stderr
+    # runnable retry exits 0 whether or not the retry passed (it logs the error): the run log says.
+    assert "Pipeline executed successfully" in retried.stdout + retried.stderr, (retried.stdout + retried.stderr)[-3000:]
+    document = run_logs.read("flaky-run")
+    assert document["status"] == "SUCCESS" and step_attempts(document) == RUNNABLE_RETRIED
+    assert run_logs.written_by("flaky-run", document) == "runnable 0.50.0"
+    assert document["run_config"]["pipeline_definition_file"] == "pipeline.main"  # what retry runs again
+    assert listed_ids(cli("ls", "--json", env=cli_env)) == ["flaky-run"]  # the same run id, no other run
+
+
+def test_runnable_retry_with_its_own_file_system_store_records_the_same(framework_bin, tmp_path):
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    first, retried = run_flaky_runnable_pipeline(python, environ, tmp_path / "work", {"type": "file-system"})
+    assert first.returncode != 0 and "Pipeline executed successfully" in retried.stdout + retried.stderr
+    document = json.loads((tmp_path / "work" / ".run_log_store" / "flaky-run.json").read_text())
+    assert document["status"] == "SUCCESS" and step_attempts(document) == RUNNABLE_RETRIED
+
+
+_MAGNUS_FLAKY_PIPELINE = {"dag": {"start_at": "first", "steps": {
+    "first": {"type": "task", "command_type": "shell", "command": "echo first", "next": "flaky"},
+    "flaky": {"type": "task", "command_type": "shell", "next": "last",
+              "command": "if [ -f tried.flag ]; then echo passed; else touch tried.flag; exit 1; fi"},
+    "last": {"type": "task", "command_type": "shell", "command": "echo last", "next": "success"},
+    "success": {"type": "success"}, "fail": {"type": "fail"}}}}
+
+
+def run_flaky_magnus_pipeline(python, environ, work, store):
+    """magnus 0.5.1: the pipeline as run `first-try` (its step `flaky` fails), then `second-try` with
+    --use-cached first-try (magnus's re-run: a new run that skips what succeeded); returns both processes."""
+    work.mkdir()
+    (work / "pipeline.yaml").write_text(json.dumps(_MAGNUS_FLAKY_PIPELINE))
+    (work / "config.yaml").write_text(json.dumps({"executor": {"type": "local"}, "run_log_store": store,
+                                                  "catalog": {"type": "do-nothing"}}))
+    command = [str(Path(python).parent / "magnus"), "execute", "--file", "pipeline.yaml", "--config-file",
+               "config.yaml", "--log-level", "ERROR"]
+    first = subprocess.run(command + ["--run-id", "first-try"], cwd=work, env=environ, capture_output=True, text=True,
+                           timeout=300)
+    again = subprocess.run(command + ["--run-id", "second-try", "--use-cached", "first-try"], cwd=work, env=environ,
+                           capture_output=True, text=True, timeout=300)
+    return first, again
+
+
+@pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
+def test_magnus_05_use_cached_reruns_only_what_failed(framework_bin, bucket, cli_env, tmp_path, store_type):
+    python, environ = _framework_python(framework_bin, "magnus-0.5", tmp_path)
+    first, again = run_flaky_magnus_pipeline(python, environ, tmp_path / "work", {"type": store_type, "config": bucket})
+    assert first.returncode == 1 and again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    run_logs = runlog_s3.open_run_logs(bucket, store_type)
+    failed, passed = run_logs.read("first-try"), run_logs.read("second-try")
+    assert failed["status"] == "FAIL" and step_attempts(failed) == {"first": ["SUCCESS"], "flaky": ["FAIL"],
+                                                                    "fail": ["SUCCESS"]}
+    assert (passed["status"], passed["use_cached"], passed["original_run_id"]) == ("SUCCESS", True, "first-try")
+    # `first` succeeded in first-try: skipped (its log, no attempt); `flaky` ran again and passed.
+    assert step_attempts(passed) == {"first": [], "flaky": ["SUCCESS"], "last": ["SUCCESS"], "success": ["SUCCESS"]}
+    assert passed["steps"]["first"]["status"] == "SUCCESS"
+
+
+@pytest.mark.parametrize("store_type, error", [("file-system", "KeyError: 'last'"),
+                                               ("chunked-fs", "EntityNotFoundError")])
+def test_magnus_05_use_cached_fails_with_magnus_own_stores(framework_bin, tmp_path, store_type, error):
+    # magnus 0.5.1 looks each step up in the previous run and expects StepLogNotFoundError for one that
+    # never ran (`last`, after the failure); its own stores raise KeyError or EntityNotFoundError instead,
+    # and the re-run stops there, its run left PROCESSING. These stores raise what magnus expects.
+    python, environ = _framework_python(framework_bin, "magnus-0.5", tmp_path)
+    first, again = run_flaky_magnus_pipeline(python, environ, tmp_path / "work", {"type": store_type})
+    assert first.returncode == 1 and again.returncode == 1
+    assert error in again.stdout + again.stderr, (again.stdout + again.stderr)[-3000:]
