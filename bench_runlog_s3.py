@@ -35,6 +35,10 @@ Rows:
      moto (in a process of its own) and on SeaweedFS, next to runnable's chunked-fs store run
      sequentially on local disk and its own chunked-minio store on the same servers: wall time and
      lost logs (runs after the real-latency rows).
+ 10. Listing: `ls --limit 20` (the 20 newest runs) on a prefix of 10,000 runs, half of them chunked-s3
+     (2,000 with --quick), written straight into moto's backend with times spread over 100 days, next
+     to a raw LIST of the prefix delimited by "/" (what `aws s3 ls` sends) and to the way ls found the
+     newest runs before (a LIST of every chunked folder), on loopback and behind a 20 ms round trip.
 """
 
 from __future__ import annotations
@@ -170,6 +174,67 @@ class SeaweedFS:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
         self.process = None
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.process = None
+
+
+# MiniStack pins botocore (==), so it lives in a virtual environment of its own.
+MINISTACK_PACKAGE = "ministack==1.5.33"
+
+
+def make_ministack_venv(folder: Path, environ: Optional[Dict[str, str]] = None) -> Path:
+    """A virtual environment with MiniStack alone: returns its bin folder."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
+    installed = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", MINISTACK_PACKAGE],
+                               capture_output=True, text=True, timeout=900, env=environ)
+    if installed.returncode != 0:
+        raise RuntimeError(f"could not install {MINISTACK_PACKAGE}: {installed.stderr.strip()[-1500:]}")
+    return folder / "bin"
+
+
+class MiniStack:
+    """MiniStack (PyPI ministack, a local AWS emulator whose S3 is Python on one asyncio loop), S3 only,
+    in memory, in its own process group on a free loopback port. It checks no signature (AUTH off)."""
+
+    def __init__(self, bin_folder: Path, folder: Path):
+        self.bin_folder, self.folder = Path(bin_folder), Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_ports(1)[0]
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.process: Optional[subprocess.Popen] = None
+        printed = subprocess.run([str(self.bin_folder / "python"), "-m", "pip", "show", "ministack"],
+                                 capture_output=True, text=True).stdout
+        self.version = next((line.split(":", 1)[1].strip() for line in printed.splitlines()
+                             if line.startswith("Version:")), "unknown")
+
+    def start(self, timeout: float = 60) -> MiniStack:
+        environ = {**os.environ, "GATEWAY_PORT": str(self.port), "BIND_HOST": "127.0.0.1", "SERVICES": "s3",
+                   "LOG_LEVEL": "WARNING", "TMPDIR": str(self.folder), "S3_DATA_DIR": str(self.folder / "s3")}
+        with open(self.folder / "ministack.log", "ab") as log:
+            self.process = subprocess.Popen([str(self.bin_folder / "ministack")], stdout=log, stderr=subprocess.STDOUT,
+                                            env=environ, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ministack exited with {self.process.returncode}: "
+                                   f"{(self.folder / 'ministack.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.endpoint_url + "/", timeout=1):
+                    return self
+            except urllib.error.HTTPError:
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"ministack did not answer on {self.endpoint_url} within {timeout} s")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -1046,6 +1111,90 @@ def bench_timeline(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
                 "< 1 s", html_seconds < 1.0)]
 
 
+# Listing ##########################################################################################
+
+
+def write_runs_into_moto(bucket: str, objects: List[Tuple[str, bytes, float]]) -> None:
+    """Objects (key, body, last modified) written straight into the backend of the moto server running in
+    this process: S3 takes no LastModified over its API, and 10,000 runs over HTTP take a minute."""
+    import datetime
+
+    from moto.s3.models import s3_backends
+
+    partition, account = s3_backends.bucket_accounts[bucket]
+    backend = s3_backends[account][partition]
+    for key, body, modified in objects:
+        stored = backend.put_object(bucket, key, body)
+        stored.last_modified = datetime.datetime.fromtimestamp(modified, datetime.timezone.utc).replace(tzinfo=None)
+
+
+def many_runs(bucket: str, count: int, prefix: str = "runs") -> None:
+    """`count` runs over 100 days, the newest first: even ones in the s3 layout, odd ones chunked-s3 (RunLog.json
+    and a step log); one in seven FAIL."""
+    now, every, objects = time.time(), 100 * 86400 / count, []
+    for i in range(count):
+        run_id, modified = f"run-{i:05d}", now - (i + 0.5) * every
+        run = json.dumps({"run_id": run_id, "status": "FAIL" if i % 7 == 3 else "SUCCESS", "steps": {}}).encode()
+        if i % 2 == 0:
+            objects.append((f"{prefix}/{run_id}.json", run, modified))
+        else:
+            objects.append((f"{prefix}/{run_id}/RunLog.json", run, modified))
+            objects.append((f"{prefix}/{run_id}/StepLog-one.json", b'{"internal_name":"one","status":"SUCCESS"}',
+                            modified))
+    write_runs_into_moto(bucket, objects)
+
+
+def bench_listing(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
+    count, repeat = (2000, 1) if quick else (10_000, 3)
+    bucket = make_bucket(server, "bench-listing")
+    many_runs(bucket, count)
+    rows = []
+
+    def newest(endpoint_url: str) -> None:  # ls --limit 20
+        client = runlog_s3.S3Client(runlog_s3.Config.from_dict({"s3_bucket": bucket, "endpoint_url": endpoint_url,
+                                                                "prefix": "runs"}))
+        found = runlog_s3.find_runs(runlog_s3.BucketRuns(client), limit=20)
+        if [run.run_id for run, _state in found] != [f"run-{i:05d}" for i in range(20)]:
+            raise RuntimeError(f"ls --limit 20 found {[run.run_id for run, _state in found]}")
+
+    def raw(endpoint_url: str) -> int:
+        client = runlog_s3.S3Client(runlog_s3.Config.from_dict({"s3_bucket": bucket, "endpoint_url": endpoint_url}))
+        return sum(1 for _info in client.list_objects("runs/", delimiter="/"))
+
+    sent: Counter = Counter()
+
+    class Counted(RoundTripDelay):
+        def send(self, request: Any) -> runlog_s3.HttpReply:
+            sent["LIST" if "list-type=" in request.url else request.method] += 1
+            return super().send(request)
+
+    def before(endpoint_url: str) -> None:  # ls --limit 20 until now: every chunked folder listed for its time
+        config = runlog_s3.Config.from_dict({"s3_bucket": bucket, "endpoint_url": endpoint_url, "prefix": "runs"})
+        runs = runlog_s3.BucketRuns(runlog_s3.S3Client(config, transport=Counted(config, 0.0)))
+        listed = runs.list()[-20:]
+        runlog_s3.ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
+
+    # On loopback straight to the server; behind the proxy with a 20 ms round trip, which also counts the
+    # requests by verb. The way before, once, on loopback only: thousands of LISTs.
+    ours, floor = median_seconds(lambda: newest(server.endpoint_url), repeat), median_seconds(
+        lambda: raw(server.endpoint_url), repeat)
+    old = median_seconds(lambda: before(server.endpoint_url), 1)
+    with LatencyProxy(server.endpoint_url, 0.020) as proxy:
+        far = median_seconds(lambda: newest(proxy.endpoint_url), repeat)
+        counts = {verb: number // repeat for verb, number in proxy.counts.items()}
+        proxy.reset()
+        far_floor = median_seconds(lambda: raw(proxy.endpoint_url), repeat)
+        floor_pages = proxy.counts["LIST"] // repeat
+    requests = ", ".join(f"{counts[verb]} {verb}" for verb in ("LIST", "GET") if counts.get(verb))
+    for label, seconds, floor_seconds in (("loopback", ours, floor), ("20 ms round trip", far, far_floor)):
+        rows.append(Row(f"ls --limit 20 of {count} runs (half chunked-s3), {label}: ls / raw LIST by '/' (aws s3 ls)",
+                        f"{seconds:.2f} s ({requests}) / {floor_seconds:.2f} s ({floor_pages} LIST) = "
+                        f"{seconds / floor_seconds:.2f}x", "<= 3x", seconds <= 3 * floor_seconds))
+    rows.append(Row(f"ls --limit 20 of {count} runs, loopback: before (a LIST per chunked folder)",
+                    f"{old:.2f} s ({sent['LIST']} LIST, {sent['GET']} GET) = {old / ours:.0f}x this ls"))
+    return rows
+
+
 # Table ############################################################################################
 
 
@@ -1067,7 +1216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Row] = []
     with runlog_s3.LocalS3Server() as server:
         for section in (bench_pipeline, bench_real_latency, bench_runnable, bench_uncontended, bench_contention,
-                        bench_document_size, bench_chunked, bench_cold_start, bench_timeline):
+                        bench_document_size, bench_chunked, bench_cold_start, bench_timeline, bench_listing):
             rows.extend(section(server, args.quick))
             print(f"{section.__name__} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(f"runlog_s3 {runlog_s3.__version__} benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "

@@ -27,6 +27,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import (
@@ -42,6 +43,7 @@ from typing import (
     Optional,
     Tuple,
     Type,
+    Union,
     cast,
 )
 
@@ -70,12 +72,30 @@ except ValueError:
 
 
 class RunlogS3Error(Exception):
-    """Base of every error this module raises; the message is one line that says what to do."""
+    """Base of every error this module raises; the message is one line that says what to do.
+
+    .may_have_landed: the operation that failed may have written something all the same (a reply lost,
+    a 5xx, a timeout after a PUT was sent, or a first write of several that did land): its outcome is
+    unknown, never "nothing written".
+    """
+
+    may_have_landed = False
 
     def __init__(self, message: str):
         # Not super(): when combined with magnus's exceptions, theirs would replace the message.
         Exception.__init__(self, message)
         self.message = message  # magnus's own exceptions carry .message; keep the same attribute
+
+    def say_may_have_landed(self) -> None:
+        """Mark this error as one after which a write may have landed, and say so in its message."""
+        if self.may_have_landed:
+            return
+        self.may_have_landed = True
+        if "; nothing written" in self.message:
+            self.message = self.message.replace("; nothing written", "; what it wrote before may have landed")
+        elif "may have been written" not in self.message:
+            self.message += "; what it wrote before this failure may have landed"
+        self.args = (self.message,)
 
 
 class ConfigError(RunlogS3Error, ValueError):
@@ -148,7 +168,13 @@ class RunLogExistsError(RunlogS3Error):
 
 
 class LogNotFoundError(RunlogS3Error, LookupError):
-    """A step or branch named by its internal name is not in the run log."""
+    """A step or branch named by its internal name is not in the run log; .kind says which is missing."""
+
+    kind = "step"
+
+    def __init__(self, message: str, kind: str = "step"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class ConflictError(RunlogS3Error):
@@ -311,6 +337,17 @@ def resolve_endpoint_url(config: Config, environ: Mapping[str, str], service: st
 
 _stripped_noted: set = set()  # (field, source) pairs whose white space was removed and logged
 
+# The clock correction of this process, in seconds (server time minus ours): learnt from a reply's Date
+# header when a server refuses a request as skewed, kept for every later request (S3 client section).
+_clock_offset = {"seconds": 0.0}
+MAX_CLOCK_CORRECTION = 24 * 3600.0  # a server Date further off than this is not a clock to sign with
+
+
+def wall_clock() -> float:
+    """The time requests are signed with, and assumed-role expiry is judged on: this machine's clock plus
+    the learnt correction."""
+    return time.time() + _clock_offset["seconds"]
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -352,20 +389,34 @@ def mask_access_key(access_key: str) -> str:
     return "..." + access_key[-4:] if len(access_key) > 4 else "***"
 
 
+_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def variable_label(name: str, key: str) -> str:
+    """An environment variable's name for a message, unless it does not look like one: a secret put into
+    a *_name key by mistake is never echoed."""
+    mixed = any(c.islower() for c in name) and any(c.isupper() for c in name) and any(c.isdigit() for c in name)
+    if _VARIABLE_NAME.match(name) and not (mixed and len(name) >= 16):
+        return name
+    return f"(the one {key} names: not shown, as it does not look like a variable name; is it a secret?)"
+
+
 def read_env_credentials(config: Config, environ: Mapping[str, str]) -> Credentials:
     """use_credentials: true -> the environment variables *named by* the three *_name keys."""
+    keys = ("aws_access_key_name", "aws_secret_access_key_name")
     names = (config.aws_access_key_name, config.aws_secret_access_key_name)
-    for name in names:
+    labels = [variable_label(name, key) for name, key in zip(names, keys)]
+    for name, key, label in zip(names, keys, labels):
         if not environ.get(name):
             raise CredentialsError(
-                f"use_credentials is true but environment variable {name} is not set; set it, or name "
-                f"another variable with aws_access_key_name / aws_secret_access_key_name"
+                f"use_credentials is true but environment variable {label} is not set; set it, or put the name "
+                f"of the variable that holds it in {key}"
             )
     return Credentials(
         access_key=environ[names[0]],
         secret_key=environ[names[1]],
         token=environ.get(config.aws_session_key_name, ""),
-        source=f"environment variables {names[0]}, {names[1]}",
+        source=f"environment variables {labels[0]}, {labels[1]}",
     )
 
 
@@ -430,14 +481,17 @@ class CredentialProvider:
         config: Config,
         *,
         environ: Optional[Mapping[str, str]] = None,
-        clock: Callable[[], float] = time.time,
+        clock: Optional[Callable[[], float]] = None,
         transport: Optional[Transport] = None,
     ):
         self._config = config
         self._environ = os.environ if environ is None else environ
-        self._clock = clock
+        # STS's Expiration is the server's time: judged on the corrected clock, a clock that runs ahead
+        # does not assume the role again before every request.
+        self._clock = clock or wall_clock
         self._transport = transport
         self._base: Optional[Callable[[], Credentials]] = None
+        self._last_base: Optional[Credentials] = None
         self._assumed: Optional[Credentials] = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -450,7 +504,8 @@ class CredentialProvider:
         """Where credentials come from, for messages: never the credentials themselves."""
         config = self._config
         if config.use_credentials:
-            base = f"environment variables {config.aws_access_key_name}, {config.aws_secret_access_key_name}"
+            base = (f"environment variables {variable_label(config.aws_access_key_name, 'aws_access_key_name')}, "
+                    f"{variable_label(config.aws_secret_access_key_name, 'aws_secret_access_key_name')}")
         elif config.aws_profile:
             base = f"profile {config.aws_profile!r} in {config.aws_credentials_file}"
         else:
@@ -466,6 +521,14 @@ class CredentialProvider:
             if self._assumed is None or self._expires_soon(self._assumed):
                 self._assumed = assume_role(base, self._config, self._sts_transport(), self._environ)
             return self._assumed
+
+    def secrets(self) -> List[str]:
+        """The secret keys and tokens this provider hands out (read on first use, as a request would): what
+        must never be stored."""
+        self.get()
+        held = [self._last_base, self._assumed]
+        return [value for credentials in held if credentials is not None
+                for value in (credentials.secret_key, credentials.token) if value]
 
     def refresh(self) -> Credentials:
         """Forget cached credentials (after an ExpiredToken reply) and read or assume them anew."""
@@ -497,7 +560,8 @@ class CredentialProvider:
                 self._base = lambda: credentials
             else:
                 self._base = _BotocoreChain(self._config).get
-        return self._base()
+        self._last_base = self._base()
+        return self._last_base
 
     def _chain_starts_with_environment(self) -> bool:
         # With a profile named (in config or AWS_PROFILE), botocore skips environment credentials.
@@ -566,7 +630,7 @@ def _sts_request(
                 raise S3Error(f"STS {action} at {url} failed: its reply is not complete XML",
                               operation=action) from None
         error = _error_from_reply(reply, operation=f"STS {action}", bucket="", key="")
-        if _is_clock_skew(error):
+        if _is_clock_skew(error, reply):
             if not skew_corrected and not last and _correct_clock(reply):
                 skew_corrected = True
                 continue
@@ -707,11 +771,13 @@ def classify_transport_error(exc: BaseException) -> TransportFailure:
             return TransportFailure(False, "its TLS certificate is not trusted",
                                     "set ca_bundle in run_log_store.config (or AWS_CA_BUNDLE) to the CA that signed it",
                                     may_have_arrived=False, code="SSLError")
-        return TransportFailure(True, "the TLS handshake was cut short", "check the endpoint and any proxy in between",
-                                may_have_arrived=False)
+        # Handshake or record layer: an SSL error can also come while the reply is read, after the request
+        # was applied, so it may have arrived.
+        return TransportFailure(True, "the TLS connection failed", "check the endpoint and any proxy in between")
     if isinstance(exc, errors.ProxyConnectionError):
-        return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy",
-                                may_have_arrived=False)
+        # urllib3 1.26 (botocore's on Python < 3.10) calls any socket error through a proxy a proxy error,
+        # a reset while the reply is read included: the request may have arrived.
+        return TransportFailure(True, "the proxy failed", "check HTTPS_PROXY / NO_PROXY and the proxy")
     if isinstance(exc, errors.ConnectTimeoutError):
         return TransportFailure(True, "the connection timed out",
                                 "check the endpoint and the network, or connect_timeout",
@@ -840,16 +906,6 @@ class _SignerCredentials:
         return self
 
 
-# The clock correction of this process, in seconds (server time minus ours): learnt from a reply's Date
-# header when a server refuses a request as skewed, kept for every later request.
-_clock_offset = {"seconds": 0.0}
-
-
-def wall_clock() -> float:
-    """The time requests are signed with: this machine's clock plus the learnt correction."""
-    return time.time() + _clock_offset["seconds"]
-
-
 _signer_classes: Dict[str, type] = {}
 
 
@@ -939,10 +995,17 @@ _ACCESS_HINTS = {
 }
 
 
+_POLICY_HINT = ("the bucket policy may require conditional writes (s3:if-none-match / s3:if-match), and this {method} "
+                "carried no If-None-Match or If-Match")
+
+
 def _error_from_reply(
-    reply: HttpReply, *, operation: str, bucket: str, key: str, region: str = "", method: str = ""
+    reply: HttpReply, *, operation: str, bucket: str, key: str, region: str = "", method: str = "",
+    unconditional_write: bool = False,
 ) -> S3Error:
-    """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message."""
+    """Turn a non-2xx reply into the S3Error subclass a caller can catch, with a one-line message.
+    unconditional_write: the request was a PUT or DELETE of an object without If-Match or If-None-Match,
+    which a bucket policy requiring conditional writes refuses with AccessDenied."""
     fields_ = _xml_fields(reply.body)
     code = fields_.get("Code") or _STATUS_CODES.get(reply.status, "")
     detail = fields_.get("Message", "")
@@ -986,9 +1049,16 @@ def _error_from_reply(
         # Some servers (SeaweedFS among them), and every HEAD (a reply without a body), answer a
         # signature made with a wrong secret with a bare 403 / AccessDenied: name both causes.
         hint = _ACCESS_HINTS.get(method or operation.split()[0], "the credentials need permission for this")
-        return S3Error(f"{base}; check the access key and secret (a wrong secret can look like this), or {hint}{tail}",
-                       **kwargs)
+        policy = _POLICY_HINT.format(method=method or operation) + "; " if (
+            unconditional_write and code == "AccessDenied") else ""
+        return S3Error(f"{base}; {policy}check the access key and secret (a wrong secret can look like this), or "
+                       f"{hint}{tail}", **kwargs)
     return S3Error(f"{base}{tail}", **kwargs)
+
+
+def _bare_etag(etag: str) -> str:
+    etag = etag.strip()
+    return (etag[2:] if etag.startswith("W/") else etag).strip('"')
 
 
 class S3Client:
@@ -1016,6 +1086,14 @@ class S3Client:
         self.on_retry: Optional[Callable[[str, int, float], None]] = None  # (message, attempt, delay): the CLI's notices
         self._base_url, self._path_prefix = self._addressing()
         self.transport = transport or BotocoreTransport(config, self._environ, self._base_url)
+        self._last_date = ("", 0.0)  # the Date header of the last reply and when it came (see server_now)
+        # PUTs and DELETEs that landed or may have (a reply lost, a 5xx): an operation that fails after
+        # this moved says its outcome is unknown (S3RunLogs._writing).
+        self.writes_landed = 0
+        self._count_lock = threading.Lock()
+        self._conditional_delete: Optional[ConditionalDelete] = None  # found out by the first conditional_delete()
+        self.said_unconditional_delete = False  # a store deleting without the condition has said so once
+        self._probe_lock_pid, self._probe_lock_held = os.getpid(), threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Client(bucket={self.bucket!r}, region={self.config.region!r}, endpoint={self._base_url!r})"
@@ -1051,19 +1129,28 @@ class S3Client:
         metadata: Optional[Mapping[str, str]] = None,
     ) -> str:
         """PUT, optionally only if the ETag matches or only if no object exists; returns the new ETag."""
+        headers = self.put_headers(if_match=if_match, if_none_match=if_none_match, metadata=metadata)
+        reply = self._request("PUT", key, headers=headers, body=body)
+        return reply.header("ETag")
+
+    def put_headers(
+        self, *, if_match: str = "", if_none_match: bool = False, metadata: Optional[Mapping[str, str]] = None
+    ) -> Dict[str, str]:
+        """The headers of a PUT of a run log object: content type, condition, metadata, encryption."""
         headers = {"Content-Type": "application/json"}
         for name, value in (metadata or {}).items():
             headers[_METADATA_HEADER + name] = value
         if if_match:
-            headers["If-Match"] = if_match
+            # Quoted and strong whatever form it came in (a LIST may give it unquoted, a proxy mark it weak):
+            # S3 compares If-Match strongly.
+            headers["If-Match"] = f'"{_bare_etag(if_match)}"'
         if if_none_match:
             headers["If-None-Match"] = "*"
         if self.config.server_side_encryption:
             headers["x-amz-server-side-encryption"] = self.config.server_side_encryption
         if self.config.sse_kms_key_id:
             headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.config.sse_kms_key_id
-        reply = self._request("PUT", key, headers=headers, body=body)
-        return reply.header("ETag")
+        return headers
 
     def head_object(self, key: str) -> ObjectInfo:
         """HEAD: size, ETag, last-modified and metadata without the body."""
@@ -1071,15 +1158,21 @@ class S3Client:
         size = int(reply.header("Content-Length") or 0)
         return ObjectInfo(key, size, reply.header("ETag"), reply.header("Last-Modified"), metadata=_metadata_of(reply))
 
-    def delete_object(self, key: str) -> None:
-        """DELETE (S3 answers 204 whether or not the key existed)."""
-        self._request("DELETE", key)
+    def delete_object(self, key: str, if_match: str = "") -> None:
+        """DELETE, only if the ETag still matches when if_match is given (PreconditionFailedError otherwise;
+        S3 answers 204 whether or not an unconditional DELETE's key existed; a server may ignore the
+        condition: conditional_delete())."""
+        self._request("DELETE", key, headers={"If-Match": f'"{_bare_etag(if_match)}"'} if if_match else None)
 
-    def list_objects(self, prefix: str = "", delimiter: str = "") -> Iterator[ObjectInfo]:
-        """ListObjectsV2 over every page; with a delimiter, common prefixes come as keys ending in it."""
+    def list_objects(self, prefix: str = "", delimiter: str = "", pages: Optional[List[int]] = None
+                     ) -> Iterator[ObjectInfo]:
+        """ListObjectsV2 over every page; with a delimiter, common prefixes come as keys ending in it. A list
+        given as `pages` gets a 1 appended per page (a listing of several pages is not one moment)."""
         token = ""
         seen_tokens = set()
         while True:
+            if pages is not None:
+                pages.append(1)
             query = {"list-type": "2", "prefix": prefix}
             if delimiter:
                 query["delimiter"] = delimiter
@@ -1122,6 +1215,17 @@ class S3Client:
         reply = self._request("HEAD", "", operation="HEAD bucket")
         return reply.header("x-amz-bucket-region")
 
+    def conditional_delete(self) -> ConditionalDelete:
+        """Whether this server honours If-Match on DELETE (AWS S3 does since 2025-09, some servers ignore
+        it): found out once per client, by a probe on a scratch key under the prefix, then remembered."""
+        if self._probe_lock_pid != os.getpid():  # a forked child must not wait for a lock its parent held
+            self._probe_lock_pid, self._probe_lock_held = os.getpid(), threading.Lock()
+        with self._probe_lock_held:
+            if self._conditional_delete is None:
+                self._conditional_delete = probe_conditional_delete(self, scratch_key(self.config.key_prefix, "probe"))
+                logger.debug("conditional DELETE on %s: %s", self._base_url, self._conditional_delete.detail)
+            return self._conditional_delete
+
     # The one place a request is built, signed, sent, retried and its errors parsed.
 
     def _request(
@@ -1141,6 +1245,7 @@ class S3Client:
             headers["x-amz-expected-bucket-owner"] = self.config.expected_bucket_owner
         where = f"s3://{self.bucket}/{key}"
         refreshed = skew_corrected = False
+        changes = method in ("PUT", "DELETE", "POST")
         may_have_landed = False  # an earlier attempt may have been applied with its reply lost
         attempt = 0
         while True:
@@ -1151,18 +1256,29 @@ class S3Client:
                 reply = self.transport.send(request)
             except _transport_errors() as exc:
                 failure = classify_transport_error(exc)
+                may_have_landed = may_have_landed or (changes and failure.may_have_arrived)
                 if not failure.retry or attempt >= self.config.max_attempts:
-                    raise self._transport_error(operation, key, failure, attempt, exc, credentials) from None
-                may_have_landed = may_have_landed or failure.may_have_arrived
+                    error = self._transport_error(operation, key, failure, attempt, exc, credentials, may_have_landed)
+                    if may_have_landed:
+                        self._count_landed()
+                    raise error from None
                 self._backoff(attempt, operation, key, failure.what)
                 continue
+            self._note_server_time(reply)
             if 200 <= reply.status < 300:
+                if changes:
+                    self._count_landed()
                 return reply
             error = _error_from_reply(
-                reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method
+                reply, operation=operation, bucket=self.bucket, key=key, region=self.config.region, method=method,
+                unconditional_write=_is_unconditional_write(method, key, headers),
             )
             if isinstance(error, PreconditionFailedError):
                 error.after_lost_reply = may_have_landed
+            # A 5xx can come after the server applied the request (S3 answers 500 or 503 with the write
+            # made): from here on, a 412 may be our own write, and a failure is "outcome unknown".
+            if changes and (error.status >= 500 or error.code in _RETRYABLE_CODES - {"ConditionalRequestConflict"}):
+                may_have_landed = True
             if error.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or error.status == 403:
                 # Which credentials were refused, never what they are beyond the masked key id.
                 error.message = error.args[0].replace(
@@ -1171,7 +1287,7 @@ class S3Client:
                     f"(access key {mask_access_key(credentials.access_key)})",
                 )
                 error.args = (error.message,)
-            if _is_clock_skew(error):
+            if _is_clock_skew(error, reply):
                 if not skew_corrected and _correct_clock(reply):
                     skew_corrected = True
                     continue
@@ -1185,25 +1301,50 @@ class S3Client:
                 if attempt < self.config.max_attempts:
                     self._backoff(attempt, operation, key, error.code or f"HTTP {error.status}")
                     continue
+                landed = "; it may have been written all the same" if may_have_landed else ""
                 error.args = (f"{error.message} (gave up after {attempt} attempt{'s' if attempt > 1 else ''}; "
-                              "raise max_attempts to retry longer)",)
+                              f"raise max_attempts to retry longer){landed}",)
                 error.message = error.args[0]
+            error.may_have_landed = may_have_landed and not isinstance(error, PreconditionFailedError)
+            if may_have_landed:
+                self._count_landed()  # an earlier attempt may have landed (a 412 then may be it)
             raise error
 
     def _transport_error(
         self, operation: str, key: str, failure: TransportFailure, attempt: int, exc: BaseException,
-        credentials: Credentials,
+        credentials: Credentials, may_have_landed: bool,
     ) -> S3Error:
         tries = f" after {attempt} attempts" if attempt > 1 else ""
         detail = redact(f"{type(exc).__name__}: {_first_line(exc)}", credentials)
-        return S3Error(
+        error = S3Error(
             f"{operation} s3://{self.bucket}/{key} failed{tries}: {self._base_url} could not be reached: "
-            f"{failure.what} ({detail}); {failure.check}" + (", or raise max_attempts" if failure.retry else ""),
+            f"{failure.what} ({detail}); {failure.check}" + (", or raise max_attempts" if failure.retry else "")
+            + ("; it may have been written all the same" if may_have_landed else ""),
             operation=operation,
             code=failure.code,
             bucket=self.bucket,
             key=key,
         )
+        error.may_have_landed = may_have_landed
+        return error
+
+    def _count_landed(self) -> None:
+        with self._count_lock:
+            self.writes_landed += 1
+
+    def _note_server_time(self, reply: HttpReply) -> None:
+        date = reply.header("Date")
+        if date:
+            self._last_date = (date, time.time())
+
+    def server_now(self) -> Optional[float]:
+        """The server's clock now, from the Date of the last reply (whole seconds); None when no reply had a
+        usable Date, or one further off this machine's clock than MAX_CLOCK_CORRECTION."""
+        date, received = self._last_date
+        server = parse_http_date(date) if date else None
+        if server is None or abs(server - received) > MAX_CLOCK_CORRECTION:
+            return None
+        return server + (time.time() - received)
 
     def _backoff(self, attempt: int, operation: str, key: str, reason: str) -> None:
         delay = retry_delay(attempt)
@@ -1215,6 +1356,61 @@ class S3Client:
             self.on_retry(f"{operation} s3://{self.bucket}/{key}: {reason}; retrying (attempt {attempt + 1} of "
                           f"{self.config.max_attempts}) in {delay:.1f} s", attempt, delay)
         self._sleep(delay)
+
+
+class ConditionalDelete(NamedTuple):
+    """Whether a server honours If-Match on DELETE, and what its probe saw, in words."""
+
+    honoured: bool
+    detail: str
+
+
+# An ETag no object has: the MD5 of nothing is d41d8cd9..., and S3 never mints one of all zeros.
+STALE_ETAG = '"00000000000000000000000000000000"'
+
+
+def scratch_key(prefix: str, purpose: str) -> str:
+    """A key of this process's own under the prefix, for a probe or a check: no run's name, no folder."""
+    return "/".join(filter(None, [prefix, f".runlog-s3-{purpose}-{os.getpid()}-{random.getrandbits(32):08x}"]))
+
+
+def probe_conditional_delete(client: S3Client, key: str) -> ConditionalDelete:
+    """Write a scratch object (If-None-Match: *), DELETE it with a stale If-Match and see whether it is
+    kept, then delete it with its own ETag. Every request of the probe carries a condition."""
+    etag = client.put_object(key, b'{"probe":"runlog-s3 conditional delete"}', if_none_match=True)
+    try:
+        client.delete_object(key, if_match=STALE_ETAG)
+    except PreconditionFailedError:
+        client.delete_object(key, if_match=etag)
+        return ConditionalDelete(True, "a DELETE with a stale If-Match was refused (412) and the object kept")
+    except S3Error as exc:
+        if exc.status not in (400, 501):
+            raise
+        _delete_quietly(client, key, "")
+        return ConditionalDelete(False, "this server does not support If-Match on DELETE: it answered "
+                                        f"{exc.code or 'HTTP'} ({exc.status})")
+    try:
+        client.head_object(key)
+    except NotFoundError:
+        return ConditionalDelete(False, "this server ignores If-Match on DELETE: a DELETE with a stale If-Match "
+                                        "deleted the object")
+    _delete_quietly(client, key, etag)
+    return ConditionalDelete(False, "this server ignores If-Match on DELETE: a DELETE with a stale If-Match was "
+                                    "answered as done (the object was kept)")
+
+
+def _delete_quietly(client: S3Client, key: str, etag: str) -> None:
+    # Cleaning up after a probe or a check: a scratch object left behind is no run and harms nothing.
+    try:
+        client.delete_object(key, if_match=etag)
+    except S3Error as exc:
+        logger.debug("could not delete the scratch object s3://%s/%s: %s", client.bucket, key, exc.message)
+
+
+def _is_unconditional_write(method: str, key: str, headers: Mapping[str, str]) -> bool:
+    """A PUT or DELETE of an object that a bucket policy requiring conditional writes refuses."""
+    return method in ("PUT", "DELETE") and bool(key) and not any(
+        name.lower() in ("if-match", "if-none-match") for name in headers)
 
 
 def _metadata_of(reply: HttpReply) -> Dict[str, str]:
@@ -1242,29 +1438,45 @@ def redact(text: str, credentials: Credentials) -> str:
 _SKEW_CODES = frozenset({"RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture", "SignatureExpired"})
 
 
-def _is_clock_skew(error: S3Error) -> bool:
+_SKEW_SUSPECTED = 300.0  # a bare 403 from a server whose clock is this far from ours (s): S3 allows 15 minutes
+
+
+def _is_clock_skew(error: S3Error, reply: HttpReply) -> bool:
     message = error.message.lower()
-    return error.code in _SKEW_CODES or (
+    if error.code in _SKEW_CODES or (
         error.code in ("InvalidSignatureException", "AccessDenied", "SignatureDoesNotMatch")
         and ("skew" in message or "signature expired" in message or "not yet current" in message)
-    )
+    ):
+        return True
+    # A HEAD's 403 has no body to say why: a Date far from our clock says it may be skew, worth one retry.
+    server = _server_time(reply)
+    return (error.status == 403 and not reply.body and server is not None
+            and _SKEW_SUSPECTED < abs(server - wall_clock()) <= MAX_CLOCK_CORRECTION)
 
 
-def _server_time(reply: HttpReply) -> Optional[float]:
+def parse_http_date(text: str) -> Optional[float]:
+    """Seconds since the epoch of an HTTP date (a reply's Date or Last-Modified); None when unusable."""
     from email.utils import parsedate_to_datetime
 
     try:
-        return parsedate_to_datetime(reply.header("Date")).timestamp()
-    except (TypeError, ValueError, IndexError):
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
 
+def _server_time(reply: HttpReply) -> Optional[float]:
+    return parse_http_date(reply.header("Date"))
+
+
 def _correct_clock(reply: HttpReply) -> bool:
-    """Learn the offset from the reply's Date header; False when the reply has no usable Date."""
+    """Learn the offset from the reply's Date header; False when the reply has no usable Date, or one
+    further off than MAX_CLOCK_CORRECTION (a broken server clock, not ours to follow)."""
     server = _server_time(reply)
     if server is None:
         return False
     offset = server - time.time()
+    if abs(offset) > MAX_CLOCK_CORRECTION:
+        return False
     if abs(offset - _clock_offset["seconds"]) < 1:
         return False  # already corrected: the refusal is not about our clock
     _clock_offset["seconds"] = offset
@@ -1275,8 +1487,13 @@ def _correct_clock(reply: HttpReply) -> bool:
 
 def _clock_skew_error(error: S3Error, reply: HttpReply, where: str) -> S3Error:
     server = _server_time(reply)
-    measured = f"this machine's clock is {time.time() - server:+.0f} s off the server's" if server else (
-        "the reply has no Date header to measure the offset")
+    if server is None:
+        measured = "the reply has no usable Date header to measure the offset"
+    elif abs(server - time.time()) > MAX_CLOCK_CORRECTION:
+        measured = (f"the server's Date header {reply.header('Date')[:40]!r} is {server - time.time():+.0f} s from "
+                    f"this machine's clock, more than the {MAX_CLOCK_CORRECTION / 3600:.0f} h this module corrects")
+    else:
+        measured = f"this machine's clock is {time.time() - server:+.0f} s off the server's"
     return S3Error(
         f"{error.operation} {where} failed: clock skew ({error.code}): {measured}; set the clock right (NTP)",
         operation=error.operation, code=error.code, status=error.status, bucket=error.bucket, key=error.key,
@@ -1430,8 +1647,11 @@ def decode_run_log(body: bytes, where: str) -> Dict[str, Any]:
 
 # Internal names are dot paths (step.branch.step...). magnus forbids dots in step names, but a map's
 # branch is named after its item (`each.data.csv` for the item "data.csv"), so a name is resolved
-# against the logs that exist, never by splitting on every dot.
-_BRANCHING_STEP_TYPES = ("parallel", "map", "dag")
+# against the logs that exist, never by splitting on every dot. The step types that hold branches:
+# magnus 0.4's parallel, map and dag; runnable adds conditional and loop. A new branch goes to the
+# longest step of these types whose name begins its own: a conditional inside a parallel's branch
+# (`par.b1.cond.heads`) belongs to `par.b1.cond`, not to `par`.
+_BRANCHING_STEP_TYPES = ("parallel", "map", "dag", "conditional", "loop")
 
 
 def _parent_names(internal_name: str) -> Iterator[str]:
@@ -1578,6 +1798,21 @@ def _is_strong_etag(etag: str) -> bool:
     return bool(etag) and not etag.startswith("W/")
 
 
+def same_etag(a: str, b: str) -> bool:
+    """Whether two ETags name the same version of an object, however the server quoted them: a LIST
+    and a GET of one object may differ in quotes, and a proxy may mark an ETag weak (W/)."""
+    return bool(_bare_etag(a)) and _bare_etag(a) == _bare_etag(b)
+
+
+def chunked_version(run_etag: str, log_etags: Mapping[str, str]) -> str:
+    """The version of a chunked run, as `get --etag` prints it and `put --if-match` and `edit` check it: a
+    digest of the ETags of its run object and of every log object (changed by any write to any of them)."""
+    import hashlib
+
+    text = "\n".join([_bare_etag(run_etag)] + [f"{name} {_bare_etag(etag)}" for name, etag in sorted(log_etags.items())])
+    return f'"chunked-{hashlib.sha256(text.encode()).hexdigest()[:32]}"'
+
+
 def _require_strong_etag(etag: str, key: str, client: S3Client) -> None:
     """Refuse to update an object whose version cannot be named: the PUT would be a blind write."""
     if not _is_strong_etag(etag):
@@ -1596,6 +1831,37 @@ def _check_write_size(body: bytes, where: str) -> None:
         raise InvalidRunLogError(_too_large(len(body), where, "nothing written"))
 
 
+# The store's own state in a stored body (the chunked layout's replacement, below): never handed to a
+# framework or shown by the command line, refused in a run log handed in.
+STORE_FIELD = "_runlog_s3"
+
+
+def public(document: Mapping[str, Any]) -> Dict[str, Any]:
+    """A stored document as a framework or a person sees it: without the store's own field."""
+    return {name: value for name, value in document.items() if name != STORE_FIELD}
+
+
+def check_input(document: Any, where: str) -> Dict[str, Any]:
+    """A run log handed in to be stored: shaped like a run log, without the store's own field (logs lose
+    theirs when stored)."""
+    check_run_log(document, where)
+    if STORE_FIELD in document:
+        raise InvalidRunLogError(f"{where} holds {STORE_FIELD!r}, a field of this store's own; remove it; "
+                                 "nothing written")
+    return document
+
+
+def scrub(body: bytes, secrets: List[str]) -> bytes:
+    """The body with every credential value this process holds masked: an executor may copy credentials
+    into what it records (magnus 0.4's local-container puts them in run_config.variables)."""
+    for secret in secrets:
+        # as written, and percent-encoded (a URL or a query string holding it)
+        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+            if len(form) >= 8 and form.encode() in body:
+                body = body.replace(form.encode(), b"***")
+    return body
+
+
 class _Version(NamedTuple):
     etag: str
     body: bytes
@@ -1603,13 +1869,30 @@ class _Version(NamedTuple):
     metadata: Optional[Mapping[str, str]] = None  # sent again with every rewrite (a PUT replaces it)
 
 
+class _Writing:
+    """Around one operation of a store: if it fails after any of its writes landed, or may have (a reply
+    lost, a 5xx), its error says the outcome is unknown (RunlogS3Error.may_have_landed), never
+    "nothing written"."""
+
+    def __init__(self, client: S3Client):
+        self._client = client
+
+    def __enter__(self) -> None:
+        self._before = self._client.writes_landed
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if isinstance(error, RunlogS3Error) and self._client.writes_landed != self._before:
+            error.say_may_have_landed()
+
+
 class S3RunLogs:
     """The run logs under one bucket and prefix, as dicts, written with compare-and-swap.
 
-    Reads are always one fresh GET. Each mutation is applied to a fresh document and written with
-    If-Match on its ETag; a 412 means another writer won the race, so read again and re-apply. The
-    last version seen of each object is kept (with its parsed document after our own writes: parsing
-    a 1000-step log costs more than sending it), so an uncontended mutation costs one PUT.
+    Reads are always fresh GETs. Each mutation is applied to the document as stored and written with
+    If-Match on its ETag; a 412 means another writer won the race, so read again and re-apply. The last
+    version seen of each object is kept as the base of the next compare-and-swap (with its parsed
+    document after our own writes: parsing a 1000-step log costs more than sending it), so an
+    uncontended mutation costs one PUT; a stale base costs a 412 and a GET, never a lost write.
 
     Layout `s3`: one object per run, `<prefix>/<run_id>.json`.
     """
@@ -1617,12 +1900,11 @@ class S3RunLogs:
     layout = "s3"
     _KEEP_VERSIONS = 16
 
-    def __init__(self, client: S3Client, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, client: S3Client, *, clock: Optional[Callable[[], float]] = None):
         self.client = client
         self.prefix = client.config.key_prefix
-        self._clock = clock
+        self._clock = clock or time.monotonic
         self._versions: Dict[str, _Version] = {}
-        self._written: set = set()  # keys this process changed through a mutation (see read_step of chunked-s3)
         self._versions_lock = threading.Lock()
         self._lock_pid = os.getpid()
         self.conflicts = 0  # compare-and-swaps lost to another writer, for logs and the benchmark
@@ -1658,7 +1940,7 @@ class S3RunLogs:
         document = decode_run_log(stored.body, self.where(run_id))
         self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
         self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
-        return document, stored.etag
+        return public(document), stored.etag
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A step log by its internal name (LogNotFoundError when absent)."""
@@ -1671,6 +1953,10 @@ class S3RunLogs:
     def written_by(self, run_id: str, document: Mapping[str, Any]) -> str:
         """Which framework wrote a run just read: the tag its creator left, else guessed from its shape."""
         return self._writers.get(run_id) or guess_framework(document)
+
+    def writer_tag(self, run_id: str) -> str:
+        """The written-by tag of a run just read, exactly as stored ('' when it has none): what export records."""
+        return self._writers.get(run_id, "")
 
     def exists(self, run_id: str) -> bool:
         """Whether the run has a log in this layout (one HEAD)."""
@@ -1687,36 +1973,55 @@ class S3RunLogs:
 
     def create(self, document: Dict[str, Any]) -> None:
         """Store a new run log; RunLogExistsError if one is there (unless it is ours, whose reply was lost)."""
-        run_id = document["run_id"]
-        body = encode_run_log(check_run_log(document, "the run log to create"))
-        self._create_object(
-            self.key(run_id),
-            body,
-            lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
-            metadata=self._creator_tags(),
-        )
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            body = self._encode(check_input(document, "the run log to create"))
+            self._create_object(
+                self.key(run_id),
+                body,
+                lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+                metadata=self._creator_tags(),
+            )
 
     def _creator_tags(self) -> Optional[Dict[str, str]]:
         # Kept by every later compare-and-swap (they send an object's metadata again).
         return {WRITTEN_BY: self.writer} if self.writer else None
 
-    def write(self, document: Dict[str, Any]) -> None:
-        """Replace the whole run log, unconditionally: the last writer wins."""
-        run_id = document["run_id"]
-        body = encode_run_log(check_run_log(document, "the run log to write"))
-        key = self.key(run_id)
-        _check_write_size(body, self._url(key))
-        tags = self._kept_tags(run_id)
-        self._remember(key, self.client.put_object(key, body, metadata=tags), body, metadata=tags)
+    def replace(self, document: Dict[str, Any]) -> None:
+        """Replace the whole run log (put --force): If-Match on the version read, read again after a 412;
+        the last writer wins. A missing run is created."""
+        with _Writing(self.client):
+            new = _json_copy(check_input(document, "the run log to write"))
+
+            def replace_all(stored: Dict[str, Any]) -> None:
+                stored.clear()
+                stored.update(new)
+
+            self._mutate_object(self.key(document["run_id"]), replace_all, decode_run_log, None,
+                                new_metadata=self._creator_tags)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
         """Replace the whole run log only if its ETag is still `etag` (PreconditionFailedError if not)."""
-        run_id = document["run_id"]
-        body = encode_run_log(check_run_log(document, "the run log to write"))
-        key = self.key(run_id)
-        _check_write_size(body, self._url(key))
-        tags = self._kept_tags(run_id)
-        self._remember(key, self.client.put_object(key, body, if_match=etag, metadata=tags), body, metadata=tags)
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            body = self._encode(check_input(document, "the run log to write"))
+            key = self.key(run_id)
+            _check_write_size(body, self._url(key))
+            tags = self._kept_tags(run_id)
+            try:
+                new_etag = self.client.put_object(key, body, if_match=etag, metadata=tags)
+            except PreconditionFailedError as exc:
+                # An earlier attempt may have landed with its reply lost: then the stored bytes are ours.
+                stored = self._get_or_none(key) if exc.after_lost_reply else None
+                if stored is None or stored.body != body:
+                    raise
+                new_etag = stored.etag
+            self._remember(key, new_etag, body, metadata=tags)
+
+    def check_writable(self, document: Mapping[str, Any]) -> None:
+        """Raise what writing `document` would raise for its keys and sizes, sending nothing: import checks
+        every run of an archive before it writes any."""
+        _check_write_size(encode_run_log(document), self.where(document["run_id"]))
 
     def _kept_tags(self, run_id: str) -> Optional[Dict[str, str]]:
         # A rewrite of the whole run log (put, edit) keeps who created the run, as last read or written
@@ -1728,54 +2033,115 @@ class S3RunLogs:
         return {WRITTEN_BY: creator} if creator else None
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
-        """Set a step log in its branch; branches stored under it by other writers are kept. A step log
-        equal to the one this process last wrote or read is not sent again: only the step's own process
-        writes its fields, and others only add branches, which a rewrite keeps."""
-        self.mutate(run_id, lambda document: put_step_log(document, step_log), unchanged_is_done=True)
+        """Set a step log in its branch; branches stored under it by other writers are kept."""
+        self.mutate(run_id, lambda document: put_step_log(document, step_log))
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
         """Set a branch log in its step; its stored steps are kept."""
         self.mutate(run_id, lambda document: put_branch_log(document, branch_log))
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
-        """Set the run's own fields from a run log (the base dag's branch log); stored children are kept."""
-        self.mutate(run_id, lambda document: put_run_fields(document, run_log))
+        """put_run_log: set the run's own fields from a run log; its stored logs, parameters and run config
+        are kept (new ones added). A run not created yet is created, as the frameworks' base classes do."""
+        with _Writing(self.client):
+            try:
+                self.mutate(run_id, lambda document: put_run_fields(document, run_log))
+            except RunLogNotFoundError:
+                try:
+                    self.create(dict(run_log))
+                except RunLogExistsError:  # created meanwhile: set the fields on it
+                    self.mutate(run_id, lambda document: put_run_fields(document, run_log))
 
     def set_parameters(self, run_id: str, parameters: Mapping[str, Any]) -> None:
-        """Add or overwrite parameters; none given changes nothing and sends nothing."""
-        if parameters:
-            self.mutate(run_id, lambda document: update_parameters(document, parameters), unchanged_is_done=True)
+        """Add or overwrite the parameters that differ from the version this process last saw: magnus
+        hands back every parameter after each task, and writing back one the task left as it found it
+        would undo another branch's change made meanwhile. Nothing changed sends nothing."""
+        with _Writing(self.client):
+            changed = self._changed_parameters(self.key(run_id), lambda document: document, parameters)
+            if changed:
+                self.mutate(run_id, lambda document: update_parameters(document, changed))
 
     def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
         """Add or overwrite the parameters of a branch (runnable scopes parameters to branches)."""
-        if parameters:
-            self.mutate(run_id, lambda document: update_parameters(find_branch(document, internal_name), parameters),
-                        unchanged_is_done=True)
+        with _Writing(self.client):
+            changed = self._changed_parameters(
+                self.key(run_id), lambda document: find_branch(document, internal_name), parameters)
+            if changed:
+                self.mutate(run_id, lambda document: update_parameters(find_branch(document, internal_name), changed))
 
     def set_run_config(self, run_id: str, run_config: Mapping[str, Any]) -> None:
         """Add or overwrite run config entries; none given changes nothing and sends nothing."""
         if run_config:
-            self.mutate(run_id, lambda document: update_run_config(document, run_config), unchanged_is_done=True)
+            self.mutate(run_id, lambda document: update_run_config(document, run_config))
 
     def set_status(self, run_id: str, status: str) -> None:
         """Set the run's status."""
         self.mutate(run_id, lambda document: set_run_status(document, status))
 
-    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any], unchanged_is_done: bool = False) -> None:
-        """Apply `change` to the run log and store it with compare-and-swap."""
-        self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id),
-                            unchanged_is_done=unchanged_is_done)
+    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
+        """Apply `change` to the run log and store it with compare-and-swap; returns what was stored."""
+        with _Writing(self.client):
+            return self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id))
+
+    def _changed_parameters(
+        self, key: str, container: Callable[[Dict[str, Any]], Dict[str, Any]], parameters: Mapping[str, Any]
+    ) -> Dict[str, Any]:
+        given = _json_copy(dict(parameters))
+        with self._lock():
+            held = self._versions.get(key)
+        if held is None:
+            return given
+        try:
+            document = held.document if held.document is not None else json.loads(held.body)
+            seen = container(document).get("parameters") or {}
+        except (ValueError, RunlogS3Error, AttributeError):
+            return given
+        return {name: value for name, value in given.items() if name not in seen or seen[name] != value}
 
     # Removing and listing.
 
-    def delete(self, run_id: str) -> int:
-        """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted."""
-        if not self.exists(run_id):
-            raise self._not_found(run_id)
-        key = self.key(run_id)
-        self.client.delete_object(key)
-        self._forget([key])
-        return 1
+    def delete(self, run_id: str, if_match: str = "") -> int:
+        """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted. Only the
+        version `if_match` names, else the one a HEAD finds: a run written meanwhile is not deleted unseen
+        (PreconditionFailedError), where the server honours If-Match on DELETE."""
+        with _Writing(self.client):
+            key = self.key(run_id)
+            try:
+                info = self.client.head_object(key)
+            except NotFoundError as exc:
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                raise self._not_found(run_id) from exc
+            self._delete_if_unchanged(key, if_match or info.etag)
+            self._forget([key])
+            return 1
+
+    def _delete_if_unchanged(self, key: str, etag: str) -> bool:
+        """DELETE If-Match `etag`; False when the object was written since (it stays). Where the server
+        ignores the condition (conditional_delete found out once), the DELETE is unconditional, said once."""
+        try:
+            honoured = self.client.conditional_delete()
+        except S3Error as exc:  # the probe needs PutObject on the prefix: without it, do without
+            honoured = ConditionalDelete(False, f"could not find out ({exc.code or exc.status})")
+        if not honoured.honoured:
+            if not self.client.said_unconditional_delete:
+                self.client.said_unconditional_delete = True
+                logger.warning("%s: %s; deleting without a condition: an object written meanwhile is deleted too",
+                               self.client.endpoint_url or "S3", honoured.detail)
+            self.client.delete_object(key)
+            return True
+        try:
+            self.client.delete_object(key, if_match=etag)
+        except PreconditionFailedError:
+            return False
+        except NotFoundError as exc:  # gone already (a concurrent rm); some servers answer a conditional DELETE so
+            if isinstance(exc, NoSuchBucketError):
+                raise
+        return True
+
+    def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """The run's own object and its ETag: the whole run log here (one GET)."""
+        return self.read_version(run_id)
 
     def list(self) -> List[ObjectInfo]:
         """Every run of this layout under the prefix as (run id in .key, size, last-modified), oldest first."""
@@ -1800,22 +2166,29 @@ class S3RunLogs:
 
     # Compare-and-swap on one object, shared by both layouts.
 
+    def _encode(self, document: Mapping[str, Any]) -> bytes:
+        return scrub(encode_run_log(document), self.client.credentials.secrets())
+
     def _get(self, key: str, missing: Callable[[], RunlogS3Error]) -> S3Object:
+        stored = self._get_or_none(key)
+        if stored is None:
+            raise missing()
+        return stored
+
+    def _get_or_none(self, key: str) -> Optional[S3Object]:
         try:
             return self.client.get_object(key)
         except NotFoundError as exc:
             if isinstance(exc, NoSuchBucketError):
                 raise
-            raise missing() from exc
+            return None
 
     def _create_object(
         self,
         key: str,
         body: bytes,
         exists: Optional[Callable[[], RunlogS3Error]],
-        document: Optional[Dict[str, Any]] = None,
         metadata: Optional[Mapping[str, str]] = None,
-        written: bool = False,
     ) -> bool:
         """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None)."""
         _check_write_size(body, self._url(key))
@@ -1824,101 +2197,105 @@ class S3RunLogs:
         except PreconditionFailedError as exc:
             # Ours only if an earlier attempt of this PUT may have landed with its reply lost, and the
             # stored bytes are ours; an equal body written by someone else is not our write.
-            stored: Optional[S3Object] = None
-            if exc.after_lost_reply:
-                try:
-                    stored = self.client.get_object(key)
-                except NotFoundError:
-                    stored = None
+            stored = self._get_or_none(key) if exc.after_lost_reply else None
             if stored is None or stored.body != body:
                 if exists is None:
                     return False
                 raise exists() from exc
             etag = stored.etag
-        self._remember(key, etag, body, document, metadata, written=written)
+        self._remember(key, etag, body, metadata=metadata)
         return True
 
     def _mutate_object(
         self,
         key: str,
         change: Callable[[Dict[str, Any]], Any],
-        decode: Callable[[bytes, str], Dict[str, Any]],
+        decode: Callable[[bytes, str], Optional[Dict[str, Any]]],
         missing: Optional[Callable[[], RunlogS3Error]],
-        new_metadata: Optional[Callable[[], Dict[str, str]]] = None,
-        change_metadata: Optional[Callable[[Dict[str, str]], Any]] = None,
-        unchanged_is_done: bool = False,
-    ) -> None:
-        """Apply `change` to the object's document and store it with If-Match, re-applying after a 412.
+        *,
+        new_metadata: Optional[Callable[[], Optional[Dict[str, str]]]] = None,
+        before_create: Optional[Callable[[], Any]] = None,
+    ) -> Dict[str, Any]:
+        """Apply `change` to the object's document and store it with If-Match, re-applying after a 412;
+        returns the document stored.
 
         `change` must only set values (it may run more than once, on fresher documents), and only
         values it owns: the document functions above copy what they are given. With `missing` None an
-        absent object is created from `change({})` with If-None-Match: * (one PUT for a new object).
-        `change_metadata` changes the object's x-amz-meta-* the same way (they are kept otherwise).
-        `unchanged_is_done`: a change that changes nothing in the version this process last saw sends
-        nothing. For a step log (only the step's own process writes its fields; others only add
-        branches, which are kept) and for parameters and run config (a value a task leaves as it found
-        it is not written back, which would also undo another branch's change made meanwhile).
-        Every round after the first waits (jittered, growing) and counts against conflict_timeout.
+        absent object (or one `decode` reads as absent: None) is created from `change({})`, after
+        `before_create()`, with If-None-Match: * (or If-Match on what stands for absent), keeping
+        `new_metadata()`; an existing object keeps its metadata. A change that changes nothing in a
+        version just read sends nothing (the read is its moment); a held version is never trusted for
+        that: the PUT, If-Match, finds out. Every round after the first waits (jittered, growing) and
+        counts against conflict_timeout.
         """
         where = self._url(key)
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
-        may_create = missing is None
+        may_create = missing is None  # a new object costs one PUT: If-None-Match first, read only if it exists
         while True:
             rounds += 1
             version = self._pop_version(key)
             fresh = version is None
             if fresh and may_create:
-                document: Dict[str, Any] = {}
-                change(document)
-                body = encode_run_log(document)
-                if self._create_object(key, body, None, document, new_metadata() if new_metadata else None, True):
-                    return
-                may_create = False  # it exists: read it and apply the change to what is stored
-                self._next_round(rounds, deadline, where, "it was created by another writer")
-                continue
-            if fresh:
+                may_create = False
+                if before_create is not None:
+                    before_create()
+                created: Dict[str, Any] = {}
+                change(created)
+                body = self._encode(created)
+                _check_write_size(body, where)
+                new_tags = new_metadata() if new_metadata else None
                 try:
-                    stored = self.client.get_object(key)
-                except NotFoundError as exc:
-                    if isinstance(exc, NoSuchBucketError):
-                        raise
-                    if missing is not None:
-                        raise missing() from exc
-                    may_create = True  # deleted since we saw it: create it again
-                    self._next_round(rounds, deadline, where, "it was deleted while being written")
-                    continue
-                _require_strong_etag(stored.etag, key, self.client)
-                version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
-            assert version is not None  # held, or read just above
-            document = version.document if version.document is not None else decode(version.body, where)
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=new_tags)
+                except PreconditionFailedError:
+                    continue  # it exists (or our own create landed, its reply lost): read it and apply the change
+                self._remember(key, etag, body, metadata=new_tags)
+                return created
+            if fresh:
+                stored = self._get_or_none(key)
+                if stored is not None:
+                    _require_strong_etag(stored.etag, key, self.client)
+                    version = _Version(stored.etag, stored.body, metadata=stored.metadata or None)
+            document: Optional[Dict[str, Any]] = None
+            if version is not None:
+                document = version.document if version.document is not None else decode(version.body, where)
+            metadata: Optional[Mapping[str, str]] = (
+                version.metadata if version is not None and document is not None else None)
+            if document is None:  # absent, or a tombstone
+                if missing is not None:
+                    raise missing()
+                if before_create is not None:
+                    before_create()
+                document = {}
+                metadata = new_metadata() if new_metadata else None
             change(document)
-            body = encode_run_log(document)
-            metadata = version.metadata
-            if change_metadata is not None:
-                metadata = dict(version.metadata or {})
-                change_metadata(metadata)
-            if (fresh or unchanged_is_done) and body == version.body and (metadata or {}) == (version.metadata or {}):
+            plain = encode_run_log(document)
+            body = scrub(plain, self.client.credentials.secrets())
+            if fresh and version is not None and body == version.body:
                 self._remember(key, version.etag, body, document, version.metadata)  # nothing to change
-                return
+                return document
             _check_write_size(body, where)
             try:
-                etag = self.client.put_object(key, body, if_match=version.etag, metadata=metadata)
+                if version is None:
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+                else:
+                    etag = self.client.put_object(key, body, if_match=version.etag, metadata=metadata)
             except PreconditionFailedError as exc:
                 self.conflicts += 1
                 logger.debug("%s changed under us (round %d); reading it again", where, rounds)
                 if exc.after_lost_reply or (not fresh and rounds == 1):
-                    continue  # our own write may have landed, or our remembered version was stale: read again
+                    continue  # our own write may have landed, or our held version was stale: read again
                 self._next_round(rounds, deadline, where, "other writers kept changing it")
                 continue
             except NotFoundError as exc:  # deleted since we read it
+                if isinstance(exc, NoSuchBucketError):
+                    raise
                 if missing is not None:
                     raise missing() from exc
-                may_create = True
                 self._next_round(rounds, deadline, where, "it was deleted while being written")
                 continue
-            self._remember(key, etag, body, document, metadata, written=True)
-            return
+            self._remember(key, etag, body, document if body is plain else None, metadata)  # parsed: not again
+            return document
 
     def _next_round(
         self, rounds: int, deadline: float, where: str, reason: str, doing: str = "updating",
@@ -1928,7 +2305,7 @@ class S3RunLogs:
         if self._clock() >= deadline:
             raise ConflictError(
                 f"gave up {doing} {where} after {rounds} rounds in {self.client.config.conflict_timeout:g} s: "
-                f"{reason}; {remedy}"
+                f"{reason}; nothing written; {remedy}"
             )
         self._backoff(rounds)
 
@@ -1936,7 +2313,6 @@ class S3RunLogs:
         with self._lock():
             for key in keys:
                 self._versions.pop(key, None)
-                self._written.discard(key)
 
     def _pop_version(self, key: str) -> Optional[_Version]:
         with self._lock():
@@ -1955,13 +2331,10 @@ class S3RunLogs:
         body: bytes,
         document: Optional[Dict[str, Any]] = None,
         metadata: Optional[Mapping[str, str]] = None,
-        written: bool = False,
     ) -> None:
         if not _is_strong_etag(etag):
             return
         with self._lock():  # the chunked layout writes from a pool of threads
-            if written:
-                self._written.add(key)
             self._versions.pop(key, None)
             self._versions[key] = _Version(etag, body, document, metadata)
             while len(self._versions) > self._KEEP_VERSIONS:
@@ -1977,12 +2350,53 @@ class S3RunLogs:
 # Layout `chunked-s3`: under <prefix>/<run_id>/ one object per step log and per branch log, named
 # after its internal name, and RunLog.json with the run's own fields, parameters and run config.
 # Writers of different steps never touch the same object; the same object is written with the
-# compare-and-swap above. Reading the whole tree is one LIST and concurrent GETs.
+# compare-and-swap above. Reading the whole tree is a GET, a LIST and concurrent GETs.
+#
+# Replacing a run (put --force, import, a new run created with its logs) changes many objects, yet a
+# reader sees the old run log or the new one, never a mix, and no write of a pipeline running meanwhile
+# is lost. The protocol:
+#
+# - State: RunLog.json's body carries, in STORE_FIELD, the run's replacement `generation` (a count) and,
+#   while a replacement R is under way, its intent: a token T, the new logs D (name -> own fields), and
+#   B, the ETag of every log object listed when R began. Nothing else holds state: an object is a log,
+#   or a tombstone (a log R removed, written with T). Being in the body, the intent changes RunLog.json's
+#   ETag, so every compare-and-swap on it sees it (metadata would not: an ETag covers the body only).
+# - Commit point: the If-Match (If-None-Match for a new run) PUT of RunLog.json that writes R's run
+#   fields, generation + 1 and the intent. Before it R has written nothing; a writer that stops before it
+#   leaves nothing behind.
+# - View: with an intent, a log object whose ETag is still B[K] shows as D[K] (absent when D has no K);
+#   a log of D not stored and not in B shows as D[K]; every other object is a write made after R listed
+#   it and shows as stored. Without one, objects show as stored (tombstones as absent).
+# - Roll forward (R, or any writer that finds the intent): PUT D[K] with T (or a tombstone with T)
+#   If-Match B[K], If-None-Match where K was absent; a 412 means a newer write is there, and it stays.
+#   Then the intent is cleared by compare-and-swap. No roll-forward step changes the view.
+# - Why no interleaving loses or mixes: the view changes only at commit points and at pipeline writes.
+#   A pipeline write to K after R listed it moves K's ETag off B[K] for good (every body is unique:
+#   roll-forward bodies carry their token, pipeline bodies a nonce of their own), so it shows and no
+#   roll-forward step overwrites it.
+#   A second replacement first rolls forward and clears the intent it finds, then lists and commits;
+#   the first writer, resuming late, sends only writes conditioned on its B, which no object holds any
+#   more: each fails (fencing, with no lease to judge). Whoever finds an intent can finish it, so a
+#   stopped writer holds nothing up; RunLog.json writers finish one older than REPLACEMENT_GRACE (on the
+#   server's clock), a replacement finishes any it finds before it begins.
+# - A reader GETs RunLog.json, LISTs, GETs the logs; if RunLog.json moved between the GET and the LIST, a
+#   log between the LIST and its GET, or the LIST took several pages (not one moment), it GETs RunLog.json
+#   again: the same generation means no replacement committed meanwhile, else it reads again. So a full
+#   read never mixes a replacement's logs with those it replaced; each log is a version it had during the
+#   read (logs that pipelines write meanwhile are each as listed or newer, not all of one instant). A read
+#   of one log GETs RunLog.json beside it, for the intent; so does the check that a new log's parent
+#   exists (a parent a replacement under way drops is missing).
+# - A new run created over objects left in its folder (a late writer after an rm) is a replacement with
+#   those objects listed: they become tombstones, never part of the new run.
+# - Left open: a branch's parameters (runnable) are merged into the branch as this writer saw it; a
+#   replacement committed between that read and the write loses to the write for that branch.
 
 CHUNK_RUN_OBJECT = "RunLog.json"
 _CHUNK_KINDS = {"StepLog-": "step", "BranchLog-": "branch"}
 _CHUNK_CHILDREN = {"step": "branches", "branch": "steps"}
 ASSEMBLY_THREADS = 16  # GETs in flight while assembling a run (the HTTP pool holds 16 connections)
+REPLACEMENT_GRACE = 60.0  # seconds (server clock) after which any writer of RunLog.json finishes a replacement
+_CREATED = "created-ns"  # x-amz-meta-created-ns: the creation order of a log, kept on rewrites
 
 
 def chunk_name(kind: str, internal_name: str) -> str:
@@ -2003,9 +2417,18 @@ def decode_log_object(body: bytes, where: str) -> Dict[str, Any]:
     return document
 
 
+def _live_log(body: bytes, where: str) -> Optional[Dict[str, Any]]:
+    # A log object's document without the store's field; None for a tombstone (a log a replacement removed).
+    document = decode_log_object(body, where)
+    if (document.get(STORE_FIELD) or {}).get("removed_by"):
+        return None
+    return public(document)
+
+
 def _own_fields(kind: str, log: Mapping[str, Any]) -> Dict[str, Any]:
     # What a chunk holds: the log without its children, which are chunks of their own.
-    return _json_copy({name: value for name, value in log.items() if name != _CHUNK_CHILDREN[kind]})
+    return _json_copy({name: value for name, value in log.items()
+                       if name not in (_CHUNK_CHILDREN[kind], STORE_FIELD)})
 
 
 def _chunks_under(kind: str, log: Mapping[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
@@ -2044,9 +2467,34 @@ def assemble_run_log(
     return document
 
 
-# Runs seen to exist, by endpoint, bucket and key, for every store of this process and of the processes
-# it forks (magnus runs parallel branches in forked processes): their first step needs no HEAD.
-_KNOWN_RUNS: set = set()
+def _written_once(log: Mapping[str, Any]) -> Dict[str, Any]:
+    """A log as a pipeline writes it, with a nonce: no two writes have the same bytes, so an object's ETag
+    never comes back to a version a replacement listed (an ETag is a digest of the bytes)."""
+    return dict(log, **{STORE_FIELD: {"write": new_token()}})
+
+
+def _intent_of(run_object: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The replacement under way in a run object's body, or None."""
+    return (run_object.get(STORE_FIELD) or {}).get("replacing") or None
+
+
+def _generation_of(run_object: Mapping[str, Any]) -> int:
+    return int((run_object.get(STORE_FIELD) or {}).get("generation") or 0)
+
+
+def new_token() -> str:
+    """A replacement's token: unique, so a body that carries it is never written twice."""
+    return os.urandom(8).hex()
+
+
+# Runs seen to exist, by endpoint, bucket and key, for every store of this process (runnable and magnus
+# look each branch log up before creating it: a run this process has seen needs no HEAD). By process id:
+# a forked child does not inherit it, since the run may be deleted after the fork.
+_KNOWN_RUNS: Dict[int, set] = {}
+
+
+def _known_runs() -> set:
+    return _KNOWN_RUNS.setdefault(os.getpid(), set())
 
 
 class ChunkedS3RunLogs(S3RunLogs):
@@ -2081,18 +2529,30 @@ class ChunkedS3RunLogs(S3RunLogs):
             )
         return key
 
+    @staticmethod
+    def _kind_of(key: str, folder: str) -> str:
+        name = key[len(folder):]
+        for prefix, kind in _CHUNK_KINDS.items():
+            if name.startswith(prefix) and name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
+                return kind
+        return ""
+
     # Reading.
 
     def read(self, run_id: str, full: bool = True) -> Dict[str, Any]:
-        """The run log: with full, the whole tree as of one moment (a GET, a LIST, concurrent GETs); else
-        the run object only."""
+        """The run log: with full, the whole tree as of one moment (GET, LIST, concurrent GETs); else the
+        run object only (its own fields: a replacement writes them at its commit point)."""
         if not full:
             stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
             document = decode_run_log(stored.body, self._url(stored.key))
             self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
             self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
             self._known_run(run_id)
-            return document
+            return public(document)
+        return self.read_version(run_id)[0]
+
+    def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """The whole run log and its version (see chunked_version): what replace_if_unchanged checks."""
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
         while True:
@@ -2105,302 +2565,484 @@ class ChunkedS3RunLogs(S3RunLogs):
                 doing="reading", remedy="try again when no put is replacing it",
             )
 
-    def _read_tree(self, run_id: str) -> Optional[Dict[str, Any]]:
-        """The run log, or None if a replacement began or ended while it was read (read it again)."""
+    def _read_tree(self, run_id: str) -> Optional[Tuple[Dict[str, Any], str]]:
+        """The run log and its version, or None if a replacement committed while it was read (read it again)."""
         folder, run_key = self.folder(run_id), self.key(run_id)
-        try:
-            run = self.client.get_object(run_key)
-        except NotFoundError as exc:
-            if isinstance(exc, NoSuchBucketError):
-                raise
-            count = sum(1 for _info in self.client.list_objects(folder))
+        run = self._get_or_none(run_key)
+        if run is None:
+            found = [info.key for info in self.client.list_objects(folder)]
+            if run_key in found:
+                return None  # created since the GET: read again
+            count = len(found)
             if count:
                 raise InvalidRunLogError(
-                    f"{self.where(run_id)} holds {count} objects but no {CHUNK_RUN_OBJECT}: "
-                    "not a complete chunked run log; it was left as is"
-                ) from exc
-            raise self._not_found(run_id) from exc
+                    f"{self.where(run_id)} holds {count} objects but no {CHUNK_RUN_OBJECT}: the leftovers of a "
+                    f"deleted run or of writes into it; they were left as is (rm {run_id} removes them)"
+                )
+            raise self._not_found(run_id)
         fields_ = decode_run_log(run.body, self._url(run_key))
         self._writers[run_id] = run.metadata.get(WRITTEN_BY, "")
-        replacing = run.metadata.get(_REPLACING, "")
-        if replacing:
-            return self._being_replaced(run_id, fields_, replacing)
-        entries = list(self.client.list_objects(folder))
-        if not any(info.key == run_key and info.etag == run.etag for info in entries):
-            return None  # the run object changed since it was read: a replacement may lie between
+        pages: List[int] = []
+        entries = list(self.client.list_objects(folder, pages=pages))
         listed = {info.key: info for info in entries if self._kind_of(info.key, folder)}
-        generation = run.metadata.get(_REPLACED_BY, "")
+        stored = self._held_versions(listed)
+        stored.update(self._get_many([key for key in listed if key not in stored]))
+        # A listing of several pages is not one moment: a put may commit between them.
+        moved = len(pages) > 1 or not any(info.key == run_key and same_etag(info.etag, run.etag) for info in entries) or any(
+            key not in stored or not same_etag(stored[key].etag, info.etag) for key, info in listed.items())
+        if moved:  # something changed meanwhile: a pipeline's write, or a replacement committed
+            again = self._get_or_none(run_key)
+            if again is None or _generation_of(decode_run_log(again.body, self._url(run_key))) != _generation_of(
+                    fields_):
+                return None
+        intent = _intent_of(fields_)
+        logs: List[Tuple[Tuple[int, str], str, Dict[str, Any]]] = []
+        names = {key[len(folder):]: key for key in stored}
+        positions = {name: number for number, name in enumerate((intent or {}).get("logs", {}))}
+        for name in positions:
+            names.setdefault(name, folder + name)
+        for name, key in names.items():
+            log = self._visible(name, stored.get(key), intent)
+            if log is not None:
+                order = self._order_of(name, stored.get(key), intent, positions)
+                logs.append((order, self._kind_of(key, folder), log))
+        logs.sort(key=lambda item: item[0])
+        # The version of exactly what was read: a later check against RunLog.json and a LIST then fails if
+        # anything changed since, even when part of it was read newer than listed.
+        version = chunked_version(run.etag, {key[len(folder):]: stored[key].etag for key in stored})
+        return assemble_run_log(public(fields_), [log for _o, kind, log in logs if kind == "step"],
+                                [log for _o, kind, log in logs if kind == "branch"], self.where(run_id)), version
 
-        def tagged(stored: S3Object) -> bool:
-            return stored.metadata.get(_REPLACED_BY, generation) == generation
+    def _visible(self, name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]]
+                 ) -> Optional[Dict[str, Any]]:
+        """What a reader sees of log object `name` (see the protocol above): a log's own fields, or None."""
+        if intent:
+            begun = intent["begin"].get(name)
+            if begun is not None and stored is not None and same_etag(stored.etag, begun):
+                new = intent["logs"].get(name)
+                return dict(new) if new is not None else None
+            if begun is None and stored is None and name in intent["logs"]:
+                return dict(intent["logs"][name])
+        if stored is None:
+            return None
+        return _live_log(stored.body, self._url(stored.key))
 
-        # A log listed with the ETag of the version this process holds is those bytes: no GET. (A
-        # replacement may have re-tagged the same bytes: those are fetched.)
-        bodies = {key: stored for key, stored in self._held_versions(listed).items() if tagged(stored)}
-        bodies.update(self._get_many([key for key in listed if key not in bodies]))
-        if len(bodies) < len(listed) or not all(tagged(stored) for stored in bodies.values()):
-            return None  # a log was deleted or rewritten by a replacement since the run object was read
-        steps: List[Dict[str, Any]] = []
-        branches: List[Dict[str, Any]] = []
-        for key in sorted(bodies, key=lambda key: _creation_order(bodies[key])):
-            log = decode_log_object(bodies[key].body, self._url(key))
-            (steps if self._kind_of(key, folder) == "step" else branches).append(log)
-        return assemble_run_log(fields_, steps, branches, self.where(run_id))
+    @staticmethod
+    def _order_of(name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]],
+                  positions: Mapping[str, int]) -> Tuple[int, str]:
+        # A replacement's logs in its document's order (the numbers its roll-forward stores), others by
+        # their own creation time.
+        if intent and name in positions and (stored is None or same_etag(stored.etag, intent["begin"].get(name, ""))):
+            return int(intent["created"]) + positions[name], name
+        return _creation_order(stored) if stored is not None else (0, name)
 
     def _held_versions(self, listed: Mapping[str, ObjectInfo]) -> Dict[str, S3Object]:
+        # A log listed with the ETag of the version this process holds is those bytes: no GET.
         with self._lock():
             held = {key: self._versions.get(key) for key in listed}
         return {
             key: S3Object(key, version.body, version.etag, listed[key].last_modified, dict(version.metadata or {}))
             for key, version in held.items()
-            if version is not None and version.etag == listed[key].etag
+            if version is not None and same_etag(version.etag, listed[key].etag)
         }
 
-    def _being_replaced(self, run_id: str, fields_: Dict[str, Any], token: str) -> Optional[Dict[str, Any]]:
-        # Mid-replacement the run log is the new one: its logs from the replacement object, the run's own
-        # fields (updated since, maybe) from the run object. None when the replacement ended meanwhile.
-        key = self._replacement_key(run_id, token)
-        try:
-            stored = self.client.get_object(key)
-        except NotFoundError as exc:
-            if isinstance(exc, NoSuchBucketError):
-                raise
-            return None
-        chunks = _chunks_of_run(decode_run_log(stored.body, self._url(key)))
-        if self._abandoned(token):
-            logger.warning(
-                "%s: a put that replaces it started %.0f s ago and has not finished (its writer may have "
-                "stopped); showing the run log it writes; put it again with --force to finish it",
-                self.where(run_id), wall_clock() - _token_time(token),
-            )
-        steps = [own for kind, own in chunks if kind == "step"]
-        return assemble_run_log(fields_, steps, [own for kind, own in chunks if kind == "branch"], self.where(run_id))
-
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
-        """A step log's own fields (its branches are their own objects): one GET, or none when this
-        process wrote the step: a step's object is written by the process that runs the step alone."""
-        key = self.chunk_key(run_id, "step", internal_name)
-        with self._lock():
-            version = self._versions.get(key) if key in self._written else None
-        if version is None:
-            return self._read_chunk(run_id, "step", internal_name)
-        document = _json_copy(version.document) if version.document is not None else decode_log_object(
-            version.body, self._url(key))
-        document.setdefault("branches", {})
-        return document
+        """A step log's own fields (its branches are their own objects): its GET and RunLog.json's, at once."""
+        return self._read_chunk(run_id, "step", internal_name)
 
     def read_branch(self, run_id: str, internal_name: str) -> Dict[str, Any]:
-        """A branch log's own fields, or the run object for '' (the base dag): one GET."""
+        """A branch log's own fields, or the run object for '' (the base dag)."""
         if not internal_name:
             return self.read(run_id, full=False)
         return self._read_chunk(run_id, "branch", internal_name)
 
     def _read_chunk(self, run_id: str, kind: str, internal_name: str) -> Dict[str, Any]:
+        # The log's object and RunLog.json, fetched together: a replacement under way decides what shows.
         key = self.chunk_key(run_id, kind, internal_name)
-
-        def missing() -> RunlogS3Error:
-            # Which is missing, the log or the whole run? A run this process has seen needs no HEAD
-            # (runnable and magnus look a branch log up before they create it, once per branch).
-            if self._run_identity(run_id) not in _KNOWN_RUNS and not self.exists(run_id):
-                return self._not_found(run_id)
-            return LogNotFoundError(f"{kind} log {internal_name!r} is not in run log {run_id!r} ({self._url(key)})")
-
-        stored = self._get(key, missing)
-        document = decode_log_object(stored.body, self._url(key))
-        self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)  # a rewrite is one PUT
+        run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+        if run is None:
+            raise self._not_found(run_id)
         self._known_run(run_id)
+        run_object = decode_run_log(run.body, self._url(run.key))
+        self._remember(run.key, run.etag, run.body, metadata=run.metadata or None)
+        name, intent = key[len(self.folder(run_id)):], _intent_of(run_object)
+        if stored is not None and not (intent and same_etag(stored.etag, intent["begin"].get(name, ""))):
+            # A base for the next rewrite (one PUT) and for parameters diffed against it: only when it is what
+            # the reader is shown, not an object a replacement under way stands in for.
+            self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)
+        document = self._visible(name, stored, intent)
+        if document is None:
+            raise _log_not_found(kind, internal_name, run_id, self._url(key))
         document.setdefault(_CHUNK_CHILDREN[kind], {})
         return document
 
     def _get_many(self, keys: List[str]) -> Dict[str, S3Object]:
         """GET the keys from a bounded pool of threads; a key deleted since the LIST is left out."""
+        return {key: result for key, result in zip(keys, self._in_pool(self._get_or_none, keys)) if result is not None}
 
-        def get(key: str) -> Optional[S3Object]:
-            try:
-                return self.client.get_object(key)
-            except NotFoundError as exc:
-                if isinstance(exc, NoSuchBucketError):
-                    raise
-                return None
-
-        return {key: result for key, result in zip(keys, self._in_pool(get, keys)) if result is not None}
-
-    @staticmethod
-    def _kind_of(key: str, folder: str) -> str:
-        name = key[len(folder):]
-        for prefix, kind in _CHUNK_KINDS.items():
-            if name.startswith(prefix) and name.endswith(RUN_LOG_SUFFIX) and "/" not in name:
-                return kind
-        return ""
+    def has_objects(self, run_id: str) -> bool:
+        """Whether anything is stored under the run's folder (a run, or the leftovers of one)."""
+        return any(True for _info in self.client.list_objects(self.folder(run_id)))
 
     # Writing.
 
     def create(self, document: Dict[str, Any]) -> None:
-        """Store a new run's object, and any logs it carries; RunLogExistsError if the run is there."""
+        """Store a new run's object, with the logs it carries at once (one commit point);
+        RunLogExistsError if the run is there."""
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            check_input(document, "the run log to create")
+            logs = self._prepare_logs(run_id, _chunks_of_run(document))
+            # Objects left under the folder (a late writer after an rm) would join the new run: a create that
+            # finds any replaces them, as a create with logs always does. One LIST per run.
+            if logs or self.has_objects(run_id):
+                self._replace(run_id, _run_fields(document), logs, creating=True)
+                return
+            self._create_object(
+                self.key(run_id),
+                self._encode(_run_fields(document)),
+                lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
+                metadata=self._creator_tags(),
+            )
+            self._known_run(run_id)
+
+    def replace(self, document: Dict[str, Any]) -> None:
+        """Replace the run: afterwards it holds exactly `document`'s logs, but for logs that writers
+        change while it runs (theirs are newer). Readers see the old run log or the new one, never a mix,
+        even if this stops halfway (see the protocol above)."""
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            check_input(document, "the run log to write")
+            self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
+                          creating=False)
+
+    def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
+        """Replace the run only if its version is still `etag` (read_version's): PreconditionFailedError if
+        any object changed since. A log a pipeline writes after the check is kept (it is newer)."""
+        with _Writing(self.client):
+            run_id = document["run_id"]
+            check_input(document, "the run log to write")
+            self._replace(run_id, _run_fields(document), self._prepare_logs(run_id, _chunks_of_run(document)),
+                          creating=False, expected=etag)
+
+    def check_writable(self, document: Mapping[str, Any]) -> None:
         run_id = document["run_id"]
-        check_run_log(document, "the run log to create")
-        chunks = self._prepare_chunks(run_id, _chunks_of_run(document))
-        body = encode_run_log(_run_fields(document))
-        self._create_object(
-            self.key(run_id),
-            body,
-            lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
-            metadata=self._creator_tags(),
-        )
-        self._known_run(run_id)
-        self._put_chunks(chunks, replace=True)
+        _check_write_size(encode_run_log(_run_fields(document)), self._url(self.key(run_id)))
+        self._prepare_logs(run_id, _chunks_of_run(document))
 
-    def write(self, document: Dict[str, Any]) -> None:
-        """Replace the run: afterwards it holds exactly `document`'s logs (the last writer wins for each).
-        A reader sees the old run log or the new one, never a mix, even if this stops halfway."""
-        run_id = document["run_id"]
-        check_run_log(document, "the run log to write")
-        chunks = self._prepare_chunks(run_id, _chunks_of_run(document))
-        key, folder = self.key(run_id), self.folder(run_id)
-        body = encode_run_log(_run_fields(document))
-        _check_write_size(body, self._url(key))
-        replacement = encode_run_log(document)
-        _check_write_size(replacement, self.where(run_id))
-        token = self._begin_replacement(run_id, body, replacement)
-        self._known_run(run_id)
-        self._put_chunks(chunks, replace=True, metadata={_REPLACED_BY: token})
-        carried = {chunk_key for chunk_key, _body in chunks}
-        listed = [info.key for info in self.client.list_objects(folder)]
-        dropped = [listed_key for listed_key in listed if self._kind_of(listed_key, folder) and listed_key not in carried]
-        ours = self._replacement_key(run_id, token)
-        abandoned = [listed_key for listed_key in listed
-                     if listed_key.startswith(folder + REPLACEMENT_PREFIX) and listed_key != ours]
-        self._in_pool(self.client.delete_object, dropped + abandoned)
-        self._forget(dropped)
+    def _prepare_logs(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+        """{object name: own fields} of each log, every key and size checked before anything is written."""
+        folder = self.folder(run_id)
+        prepared = {}
+        for kind, own in chunks:
+            key = self.chunk_key(run_id, kind, own.get("internal_name"))
+            _check_write_size(encode_run_log(own), self._url(key))
+            prepared[key[len(folder):]] = own
+        return prepared
 
-        def end(metadata: Dict[str, str]) -> None:
-            if metadata.get(_REPLACING) == token:
-                del metadata[_REPLACING]
-
-        self._mutate_object(key, lambda _document: None, decode_run_log, lambda: self._not_found(run_id),
-                            change_metadata=end)
-        self.client.delete_object(ours)
-
-    def _begin_replacement(self, run_id: str, body: bytes, replacement: bytes) -> str:
-        """Store the new run log whole, then mark the run object as being replaced by it (the commit
-        point, If-Match): returns the replacement's token. Waits while another replacement holds the mark,
-        unless it was abandoned or is this same replacement (a put run again after it stopped)."""
-        key, where = self.key(run_id), self.where(run_id)
-        token = f"{int(wall_clock() * 1e9)}-{os.urandom(4).hex()}"
-        self.client.put_object(self._replacement_key(run_id, token), replacement)
+    def _replace(self, run_id: str, fields_: Dict[str, Any], logs: Dict[str, Dict[str, Any]], creating: bool,
+                 expected: str = "") -> None:
+        run_key, folder, where = self.key(run_id), self.folder(run_id), self.where(run_id)
+        token = new_token()
         deadline = self._clock() + self.client.config.conflict_timeout
         rounds = 0
         while True:
             rounds += 1
+            run = self._get_or_none(run_key)
+            if run is not None and creating:
+                raise RunLogExistsError(f"a run log for run id {run_id!r} already exists at {where}")
+            if run is not None:
+                _require_strong_etag(run.etag, run_key, self.client)
+            current = decode_run_log(run.body, self._url(run_key)) if run is not None else {}
+            pending = _intent_of(current)
+            if pending:  # another replacement committed and has not finished: finish it first
+                self._finish(run_id, pending)
+                if expected:
+                    continue  # the run changed (it was being replaced): the check below refuses
+                self._next_round(rounds, deadline, where, "other replacements kept committing", doing="replacing",
+                                 remedy="try again when they have finished")
+                continue
+            begin = {info.key[len(folder):]: info.etag for info in self.client.list_objects(folder)
+                     if self._kind_of(info.key, folder)}
+            if expected and (run is None or not same_etag(chunked_version(run.etag, begin), expected)):
+                raise PreconditionFailedError(f"{where} changed since version {expected}; nothing written",
+                                              operation="PUT", code="PreconditionFailed", status=412,
+                                              bucket=self.client.bucket, key=run_key)
+            intent = {"token": token, "since": self.client.server_now() or wall_clock(), "created": time.time_ns(),
+                      "logs": logs, "begin": begin}
+            new = dict(fields_, **{STORE_FIELD: {"generation": _generation_of(current) + 1, "replacing": intent}})
+            body = self._encode(new)
+            _check_write_size(body, self._url(run_key))
+            creator = (run.metadata.get(WRITTEN_BY, "") if run is not None else "") or self.writer
+            metadata = {WRITTEN_BY: creator} if creator else None
             try:
-                stored: Optional[S3Object] = self.client.get_object(key)
+                if run is None:
+                    etag = self.client.put_object(run_key, body, if_none_match=True, metadata=metadata)
+                else:
+                    etag = self.client.put_object(run_key, body, if_match=run.etag, metadata=metadata)
+            except PreconditionFailedError as exc:
+                stored = self._get_or_none(run_key) if exc.after_lost_reply else None
+                ours = stored is not None and (_intent_of(decode_run_log(stored.body, self._url(run_key))) or {}).get(
+                    "token") == token
+                if not ours:
+                    # Refused; or our commit landed, its reply lost, and was finished or changed since:
+                    # replace again (a replacement applied twice leaves the same run), with a new token.
+                    self.conflicts += 1
+                    token = new_token()
+                    self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
+                    continue
+                assert stored is not None
+                etag, body, metadata = stored.etag, stored.body, dict(stored.metadata) or metadata
+                intent = _intent_of(decode_run_log(body, self._url(run_key))) or intent
+            self._remember(run_key, etag, body, metadata=metadata)
+            break
+        self._known_run(run_id)
+        try:
+            self._finish(run_id, intent)
+        except RunlogS3Error as exc:  # committed: readers see the new run log; the next writer finishes it
+            logger.warning("%s: replaced; writing its logs failed (%s); the next put or writer finishes it",
+                           where, exc)
+
+    def _finish(self, run_id: str, intent: Mapping[str, Any]) -> None:
+        """Roll a committed replacement forward, then clear its intent (see the protocol above)."""
+        folder, token = self.folder(run_id), intent["token"]
+        begin, logs = intent["begin"], intent["logs"]
+        order = {name: number for number, name in enumerate(logs)}
+
+        def roll_forward(name: str) -> None:
+            key = folder + name
+            if name in logs:
+                document = dict(logs[name], **{STORE_FIELD: {"replacement": token}})
+                metadata = {_CREATED: str(int(intent["created"]) + order[name])}
+            else:
+                internal_name = urllib.parse.unquote(name[name.index("-") + 1:-len(RUN_LOG_SUFFIX)])
+                document = {"internal_name": internal_name, STORE_FIELD: {"removed_by": token}}
+                metadata = {}
+            body = self._encode(document)
+            try:
+                if name in begin:
+                    etag = self.client.put_object(key, body, if_match=begin[name], metadata=metadata)
+                else:
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+            except PreconditionFailedError as exc:
+                # A newer write is there (or this step was done already): it stays. Unless the object is still
+                # as listed: then the server refuses the ETag its own LIST gave, and going on would mix.
+                now = self._get_or_none(key) if name in begin else None
+                if now is not None and same_etag(now.etag, begin[name]) and not exc.after_lost_reply:
+                    raise S3Error(
+                        f"{self._url(key)}: the server refused If-Match with the ETag its LIST gave ({begin[name]}); "
+                        "the replacement stays committed and unfinished (readers see it whole): run `runlog-s3 check`",
+                        operation="PUT", code="ETagMismatch", bucket=self.client.bucket, key=key) from exc
+                return
             except NotFoundError as exc:
                 if isinstance(exc, NoSuchBucketError):
                     raise
-                stored = None
-            held = stored.metadata.get(_REPLACING, "") if stored is not None else ""
-            if stored is not None and held == token:  # ours landed, its reply lost
-                self._remember(key, stored.etag, stored.body, metadata=stored.metadata)
-                return token
-            if held and not self._abandoned(held) and self._replacement_body(run_id, held) != replacement:
-                started = wall_clock() - _token_time(held)
-                self._next_round(
-                    rounds, deadline, where, f"another put has been replacing it (it started {started:.0f} s ago)",
-                    doing="replacing", remedy="try again when it has finished",
-                )
-                continue
-            # The run object keeps who created the run (written-by) through the replacement.
-            creator = (stored.metadata.get(WRITTEN_BY, "") if stored is not None else "") or self.writer
-            marked = {_REPLACED_BY: token, _REPLACING: token, **({WRITTEN_BY: creator} if creator else {})}
-            try:
-                etag = self.client.put_object(
-                    key, body, metadata=marked, if_match=stored.etag if stored is not None else "",
-                    if_none_match=stored is None,
-                )
-            except PreconditionFailedError:
-                self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
-                continue
-            self._remember(key, etag, body, metadata=marked)
-            return token
+                return  # deleted since (rm)
+            self._remember(key, etag, body, metadata=metadata)
 
-    def _replacement_key(self, run_id: str, token: str) -> str:
-        return self.folder(run_id) + f"{REPLACEMENT_PREFIX}{token}{RUN_LOG_SUFFIX}"
+        self._in_pool(roll_forward, sorted(set(logs) | set(begin)))
 
-    def _replacement_body(self, run_id: str, token: str) -> Optional[bytes]:
+        def clear(run_object: Dict[str, Any]) -> None:
+            if (_intent_of(run_object) or {}).get("token") == token:
+                del run_object[STORE_FIELD]["replacing"]
+
         try:
-            return self.client.get_object(self._replacement_key(run_id, token)).body
-        except NotFoundError as exc:
-            if isinstance(exc, NoSuchBucketError):
-                raise
-            return None
+            self._mutate_object(self.key(run_id), clear, decode_run_log, lambda: self._not_found(run_id))
+        except RunLogNotFoundError:
+            pass  # deleted since (rm): nothing left to clear
 
-    def _abandoned(self, token: str) -> bool:
-        # A replacement still marked after conflict_timeout was stopped halfway: the next put may take over.
-        return wall_clock() - _token_time(token) > self.client.config.conflict_timeout
+    def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
+        """RunLog.json (the run's own fields) and its ETag: one GET."""
+        stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
+        return public(decode_run_log(stored.body, self._url(stored.key))), stored.etag
+
+    def unfinished_replacement(self, run_id: str) -> str:
+        """The token of a replacement committed and not yet finished ('' when none): one GET."""
+        stored = self._get_or_none(self.key(run_id))
+        if stored is None:
+            return ""
+        return str((_intent_of(decode_run_log(stored.body, self._url(stored.key))) or {}).get("token", ""))
+
+    def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
+        """A compare-and-swap of the run object; a replacement found there unfinished after
+        REPLACEMENT_GRACE (its writer stopped) is finished."""
+        with _Writing(self.client):
+            document = super().mutate(run_id, change)
+            intent = _intent_of(document)
+            if intent is not None:
+                now = self.client.server_now() or wall_clock()
+                if now - float(intent.get("since") or 0) > REPLACEMENT_GRACE:
+                    logger.info("%s: finishing a replacement its writer left unfinished", self.where(run_id))
+                    self._finish(run_id, intent)
+            return document
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
-        """Set a step log's object (one PUT when new or last written here); logs it carries are added if absent."""
-        own = _own_fields("step", step_log)
-        self.chunk_key(run_id, "step", own.get("internal_name"))
-        children = self._prepare_chunks(run_id, list(_chunks_under("step", step_log)))
-        self._check_run(run_id)
-        self._replace_chunk(run_id, "step", own)
-        self._put_chunks(children, replace=False)
+        """Set a step log's object (one PUT when new or last written here); logs it carries are added if
+        absent. A step in a branch needs that branch (BranchLogNotFoundError, as the frameworks raise)."""
+        with _Writing(self.client):
+            own = _own_fields("step", step_log)
+            self.chunk_key(run_id, "step", own.get("internal_name"))
+            children = self._prepare_logs(run_id, list(_chunks_under("step", step_log)))
+            self._check_run(run_id)
+            self._write_log(run_id, "step", own)
+            self._add_logs(run_id, children)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
-        """Set a branch log's object; logs it carries are added if absent."""
-        own = _own_fields("branch", branch_log)
-        self.chunk_key(run_id, "branch", own.get("internal_name"))
-        children = self._prepare_chunks(run_id, list(_chunks_under("branch", branch_log)))
-        self._check_run(run_id)
-        self._replace_chunk(run_id, "branch", own)
-        self._put_chunks(children, replace=False)
+        """Set a branch log's object; logs it carries are added if absent. It needs a step to belong to."""
+        with _Writing(self.client):
+            own = _own_fields("branch", branch_log)
+            self.chunk_key(run_id, "branch", own.get("internal_name"))
+            children = self._prepare_logs(run_id, list(_chunks_under("branch", branch_log)))
+            self._check_run(run_id)
+            self._write_log(run_id, "branch", own)
+            self._add_logs(run_id, children)
+
+    def _write_log(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
+        # The whole log is set, whatever was stored: the result does not depend on the version it replaces.
+        def set_log(document: Dict[str, Any]) -> None:
+            document.clear()
+            document.update(_written_once(own))
+
+        self._mutate_object(
+            self.chunk_key(run_id, kind, own["internal_name"]), set_log, _live_log, None,
+            new_metadata=lambda: {_CREATED: str(time.time_ns())},
+            before_create=lambda: self._check_parent(run_id, kind, own["internal_name"]),
+        )
+
+    def _check_parent(self, run_id: str, kind: str, internal_name: str) -> None:
+        """Before a log is created: its parent exists (a step's branch, a branch's step) as a reader sees it,
+        a replacement under way deciding. Its GET and RunLog.json's at once (a branch's name with dots
+        may need one GET per dot)."""
+        folder = self.folder(run_id)
+        if kind == "step":
+            parent = internal_name.rpartition(".")[0]
+            if not parent:
+                return  # a step of the run itself: the run is checked
+            candidates = [self.chunk_key(run_id, "branch", parent)]
+        else:
+            candidates = [self.chunk_key(run_id, "step", name) for name in _parent_names(internal_name)]
+        run, *found = self._in_pool(self._get_or_none, [self.key(run_id)] + candidates)
+        if run is None:
+            raise self._not_found(run_id)
+        intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
+        if any(self._visible(key[len(folder):], stored, intent) is not None for key, stored in zip(candidates, found)):
+            return
+        missing = "branch" if kind == "step" else "step"
+        name = internal_name.rpartition(".")[0] if kind == "step" else next(_parent_names(internal_name), "")
+        raise LogNotFoundError(
+            f"{missing} log {name!r} is not in run log {run_id!r}: {kind} log {internal_name!r} has no "
+            f"{missing} to belong to; add the {missing} log first", kind=missing,
+        )
+
+    def _add_logs(self, run_id: str, logs: Dict[str, Dict[str, Any]]) -> None:
+        # Logs a parent carries are added where absent: a write of a parent never undoes a child.
+        folder, first = self.folder(run_id), time.time_ns()
+
+        def add(numbered: Tuple[int, str]) -> None:
+            number, name = numbered
+            key, metadata = folder + name, {_CREATED: str(first + number)}
+            body = self._encode(_written_once(logs[name]))
+            if self._create_object(key, body, None, metadata=metadata):
+                return
+            stored = self._get_or_none(key)  # there: a log, or a tombstone, which counts as absent
+            if stored is not None and _live_log(stored.body, self._url(key)) is None:
+                try:
+                    self._remember(key, self.client.put_object(key, body, if_match=stored.etag, metadata=metadata),
+                                   body, metadata=metadata)
+                except PreconditionFailedError:
+                    pass  # written meanwhile: that log stays
+
+        self._in_pool(add, list(enumerate(logs)))
 
     def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
-        """Add or overwrite the parameters of a branch: a compare-and-swap of the branch's object."""
-        if not internal_name:
-            self.set_parameters(run_id, parameters)
-            return
-        key = self.chunk_key(run_id, "branch", internal_name)
-
-        def missing() -> RunlogS3Error:
-            return LogNotFoundError(f"branch log {internal_name!r} is not in run log {run_id!r} ({self._url(key)})")
-
-        if parameters:
-            self._mutate_object(key, lambda document: update_parameters(document, parameters), decode_log_object,
-                                missing, unchanged_is_done=True)
+        """Add or overwrite the parameters of a branch: a compare-and-swap of the branch's object, applied
+        to the branch as a replacement under way shows it."""
+        with _Writing(self.client):
+            if not internal_name:
+                self.set_parameters(run_id, parameters)
+                return
+            key = self.chunk_key(run_id, "branch", internal_name)
+            changed = self._changed_parameters(key, lambda document: document, parameters)
+            if not changed:
+                return
+            deadline = self._clock() + self.client.config.conflict_timeout
+            rounds = 0
+            while True:
+                rounds += 1
+                run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+                if run is None:
+                    raise self._not_found(run_id)
+                intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
+                branch = self._visible(key[len(self.folder(run_id)):], stored, intent)
+                if branch is None:
+                    raise _log_not_found("branch", internal_name, run_id, self._url(key))
+                update_parameters(branch, changed)
+                body = self._encode(_written_once(branch))
+                _check_write_size(body, self._url(key))
+                metadata = dict(stored.metadata) if stored is not None else {_CREATED: str(time.time_ns())}
+                try:
+                    if stored is None:
+                        etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+                    else:
+                        _require_strong_etag(stored.etag, key, self.client)
+                        etag = self.client.put_object(key, body, if_match=stored.etag, metadata=metadata)
+                except PreconditionFailedError:
+                    self.conflicts += 1
+                    self._next_round(rounds, deadline, self._url(key), "other writers kept changing it")
+                    continue
+                self._remember(key, etag, body, branch, metadata)
+                return
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
-        """Set the run's own fields; its parameters and run config gain only what is new; steps it
-        carries are added if absent."""
-        fields_ = {name: value for name, value in run_log.items() if name != "steps"}
-        chunks = self._prepare_chunks(run_id, _chunks_of_run(run_log))
-        self.mutate(run_id, lambda document: put_run_fields(document, fields_))
-        self._put_chunks(chunks, replace=False)
+        """put_run_log: the run's own fields; its parameters and run config gain only what is new; logs it
+        carries are added where absent, stored ones kept. A run not created yet is created with them."""
+        with _Writing(self.client):
+            fields_ = {name: value for name, value in run_log.items() if name != "steps"}
+            logs = self._prepare_logs(run_id, _chunks_of_run(run_log))
+            try:
+                self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+            except RunLogNotFoundError:
+                try:
+                    self.create(dict(run_log))
+                    return
+                except RunLogExistsError:
+                    self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+            self._add_logs(run_id, logs)
 
-    def delete(self, run_id: str) -> int:
-        """Delete every object of the run, its own object last (so a failed rm can be run again)."""
-        folder = self.folder(run_id)
-        keys = [info.key for info in self.client.list_objects(folder)]
-        if not keys:
-            raise self._not_found(run_id)
-        run_key = self.key(run_id)
-        others = [key for key in keys if key != run_key]
-        self._in_pool(self.client.delete_object, others)
-        if run_key in keys:
-            self.client.delete_object(run_key)
-        self._forget(keys)
-        _KNOWN_RUNS.discard(self._run_identity(run_id))
-        return len(keys)
+    def delete(self, run_id: str, if_match: str = "") -> int:
+        """Delete every object of the run, its own object first (readers then find no run at once; what a
+        failed rm, or a late writer, leaves is found and removed by the next rm). With if_match, only if
+        the run object is still that version (PreconditionFailedError otherwise, nothing deleted)."""
+        with _Writing(self.client):
+            folder = self.folder(run_id)
+            listed = {info.key: info.etag for info in self.client.list_objects(folder)}
+            if not listed:
+                raise self._not_found(run_id)
+            run_key = self.key(run_id)
+            if run_key in listed and not self._delete_if_unchanged(run_key, if_match or listed[run_key]):
+                raise PreconditionFailedError(f"{self.where(run_id)}: its {CHUNK_RUN_OBJECT} was written since it "
+                                              "was checked; nothing deleted", operation="DELETE", status=412,
+                                              code="PreconditionFailed", bucket=self.client.bucket, key=run_key)
+            others = [key for key in listed if key != run_key]
+            deleted = self._in_pool(lambda key: self._delete_if_unchanged(key, listed[key]), others)
+            kept = [key for key, done in zip(others, deleted) if not done]
+            self._forget(list(listed))
+            _known_runs().discard(self._run_identity(run_id))
+            if kept:
+                raise ConflictError(
+                    f"{self.where(run_id)}: {len(kept)} of its objects were written while rm ran and were kept (a "
+                    f"pipeline still writing it?); ls lists what is left; rm {run_id} again to delete it")
+            return len(listed)
 
     def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
-        """The chunked runs in a top-level listing: each folder's objects counted and sized (one LIST each)."""
+        """The chunked runs in a top-level listing (a folder holding RunLog.json or a log object: the
+        leftovers of a run are listed too), each folder's objects counted and sized (one LIST each)."""
         prefix = self._list_prefix()
         folders = [info.key for info in entries if info.key.endswith("/") and not info.size and not info.etag]
 
         def summary(folder: str) -> Optional[ObjectInfo]:
             objects = list(self.client.list_objects(folder))
-            if not any(info.key == folder + CHUNK_RUN_OBJECT for info in objects):
+            if not any(info.key == folder + CHUNK_RUN_OBJECT or self._kind_of(info.key, folder) for info in objects):
                 return None  # a folder, but not a run of this layout
             return ObjectInfo(
                 folder[len(prefix):-1],
@@ -2413,20 +3055,9 @@ class ChunkedS3RunLogs(S3RunLogs):
         runs = [run for run in self._in_pool(summary, folders) if run is not None]
         return sorted(runs, key=lambda run: (run.last_modified, run.key))
 
-    def _prepare_chunks(self, run_id: str, chunks: List[Tuple[str, Dict[str, Any]]]) -> List[Tuple[str, bytes]]:
-        """(key, body) of each chunk, every key and size checked before the first PUT: a log that cannot be
-        stored fails the whole call, never after its parent and siblings were written."""
-        prepared = []
-        for kind, own in chunks:
-            key = self.chunk_key(run_id, kind, own.get("internal_name"))
-            body = encode_run_log(own)
-            _check_write_size(body, self._url(key))
-            prepared.append((key, body))
-        return prepared
-
     def _check_run(self, run_id: str) -> None:
         # A step written to a run that does not exist would be an orphan: look once per run and process.
-        if self._run_identity(run_id) not in _KNOWN_RUNS:
+        if self._run_identity(run_id) not in _known_runs():
             if not self.exists(run_id):
                 raise self._not_found(run_id)
             self._known_run(run_id)
@@ -2435,33 +3066,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         return self.client.object_url(self.key(run_id))  # endpoint, bucket and key
 
     def _known_run(self, run_id: str) -> None:
-        _KNOWN_RUNS.add(self._run_identity(run_id))
-
-    def _replace_chunk(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
-        def replace(document: Dict[str, Any]) -> None:
-            document.clear()
-            document.update(own)
-
-        key = self.chunk_key(run_id, kind, own.get("internal_name"))
-        self._mutate_object(key, replace, decode_log_object, None, lambda: {_CREATED: str(time.time_ns())},
-                            unchanged_is_done=kind == "step")
-
-    def _put_chunks(
-        self, chunks: List[Tuple[str, bytes]], *, replace: bool, metadata: Optional[Dict[str, str]] = None
-    ) -> None:
-        # replace: last writer wins (put_run_log); else only where absent (a parent never undoes a child).
-        # Creation times in the document's order keep that order when the run is assembled.
-        first = time.time_ns()
-
-        def put(numbered: Tuple[int, Tuple[str, bytes]]) -> None:
-            number, (key, body) = numbered
-            tags = {_CREATED: str(first + number), **(metadata or {})}
-            if replace:
-                self._remember(key, self.client.put_object(key, body, metadata=tags), body, metadata=tags)
-            else:
-                self._create_object(key, body, None, metadata=tags)
-
-        self._in_pool(put, list(enumerate(chunks)))
+        _known_runs().add(self._run_identity(run_id))
 
     @staticmethod
     def _in_pool(function: Callable[[Any], Any], items: List[Any]) -> List[Any]:
@@ -2473,24 +3078,13 @@ class ChunkedS3RunLogs(S3RunLogs):
             return list(pool.map(function, items))
 
 
-_CREATED = "created-ns"  # x-amz-meta-created-ns: when the chunk was first written, kept on rewrites
-
-# A replacement (put_run_log, put --force) rewrites many objects, yet a reader sees the old run log or
-# the new one, never a mix. The writer stores the whole new run log as Replacement-<token>.json, then
-# marks RunLog.json "replacing: <token>" with If-Match (the commit point; replacements of a run take
-# turns), rewrites the logs tagged "replaced-by: <token>", deletes the logs it does not carry, and
-# clears the mark. A reader that finds the mark serves the new run log from the replacement object; one
-# that finds a listed log gone, or tagged by a replacement RunLog.json does not name, read across a
-# replacement and reads again. Pipeline writes keep an object's tags; a log they create has none.
-_REPLACING = "replacing"
-_REPLACED_BY = "replaced-by"
-REPLACEMENT_PREFIX = "Replacement-"
+def _log_not_found(kind: str, internal_name: str, run_id: str, where: str) -> LogNotFoundError:
+    return LogNotFoundError(f"{kind} log {internal_name!r} is not in run log {run_id!r} ({where})", kind=kind)
 
 
-def _token_time(token: str) -> float:
-    """When a replacement began (its token is <wall-clock ns>-<random>); 0 for a token not of that form."""
-    start = token.partition("-")[0]
-    return int(start) / 1e9 if start.isdigit() else 0.0
+def unfinished_replacement(run_logs: S3RunLogs, run_id: str) -> str:
+    """The token of a chunked run's replacement committed but not finished ('' for none, or the s3 layout)."""
+    return run_logs.unfinished_replacement(run_id) if isinstance(run_logs, ChunkedS3RunLogs) else ""
 
 
 def _creation_order(stored: S3Object) -> Tuple[int, str]:
@@ -2499,17 +3093,13 @@ def _creation_order(stored: S3Object) -> Tuple[int, str]:
     created = stored.metadata.get(_CREATED, "")
     if created.isdigit():
         return int(created), stored.key
-    try:
-        from email.utils import parsedate_to_datetime  # Last-Modified is an HTTP date
-
-        return int(parsedate_to_datetime(stored.last_modified).timestamp() * 1e9), stored.key
-    except (TypeError, ValueError):
-        return 0, stored.key
+    modified = parse_http_date(stored.last_modified)
+    return (int(modified * 1e9) if modified is not None else 0), stored.key
 
 
 def _run_fields(document: Mapping[str, Any]) -> Dict[str, Any]:
     """The run object of the chunked layout: the run log without its steps."""
-    return _json_copy({name: value for name, value in document.items() if name != "steps"})
+    return _json_copy({name: value for name, value in document.items() if name not in ("steps", STORE_FIELD)})
 
 
 def _chunks_of_run(document: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
@@ -2563,11 +3153,10 @@ class _StoreCore:
         """The shared credentials file (the local-container integrations mount it)."""
         return os.path.expanduser(self.config.aws_credentials_file)
 
-    def _call(
-        self, run_id: str, operation: Callable[..., Any], *args: Any, name: str = "", missing: str = "BranchLogNotFoundError"
-    ) -> Any:
-        # Our errors become the framework's own, keeping our message. `missing` is the framework's name
-        # for a step or branch log that is not there.
+    def _call(self, run_id: str, operation: Callable[..., Any], *args: Any, missing: Tuple[str, str] = ("", "")) -> Any:
+        # Our errors become the framework's own, keeping our message. `missing` is what the framework's
+        # base class raises when a log this operation needs is not there: its error's name and the name
+        # of the log it reports (a step's branch for add_step_log, a branch's step for add_branch_log).
         error: RunlogS3Error
         error_args: Tuple[str, ...]
         try:
@@ -2577,7 +3166,7 @@ class _StoreCore:
         except RunLogExistsError as exc:
             error, error_args = exc, ("RunLogExistsError", run_id)
         except LogNotFoundError as exc:
-            error, error_args = exc, (missing, run_id, name)
+            error, error_args = exc, (missing[0] or "BranchLogNotFoundError", run_id, missing[1])
         framework_error = self._errors.get(error_args[0])
         if framework_error is None:
             raise error
@@ -2612,16 +3201,22 @@ def _say_config_error_last() -> None:
 
 
 def _framework_errors(exceptions: Any, names: Tuple[str, ...]) -> Dict[str, type]:
-    """The framework's exception classes, each also one of ours (so it carries our message)."""
+    """The framework's exception classes, each also one of ours: made with the framework's arguments (so
+    it has the framework's attributes: run_id, step_name, branch_name), carrying our message."""
     ours = {"RunLogNotFoundError": RunLogNotFoundError, "RunLogExistsError": RunLogExistsError,
             "StepLogNotFoundError": LogNotFoundError, "BranchLogNotFoundError": LogNotFoundError,
             "JobLogNotFoundError": LogNotFoundError}
 
-    def __init__(self: Any, message: str, *args: Any) -> None:
-        RunlogS3Error.__init__(self, message)
+    def error_class(name: str) -> type:
+        theirs = getattr(exceptions, name)
 
-    return {name: type(name, (ours[name], getattr(exceptions, name)), {"__init__": __init__, "__module__": __name__})
-            for name in names}
+        def __init__(self: Any, message: str, *args: Any) -> None:
+            theirs.__init__(self, *args)  # sets the attributes the framework's callers read
+            RunlogS3Error.__init__(self, message)
+
+        return type(name, (ours[name], theirs), {"__init__": __init__, "__module__": __name__})
+
+    return {name: error_class(name) for name in names}
 
 
 def _installed_version(distribution: str) -> str:
@@ -2671,8 +3266,12 @@ class _MagnusStoreMethods(_StoreCore):
         return self._model("RunLog", self._call(run_id, self.run_logs.read, run_id, full))
 
     def put_run_log(self, run_log: Any, **kwargs: Any) -> None:
-        """Replace the whole run log: the last writer wins (use the add_* methods to merge)."""
-        self.run_logs.write(self._as_dict(run_log))
+        """Set the run's own fields (status, tag, ...): its logs, parameters and run config are kept, logs
+        it carries added where absent, as the frameworks' chunked stores do (a run read without full=False
+        and put back keeps its history). A run not created yet is created. A whole-run replacement is the
+        command line's `put --force`."""
+        run_log = self._as_dict(run_log)
+        self._call(run_log["run_id"], self.run_logs.set_run_fields, run_log["run_id"], run_log)
 
     def update_run_log_status(self, run_id: str, status: str) -> None:
         """Set the run's status."""
@@ -2696,29 +3295,32 @@ class _MagnusStoreMethods(_StoreCore):
 
     def get_step_log(self, internal_name: str, run_id: str, **kwargs: Any) -> Any:
         """A step log by its internal name."""
-        step = self._call(
-            run_id, self.run_logs.read_step, run_id, internal_name, name=internal_name, missing="StepLogNotFoundError"
-        )
+        step = self._call(run_id, self.run_logs.read_step, run_id, internal_name,
+                          missing=("StepLogNotFoundError", internal_name))
         return self._model("StepLog", step)
 
     def add_step_log(self, step_log: Any, run_id: str, **kwargs: Any) -> None:
         """Set a step log in its branch; branches stored under it by other writers are kept."""
         step = self._as_dict(step_log)
         logger.debug("add step log %s to run %s", step.get("internal_name"), run_id)
-        self._call(run_id, self.run_logs.add_step, run_id, step, name=step.get("internal_name", ""))
+        branch_name = str(step.get("internal_name", "")).rpartition(".")[0]
+        self._call(run_id, self.run_logs.add_step, run_id, step, missing=("BranchLogNotFoundError", branch_name))
 
     def get_branch_log(self, internal_branch_name: str, run_id: str, **kwargs: Any) -> Any:
         """A branch log by its internal name, or the run log for '' (the base dag)."""
-        log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name, name=internal_branch_name)
+        log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name,
+                         missing=("BranchLogNotFoundError", internal_branch_name))
         return self._model("BranchLog" if internal_branch_name else "RunLog", log)
 
     def add_branch_log(self, branch_log: Any, run_id: str, **kwargs: Any) -> None:
-        """Set a branch log in its step; for a run log (the base dag) set the run's own fields."""
+        """Set a branch log in its step; for a run log (the base dag) set the run's own fields, storing the
+        run if it is not there yet (the frameworks' base classes put_run_log it)."""
         branch = self._as_dict(branch_log)
         if "run_id" in branch:
-            self._call(run_id, self.run_logs.set_run_fields, run_id, branch)
+            self._call(run_id, self.run_logs.set_run_fields, run_id, branch)  # creates a run not created yet
         else:
-            self._call(run_id, self.run_logs.add_branch, run_id, branch, name=branch.get("internal_name", ""))
+            step_name = str(branch.get("internal_name", "")).rpartition(".")[0]
+            self._call(run_id, self.run_logs.add_branch, run_id, branch, missing=("StepLogNotFoundError", step_name))
 
 
 def _store_classes(methods: type, base: type, framework: str, **attributes: Any) -> Dict[str, type]:
@@ -2939,7 +3541,8 @@ class _RunnableStoreMethods(_PydanticStoreMethods, _MagnusStoreMethods):
     def get_parameters(self, run_id: str, internal_branch_name: str = "", **kwargs: Any) -> dict:
         """The parameters of the run, or of a branch (runnable scopes them), as runnable's typed models."""
         if internal_branch_name:
-            log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name, name=internal_branch_name)
+            log = self._call(run_id, self.run_logs.read_branch, run_id, internal_branch_name,
+                             missing=("BranchLogNotFoundError", internal_branch_name))
         else:
             log = self._call(run_id, self.run_logs.read, run_id, False)
         return self._model("RunLog", {"run_id": run_id, "parameters": log.get("parameters", {})}).parameters
@@ -2949,7 +3552,7 @@ class _RunnableStoreMethods(_PydanticStoreMethods, _MagnusStoreMethods):
         values = {name: value.model_dump() if hasattr(value, "model_dump") else value
                   for name, value in parameters.items()}
         self._call(run_id, self.run_logs.set_branch_parameters, run_id, internal_branch_name, values,
-                   name=internal_branch_name)
+                   missing=("BranchLogNotFoundError", internal_branch_name))
 
     def get_job_log(self, run_id: str) -> Any:
         """The job log of a job's run (JobLogNotFoundError when the run has none)."""
@@ -3435,32 +4038,36 @@ class BucketRuns:
             return document, run_logs.written_by(run_id, document)
         raise self._not_found(run_id)
 
-    def read_version(self, run_id: str, needed_by: str) -> Tuple[Dict[str, Any], str]:
-        """(run log, ETag) of a run in the s3 layout: one GET; a chunked run is a UsageError naming `needed_by`."""
-        try:
-            return self.plain.read_version(run_id)
-        except RunLogNotFoundError:
-            if not self.chunked.exists(run_id):
-                raise self._not_found(run_id) from None
-        raise UsageError(
-            f"{needed_by} needs the s3 layout; {self.chunked.where(run_id)} is a chunked run of many objects"
-        )
+    def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str, S3RunLogs]:
+        """(run log, version, layout) of a run: its ETag for the s3 layout (one GET), a digest of its objects'
+        ETags for chunked-s3 (chunked_version): what put --if-match and edit check before they write."""
+        for run_logs in (self.plain, self.chunked):
+            try:
+                document, version = run_logs.read_version(run_id)
+            except RunLogNotFoundError:
+                continue
+            return document, version, run_logs
+        raise self._not_found(run_id)
 
     def holding(self, run_id: str) -> S3RunLogs:
-        """The layout the run is stored in; RunLogNotFoundError when it is in neither."""
-        for run_logs in (self.plain, self.chunked):
-            if run_logs.exists(run_id):
-                return run_logs
+        """The layout the run is stored in (a chunked run by any of its objects, so the leftovers of a
+        deleted one are found too); RunLogNotFoundError when it is in neither."""
+        if self.plain.exists(run_id):
+            return self.plain
+        if self.chunked.exists(run_id) or self.chunked.has_objects(run_id):
+            return self.chunked
         raise self._not_found(run_id)
 
     def status(self, run_id: str, layout: str) -> Tuple[str, str]:
         """A listed run's status and the framework that wrote it: one GET of its run log (s3) or run
-        object (chunked-s3); '?' if unreadable."""
+        object (chunked-s3); '?' if unreadable, INCOMPLETE for a chunked folder without its run object."""
+        run_logs = self.chunked if layout == "chunked-s3" else self.plain
         try:
-            run_logs = self.chunked if layout == "chunked-s3" else self.plain
             document = run_logs.read(run_id, full=False)
             return str(document.get("status", "?")), run_logs.written_by(run_id, document)
-        except (RunLogNotFoundError, InvalidRunLogError):
+        except RunLogNotFoundError:
+            return ("INCOMPLETE", "?") if layout == "chunked-s3" else ("?", "?")
+        except InvalidRunLogError:
             return "?", "?"
 
     def list(self) -> List[Tuple[ObjectInfo, str]]:
@@ -3504,7 +4111,7 @@ def _print_json(document: Mapping[str, Any], compact: bool = False) -> None:
 
 def _cmd_get(runs: BucketRuns, args: Any) -> int:
     if args.etag:
-        document, etag = runs.read_version(args.run_id, "--etag")
+        document, etag, _layout = runs.read_version(args.run_id)
         _print_json(document, args.compact)
         print(f"ETag: {etag}", file=sys.stderr)  # stdout stays the JSON document
         return EXIT_OK
@@ -3513,19 +4120,21 @@ def _cmd_get(runs: BucketRuns, args: Any) -> int:
 
 
 def _cmd_ls(runs: BucketRuns, args: Any) -> int:
-    listed = runs.list()
-    if args.limit:
-        listed = listed[-args.limit:]
-    statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
-    rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
-             "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
-            for (run, layout), (status, written_by) in zip(listed, statuses)]
+    if args.since or args.status or args.limit:  # one LIST of the prefix, a GET per run shown (find_runs)
+        rows = _found_rows(runs, args)
+    else:
+        listed = runs.list()
+        statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
+        rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
+                 "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+                for (run, layout), (status, written_by) in zip(listed, statuses)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         # New columns go last: scripts that cut the first five keep working.
         table = [("RUN_ID", "STATUS", "LAYOUT", "MODIFIED", "SIZE", "WRITTEN BY")] + [
             (printable(row["run_id"]), printable(row["status"]), row["layout"], printable(row["last_modified"]),
+             "-" if row["size"] is None else
              f"{row['size']} bytes" + (f" in {_count(row['objects'], 'object')}" if row["layout"] == "chunked-s3" else ""),
              printable(row["written_by"]))
             for row in rows
@@ -3533,7 +4142,7 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
         widths = [max(len(line[column]) for line in table) for column in range(5)]
         for line in table:
             print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[5])
-    if not listed:
+    if not rows and not (args.since or args.status):  # none at all under the prefix, not none that matched
         _say_where_runs_are(runs)
     return EXIT_OK
 
@@ -3849,17 +4458,17 @@ def _cmd_put(runs: BucketRuns, args: Any) -> int:
     if args.create or not exists:
         run_logs.create(document)  # If-None-Match: a run created meanwhile is refused, not replaced
     elif args.if_match:
-        if run_logs.layout == "chunked-s3":
-            raise UsageError(f"--if-match needs the s3 layout; {where} is a chunked run of many objects; nothing written")
         try:
             run_logs.replace_if_unchanged(document, args.if_match)
         except PreconditionFailedError as exc:
-            raise ConflictError(
-                f"{where} changed since ETag {args.if_match}; nothing written: get it again (get --etag), "
-                "apply your change, and put again"
-            ) from exc
+            outcome = ("a first attempt's reply was lost, so it may have been written all the same: get it again "
+                       "to see" if exc.may_have_landed else "nothing written: get it again (get --etag)")
+            error = ConflictError(f"{where} changed since ETag {args.if_match}; {outcome}, apply your change, and put "
+                                  "again")
+            error.may_have_landed = exc.may_have_landed
+            raise error from exc
     elif args.force:
-        run_logs.write(document)
+        run_logs.replace(document)
     else:  # the run exists: exit 1, as put --create says it (one situation, one code)
         raise RunLogExistsError(
             f"{where} exists; nothing written: use edit {args.run_id} (compare-and-swap), put --if-match ETAG "
@@ -3880,8 +4489,7 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
         raise UsageError("edit needs an editor: set VISUAL or EDITOR (vi, its fallback, needs a terminal and there "
                          "is none here); nothing read or written")
     editor = editor or "vi"
-    document, etag = runs.read_version(args.run_id, "edit (get, then put --force, for a chunked run)")
-    run_logs = runs.plain
+    document, etag, run_logs = runs.read_version(args.run_id)
     where = run_logs.where(args.run_id)
     original = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     handle, path = tempfile.mkstemp(prefix=f"runlog-{args.run_id[:40]}-", suffix=".json")
@@ -3916,12 +4524,17 @@ def _cmd_edit(runs: BucketRuns, args: Any) -> int:
     try:
         run_logs.replace_if_unchanged(new, etag)
     except PreconditionFailedError as exc:
-        raise ConflictError(
-            f"{where} changed while you edited it; nothing written; {kept}: run edit again and re-apply it"
-        ) from exc
+        outcome = ("a first attempt's reply was lost, so it may have been written all the same" if exc.may_have_landed
+                   else "nothing written")
+        error = ConflictError(f"{where} changed while you edited it; {outcome}; {kept}: run edit again and re-apply it")
+        error.may_have_landed = exc.may_have_landed
+        raise error from exc
     os.unlink(path)
     print(f"wrote {where} ({len(encode_run_log(new))} bytes)")
     return EXIT_OK
+
+
+FINISHED_STATUSES = ("SUCCESS", "FAIL")
 
 
 def _cmd_rm(runs: BucketRuns, args: Any) -> int:
@@ -3929,22 +4542,521 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
         raise UsageError(f"refusing to delete run {args.run_id!r} without --yes (stdin is not a terminal)")
     run_logs = runs.holding(args.run_id)
     where = run_logs.where(args.run_id)
+    try:
+        document, etag = run_logs.read_run_object(args.run_id)
+        status = str(document.get("status", "?"))
+    except RunLogNotFoundError:  # a chunked folder without its run object: leftovers
+        status, etag = "INCOMPLETE", ""
+    except InvalidRunLogError:
+        status, etag = "?", ""
+    if status not in FINISHED_STATUSES + ("?", "INCOMPLETE") and not args.force:
+        # A pipeline still writing it would write on after the delete: what it adds then is found by
+        # ls and removed by another rm, but the run it believes in is gone.
+        raise UsageError(f"run {args.run_id!r} is {status}: a pipeline may still be writing it; nothing deleted; "
+                         "wait until it ends, or rm --force to delete it anyway")
     if not args.yes:
         answer = input(f"delete {where}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
             return EXIT_FAILED
-    deleted = run_logs.delete(args.run_id)
+    try:  # only the run as it was checked: a pipeline that wrote it since (a retry, a resume) keeps it
+        deleted = run_logs.delete(args.run_id, if_match="" if args.force else etag)
+    except PreconditionFailedError as exc:
+        raise ConflictError(f"{where} was written since it was checked (a pipeline resumed?); nothing deleted; look "
+                            "at it again (show), then rm again") from exc
     print(f"deleted {where}" + (f" ({deleted} objects)" if run_logs.layout == "chunked-s3" else ""))
     return EXIT_OK
 
 
+# The life of runs: find them, keep them, move them ###############################################
+#
+# ls --since/--status/--limit and prune work on thousands of runs, so they find them with one LIST of the
+# prefix. Delimited by "/", a chunked run is a folder whose time costs a LIST of its own. Delimited by
+# "Log-" instead, the listing shows every s3 run object and every RunLog.json with its LastModified, and
+# rolls a chunked run's StepLog-/BranchLog- objects into at most two common prefixes: both layouts' times
+# from the listing itself, no request per run. A run id holding "Log-" rolls up too: that part of the
+# prefix is listed again by "/", and each chunked run found there costs one request (its RunLog.json).
+
+LISTING_DELIMITER = "Log-"
+LISTABLE_STATUSES = MAGNUS_STATUSES + ("INCOMPLETE",)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class ListedRun(NamedTuple):
+    """A run as a listing shows it. Its time is its run object's: the run log (s3) or RunLog.json, which
+    every status change rewrites (chunked-s3); for leftovers, their newest object."""
+
+    run_id: str
+    layout: str
+    last_modified: str  # as S3 gives it
+    modified: float  # seconds since the epoch (0 when the server gave none this module reads)
+    size: Optional[int] = None  # None: not counted (a chunked run's objects cost a LIST of their own)
+    objects: Optional[int] = None
+    etag: str = ""
+
+
+class RunListing(NamedTuple):
+    """What one listing of the prefix shows (list_runs)."""
+
+    runs: List[ListedRun]  # with their times
+    unlisted: List[str]  # chunked runs whose RunLog.json the listing could not show (ids holding "Log-")
+    leftovers: List[str]  # chunked folders with logs but no RunLog.json (a deleted run's, INCOMPLETE)
+    now: float  # the server's clock when it answered
+
+
+class RunState(NamedTuple):
+    """A run object as read by one GET: what ls shows and what prune checks before a conditional delete."""
+
+    status: str  # INCOMPLETE when the run object is gone (deleted since it was listed), '?' when unreadable
+    written_by: str
+    etag: str = ""
+    modified: float = 0.0
+    last_modified: str = ""
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """Seconds in '90d', '12h', '30m', '45s' or '2w'; UsageError naming the flag otherwise."""
+    number, unit = text.strip()[:-1], text.strip()[-1:]
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit] if number.replace(".", "", 1).isdigit() else 0.0
+    except KeyError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise UsageError(f"{flag} {text!r} is not a duration: give a number and a unit, e.g. 90d, 12h, 30m "
+                         "(s, m, h, d, w); nothing done")
+    return seconds
+
+
+def parse_statuses(text: str, flag: str, allowed: Tuple[str, ...], why: str = "") -> Tuple[str, ...]:
+    """The statuses of a comma-separated list (any case); UsageError naming the first not in `allowed`."""
+    names = tuple(dict.fromkeys(name.strip().upper() for name in text.split(",") if name.strip()))
+    wrong = [name for name in names if name not in allowed] or ([] if names else [text])
+    if wrong:
+        raise UsageError(f"{flag} {text!r}: {wrong[0]!r} is not a status {why or 'of a run'}: give some of "
+                         f"{', '.join(allowed)}, comma-separated; nothing done")
+    return names
+
+
+def _listed_time(text: str) -> float:
+    # LastModified as a LIST gives it (ISO 8601) or as a GET does (an HTTP date).
+    if not text:
+        return 0.0
+    if text[:1].isdigit():
+        try:
+            return _parse_iso_time(text)
+        except ValueError:
+            return 0.0
+    return parse_http_date(text) or 0.0
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def list_runs(runs: BucketRuns) -> RunListing:
+    """Every run under the prefix with its time, from the pages of one LIST delimited by "Log-" (see above)."""
+    client = runs.plain.client
+    prefix = f"{runs.plain.prefix}/" if runs.plain.prefix else ""
+    found: Dict[Tuple[str, str], ListedRun] = {}
+    with_logs, rolled, unlisted = set(), [], []
+
+    def add(info: ObjectInfo) -> None:
+        name = info.key[len(prefix):]
+        folder, slash, rest = name.partition("/")
+        if not slash and name.endswith(RUN_LOG_SUFFIX) and name != RUN_LOG_SUFFIX:
+            run_id, layout = name[: -len(RUN_LOG_SUFFIX)], "s3"
+        elif slash and rest == CHUNK_RUN_OBJECT and folder:
+            run_id, layout = folder, "chunked-s3"
+        else:
+            return
+        size = info.size if layout == "s3" else None
+        found[run_id, layout] = ListedRun(run_id, layout, info.last_modified, _listed_time(info.last_modified), size,
+                                          1 if layout == "s3" else None, info.etag)
+
+    for info in client.list_objects(prefix, delimiter=LISTING_DELIMITER):
+        if info.etag or info.last_modified:
+            add(info)
+            continue
+        folder, slash, rest = info.key[len(prefix):].partition("/")  # a common prefix
+        if slash and rest in _CHUNK_KINDS:
+            with_logs.add(folder)
+        elif not slash:
+            rolled.append(info.key)  # a run id holding "Log-"
+    for rolled_prefix in rolled:
+        for info in client.list_objects(rolled_prefix, delimiter="/"):
+            if info.etag or info.last_modified:
+                add(info)
+            elif info.key.endswith("/"):
+                unlisted.append(info.key[len(prefix):-1])
+    chunked = {run_id for run_id, layout in found if layout == "chunked-s3"}
+    return RunListing(list(found.values()), sorted(set(unlisted) - chunked), sorted(with_logs - chunked),
+                      client.server_now() or wall_clock())
+
+
+def read_run_state(run_logs: S3RunLogs, run_id: str) -> RunState:
+    """One GET of a run's object: its status, who wrote it, its ETag and time."""
+    key = run_logs.key(run_id)
+    try:
+        stored = run_logs.client.get_object(key)
+    except NotFoundError as exc:
+        if isinstance(exc, NoSuchBucketError):
+            raise
+        return RunState("INCOMPLETE" if run_logs.layout == "chunked-s3" else "?", "?")
+    try:
+        document = public(decode_run_log(stored.body, f"s3://{run_logs.client.bucket}/{key}"))
+    except InvalidRunLogError:
+        return RunState("?", "?", stored.etag, _listed_time(stored.last_modified), stored.last_modified)
+    written_by = stored.metadata.get(WRITTEN_BY, "") or guess_framework(document)
+    return RunState(str(document.get("status", "?")), written_by, stored.etag, _listed_time(stored.last_modified),
+                    stored.last_modified)
+
+
+def _leftovers_summary(runs: BucketRuns, run_id: str) -> ListedRun:
+    # A folder without its run object: one LIST, for its time, size and object count.
+    objects = list(runs.chunked.client.list_objects(runs.chunked.folder(run_id)))
+    newest = max((info.last_modified for info in objects), key=_listed_time, default="")
+    return ListedRun(run_id, "chunked-s3", newest, _listed_time(newest), sum(info.size for info in objects),
+                     len(objects))
+
+
+def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optional[Tuple[str, ...]] = None,
+              limit: int = 0) -> List[Tuple[ListedRun, RunState]]:
+    """The runs written within `since` seconds with one of `statuses`, newest first, at most `limit`.
+
+    Requests: the listing's pages; then one GET per run inside the window, newest first, in batches no
+    larger than the runs still wanted (so none is read past the limit-th match); none for a run outside
+    it. Runs the listing cannot time cost one request each first: ids holding "Log-" (a GET of their
+    RunLog.json) and, unless --status leaves INCOMPLETE out, leftovers (a LIST of their folder)."""
+    listing = list_runs(runs)
+    cutoff = listing.now - since if since is not None else None
+    known: Dict[Tuple[str, str], RunState] = {}
+    candidates = list(listing.runs)
+
+    def timed(run_id: str) -> Tuple[ListedRun, RunState]:
+        state = read_run_state(runs.chunked, run_id)
+        return ListedRun(run_id, "chunked-s3", state.last_modified, state.modified, etag=state.etag), state
+
+    for run, state in ChunkedS3RunLogs._in_pool(timed, listing.unlisted):
+        if state.status == "INCOMPLETE":  # no RunLog.json after all: leftovers
+            listing.leftovers.append(run.run_id)
+        else:
+            candidates.append(run)
+            known[run.run_id, run.layout] = state
+    if statuses is None or "INCOMPLETE" in statuses:
+        for run in ChunkedS3RunLogs._in_pool(lambda run_id: _leftovers_summary(runs, run_id), listing.leftovers):
+            candidates.append(run)
+            known[run.run_id, run.layout] = RunState("INCOMPLETE", "?")
+    candidates = sorted((run for run in candidates if cutoff is None or run.modified >= cutoff),
+                        key=lambda run: (run.modified, run.run_id), reverse=True)
+
+    def state_of(run: ListedRun) -> RunState:
+        held = known.get((run.run_id, run.layout))
+        return held if held is not None else read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain,
+                                                            run.run_id)
+
+    chosen: List[Tuple[ListedRun, RunState]] = []
+    position = 0
+    while position < len(candidates) and not (limit and len(chosen) >= limit):
+        batch = candidates[position:position + (min(ASSEMBLY_THREADS, limit - len(chosen)) if limit else len(candidates))]
+        position += len(batch)
+        for run, state in zip(batch, ChunkedS3RunLogs._in_pool(state_of, batch)):
+            if (statuses is None or state.status in statuses) and not (limit and len(chosen) >= limit):
+                chosen.append((run, state))
+    return chosen
+
+
+def _found_rows(runs: BucketRuns, args: Any) -> List[Dict[str, Any]]:
+    """ls --since/--status/--limit: the rows of find_runs, oldest first."""
+    since = parse_duration(args.since, "--since") if args.since else None
+    statuses = parse_statuses(args.status, "--status", LISTABLE_STATUSES) if args.status else None
+    found = find_runs(runs, since, statuses, args.limit)
+    return [{"run_id": run.run_id, "status": state.status, "layout": run.layout, "written_by": state.written_by,
+             "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+            for run, state in sorted(found, key=lambda item: (item[0].modified, item[0].run_id))]
+
+
+# prune ############################################################################################
+
+
+class PruneDecision(NamedTuple):
+    run: ListedRun
+    delete: bool
+    reason: str  # why kept: one of _KEPT_REASONS
+    state: Optional[RunState] = None
+    objects: int = 1
+    newest: float = 0.0  # the run's last write (a chunked run: its newest object)
+
+
+_KEPT_REASONS = {
+    "newer": "written since the cutoff",
+    "status": "with a status not in --status",
+    "running": "still CREATED or PROCESSING (a pipeline may be writing it)",
+    "changed": "written since they were checked",
+    "leftovers": "leftovers of a deleted run (INCOMPLETE; rm RUN_ID removes them)",
+    "unreadable": "unreadable (not a run log)",
+    "gone": "deleted meanwhile",
+}
+
+
+def _decide_prune(runs: BucketRuns, run: ListedRun, cutoff: float, statuses: Tuple[str, ...]) -> PruneDecision:
+    # A run is deleted only if its last write is older than the cutoff and its status is one of `statuses`,
+    # both read from the version the delete is then conditioned on (If-Match its ETag).
+    if run.modified >= cutoff:
+        return PruneDecision(run, False, "newer")
+    objects, newest = 1, run.modified
+    if run.layout == "chunked-s3":
+        listed = list(runs.chunked.client.list_objects(runs.chunked.folder(run.run_id)))
+        if not any(info.key == runs.chunked.key(run.run_id) for info in listed):
+            return PruneDecision(run, False, "leftovers" if listed else "gone")
+        objects, newest = len(listed), max(_listed_time(info.last_modified) for info in listed)
+        if newest >= cutoff:
+            return PruneDecision(run, False, "newer", objects=objects, newest=newest)
+    state = read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain, run.run_id)
+    newest = max(newest, state.modified)
+    if state.status in ("INCOMPLETE", "?") and not state.etag:
+        return PruneDecision(run, False, "gone", state)
+    if state.status == "?":
+        return PruneDecision(run, False, "unreadable", state)
+    if state.modified >= cutoff:
+        return PruneDecision(run, False, "changed", state, objects, newest)
+    if state.status in ("CREATED", "PROCESSING"):
+        return PruneDecision(run, False, "running", state, objects, newest)
+    if state.status not in statuses:
+        return PruneDecision(run, False, "status", state, objects, newest)
+    return PruneDecision(run, True, "", state, objects, newest)
+
+
+def _prune_line(verb: str, runs: BucketRuns, decision: PruneDecision, objects: int) -> str:
+    run_logs = runs.chunked if decision.run.layout == "chunked-s3" else runs.plain
+    status = decision.state.status if decision.state else "?"
+    count = f", {_count(objects, 'object')}" if decision.run.layout == "chunked-s3" else ""
+    return f"{verb} {run_logs.where(decision.run.run_id)} ({status}, last written {_when(decision.newest)}{count})"
+
+
+def _cmd_prune(runs: BucketRuns, args: Any) -> int:
+    older_than = parse_duration(args.older_than, "--older-than")
+    statuses = parse_statuses(args.status, "--status", FINISHED_STATUSES,
+                              why="prune deletes (it never deletes a run that may still be written; rm --force does)")
+    if not args.dry_run and not args.yes and not sys.stdin.isatty():
+        raise UsageError("refusing to prune without --yes (stdin is not a terminal); --dry-run says what it would delete")
+    listing = list_runs(runs)
+    cutoff = listing.now - older_than
+    timed = listing.runs + [ListedRun(run_id, "chunked-s3", "", 0.0) for run_id in listing.unlisted]
+    decisions = ChunkedS3RunLogs._in_pool(lambda run: _decide_prune(runs, run, cutoff, statuses), timed)
+    decisions += [PruneDecision(ListedRun(run_id, "chunked-s3", "", 0.0), False, "leftovers")
+                  for run_id in listing.leftovers]
+    decisions.sort(key=lambda decision: (decision.newest or decision.run.modified, decision.run.run_id))
+    doomed = [decision for decision in decisions if decision.delete]
+    kept = [decision for decision in decisions if not decision.delete]
+    if doomed and not args.dry_run and not args.yes:
+        for decision in doomed:
+            print(_prune_line("would delete", runs, decision, decision.objects))
+        if input(f"delete these {_count(len(doomed), 'run')}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return EXIT_FAILED
+
+    def delete(decision: PruneDecision) -> Tuple[PruneDecision, int, str]:
+        run_logs = runs.chunked if decision.run.layout == "chunked-s3" else runs.plain
+        assert decision.state is not None
+        try:  # only the version checked: a pipeline that wrote it since (a retry, a resume) keeps it
+            return decision, run_logs.delete(decision.run.run_id, if_match=decision.state.etag), ""
+        except PreconditionFailedError:
+            return decision._replace(delete=False, reason="changed"), 0, ""
+        except RunLogNotFoundError:
+            return decision._replace(delete=False, reason="gone"), 0, ""
+        except RunlogS3Error as exc:
+            return decision._replace(delete=False, reason="error"), 0, exc.message
+
+    done = doomed if args.dry_run else ChunkedS3RunLogs._in_pool(delete, doomed) if doomed else []
+    deleted = objects = 0
+    errors = []
+    for result in done:
+        decision, count, error = result if not args.dry_run else (result, result.objects, "")
+        if error:
+            errors.append(error)
+            print(f"runlog-s3: error: {error}", file=sys.stderr)
+        elif decision.delete:
+            deleted, objects = deleted + 1, objects + count
+            print(_prune_line("would delete" if args.dry_run else "deleted", runs, decision, count))
+        else:
+            kept.append(decision)
+    for decision in kept:  # the runs old enough that were kept for a reason worth a look
+        if decision.reason in ("running", "changed", "leftovers", "unreadable"):
+            where = (runs.chunked if decision.run.layout == "chunked-s3" else runs.plain).where(decision.run.run_id)
+            print(f"kept {where}: {_KEPT_REASONS[decision.reason]}")
+    reasons = {reason: sum(decision.reason == reason for decision in kept) for reason in _KEPT_REASONS}
+    why = ", ".join(f"{number} {_KEPT_REASONS[reason]}" for reason, number in reasons.items() if number)
+    verb = "would prune" if args.dry_run else "pruned"
+    print(f"{verb} {_count(deleted, 'run')} ({_count(objects, 'object')}) last written before {_when(cutoff)} "
+          f"(older than {args.older_than}) with status {','.join(statuses)}; kept {len(kept)}" + (f": {why}" if why else "")
+          + ("; nothing deleted (--dry-run)" if args.dry_run else ""))
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+# export and import ################################################################################
+
+EXPORT_FORMAT = "runlog-s3-export"
+EXPORT_VERSION = 1
+
+
+def export_runs(runs: BucketRuns, run_ids: List[str]) -> Dict[str, Any]:
+    """The archive of the runs: each run log whole, with its layout and written-by tag as stored."""
+
+    def entry(run_id: str) -> Dict[str, Any]:
+        document, _version, run_logs = runs.read_version(run_id)
+        return {"run_id": run_id, "layout": run_logs.layout, "written_by": run_logs.writer_tag(run_id),
+                "run_log": document}
+
+    prefix = runs.plain.prefix
+    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_by": f"runlog-s3 {__version__}",
+            "exported_at": _when(wall_clock()), "source": f"s3://{runs.plain.client.bucket}/{prefix + '/' if prefix else ''}",
+            "runs": ChunkedS3RunLogs._in_pool(entry, list(dict.fromkeys(run_ids)))}
+
+
+def _cmd_export(runs: BucketRuns, args: Any) -> int:
+    archive = export_runs(runs, args.run_ids)  # every run read before anything is written
+    body = (json.dumps(archive, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    said = f"exported {_count(len(archive['runs']), 'run')} ({len(body)} bytes) from {archive['source']}"
+    if args.output in ("", "-"):
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+        print(f"{said} to stdout", file=sys.stderr)
+        return EXIT_OK
+    partial = f"{args.output}.partial-{os.getpid()}"
+    try:  # a file that exists is whole: written aside, then renamed
+        with open(partial, "wb") as stream:
+            stream.write(body)
+        os.replace(partial, args.output)
+    except OSError as exc:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}; nothing exported") from exc
+    print(f"{said} to {args.output}")
+    return EXIT_OK
+
+
+def read_export(body: bytes, source: str) -> List[Dict[str, Any]]:
+    """The runs of an archive, every one checked (format, version, shape, run ids) before any is written."""
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"{source} {problem}; nothing written")
+
+    try:
+        archive = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        detail = "it is empty" if not body.strip() else f"{type(exc).__name__}: {_first_line(exc)}"
+        raise bad(f"is not a runlog-s3 export: not valid JSON, truncated or another format ({detail})") from None
+    if not isinstance(archive, dict) or archive.get("format") != EXPORT_FORMAT:
+        hint = " (it looks like one run log: put RUN_ID FILE writes it)" if isinstance(archive, dict) and "run_id" in archive else ""
+        raise bad(f"is not a runlog-s3 export: no \"format\": \"{EXPORT_FORMAT}\"{hint}")
+    if archive.get("version") != EXPORT_VERSION:
+        raise bad(f"is a runlog-s3 export of version {archive.get('version')!r}; this runlog-s3 ({__version__}) reads "
+                  f"version {EXPORT_VERSION}: use the runlog-s3 that wrote it")
+    entries = archive.get("runs")
+    if not isinstance(entries, list):
+        raise bad("is not a whole runlog-s3 export: it has no list of runs")
+    seen = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"{source}, run {number}"
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(name), kind) for name, kind in (
+                ("run_id", str), ("layout", str), ("written_by", str), ("run_log", dict))):
+            raise bad(f"has a run ({number}) without run_id, layout, written_by and run_log")
+        try:
+            validate_run_id(entry["run_id"])
+            check_input(entry["run_log"], where)
+            check_run_log_shape(entry["run_log"], where)
+        except (InvalidRunIdError, InvalidRunLogError) as exc:
+            raise UsageError(exc.message if exc.message.endswith("nothing written") else f"{exc.message}; nothing written") from None
+        if entry["run_log"]["run_id"] != entry["run_id"]:
+            raise bad(f"holds run log {entry['run_log']['run_id']!r} as run {entry['run_id']!r}")
+        if entry["layout"] not in LAYOUTS:
+            raise bad(f"has run {entry['run_id']!r} in layout {entry['layout']!r}, not one of {', '.join(LAYOUTS)}")
+        if not entry["written_by"].isascii() or _has_control_characters(entry["written_by"]):
+            raise bad(f"has run {entry['run_id']!r} written by {entry['written_by']!r}: a tag is printable ASCII")
+        if entry["run_id"] in seen:
+            raise bad(f"holds run {entry['run_id']!r} twice")
+        seen.add(entry["run_id"])
+    return entries
+
+
+def _read_import_file(path: str) -> Tuple[bytes, str]:
+    if path == "-":
+        if sys.stdin.isatty():
+            raise UsageError("import reads an export from FILE or from stdin ('-'); stdin is a terminal")
+        return sys.stdin.buffer.read(), "stdin"
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(), path
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}; nothing written") from exc
+
+
+def import_run(runs: BucketRuns, entry: Mapping[str, Any], target: S3RunLogs, force: bool,
+               layout_given: bool) -> Tuple[str, S3RunLogs]:
+    """Write one run of an archive: created in `target` with If-None-Match; with `force`, a run that exists
+    is replaced where it is stored, through replace (the protected path). Returns (verb, layout written)."""
+    run_id = entry["run_id"]
+    stored = runs.plain if runs.plain.exists(run_id) else runs.chunked if runs.chunked.exists(run_id) else None
+    exists = RunLogExistsError(f"not imported {run_id}: it exists at {(stored or target).where(run_id)} (import "
+                               "--force replaces it)")
+    if stored is None:
+        try:
+            target.create(entry["run_log"])  # If-None-Match: never over a run created meanwhile
+        except RunLogExistsError:
+            raise exists from None
+        return "imported", target
+    if not force:
+        raise exists
+    if layout_given and stored.layout != target.layout:
+        raise UsageError(f"run {run_id!r} is stored in layout {stored.layout}, not {target.layout}; not replaced (rm "
+                         "it first, or import without --layout)")
+    replacing = LAYOUTS[stored.layout](runs.plain.client)
+    replacing.replace(entry["run_log"])  # atomic on chunked-s3, as put --force; the stored tag is kept
+    return "replaced", replacing
+
+
+def _cmd_import(runs: BucketRuns, args: Any) -> int:
+    body, source = _read_import_file(args.file)
+    entries = read_export(body, source)
+    targets = []
+    for entry in entries:  # keys and sizes checked in the layout each run goes to, before any write
+        target = LAYOUTS[args.layout or args.config_layout or entry["layout"]](runs.plain.client)
+        target.writer = entry["written_by"]  # the tag the export recorded, on each run created
+        try:
+            target.check_writable(entry["run_log"])
+        except (InvalidRunIdError, InvalidRunLogError) as exc:
+            raise UsageError(f"{source}: {exc.message}") from exc
+        targets.append(target)
+    imported, existing = 0, 0
+    for entry, target in zip(entries, targets):
+        try:
+            verb, written = import_run(runs, entry, target, args.force, bool(args.layout))
+        except RunLogExistsError as exc:
+            existing += 1
+            print(exc.message)
+            continue
+        except RunlogS3Error as exc:
+            done = f"{imported} of {len(entries)} runs imported before it" if imported else "no run imported"
+            exc.message = f"importing {entry['run_id']}: {exc.message} ({done})"
+            exc.args = (exc.message,)
+            raise
+        imported += 1
+        tag = f", written by {entry['written_by']}" if entry["written_by"] else ""
+        print(f"{verb} {entry['run_id']}: {written.where(entry['run_id'])} (layout {written.layout}{tag})")
+    prefix = runs.plain.prefix
+    print(f"imported {imported} of {_count(len(entries), 'run')} from {source} into "
+          f"s3://{runs.plain.client.bucket}/{prefix + '/' if prefix else ''}"
+          + (f"; {existing} exist already (import --force replaces them)" if existing else ""))
+    return EXIT_FAILED if existing else EXIT_OK
+
+
 class CheckResult(NamedTuple):
-    """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN."""
+    """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN;
+    counts, for a check that counted something (in --json only)."""
 
     name: str
     result: str
     detail: str
+    counts: Optional[Dict[str, Any]] = None
 
     @property
     def passed(self) -> bool:
@@ -3960,19 +5072,28 @@ def _magnus_extensions_installed() -> bool:
     return importlib.util.find_spec("magnus_extensions") is not None
 
 
+RACE_WRITERS, RACE_ROUNDS = 16, 20  # check's defaults: a few seconds on loopback (moto, ministack)
+# Seconds: a slow endpoint ends the race early, with the rounds done so far (SeaweedFS makes the losers
+# of a race retry its lock once a second: a round of 16 writers there takes up to 8 s).
+_RACE_DEADLINE = 30.0
+
+
 class _Skipped(Exception):
     """A check that cannot be made here, and why."""
 
 
-def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult]:
-    """Credentials, identity, bucket and region, read/write/delete, listing, and conditional writes."""
+def run_checks(
+    client: S3Client, environ: Mapping[str, str], writers: int = RACE_WRITERS, rounds: int = RACE_ROUNDS
+) -> List[CheckResult]:
+    """Credentials, identity, bucket and region, read/write/delete, listing, conditional writes one at a
+    time and raced by concurrent writers, and conditional DELETE. Every scratch write has a condition."""
     results: List[CheckResult] = []
     bucket = client.bucket
-    scratch = "/".join(filter(None, [client.config.key_prefix, f".runlog-s3-check-{os.getpid()}-{random.getrandbits(32):08x}"]))
+    scratch = scratch_key(client.config.key_prefix, "check")
 
-    def check(name: str, action: Callable[[], str]) -> bool:
+    def check(name: str, action: Callable[[], Union[str, CheckResult]]) -> bool:
         try:
-            detail = action()
+            outcome = action()
         except _Skipped as skipped:
             results.append(CheckResult(name, "SKIP", str(skipped)))
             return True
@@ -3982,8 +5103,9 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
         except Exception as exc:  # a check reports every failure as a line, whatever it is
             results.append(CheckResult(name, "FAIL", f"{type(exc).__name__}: {exc}"))
             return False
-        results.append(CheckResult(name, "PASS", detail))
-        return True
+        results.append(outcome._replace(name=name) if isinstance(outcome, CheckResult) else
+                       CheckResult(name, "PASS", outcome))
+        return results[-1].passed
 
     def credentials() -> str:
         found = client.credentials.get()
@@ -4006,11 +5128,11 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
 
     def read_write_delete() -> str:
         body = b'{"check":"runlog-s3"}'
-        client.put_object(scratch, body)
+        etag = client.put_object(scratch, body, if_none_match=True)
         if client.get_object(scratch).body != body:
             raise S3Error(f"s3://{bucket}/{scratch} read back different bytes than were written")
-        client.delete_object(scratch)
-        return f"put, get and delete of s3://{bucket}/{scratch}"
+        how = "If-Match" if delete_scratch(client, scratch, etag) else "without If-Match, which the server refused"
+        return f"put (If-None-Match), get and delete ({how}) of s3://{bucket}/{scratch}"
 
     def listing() -> str:
         prefix = f"{client.config.key_prefix}/" if client.config.key_prefix else ""
@@ -4018,25 +5140,42 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
         return f"ListObjectsV2 on s3://{bucket}/{prefix}"
 
     def conditional_writes() -> str:
-        etag = client.put_object(scratch, b"{}")
+        etag = client.put_object(scratch, b"{}", if_none_match=True)
+        missing = f"{scratch}-missing"
         try:
-            for description, options in (
-                ("If-None-Match: * on an existing key", {"if_none_match": True}),
-                ("If-Match with a stale ETag", {"if_match": '"00000000000000000000000000000000"'}),
+            for description, key, options in (
+                ("If-None-Match: * on an existing key", scratch, {"if_none_match": True}),
+                ("If-Match with a stale ETag", scratch, {"if_match": STALE_ETAG}),
+                ("If-Match on a missing key", missing, {"if_match": etag}),
             ):
                 try:
-                    client.put_object(scratch, b'{"overwritten":true}', **options)
-                except PreconditionFailedError:
+                    written = client.put_object(key, b'{"overwritten":true}', **options)
+                except (PreconditionFailedError, NotFoundError) as exc:
+                    if isinstance(exc, NoSuchBucketError):
+                        raise
                     continue
+                if key == missing:
+                    delete_scratch(client, missing, written)
                 raise S3Error(
                     f"the server accepted a PUT with {description}: it ignores conditional writes, so "
                     "parallel writes are NOT safe on this endpoint (use AWS S3, or a server that honours If-Match)"
                 )
             if client.get_object(scratch).etag != etag:
-                raise S3Error("the object changed although both conditional PUTs were refused")
+                raise S3Error("the object changed although its conditional PUTs were refused")
         finally:
-            client.delete_object(scratch)
-        return "conditional PUTs on an existing key are refused (412): parallel writes are safe"
+            delete_scratch(client, scratch, etag)
+        return ("conditional PUTs on an existing key are refused (412), and If-Match on a missing key too "
+                "(412 or 404)")
+
+    def concurrent_conditional_writes() -> CheckResult:
+        return race_result(client, race_conditional_writes(client, scratch, writers, rounds))
+
+    def conditional_delete() -> CheckResult:
+        found = client.conditional_delete()
+        if found.honoured:
+            return CheckResult("", "PASS", f"{found.detail}: rm deletes only the version of a run it listed")
+        return CheckResult("", "WARN", f"{found.detail}; rm cannot tell a run rewritten while it deletes it "
+                                       "(AWS S3 honours If-Match on DELETE since 2025-09)")
 
     if _magnus_extensions_installed():
         results.append(CheckResult(
@@ -4048,8 +5187,202 @@ def run_checks(client: S3Client, environ: Mapping[str, str]) -> List[CheckResult
     if check("bucket", bucket_region):
         check("read, write, delete", read_write_delete)
         check("list", listing)
-        check("conditional writes", conditional_writes)
+        if check("conditional writes", conditional_writes):
+            check("concurrent conditional writes", concurrent_conditional_writes)
+        check("conditional delete", conditional_delete)
     return results
+
+
+def delete_scratch(client: S3Client, key: str, etag: str) -> bool:
+    """DELETE a scratch object with If-Match on its ETag; where a server refuses the condition on DELETE
+    (400, 501: LocalStack answers 501 NotImplemented), without it, and then False; an object changed
+    meanwhile is deleted in the version found by a HEAD."""
+    try:
+        client.delete_object(key, if_match=etag)
+    except PreconditionFailedError:
+        try:
+            client.delete_object(key, if_match=client.head_object(key).etag)
+        except NotFoundError:
+            pass
+    except NotFoundError:
+        pass
+    except S3Error as exc:
+        if exc.status not in (400, 501):
+            raise
+        client.delete_object(key)
+        return False
+    return True
+
+
+# The race: `writers` threads, each with a client of its own (its own connections, opened before the
+# race), PUT to one scratch key per round with the same condition, released together by a barrier with
+# their requests already signed. Even rounds create (If-None-Match: *), odd rounds update (If-Match on
+# the ETag of an object written just before). Exactly one may win a round; the others must get 412,
+# and what is stored must be the winner's body. A server that checks the condition and stores the
+# object in two steps lets several win, and all but the last winner's write are lost.
+
+class RaceOutcome(NamedTuple):
+    """One writer's PUT in one round: won (2xx), refused (412), or an error; retried when the first
+    reply asked for a retry (409 ConditionalRequestConflict, 503 SlowDown...) or was lost."""
+
+    won: bool = False
+    refused: bool = False
+    error: str = ""
+    retried: bool = False
+    server: str = ""  # the reply's Server header
+
+
+def _client_like(client: S3Client) -> S3Client:
+    """A client for the same bucket with the same credentials and connections of its own."""
+    return S3Client(client.config, client.credentials, environ=client._environ)
+
+
+def _race_put(client: S3Client, key: str, body: bytes, etag: str, barrier: threading.Barrier) -> RaceOutcome:
+    """One writer's turn in a round: sign, wait for the others, send."""
+    headers = client.put_headers(if_match=etag, if_none_match=not etag)
+    if client.config.expected_bucket_owner:
+        headers["x-amz-expected-bucket-owner"] = client.config.expected_bucket_owner
+    request = sign_request("PUT", client.object_url(key), headers, body, client.credentials.get(),
+                           client.config.region, "s3")
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        return RaceOutcome(error="the writers were not all ready (a writer failed or the race was stopped)")
+    server = ""
+    try:
+        reply = client.transport.send(request)
+    except _transport_errors() as exc:
+        if not classify_transport_error(exc).retry:
+            return RaceOutcome(error=f"PUT s3://{client.bucket}/{key}: {classify_transport_error(exc).what} "
+                                     f"({type(exc).__name__}: {_first_line(exc)})")
+    else:
+        server = reply.header("Server")
+        if 200 <= reply.status < 300:
+            return RaceOutcome(won=True, server=server)
+        error = _error_from_reply(reply, operation="PUT", bucket=client.bucket, key=key,
+                                  region=client.config.region, method="PUT")
+        if isinstance(error, PreconditionFailedError):
+            return RaceOutcome(refused=True, server=server)
+        if error.status not in _RETRYABLE_STATUS and error.code not in _RETRYABLE_CODES:
+            return RaceOutcome(error=error.message, server=server)
+    # Retried as the store would, with backoff. The first PUT may have landed: a refused retry whose
+    # body is what is stored counts as the winner (see _count_round).
+    try:
+        client.put_object(key, body, if_match=etag, if_none_match=not etag)
+    except PreconditionFailedError:
+        return RaceOutcome(refused=True, retried=True, server=server)
+    except RunlogS3Error as exc:
+        return RaceOutcome(error=exc.message, retried=True, server=server)
+    return RaceOutcome(won=True, retried=True, server=server)
+
+
+def race_body(round_number: int, writer: int) -> bytes:
+    """What writer `writer` PUTs in round `round_number`: a body no other writer or round sends."""
+    return json.dumps({"check": "runlog-s3", "round": round_number, "writer": writer}).encode()
+
+
+def race_conditional_writes(
+    client: S3Client, key_base: str, writers: int = RACE_WRITERS, rounds: int = RACE_ROUNDS,
+    deadline: float = _RACE_DEADLINE,
+) -> Dict[str, Any]:
+    """Race `writers` concurrent conditional PUTs for `rounds` rounds; returns the counts (see race_result)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    clients = [_client_like(client) for _ in range(writers)]
+    kinds: Dict[str, Counter] = {"If-None-Match: *": Counter(), "If-Match": Counter()}
+    counts: Dict[str, Any] = {
+        "server": client.endpoint_url or f"AWS S3 ({client.config.region})", "server_header": "",
+        "writers": writers, "rounds_asked": rounds, "rounds": 0, "rounds_with_several_winners": 0,
+        "rounds_with_no_winner": 0, "rounds_keeping_a_loser": 0, "most_winners": 0, "winners": 0, "refused": 0,
+        "retried": 0, "errors": 0, "first_error": "", "slowest_round_seconds": 0.0, "by_condition": kinds,
+    }
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="runlog-s3-race") as pool:
+        list(pool.map(lambda each: each.head_bucket(), clients))  # connections open before the first round
+        for number in range(rounds):
+            if time.monotonic() - started > deadline:
+                break
+            key = f"{key_base}-race-{number:03d}"
+            kind = "If-None-Match: *" if number % 2 == 0 else "If-Match"
+            etag = client.put_object(key, race_body(number, -1), if_none_match=True) if kind == "If-Match" else ""
+            barrier = threading.Barrier(writers, timeout=60)
+            round_started = time.monotonic()
+            try:
+                outcomes = list(pool.map(_race_put, clients, [key] * writers,
+                                         [race_body(number, writer) for writer in range(writers)],
+                                         [etag] * writers, [barrier] * writers))
+            except BaseException:
+                barrier.abort()  # the writers still waiting give up at once (Ctrl-C)
+                raise
+            counts["slowest_round_seconds"] = round(max(counts["slowest_round_seconds"],
+                                                        time.monotonic() - round_started), 2)
+            try:
+                stored: Optional[S3Object] = client.get_object(key)
+            except NotFoundError:
+                stored = None
+            _count_round(counts, kinds[kind], outcomes, stored, number)
+            if stored is not None:
+                delete_scratch(client, key, stored.etag)
+            if counts["errors"]:
+                break
+    counts["seconds"] = round(time.monotonic() - started, 2)
+    counts["by_condition"] = {kind: dict(kind_counts) for kind, kind_counts in kinds.items()}
+    return counts
+
+
+def _count_round(
+    counts: Dict[str, Any], kind: Counter, outcomes: List[RaceOutcome], stored: Optional[S3Object], number: int
+) -> None:
+    winners = {writer for writer, outcome in enumerate(outcomes) if outcome.won}
+    # -1: the object written before an If-Match round; -2: none (no writer of an If-None-Match round won)
+    stored_writer = int(json.loads(stored.body).get("writer", -2)) if stored is not None else -2
+    if 0 <= stored_writer < len(outcomes) and outcomes[stored_writer].retried:
+        winners.add(stored_writer)  # its first PUT landed, the reply asked for a retry, the retry was refused
+    errors = [outcome.error for outcome in outcomes if outcome.error]
+    counts["server_header"] = counts["server_header"] or next((o.server for o in outcomes if o.server), "")
+    counts["rounds"] += 1
+    kind["rounds"] += 1
+    counts["winners"] += len(winners)
+    counts["refused"] += sum(outcome.refused for writer, outcome in enumerate(outcomes) if writer not in winners)
+    counts["retried"] += sum(outcome.retried for outcome in outcomes)
+    counts["most_winners"] = max(counts["most_winners"], len(winners))
+    if errors:
+        counts["errors"] += len(errors)
+        counts["first_error"] = counts["first_error"] or f"round {number}: {errors[0]}"
+        return
+    for outcome, happened in (("rounds_with_several_winners", len(winners) > 1), ("rounds_with_no_winner", not winners),
+                              ("rounds_keeping_a_loser", bool(winners) and stored_writer not in winners)):
+        counts[outcome] += happened
+        kind[outcome] += happened
+
+
+def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
+    """The check line for a race's counts: FAIL when a round had several winners, none, or kept a
+    refused writer's body, or when the race could not be run to the end."""
+    server = counts["server"] + (f" ({counts['server_header']})" if counts["server_header"] else "")
+    done, writers = counts["rounds"], counts["writers"]
+    by_kind = ", ".join(f"{kind} in {each.get('rounds_with_several_winners', 0)} of {each.get('rounds', 0)}"
+                        for kind, each in counts["by_condition"].items())
+    if counts["rounds_with_several_winners"]:
+        return CheckResult("", "FAIL", (
+            f"{server}: conditional writes are not atomic under concurrency: {counts['rounds_with_several_winners']} "
+            f"of {done} rounds had 2 or more winners; writes can be lost on this server ({writers} concurrent "
+            f"writers, up to {counts['most_winners']} winners in a round; {by_kind})"), counts)
+    if counts["errors"]:
+        return CheckResult("", "FAIL", f"{server}: the race of {writers} concurrent conditional writers stopped in round "
+                                       f"{done}: {counts['first_error']}", counts)
+    if counts["rounds_with_no_winner"] or counts["rounds_keeping_a_loser"]:
+        return CheckResult("", "FAIL", (
+            f"{server}: conditional writes are not reliable under concurrency: in {counts['rounds_with_no_winner']} "
+            f"of {done} rounds all {writers} writers were refused, in {counts['rounds_keeping_a_loser']} the object "
+            "kept a refused writer's body; writes can be lost on this server"), counts)
+    shortfall = (f" (the race stops after {_RACE_DEADLINE:.0f} s: {done} of {counts['rounds_asked']} rounds asked)"
+                 if done < counts["rounds_asked"] else "")
+    slow = counts["slowest_round_seconds"]
+    waits = f"; the losers of a race waited: a round took up to {slow:.1f} s" if slow >= 1 else ""
+    return CheckResult("", "PASS", (
+        f"{writers} concurrent writers, {done} rounds of If-None-Match: * and If-Match on one ETag: exactly one winner "
+        f"a round, the others refused (412), in {counts['seconds']:.1f} s{shortfall}{waits}"), counts)
 
 
 def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:
@@ -4182,7 +5515,7 @@ def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
         client = S3Client(Config.from_dict(config))
         create_bucket(client)
         print(f"embedded server {server.endpoint_url}, bucket {_LOCAL_BUCKET}", file=sys.stderr if args.json else sys.stdout)
-        results = run_checks(client, os.environ)
+        results = run_checks(client, os.environ, args.writers, args.rounds)
         if not all(result.passed for result in results):
             return _report_checks(results, args.json)
         if not args.json:
@@ -4253,7 +5586,8 @@ def _config_block(config: Config) -> Dict[str, Any]:
 
 def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
     if as_json:
-        print(json.dumps([result._asdict() for result in results], indent=2))
+        print(json.dumps([{name: value for name, value in result._asdict().items() if value is not None}
+                          for result in results], indent=2))
     else:
         for result in results:
             print(result.line(), flush=True)
@@ -4329,6 +5663,11 @@ def _parser() -> Any:
     ls.add_argument("--limit", type=_count_of("runs"), default=0, metavar="N", help="only the newest N (e.g. --limit 20)")
     ls.add_argument("--json", action="store_true", help="a JSON list: run_id, status, layout, written_by, last_modified, "
                     "size, objects")
+    ls.add_argument("--since", default="", metavar="AGE", help="only runs written within AGE, e.g. 7d, 12h, 30m (s, m, h, "
+                    "d, w); a chunked-s3 run is timed by its RunLog.json. With --since, --status or --limit the runs "
+                    "come from one LIST and a GET per run shown; a chunked-s3 run's size is not counted (-)")
+    ls.add_argument("--status", default="", metavar="STATUSES", help="only runs with these statuses, comma-separated, "
+                    f"e.g. FAIL or SUCCESS,FAIL (of {', '.join(LISTABLE_STATUSES)})")
     show = command("show", help="a run log as a tree of steps and branches")
     show.add_argument("run_id", help=run_id_help)
     show.add_argument("--json", action="store_true", help="the tree as JSON: run_id, status, written_by, steps[name, "
@@ -4355,11 +5694,39 @@ def _parser() -> Any:
     rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
     rm.add_argument("run_id", help=run_id_help)
     rm.add_argument("--yes", action="store_true", help="do not ask")
+    rm.add_argument("--force", action="store_true",
+                    help="delete a run that is not finished (CREATED or PROCESSING: a pipeline may be writing it)")
+    prune = command("prune", help="delete whole runs last written before AGE, finished ones only (SUCCESS, FAIL), "
+                    "each with a delete conditioned on the version checked; says what it deleted and what it kept")
+    prune.add_argument("--older-than", dest="older_than", required=True, metavar="AGE",
+                       help="e.g. 90d, 12h (s, m, h, d, w): a run's age is its last write (a chunked-s3 run's newest object)")
+    prune.add_argument("--status", default="SUCCESS,FAIL", metavar="STATUSES",
+                       help="delete only runs with these statuses (default SUCCESS,FAIL; never CREATED or PROCESSING)")
+    prune.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would be deleted; delete nothing")
+    prune.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    export = command("export", help="write runs to one self-describing JSON file (each run log whole, with its layout "
+                     "and written-by tag), for import into another bucket, prefix or layout")
+    export.add_argument("run_ids", nargs="+", metavar="RUN_ID", help=run_id_help)
+    export.add_argument("-o", "--output", default="-", metavar="FILE", help="the file to write, whole or not at all "
+                        "(default '-': stdout)")
+    import_ = command("import", help="write the runs of an export file into the configured bucket, prefix and layout, "
+                      "each with If-None-Match: never over an existing run unless --force")
+    import_.add_argument("file", metavar="FILE", help="a file export wrote ('-' for stdin)")
+    import_.add_argument("--force", action="store_true", help="replace runs that exist, as put --force does (atomically "
+                         "on chunked-s3)")
+    import_.add_argument("--layout", choices=sorted(LAYOUTS), default=None, help="the layout of the runs it creates "
+                         "(default: the --config file's store type, else the layout each run was exported from)")
     check = command("check", help="verify credentials, bucket, permissions and conditional writes")
     check.add_argument("--local", action="store_true", help="against an embedded S3 server, with a parallel write workload")
-    check.add_argument("--writers", type=_count_of("writer processes"), default=16, help="writer processes for --local (default 16)")
+    check.add_argument("--writers", type=_count_of("writer processes"), default=RACE_WRITERS, metavar="N",
+                       help=f"concurrent writers racing conditional writes, and with --local the writer processes of "
+                       f"its workload (default {RACE_WRITERS})")
+    check.add_argument("--rounds", type=_count_of("rounds"), default=RACE_ROUNDS, metavar="N",
+                       help=f"rounds of the race of conditional writes, alternately If-None-Match and If-Match "
+                       f"(default {RACE_ROUNDS})")
     check.add_argument("--steps", type=_count_of("steps"), default=10, help="step logs per writer for --local (default 10)")
-    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail")
+    check.add_argument("--json", action="store_true", help="a JSON list: name, result (PASS, FAIL, SKIP, WARN), detail, "
+                       "and counts where a check counted (the race's rounds and winners)")
     serve = command("serve", help="an S3 server on loopback to try pipelines on (moto, in memory), with a bucket; "
                     "prints the config block and environment to paste; stops at Ctrl-C")
     serve.add_argument("--port", type=int, default=None, metavar="N", help=f"the port (default {_SERVE_PORT}; 0: a free "
@@ -4380,6 +5747,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         setattr(args, name, getattr(args, name, default))
     commands = {"get": _cmd_get, "ls": _cmd_ls, "show": _cmd_show, "put": _cmd_put, "edit": _cmd_edit, "rm": _cmd_rm,
                 "timeline": _cmd_timeline}
+    commands.update({"prune": _cmd_prune, "export": _cmd_export, "import": _cmd_import})
     try:
         try:
             level = log_level_from(environ)
@@ -4403,7 +5771,7 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
         if sys.stderr.isatty() or args.verbose:
             client.on_retry = _retry_notice()
         if args.command == "check":
-            return _report_checks(run_checks(client, environ), args.json)
+            return _report_checks(run_checks(client, environ, args.writers, args.rounds), args.json)
         return commands[args.command](BucketRuns(client), args)
     except (RunLogNotFoundError, NotFoundError) as exc:
         return _fail(exc, EXIT_FAILED, args.debug)
