@@ -2376,8 +2376,9 @@ class S3RunLogs:
 #   again: the same generation means no replacement committed meanwhile, else it reads again. So a full
 #   read never mixes a replacement's logs with those it replaced; each log is a version it had during the
 #   read (logs that pipelines write meanwhile are each as listed or newer, not all of one instant). A read
-#   of one log GETs RunLog.json beside it, for the intent; so does the check that a new log's parent
-#   exists (a parent a replacement under way drops is missing).
+#   of one log GETs RunLog.json first, then the log (the other order can return a log from before a put
+#   that ended during the read); so does the check that a new log's parent exists (a parent a
+#   replacement under way drops is missing).
 # - A new run created over objects left in its folder (a late writer after an rm) is a replacement with
 #   those objects listed: they become tombstones, never part of the new run.
 # - Left open: a branch's parameters (runnable) are merged into the branch as this writer saw it; a
@@ -2649,9 +2650,12 @@ class ChunkedS3RunLogs(S3RunLogs):
         return self._read_chunk(run_id, "branch", internal_name)
 
     def _read_chunk(self, run_id: str, kind: str, internal_name: str) -> Dict[str, Any]:
-        # The log's object and RunLog.json, fetched together: a replacement under way decides what shows.
+        # RunLog.json, then the log's object: a replacement under way decides what shows. In that order: a
+        # log read first could be one a put committed after rolls forward before RunLog.json is read,
+        # its intent cleared, and the read would go back to before a put that ended within it.
         key = self.chunk_key(run_id, kind, internal_name)
-        run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+        run = self._get_or_none(self.key(run_id))
+        stored = self._get_or_none(key) if run is not None else None
         if run is None:
             raise self._not_found(run_id)
         self._known_run(run_id)
@@ -2903,7 +2907,7 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     def _check_parent(self, run_id: str, kind: str, internal_name: str) -> None:
         """Before a log is created: its parent exists (a step's branch, a branch's step) as a reader sees it,
-        a replacement under way deciding. Its GET and RunLog.json's at once (a branch's name with dots
+        a replacement under way deciding: RunLog.json's GET, then the parent's (a branch's name with dots
         may need one GET per dot)."""
         folder = self.folder(run_id)
         if kind == "step":
@@ -2913,9 +2917,10 @@ class ChunkedS3RunLogs(S3RunLogs):
             candidates = [self.chunk_key(run_id, "branch", parent)]
         else:
             candidates = [self.chunk_key(run_id, "step", name) for name in _parent_names(internal_name)]
-        run, *found = self._in_pool(self._get_or_none, [self.key(run_id)] + candidates)
+        run = self._get_or_none(self.key(run_id))  # first, as a read of one log (see _read_chunk)
         if run is None:
             raise self._not_found(run_id)
+        found = self._in_pool(self._get_or_none, candidates)
         intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
         if any(self._visible(key[len(folder):], stored, intent) is not None for key, stored in zip(candidates, found)):
             return
