@@ -2417,8 +2417,9 @@ def _transport_cases():
             error=u3.ProtocolError("IncompleteRead(3 bytes read)")), True, "the connection failed", True),
         ("short body", runlog_s3.ShortReplyError("reply body ended after 3 of 9 bytes"), True,
          "the connection closed before a whole reply came", True),
+        # urllib3 1.26 calls a reset while the reply is read through a proxy a proxy error: it may have arrived.
         ("proxy", __import__("botocore.exceptions").exceptions.ProxyConnectionError(
-            proxy_url="http://proxy:3128", error=OSError("x")), True, "the proxy failed", False),
+            proxy_url="http://proxy:3128", error=OSError("x")), True, "the proxy failed", True),
         ("temporary DNS", _botocore_failure("EndpointConnectionError",
                                             socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")),
          True, "its name did not resolve (temporary DNS failure)", False),
@@ -2623,20 +2624,23 @@ def fan_run(run_id, status, branch_names, parameter):
 
 
 class HookedTransport(runlog_s3.BotocoreTransport):
-    """The production transport, calling before(request) ahead of every request it sends."""
+    """The production transport, calling before(request) ahead of every request it sends and, when given,
+    after(request, reply) once its reply came (it may raise, or return another reply)."""
 
-    def __init__(self, config, before):
+    def __init__(self, config, before, after=None):
         super().__init__(config, os.environ, config.endpoint_url)
-        self.before = before
+        self.before, self.after = before, after
 
     def send(self, request):
         self.before(request)
-        return super().send(request)
+        reply = super().send(request)
+        return (self.after(request, reply) or reply) if self.after is not None else reply
 
 
-def chunked_run_logs(config, before=lambda request: None):
+def chunked_run_logs(config, before=lambda request: None, after=None, layout="chunked-s3"):
     config = Config.from_dict(config)
-    return runlog_s3.ChunkedS3RunLogs(S3Client(config, transport=HookedTransport(config, before)))
+    client = S3Client(config, transport=HookedTransport(config, before, after))
+    return runlog_s3.LAYOUTS[layout](client)
 
 
 def leftovers_of_replacements(run_logs, run_id):
@@ -3244,6 +3248,303 @@ def test_a_wrong_secret_on_seaweedfs_is_one_line_naming_the_source(seaweedfs, mo
     assert raised.value.status == 403 and "\n" not in message and "SENTINEL" not in message
     assert "check the access key and secret of the default credential chain (access key ...1234)" in message
     print(f"\nSeaweedFS {seaweedfs.version} says: {message}")
+
+
+# The breaks a second review found (#23, f55efaa): each test below fails against 8a1240b's module.
+
+
+def _path_ends(request, name):
+    return urlsplit(request.url).path.endswith("/" + name) and not urlsplit(request.url).query
+
+
+def _lose_reply_once(name, meanwhile=lambda: None):
+    """An after-hook: the first PUT of object `name` lands, then `meanwhile()` runs and its reply is lost."""
+    import botocore.exceptions
+
+    state = {"done": False}
+
+    def after(request, reply):
+        if not state["done"] and request.method == "PUT" and _path_ends(request, name):
+            state["done"] = True
+            meanwhile()
+            raise botocore.exceptions.ReadTimeoutError(endpoint_url=request.url)
+
+    return after
+
+
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_an_edit_whose_reply_was_lost_before_a_pipeline_wrote_never_says_nothing_written(bucket, layout):
+    # (B) The edit's PUT lands, its reply is lost, a pipeline writes the run before the retry: the retry's
+    # 412 is not somebody else's refusal. Written, or "may have landed"; never "nothing written".
+    run_id = f"edited-{layout}"
+    pipeline = chunked_run_logs(bucket, layout=layout)
+    pipeline.create({"run_id": run_id, "status": "PROCESSING", "parameters": {}, "steps": {
+        "one": {"name": "one", "internal_name": "one", "status": "FAIL", "branches": {}}}})
+    document, version = chunked_run_logs(bucket, layout=layout).read_version(run_id)
+    document["steps"]["one"]["status"], document["tag"] = "SUCCESS", "fixed by the operator"
+    name = f"{run_id}.json" if layout == "s3" else "RunLog.json"
+    editor = chunked_run_logs(bucket, after=_lose_reply_once(name, lambda: pipeline.set_status(run_id, "SUCCESS")),
+                              layout=layout)
+    try:
+        editor.replace_if_unchanged(document, version)
+    except runlog_s3.RunlogS3Error as exc:
+        assert exc.may_have_landed and "nothing written" not in str(exc), str(exc)
+    stored = chunked_run_logs(bucket, layout=layout).read(run_id)
+    assert stored["tag"] == "fixed by the operator" and stored["steps"]["one"]["status"] == "SUCCESS"
+
+
+@pytest.mark.parametrize("holding", [False, True])
+def test_a_pipeline_rewrite_with_the_bytes_a_put_listed_is_kept(bucket, holding):
+    # (C) A step written again with exactly the bytes it had when a put listed it, after the put
+    # committed: every pipeline write carries a nonce, so its ETag moves off the listed one and the
+    # write shows, and the put's roll-forward (If-Match the listed ETag) leaves it.
+    run_id = f"rewrite-{holding}"
+    first = chunked_run_logs(bucket)
+    first.create({"run_id": run_id, "status": "PROCESSING", "steps": {}})
+    failed = {"name": "one", "internal_name": "one", "status": "FAIL"}
+    first.add_step(run_id, failed)
+    pipeline = first if holding else chunked_run_logs(bucket)  # holding its last write, or a fresh process
+    gate, held = threading.Event(), threading.Event()
+    put = threading.Thread(target=lambda: chunked_run_logs(bucket, hold_after_commit(gate, held)).replace(
+        {"run_id": run_id, "status": "PROCESSING", "steps": {
+            "one": {"name": "one", "internal_name": "one", "status": "SUCCESS"}}}))
+    put.start()
+    try:
+        assert held.wait(60)
+        assert chunked_run_logs(bucket).read(run_id)["steps"]["one"]["status"] == "SUCCESS"  # committed
+        pipeline.add_step(run_id, failed)  # acknowledged after the commit: it must stay
+        assert chunked_run_logs(bucket).read(run_id)["steps"]["one"]["status"] == "FAIL"
+    finally:
+        gate.set()
+        put.join(60)
+    assert chunked_run_logs(bucket).read(run_id)["steps"]["one"]["status"] == "FAIL"
+    assert leftovers_of_replacements(first, run_id) == []
+
+
+def test_a_child_of_a_log_a_committed_put_drops_is_refused(bucket):
+    # (D) A put drops step `par` and its branch; before its roll-forward reaches them, a pipeline adds a
+    # branch under `par` and a step under the dropped branch. Their parents' objects are still stored,
+    # but a reader sees them gone: both writes are refused, none acknowledged and then never shown.
+    pipeline = chunked_run_logs(bucket)
+    pipeline.create({"run_id": "drop", "status": "PROCESSING", "steps": {}})
+    pipeline.add_step("drop", {"name": "par", "internal_name": "par", "status": "PROCESSING", "step_type": "parallel"})
+    pipeline.add_branch("drop", {"internal_name": "par.b1", "status": "PROCESSING", "steps": {}})
+    gate, held = threading.Event(), threading.Event()
+    put = threading.Thread(target=lambda: chunked_run_logs(bucket, hold_after_commit(gate, held)).replace(
+        {"run_id": "drop", "status": "PROCESSING", "steps": {
+            "other": {"name": "other", "internal_name": "other", "status": "SUCCESS"}}}))
+    put.start()
+    try:
+        assert held.wait(60)
+        assert list(chunked_run_logs(bucket).read("drop")["steps"]) == ["other"]
+        late = chunked_run_logs(bucket)
+        with pytest.raises(runlog_s3.LogNotFoundError, match="step log 'par' is not in run log 'drop'"):
+            late.add_branch("drop", {"internal_name": "par.b2", "status": "PROCESSING", "steps": {}})
+        with pytest.raises(runlog_s3.LogNotFoundError, match=r"branch log 'par\.b1' is not in run log 'drop'"):
+            late.add_step("drop", {"name": "s1", "internal_name": "par.b1.s1", "status": "SUCCESS"})
+    finally:
+        gate.set()
+        put.join(60)
+    assert list(chunked_run_logs(bucket).read("drop")["steps"]) == ["other"]
+    assert {"BranchLog-par.b2.json", "StepLog-par.b1.s1.json"}.isdisjoint(stored_objects(pipeline, "drop"))
+
+
+@pytest.mark.parametrize("layout, write", [("s3", "create"), ("chunked-s3", "create"), ("s3", "replace")])
+def test_a_secret_is_masked_when_the_write_is_the_processes_first_request(bucket, monkeypatch, request, layout,
+                                                                          write):
+    # (F) The body is scrubbed before any request was signed: the credentials are read for it then.
+    monkeypatch.setenv("RUNNER_KEY", ACCESS_KEY)
+    monkeypatch.setenv("RUNNER_SECRET", SECRET_KEY)
+    token = "SENTINEL-session-token-0123456789"
+    if request.node.callspec.params["bucket"] == "moto":  # SeaweedFS refuses a session token it never issued
+        monkeypatch.setenv("RUNNER_TOKEN", token)
+    secrets = [SECRET_KEY] + ([token] if request.node.callspec.params["bucket"] == "moto" else [])
+    config = {**bucket, "use_credentials": True, "aws_access_key_name": "RUNNER_KEY",
+              "aws_secret_access_key_name": "RUNNER_SECRET", "aws_session_key_name": "RUNNER_TOKEN"}
+    run_logs = runlog_s3.open_run_logs(config, layout)
+    run_id = f"first-{layout}-{write}"
+    variables = {"RUNNER_SECRET": SECRET_KEY, "RUNNER_TOKEN": token, "URL": f"s3://x?key={SECRET_KEY}"}
+    getattr(run_logs, write)({"run_id": run_id, "status": "PROCESSING", "steps": {},
+                              "run_config": {"executor": {"variables": variables}}})
+    key = run_logs.key(run_id)
+    body = runlog_s3.open_run_logs(bucket, layout).client.get_object(key).body
+    assert b"RUNNER_SECRET" in body and b"?key=***" in body
+    assert not [secret for secret in secrets if secret.encode() in body]
+
+
+def test_a_put_through_a_proxy_that_marks_list_etags_weak_writes_every_log(bucket):
+    # (G) A LIST's ETags as a proxy rewrites them (W/"..."): the roll-forward sends If-Match quoted and
+    # strong, so every log is written; before, each PUT met 412, taken for a newer write, and the put left
+    # its new run fields over the old logs.
+    def weak_list(request, reply):
+        if "list-type=2" in request.url:
+            body = reply.body.replace(b"<ETag>&quot;", b"<ETag>W/&quot;").replace(b'<ETag>"', b'<ETag>W/"')
+            return HttpReply(reply.status, reply.headers, body)
+        return None
+
+    chunked_run_logs(bucket).create(fan_run("weak", "FAIL", ["a", "b"], 1))
+    chunked_run_logs(bucket, after=weak_list).replace(fan_run("weak", "SUCCESS", ["a", "c"], 2))
+    reader = chunked_run_logs(bucket)
+    document = reader.read("weak")
+    branches = document["steps"]["fan"]["branches"]
+    assert sorted(branches) == ["fan.a", "fan.c"] and document["parameters"] == {"p": 2}
+    assert {log["status"] for branch in branches.values() for log in [branch, *branch["steps"].values()]} == {"SUCCESS"}
+    assert leftovers_of_replacements(reader, "weak") == []
+    assert stored_objects(reader, "weak")["BranchLog-fan.b.json"] == "tombstone"
+    assert all(json.loads(reader.client.get_object(key).body)["status"] == "SUCCESS" for key in (
+        reader.chunk_key("weak", "step", "fan"), reader.chunk_key("weak", "branch", "fan.a")))
+
+
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_a_proxy_reset_after_a_put_landed_is_not_taken_as_never_arrived(bucket, layout):
+    # (H) urllib3 1.26 (Python < 3.10) raises a reset while a reply is read through a proxy as a proxy
+    # error: the PUT may have landed, so the retry's 412 is checked against our own write.
+    import botocore.exceptions
+    import urllib3.exceptions
+
+    def proxy_reset(request, reply):
+        if request.method == "PUT" and not state["reset"]:
+            state["reset"] = True
+            raise botocore.exceptions.ProxyConnectionError(proxy_url="http://proxy.corp:3128", error=(
+                urllib3.exceptions.ProxyError("Cannot connect to proxy.", ConnectionResetError(104, "reset"))))
+
+    state = {"reset": False}
+    run_logs = chunked_run_logs(bucket, after=proxy_reset, layout=layout)
+    run_logs.create({"run_id": f"mine-{layout}", "status": "PROCESSING", "steps": {}})  # not RunLogExistsError
+    assert state["reset"] and run_logs.read(f"mine-{layout}")["status"] == "PROCESSING"
+
+
+def test_branch_parameters_set_while_a_put_is_pending_are_written(bucket):
+    # (I) runnable's branch reads its parameters (the pending put's p=2) and sets p=1, the value the
+    # stored object still holds: that is a change from what it read, so it is written and kept.
+    def par(parameter):
+        return {"run_id": "bp", "status": "PROCESSING", "steps": {"par": {
+            "name": "par", "internal_name": "par", "status": "PROCESSING", "step_type": "parallel", "branches": {
+                "par.b": {"internal_name": "par.b", "status": "PROCESSING", "parameters": {"p": parameter},
+                          "steps": {}}}}}}
+
+    chunked_run_logs(bucket).create({"run_id": "bp", "status": "PROCESSING", "steps": {}})
+    setup = chunked_run_logs(bucket)
+    setup.add_step("bp", {"name": "par", "internal_name": "par", "status": "PROCESSING", "step_type": "parallel"})
+    setup.add_branch("bp", par(1)["steps"]["par"]["branches"]["par.b"])
+    gate, held = threading.Event(), threading.Event()
+    put = threading.Thread(target=lambda: chunked_run_logs(bucket, hold_after_commit(gate, held)).replace(par(2)))
+    put.start()
+    try:
+        assert held.wait(60)
+        branch = chunked_run_logs(bucket)
+        assert branch.read_branch("bp", "par.b")["parameters"] == {"p": 2}
+        branch.set_branch_parameters("bp", "par.b", {"p": 1})
+        assert chunked_run_logs(bucket).read_branch("bp", "par.b")["parameters"] == {"p": 1}
+    finally:
+        gate.set()
+        put.join(60)
+    assert chunked_run_logs(bucket).read_branch("bp", "par.b")["parameters"] == {"p": 1}
+
+
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+def test_rm_keeps_a_run_resumed_while_its_prompt_was_answered(bucket, monkeypatch, layout):
+    # (J) rm checks the status, asks, then deletes only the version it checked: a pipeline that resumed
+    # the run meanwhile keeps it, and rm says so in one line.
+    run_id = f"resumed-{layout}"
+    pipeline = chunked_run_logs(bucket, layout=layout)
+    pipeline.create({"run_id": run_id, "status": "SUCCESS", "steps": {}})
+
+    def answer(prompt):
+        pipeline.set_status(run_id, "PROCESSING")  # a retry resumes the run while the operator reads
+        return "y"
+
+    monkeypatch.setattr("builtins.input", answer)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    import argparse
+
+    runs = runlog_s3.BucketRuns(S3Client(Config.from_dict(bucket)))
+    with pytest.raises(runlog_s3.ConflictError) as raised:
+        runlog_s3._cmd_rm(runs, argparse.Namespace(run_id=run_id, yes=False, force=False))
+    assert "was written since it was checked" in str(raised.value) and "\n" not in str(raised.value)
+    assert pipeline.read(run_id)["status"] == "PROCESSING"
+
+
+def test_a_new_run_created_over_a_deleted_runs_leftovers_does_not_show_them(bucket):
+    # (L) A late writer of a deleted run (its process saw the run: no HEAD) leaves a log; a new run
+    # created with the same id, without logs, turns it into a tombstone instead of taking it in.
+    old = chunked_run_logs(bucket)
+    old.create({"run_id": "reuse", "status": "SUCCESS", "steps": {}})
+    old.add_step("reuse", {"name": "first", "internal_name": "first", "status": "SUCCESS"})
+    chunked_run_logs(bucket).delete("reuse")
+    runlog_s3._known_runs().add(old._run_identity("reuse"))  # the pipeline's process saw the run: no HEAD
+    old.add_step("reuse", {"name": "late", "internal_name": "late", "status": "FAIL"})
+    new = {"run_id": "reuse", "status": "CREATED", "parameters": {}, "steps": {}}
+    chunked_run_logs(bucket).create(new)
+    reader = chunked_run_logs(bucket)
+    assert reader.read("reuse") == new
+    assert stored_objects(reader, "reuse")["StepLog-late.json"] == "tombstone"
+    assert leftovers_of_replacements(reader, "reuse") == []
+
+
+def test_put_if_match_takes_the_chunked_version_without_its_quotes(bucket):
+    # (K1) A shell strips the quotes of `get --etag`'s version: it names the same version.
+    run_logs = chunked_run_logs(bucket)
+    run_logs.create(fan_run("unquoted", "FAIL", ["a"], 1))
+    document, version = run_logs.read_version("unquoted")
+    assert version.startswith('"chunked-')
+    run_logs.replace_if_unchanged(dict(document, status="SUCCESS"), version.strip('"'))
+    assert run_logs.read("unquoted")["status"] == "SUCCESS"
+    with pytest.raises(PreconditionFailedError):  # and a version that is not the run's is still refused
+        run_logs.replace_if_unchanged(dict(document, status="FAIL"), version.strip('"'))
+
+
+def _paged_listings(run_logs, size):
+    """LISTs of this store ask for `size` keys a page (S3 pages at 1000: a run of more than 1000 logs)."""
+    request = run_logs.client._request
+
+    def paged(method, key, query=None, **kwargs):
+        if query and query.get("list-type") == "2":
+            query = {**query, "max-keys": str(size)}
+        return request(method, key, query=query, **kwargs)
+
+    run_logs.client._request = paged
+    return run_logs
+
+
+def test_a_full_read_whose_listing_takes_pages_never_mixes_a_put(bucket):
+    # (A2) Keys sort BranchLog-* < RunLog.json < StepLog-*. The reader lists page 1 (the branches and
+    # RunLog.json, unchanged); a put commits and rolls StepLog-fan forward; page 2 lists the new step.
+    # Pages are not one moment: the reader checks the generation again and reads again.
+    def fan(status):
+        return {"run_id": "paged", "status": status, "parameters": {}, "steps": {"fan": {
+            "name": "fan", "internal_name": "fan", "step_type": "parallel", "status": status, "branches": {
+                f"fan.{name}": {"internal_name": f"fan.{name}", "status": status, "steps": {}} for name in "ab"}}}}
+
+    chunked_run_logs(bucket).create(fan("PROCESSING"))
+    old, new = chunked_run_logs(bucket).read("paged"), fan("FAIL")
+    gate, step_written, lists = threading.Event(), threading.Event(), []
+
+    def writer_before(request):
+        if request.method == "PUT" and "BranchLog-" in request.url:
+            assert gate.wait(60)
+
+    def writer_after(request, reply):
+        if request.method == "PUT" and _path_ends(request, "StepLog-fan.json"):
+            step_written.set()
+
+    put = threading.Thread(target=lambda: chunked_run_logs(bucket, writer_before, writer_after).replace(new))
+
+    def reader_before(request):
+        if "list-type=2" in request.url:
+            lists.append(request.url)
+            if len(lists) == 2:  # page 1 is in: the put commits and writes the step meanwhile
+                put.start()
+                assert step_written.wait(60)
+
+    try:
+        seen = _paged_listings(chunked_run_logs(bucket, reader_before), 3).read("paged")
+    finally:
+        gate.set()
+        if put.ident is not None:
+            put.join(60)
+    assert len(lists) >= 2 and seen in (old, new), seen
+    assert chunked_run_logs(bucket).read("paged") == new
 
 
 
