@@ -4678,6 +4678,7 @@ class SimActorSpec(NamedTuple):
     skew: float = 0.0  # its machine's clock minus the true time
     slow: float = 0.0  # a slow link: each way of each request takes up to this long (a reader far away)
     hold_after_commit: float = 0.0  # an operator stops this long once a put's commit point landed (a GC pause)
+    hold_writes: int = 0  # ... after this many more writes of the put (its roll-forward under way)
 
 
 class SimScenario(NamedTuple):
@@ -4706,7 +4707,7 @@ def sim_scenario(seed, layout):
     """The scenario of a seed: settings, faults, and the actors' scripts (which ops, on what)."""
     gen = random.Random(f"runlog-s3-sim-{seed}")
     draw = gen.random()
-    kind = "rm" if draw < 0.06 else "recreate" if draw < 0.12 else "pipeline"
+    kind = "rm" if draw < 0.05 else "recreate" if draw < 0.13 else "pipeline"
     secrets = gen.random() < 0.25  # documents that carry the credentials an executor copied in
 
     def skew(often, rarely):
@@ -4769,8 +4770,13 @@ def sim_scenario(seed, layout):
                 script.append((choice, label, tuple(sorted(gen.sample(SIM_PARAMETERS, gen.randint(1, 2))))))
             else:
                 script.append((choice, label))
-        if kind != "pipeline" and gen.random() < 0.6:  # a late writer: it goes on after the rm
-            script.insert(gen.randint(1, len(script)), ("sleep", f"{name}-z", gen.uniform(10, 60)))
+        if kind != "pipeline" and gen.random() < 0.6:  # a late writer: it knows the run, and writes after the rm
+            script = [("add_step", f"{name}-k", gen.choice(SIM_STEPS)), *script, ("sleep", f"{name}-y", gen.uniform(10, 60)),
+                      ("add_step", f"{name}-z", gen.choice(SIM_STEPS))]
+        if kind != "pipeline" and gen.random() < 0.4:  # it forks a process (a branch) that writes later
+            child = (("sleep", f"{name}c-0", gen.uniform(3, 30)),
+                     *(("add_step", f"{name}c-{index}", gen.choice(SIM_STEPS)) for index in range(1, gen.randint(1, 2) + 1)))
+            script.insert(1, ("fork", f"{name}-f", child))
         actors.append(spec(name, "writer", script))
     if kind != "pipeline":
         actors.append(spec("op", "operator", [("rm", "op-1", gen.random() < 0.5)]))
@@ -4801,7 +4807,7 @@ def sim_scenario(seed, layout):
         actors.append(spec(name, "reader", script))
     recreated = None
     if kind == "recreate":  # without logs (a create_run_log), or with some
-        recreated = ({"run_id": SIM_RUN, "status": "new-1", "parameters": {}, "steps": {}} if gen.random() < 0.5
+        recreated = ({"run_id": SIM_RUN, "status": "new-1", "parameters": {}, "steps": {}} if gen.random() < 0.7
                      else document("new-1"))
     return SimScenario(
         seed, layout, kind, gen.choice((0.0, 0.03, 0.1, 0.25)), gen.choice((2.0, 10.0, 60.0)),
@@ -4827,7 +4833,7 @@ def sim_race(seed, layout, gen, document):
                 script += [("read", f"{label}.read"), ("add_step", label, log[1])]
                 written.append(log)
             elif choice == "rewrite":
-                script.append((choice, label, *gen.choice(written)))
+                script += [("read", f"{label}.r"), (choice, label, *gen.choice(written))]
             elif choice == "branch_params":
                 branch = gen.choice(SIM_BRANCHES)
                 again = any(step[0] == choice and step[2] == branch for step in script)
@@ -4836,9 +4842,10 @@ def sim_race(seed, layout, gen, document):
                 script.append((choice, label))
         actors.append(SimActorSpec(name, "writer", tuple(script), skew=gen.choice((0.0, gen.uniform(-30, 30)))))
     draw = gen.random()
-    put = (("edit", "op-1") if draw < 0.3 and sim_can_edit(layout) else ("edit", "op-1", "force") if draw < 0.65
+    put = (("edit", "op-1") if draw < 0.25 and sim_can_edit(layout) else ("edit", "op-1", "force") if draw < 0.55
            else ("replace", "op-1", document("op-1")))
-    actors.append(SimActorSpec("op", "operator", (put,), hold_after_commit=gen.choice((0.0, gen.uniform(5, 60)))))
+    actors.append(SimActorSpec("op", "operator", (("sleep", "op-0", gen.uniform(0.1, 3)), put), hold_after_commit=gen.choice((0.0, gen.uniform(5, 60))),
+                               hold_writes=gen.choice((0, 0, 1, 2))))
     for number in range(gen.randint(1, 2)):
         actors.append(SimActorSpec(f"r{number}", "reader", tuple(("read", f"r{number}-{index}")
                                                                   for index in range(1, gen.randint(1, 2) + 1)),
@@ -4855,6 +4862,8 @@ def sim_describe_step(step):
         return f"sleep[{label}]({rest[0]:.0f} s)"
     if kind == "edit":
         return f"edit[{label}]" + (" (get, put --force)" if rest else "")
+    if kind == "fork":
+        return f"fork[{label}]({', '.join(sim_describe_step(step) for step in rest[0])})"
     if kind in ("rewrite", "branch_params"):
         return f"{kind}[{label}]({' '.join(str(part) for part in rest)})"
     if kind in ("create", "replace"):
@@ -4907,13 +4916,18 @@ class _SimRandom:
 
 
 class _SimOs:
-    """runlog_s3.os: os itself, but for urandom, which draws from the schedule's generator."""
+    """runlog_s3.os: os itself, but for urandom, which draws from the schedule's generator, and getpid, which
+    is the running actor's (a forked child's differs from its parent's)."""
 
     def __init__(self, world):
         self._world = world
 
     def urandom(self, count):
         return self._world.sim.rng.getrandbits(8 * count).to_bytes(count, "big")
+
+    def getpid(self):
+        sim = self._world.sim
+        return sim.current.pid if sim is not None and sim.current is not None else os.getpid()
 
     def __getattr__(self, name):
         return getattr(os, name)
@@ -5041,13 +5055,14 @@ class SimActor:
         self.request_time = self.client_sleep = self.stalled = 0.0
         self.op = None
         self.written = {}  # (kind, name) -> (label, log) of its last acknowledged write of that log
-        self.held_after_commit = False
+        self.writes_after_commit = None  # counted from a put's commit point, for hold_after_commit
         self.branch_values = {}  # branch -> the value it last set of the branch's parameter
         credentials = CredentialProvider(sim.config, environ=SIM_ENVIRON)
         client = S3Client(sim.config, credentials, SimTransport(sim, self), environ=SIM_ENVIRON,
                           sleep=self.sleep_in_client)
         self.run_logs = runlog_s3.LAYOUTS[sim.scenario.layout](client, clock=lambda: sim.now + 1000.0)
-        self.greenlet = greenlet.greenlet(self.main)
+        self.pid = os.getpid()
+        self.greenlet = greenlet.greenlet(self.main, parent=sim.main)
 
     def sleep_in_client(self, seconds):
         self.client_sleep += seconds
@@ -5091,6 +5106,7 @@ class Sim:
         self.trace, self.ops, self.contents, self.problems, self.texts, self.actors = [], [], {}, [], [], []
         self.current = None
         self.main = greenlet.getcurrent()
+        self.running, self.forked = [], set()
         self.closed = False
 
     # The clocks.
@@ -5118,6 +5134,7 @@ class Sim:
     def run(self, actors, horizon):
         """Run the actors until all are done; False if they are still at it at the horizon."""
         self.actors.extend(actors)
+        self.running = actors  # a fork adds its child here
         while True:
             live = [actor for actor in actors if not actor.done]
             if not live:
@@ -5188,13 +5205,16 @@ class Sim:
         finally:
             actor.request_time += self.now - started
         if (faulty and actor.spec.hold_after_commit and op is not None and op.kind in ("replace", "edit")
-                and method == "PUT" and reply.status == 200 and not actor.held_after_commit
+                and method == "PUT" and reply.status == 200 and actor.writes_after_commit is None
                 and urlsplit(url).path.endswith(("/RunLog.json", f"/{SIM_RUN}.json"))):
-            actor.held_after_commit = True
-            self.trace_request(actor, op, method, url, headers, f"actor stops {actor.spec.hold_after_commit:.0f} s "
-                                                                 "after its commit point")
-            actor.stalled += actor.spec.hold_after_commit
-            self.pause(actor.spec.hold_after_commit)
+            actor.writes_after_commit = -1
+        if actor.writes_after_commit is not None and method == "PUT" and reply.status == 200:
+            actor.writes_after_commit += 1
+            if actor.writes_after_commit == actor.spec.hold_writes:
+                self.trace_request(actor, op, method, url, headers, f"actor stops {actor.spec.hold_after_commit:.0f} "
+                                   f"s, {actor.spec.hold_writes} writes after its commit point")
+                actor.stalled += actor.spec.hold_after_commit
+                self.pause(actor.spec.hold_after_commit)
         return reply
 
     def deliver(self, actor, op, number, faulty, method, url, headers, body):
@@ -5279,7 +5299,9 @@ class Sim:
         if self.rng.random() >= self.scenario.fault_rate:
             return ""
         conditional = "if-match" in headers or "if-none-match" in headers
-        return self.rng.choice(SIM_FAULTS + (("409",) if conditional else ()))
+        # A reply lost after the write landed, however it is lost, is what the outcome checks are about: drawn
+        # twice as often.
+        return self.rng.choice(SIM_FAULTS + SIM_FAULTS[:5] + ("proxy-reset",) + (("409",) if conditional else ()))
 
     def server_error(self):
         status, code = self.rng.choice(((500, "InternalError"), (503, "SlowDown"), (503, "ServiceUnavailable"),
@@ -5349,6 +5371,14 @@ class Sim:
             self.branch_params(actor, label, *rest)
         elif kind == "sleep":
             self.pause(rest[0])
+        elif kind == "fork":  # a child process: a copy of this one's memory, a pid of its own
+            child = SimActor(self, SimActorSpec(f"{actor.name}c", "writer", rest[0], skew=actor.spec.skew))
+            child.pid = actor.pid + len(self.actors)
+            child.known_runs, child.clock_offset = copy.deepcopy(actor.known_runs), dict(actor.clock_offset)
+            child.run_logs._versions = copy.deepcopy(actor.run_logs._versions)
+            self.forked.add(child.name)
+            self.actors.append(child)
+            self.running.append(child)
         elif kind == "set_parameters":
             values = {name: label for name in rest[0]}
             self.operate(actor, label, kind, lambda: store.set_parameters(SIM_RUN, values),
@@ -5429,6 +5459,7 @@ class Sim:
                 except runlog_s3.RunLogNotFoundError:  # leftovers only: nothing to check
                     etag = ""
                 checked["etag"] = etag
+                self.pause(self.rng.uniform(0.5, 10))  # the operator reads the prompt
             return store.delete(SIM_RUN, if_match=etag)
 
         op, _result = self.operate(actor, label, "rm", rm)
@@ -5656,6 +5687,7 @@ def sim_check(sim):
       as forbidden (credentials are valid, and clocks within a day of the server's).
     - An edit is refused only if something was written to the run between its read and its write.
     - rm without --force deletes only the version of the run it checked.
+    - A forked child writes into a run only once it has seen it itself (its parent's knowledge is stale).
     - A run created again after an rm reads exactly as created (recreate schedules).
     - No operation waits (outside its own requests and their retries) longer than 4 x conflict_timeout
       + 60 s; no schedule runs past its horizon (in sim_finish: the run is readable with faults off at
@@ -5664,6 +5696,14 @@ def sim_check(sim):
     """
     problems, landed_failures = [], set()
     pipeline = sim.scenario.kind == "pipeline"
+    run_keys = ("~.json", "~/RunLog.json")
+    changes = [(tick, method == "PUT") for tick, _now, _actor, _label, method, key, _condition, result in sim.trace
+               if key in run_keys and method in ("PUT", "DELETE") and result[:3] in ("200", "204")]
+
+    def run_exists(tick):
+        return next((exists for when, exists in reversed(changes) if when < tick), False)
+
+    saw_run = set()  # forked children whose own operations found the run
     bound = 4 * sim.config.conflict_timeout + 60
     for op in sim.ops:
         if op.error is not None and (not isinstance(op.error, runlog_s3.RunlogS3Error)
@@ -5680,6 +5720,12 @@ def sim_check(sim):
         if op.kind == "rm" and op.outcome == "ok" and op.target and op.deleted and not runlog_s3.same_etag(
                 op.target, op.deleted):
             problems.append(f"{op!r} deleted version {op.deleted} of the run, written after it checked {op.target}")
+        if op.actor in sim.forked and op.kind in ("add_step", "add_branch") and op.outcome == "ok" and (
+                op.actor not in saw_run and not run_exists(op.t_inv)
+                and not any(op.t_inv < when < op.t_resp and exists for when, exists in changes)):
+            problems.append(f"{op!r}: a forked child wrote into a deleted run it never saw itself (its parent had)")
+        if op.actor in sim.forked and op.outcome == "ok":
+            saw_run.add(op.actor)
         if op.kind == "edit" and op.outcome == "failed" and isinstance(op.error, PreconditionFailedError):
             began = next((read.t_inv for read in sim.ops if read.label == f"{op.label}.read"), op.t_inv)
             if not any(began < tick < op.t_resp and method in ("PUT", "DELETE") and result[:3] in ("200", "204")
@@ -5836,7 +5882,8 @@ def sim_report(sim, violations):
                  if spec.crash_at else "", f"stalls {spec.stall_for:.0f} s at request {spec.stall_at}"
                  if spec.stall_at else "", f"clock {spec.skew:+.0f} s" if spec.skew else "",
                  f"a slow link, up to {spec.slow:.1f} s each way" if spec.slow else "",
-                 f"stops {spec.hold_after_commit:.0f} s after a commit point" if spec.hold_after_commit else ""]
+                 f"stops {spec.hold_after_commit:.0f} s {spec.hold_writes} writes after a commit point"
+                 if spec.hold_after_commit else ""]
         lines.append(f"  {spec.name} ({', '.join([spec.role] + [note for note in notes if note])}): "
                      + ", ".join(sim_describe_step(step) for step in spec.script))
     lines.append("operations (label kind by actor [began..returned, in ticks] outcome):")
@@ -6264,6 +6311,11 @@ def _mutant_bare_403_not_retried(patch, world):
     patch.setattr(runlog_s3, "_is_clock_skew", is_clock_skew)
 
 
+def _mutant_known_runs_inherited(patch, world):
+    # Runs known to exist, kept for the process whatever its pid: a forked child trusts its parent's.
+    patch.setattr(runlog_s3, "_known_runs", lambda: runlog_s3._KNOWN_RUNS.setdefault(0, set()))
+
+
 SIM_MUTANTS = {
     "no-if-match-on-an-update": _mutant_no_if_match,
     "no-if-none-match-on-a-create": _mutant_no_if_none_match,
@@ -6290,6 +6342,7 @@ SIM_MUTANTS = {
     "rm-without-if-match": _mutant_rm_without_if_match,  # J
     "create-takes-in-leftovers": _mutant_create_takes_in_leftovers,  # L
     "bare-403-to-head-not-retried": _mutant_bare_403_not_retried,  # 8a1240b: seed 380
+    "known-runs-inherited-across-fork": _mutant_known_runs_inherited,
 }
 
 
@@ -6297,7 +6350,7 @@ SIM_MUTANTS = {
 SIM_CHUNKED_MUTANTS = {"replacement-skips-its-commit-point", "reads-served-from-memory", "roll-forward-without-if-match",
                        "intent-in-metadata-not-body", "no-nonce-in-pipeline-writes", "parent-checked-on-the-stored-object",
                        "paged-listing-not-checked-again", "same-etag-compared-exactly", "chunked-version-compared-exactly",
-                       "if-match-sent-as-given", "create-takes-in-leftovers"}
+                       "if-match-sent-as-given", "create-takes-in-leftovers", "known-runs-inherited-across-fork"}
 
 
 @pytest.mark.parametrize("name", list(SIM_MUTANTS))
