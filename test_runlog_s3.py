@@ -4423,8 +4423,17 @@ def test_a_put_from_the_command_line_keeps_who_created_the_run(bucket, cli_env, 
 # and what the bucket was sent; its docstring is the checker's specification. Mutants (SIM_MUTANTS)
 # show the simulation has teeth: each must be killed within the CI budget.
 #
+# Scenarios (sim_scenario): pipeline writers (steps, branches, steps in branches, parameters, runnable's
+# branch parameters, rewrites of a log's same bytes, fan-ins, reads before writes), an operator (put,
+# get + put --force, edit) who may stop after its commit point, readers (some on slow links), faults on
+# requests and replies (a proxy's reset included), LIST pages of 1-3 keys with ETags quoted, unquoted or
+# weak, clocks far off; rm schedules (a checked rm with its prompt, late writers, forked children) and
+# recreate schedules (a new run over what late writers left). A share of schedules (sim_race) races one
+# put against such writers and slow readers.
+#
 #   python -m pytest -q -k simulation
-#       CI: 1,000 schedules per layout (seeds 0-999), then every mutant must be killed.
+#       CI: 1,000 schedules per layout (seeds 0-999), then every mutant must be killed (each tries seeds
+#       from 0 on, both layouts, or the chunked one for a mutant of chunked code, until a kill).
 #   RUNLOG_S3_SIM_SEED=N python -m pytest -q -k simulation
 #       replays schedule N exactly (a failure prints its seed, layout, scripts and last requests).
 #   RUNLOG_S3_SIM_SCHEDULES=100000 python -m pytest -q -s -k simulation_explores
@@ -4834,18 +4843,22 @@ def sim_race(seed, layout, gen, document):
                 written.append(log)
             elif choice == "rewrite":
                 script += [("read", f"{label}.r"), (choice, label, *gen.choice(written))]
-            elif choice == "branch_params":
-                branch = gen.choice(SIM_BRANCHES)
-                again = any(step[0] == choice and step[2] == branch for step in script)
-                script.append((choice, label, branch, again))
+            elif choice == "branch_params":  # mostly the branch it set before, handing back its value or a new one
+                before = [step[2] for step in script if step[0] == choice]
+                branch = gen.choice(before) if before and gen.random() < 0.7 else gen.choice(SIM_BRANCHES)
+                script.append((choice, label, branch, branch in before and gen.random() < 0.7))
             else:
                 script.append((choice, label))
+        if gen.random() < 0.4:  # runnable: a branch sets its parameter early, and hands the value back at its end
+            branch = gen.choice(SIM_BRANCHES)
+            script[1:1] = [("branch_params", f"{name}-b", branch, False)]
+            script.append(("branch_params", f"{name}-e", branch, True))
         actors.append(SimActorSpec(name, "writer", tuple(script), skew=gen.choice((0.0, gen.uniform(-30, 30)))))
     draw = gen.random()
-    put = (("edit", "op-1") if draw < 0.25 and sim_can_edit(layout) else ("edit", "op-1", "force") if draw < 0.55
+    put = (("edit", "op-1") if draw < 0.2 and sim_can_edit(layout) else ("edit", "op-1", "force") if draw < 0.45
            else ("replace", "op-1", document("op-1")))
     actors.append(SimActorSpec("op", "operator", (("sleep", "op-0", gen.uniform(0.1, 3)), put), hold_after_commit=gen.choice((0.0, gen.uniform(5, 60))),
-                               hold_writes=gen.choice((0, 0, 1, 2))))
+                               hold_writes=gen.choice((0, 1, 1, 2))))
     for number in range(gen.randint(1, 2)):
         actors.append(SimActorSpec(f"r{number}", "reader", tuple(("read", f"r{number}-{index}")
                                                                   for index in range(1, gen.randint(1, 2) + 1)),
@@ -5982,6 +5995,9 @@ def _bucket_conversation(client):
     attempt("head", lambda: (client.head_object("d/k.json").etag, client.head_object("d/k.json").size))
     attempt("update, stale", lambda: client.put_object("d/k.json", b"{}", if_match='"0123456789abcdef0123456789abcdef"'))
     attempt("update", lambda: client.put_object("d/k.json", b'{"a":3}', if_match=md5))
+    unquoted = client.head_object("d/k.json").etag.strip('"')  # as a LIST may spell it (the client quotes it)
+    attempt("update, If-Match unquoted", lambda: client._request(
+        "PUT", "d/k.json", headers={"If-Match": unquoted}, body=b'{"a":4}').status)
     attempt("update, absent", lambda: client.put_object("d/none.json", b"{}", if_match=md5))
     attempt("get absent", lambda: client.get_object("d/none.json"))
     attempt("head absent", lambda: client.head_object("d/none.json"))
@@ -6311,6 +6327,28 @@ def _mutant_bare_403_not_retried(patch, world):
     patch.setattr(runlog_s3, "_is_clock_skew", is_clock_skew)
 
 
+def _mutant_log_read_held_as_stored(patch, world):
+    # 8a1240b's single-log read: the stored object is held as the base for parameters diffed against it, even
+    # when a put under way stands in for it (runnable's branch parameters were then not written).
+    def read_chunk(self, run_id, kind, internal_name):
+        key = self.chunk_key(run_id, kind, internal_name)
+        run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+        if run is None:
+            raise self._not_found(run_id)
+        self._known_run(run_id)
+        run_object = runlog_s3.decode_run_log(run.body, self._url(run.key))
+        self._remember(run.key, run.etag, run.body, metadata=run.metadata or None)
+        if stored is not None:
+            self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)
+        document = self._visible(key[len(self.folder(run_id)):], stored, runlog_s3._intent_of(run_object))
+        if document is None:
+            raise runlog_s3._log_not_found(kind, internal_name, run_id, self._url(key))
+        document.setdefault("branches" if kind == "step" else "steps", {})
+        return document
+
+    patch.setattr(runlog_s3.ChunkedS3RunLogs, "_read_chunk", read_chunk)
+
+
 def _mutant_known_runs_inherited(patch, world):
     # Runs known to exist, kept for the process whatever its pid: a forked child trusts its parent's.
     patch.setattr(runlog_s3, "_known_runs", lambda: runlog_s3._KNOWN_RUNS.setdefault(0, set()))
@@ -6341,6 +6379,7 @@ SIM_MUTANTS = {
     "proxy-reset-taken-as-never-arrived": _mutant_proxy_reset_never_arrived,  # H
     "rm-without-if-match": _mutant_rm_without_if_match,  # J
     "create-takes-in-leftovers": _mutant_create_takes_in_leftovers,  # L
+    "log-read-held-as-stored": _mutant_log_read_held_as_stored,  # I
     "bare-403-to-head-not-retried": _mutant_bare_403_not_retried,  # 8a1240b: seed 380
     "known-runs-inherited-across-fork": _mutant_known_runs_inherited,
 }
@@ -6350,7 +6389,8 @@ SIM_MUTANTS = {
 SIM_CHUNKED_MUTANTS = {"replacement-skips-its-commit-point", "reads-served-from-memory", "roll-forward-without-if-match",
                        "intent-in-metadata-not-body", "no-nonce-in-pipeline-writes", "parent-checked-on-the-stored-object",
                        "paged-listing-not-checked-again", "same-etag-compared-exactly", "chunked-version-compared-exactly",
-                       "if-match-sent-as-given", "create-takes-in-leftovers", "known-runs-inherited-across-fork"}
+                       "if-match-sent-as-given", "create-takes-in-leftovers", "known-runs-inherited-across-fork",
+                       "log-read-held-as-stored"}
 
 
 @pytest.mark.parametrize("name", list(SIM_MUTANTS))
