@@ -3601,6 +3601,44 @@ def test_branch_parameters_set_again_while_a_put_is_pending_are_written(bucket):
     assert chunked_run_logs(bucket).read_branch("bp-again", "par.b")["parameters"] == {"p": 1}
 
 
+def test_a_single_log_read_during_a_put_shows_the_log_before_or_after_it(bucket):
+    # (P) read_step GETs the log and RunLog.json at once: the log's GET can come before the put's
+    # roll-forward and RunLog.json's after the put cleared its intent. The put adds step `two`: before
+    # and after it, a reader of `two` sees it (the put is committed); the pair of GETs saw it absent.
+    run_logs = chunked_run_logs(bucket)
+    run_logs.create({"run_id": "pair", "status": "PROCESSING", "steps": {
+        "one": {"name": "one", "internal_name": "one", "status": "PROCESSING"}}})
+    gate, held, step_got, put_done = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+
+    def put():
+        try:
+            chunked_run_logs(bucket, hold_after_commit(gate, held)).replace({
+                "run_id": "pair", "status": "SUCCESS", "steps": {
+                    name: {"name": name, "internal_name": name, "status": "SUCCESS"} for name in ("one", "two")}})
+        finally:
+            put_done.set()
+
+    def reader_before(request):
+        if request.method == "GET" and _path_ends(request, "RunLog.json") and step_got.wait(2):
+            gate.set()  # the log was read first: the put now finishes before RunLog.json is read
+            assert put_done.wait(60)
+
+    def reader_after(request, reply):
+        if request.method == "GET" and _path_ends(request, "StepLog-two.json"):
+            step_got.set()
+
+    thread = threading.Thread(target=put)
+    thread.start()
+    try:
+        assert held.wait(60)
+        assert chunked_run_logs(bucket).read_step("pair", "two")["status"] == "SUCCESS"  # committed
+        assert chunked_run_logs(bucket, reader_before, reader_after).read_step("pair", "two")["status"] == "SUCCESS"
+    finally:
+        gate.set()
+        thread.join(60)
+    assert chunked_run_logs(bucket).read_step("pair", "two")["status"] == "SUCCESS"
+
+
 
 # The command line and the logs, as terminal users expect them ####################################
 
@@ -5716,7 +5754,9 @@ def sim_check(sim):
     def run_exists(tick):
         return next((exists for when, exists in reversed(changes) if when < tick), False)
 
-    saw_run = set()  # forked children whose own operations found the run
+    def saw_run(actor, tick):  # whether the actor's own requests found the run before `tick`
+        return any(who == actor and when < tick and key in run_keys and method in ("GET", "HEAD") and result[:3] == "200"
+                   for when, _now, who, _label, method, key, _condition, result in sim.trace)
     bound = 4 * sim.config.conflict_timeout + 60
     for op in sim.ops:
         if op.error is not None and (not isinstance(op.error, runlog_s3.RunlogS3Error)
@@ -5734,11 +5774,9 @@ def sim_check(sim):
                 op.target, op.deleted):
             problems.append(f"{op!r} deleted version {op.deleted} of the run, written after it checked {op.target}")
         if op.actor in sim.forked and op.kind in ("add_step", "add_branch") and op.outcome == "ok" and (
-                op.actor not in saw_run and not run_exists(op.t_inv)
-                and not any(op.t_inv < when < op.t_resp and exists for when, exists in changes)):
+                not run_exists(op.t_inv) and not any(op.t_inv < when < op.t_resp and exists for when, exists in changes)
+                and not saw_run(op.actor, op.t_inv)):
             problems.append(f"{op!r}: a forked child wrote into a deleted run it never saw itself (its parent had)")
-        if op.actor in sim.forked and op.outcome == "ok":
-            saw_run.add(op.actor)
         if op.kind == "edit" and op.outcome == "failed" and isinstance(op.error, PreconditionFailedError):
             began = next((read.t_inv for read in sim.ops if read.label == f"{op.label}.read"), op.t_inv)
             if not any(began < tick < op.t_resp and method in ("PUT", "DELETE") and result[:3] in ("200", "204")
