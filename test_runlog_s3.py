@@ -4895,7 +4895,7 @@ def sim_race(seed, layout, gen, document):
     draw = gen.random()
     put = (("edit", "op-1") if draw < 0.2 and sim_can_edit(layout) else ("edit", "op-1", "force") if draw < 0.45
            else ("replace", "op-1", document("op-1")))
-    actors.append(SimActorSpec("op", "operator", (("sleep", "op-0", gen.uniform(0.1, 3)), put), hold_after_commit=gen.choice((0.0, gen.uniform(5, 60))),
+    actors.append(SimActorSpec("op", "operator", (("sleep", "op-0", gen.uniform(0.1, 3)), put), hold_after_commit=gen.choice((0.0, gen.uniform(5, 60), gen.uniform(5, 60), gen.uniform(5, 60))),
                                hold_writes=gen.choice((0, 1, 1, 2))))
     for number in range(gen.randint(1, 2)):
         actors.append(SimActorSpec(f"r{number}", "reader", tuple(("read", f"r{number}-{index}")
