@@ -2189,11 +2189,12 @@ def test_a_parallel_pipeline_keeps_its_request_budget(bucket, tmp_path, layout):
     if layout == "chunked-s3":
         # Per log: each step written twice (PROCESSING, then its end); a branch written by its parent
         # and by its own process, read by both; each task reads the parameters once. Every read of one
-        # log is fresh and reads RunLog.json beside it (a replacement under way decides what shows: 75
-        # GETs of RunLog.json in all); a log created in a branch first GETs that branch (it must exist);
-        # each forked branch process looks the run up once (HEAD). Logs this process holds are not
-        # fetched again when magnus reads the whole run, if the LIST shows them unchanged.
-        assert counts == {"GET": 157, "PUT": 48, "HEAD": 6, "LIST": 1}, counts
+        # log is fresh and reads RunLog.json first (a put under way decides what shows); every write of a
+        # log in a branch (or of a branch) first GETs RunLog.json and its parent (it must exist as a
+        # reader sees it); each forked branch process looks the run up once (HEAD); creating the run
+        # LISTs its folder once (leftovers of a deleted run must not join it). Logs this process holds
+        # are not fetched again when magnus reads the whole run, if the LIST shows them unchanged.
+        assert counts == {"GET": 219, "PUT": 48, "HEAD": 6, "LIST": 2}, counts
         assert refused == 0
     else:
         # One object for every writer: lost compare-and-swaps vary from run to run; each costs one
