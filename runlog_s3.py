@@ -1092,7 +1092,8 @@ class S3Client:
         self.writes_landed = 0
         self._count_lock = threading.Lock()
         self._conditional_delete: Optional[ConditionalDelete] = None  # found out by the first conditional_delete()
-        self.said_unconditional_delete = False  # a store deleting without the condition has said so once
+        self.said_unconditional_delete = False  # whether DELETE honours If-Match has been found out and said
+        self.delete_condition_refused = False  # the server answered If-Match on DELETE with 501 or 400
         self._probe_lock_pid, self._probe_lock_held = os.getpid(), threading.Lock()
 
     def __repr__(self) -> str:
@@ -1371,7 +1372,8 @@ STALE_ETAG = '"00000000000000000000000000000000"'
 
 def scratch_key(prefix: str, purpose: str) -> str:
     """A key of this process's own under the prefix, for a probe or a check: no run's name, no folder."""
-    return "/".join(filter(None, [prefix, f".runlog-s3-{purpose}-{os.getpid()}-{random.getrandbits(32):08x}"]))
+    # os.urandom, not the random module: a forked child inherits its parent's random state.
+    return "/".join(filter(None, [prefix, f".runlog-s3-{purpose}-{os.urandom(8).hex()}"]))
 
 
 def probe_conditional_delete(client: S3Client, key: str) -> ConditionalDelete:
@@ -2112,36 +2114,54 @@ class S3RunLogs:
                 if isinstance(exc, NoSuchBucketError):
                     raise
                 raise self._not_found(run_id) from exc
-            self._delete_if_unchanged(key, if_match or info.etag)
+            if not self._delete_if_unchanged(key, if_match or info.etag):
+                raise PreconditionFailedError(f"{self.where(run_id)} was written since it was checked; nothing deleted",
+                                              operation="DELETE", status=412, code="PreconditionFailed",
+                                              bucket=self.client.bucket, key=key)
             self._forget([key])
             return 1
 
     def _delete_if_unchanged(self, key: str, etag: str) -> bool:
-        """DELETE If-Match `etag`; False when the object was written since (it stays). Where the server
-        ignores the condition (conditional_delete found out once), the DELETE is unconditional, said once."""
-        try:
-            honoured = self.client.conditional_delete()
-        except S3Error as exc:  # the probe needs PutObject on the prefix: without it, do without
-            honoured = ConditionalDelete(False, f"could not find out ({exc.code or exc.status})")
-        if not honoured.honoured:
-            if not self.client.said_unconditional_delete:
-                self.client.said_unconditional_delete = True
-                logger.warning("%s: %s; deleting without a condition: an object written meanwhile is deleted too",
-                               self.client.endpoint_url or "S3", honoured.detail)
-            self.client.delete_object(key)
-            return True
-        try:
-            self.client.delete_object(key, if_match=etag)
-        except PreconditionFailedError:
-            return False
-        except NotFoundError as exc:  # gone already (a concurrent rm); some servers answer a conditional DELETE so
-            if isinstance(exc, NoSuchBucketError):
-                raise
+        """DELETE If-Match `etag`; False when the object was written since (it stays). The condition is
+        always sent: a server that ignores it deletes as it would have anyway. One that refuses it (501,
+        400) gets plain DELETEs from then on, said once; so does one that `conditional_delete` finds
+        ignoring it (found out once per client, only to say so: a failed probe never drops the condition)."""
+        if not self.client.delete_condition_refused:
+            self._say_if_delete_condition_ignored()
+            try:
+                self.client.delete_object(key, if_match=etag)
+                return True
+            except PreconditionFailedError:
+                return False
+            except NotFoundError as exc:  # gone already (a concurrent rm)
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                return True
+            except S3Error as exc:
+                if exc.status not in (400, 501):
+                    raise
+                self.client.delete_condition_refused = True
+                logger.warning("%s refuses If-Match on DELETE (%s); deleting without it: an object written "
+                               "meanwhile is deleted too", self.client.endpoint_url or "S3", exc.code or exc.status)
+        self.client.delete_object(key)
         return True
 
     def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
         """The run's own object and its ETag: the whole run log here (one GET)."""
         return self.read_version(run_id)
+
+    def _say_if_delete_condition_ignored(self) -> None:
+        if self.client.said_unconditional_delete:
+            return
+        self.client.said_unconditional_delete = True
+        try:
+            found = self.client.conditional_delete()
+        except RunlogS3Error as exc:  # the probe needs PutObject on the prefix: without it, say nothing
+            logger.debug("could not find out whether DELETE honours If-Match: %s", exc.message)
+            return
+        if not found.honoured:
+            logger.warning("%s: %s; rm cannot tell an object written while it deletes",
+                           self.client.endpoint_url or "S3", found.detail)
 
     def list(self) -> List[ObjectInfo]:
         """Every run of this layout under the prefix as (run id in .key, size, last-modified), oldest first."""
@@ -2214,15 +2234,14 @@ class S3RunLogs:
         missing: Optional[Callable[[], RunlogS3Error]],
         *,
         new_metadata: Optional[Callable[[], Optional[Dict[str, str]]]] = None,
-        before_create: Optional[Callable[[], Any]] = None,
     ) -> Dict[str, Any]:
         """Apply `change` to the object's document and store it with If-Match, re-applying after a 412;
         returns the document stored.
 
         `change` must only set values (it may run more than once, on fresher documents), and only
         values it owns: the document functions above copy what they are given. With `missing` None an
-        absent object (or one `decode` reads as absent: None) is created from `change({})`, after
-        `before_create()`, with If-None-Match: * (or If-Match on what stands for absent), keeping
+        absent object (or one `decode` reads as absent: None) is created from `change({})` with
+        If-None-Match: * (or If-Match on what stands for absent), keeping
         `new_metadata()`; an existing object keeps its metadata. A change that changes nothing in a
         version just read sends nothing (the read is its moment); a held version is never trusted for
         that: the PUT, If-Match, finds out. Every round after the first waits (jittered, growing) and
@@ -2238,8 +2257,6 @@ class S3RunLogs:
             fresh = version is None
             if fresh and may_create:
                 may_create = False
-                if before_create is not None:
-                    before_create()
                 created: Dict[str, Any] = {}
                 change(created)
                 body = self._encode(created)
@@ -2264,8 +2281,6 @@ class S3RunLogs:
             if document is None:  # absent, or a tombstone
                 if missing is not None:
                     raise missing()
-                if before_create is not None:
-                    before_create()
                 document = {}
                 metadata = new_metadata() if new_metadata else None
             change(document)
@@ -2384,8 +2399,9 @@ class S3RunLogs:
 #   again: the same generation means no replacement committed meanwhile, else it reads again. So a full
 #   read never mixes a replacement's logs with those it replaced; each log is a version it had during the
 #   read (logs that pipelines write meanwhile are each as listed or newer, not all of one instant). A read
-#   of one log GETs RunLog.json beside it, for the intent; so does the check that a new log's parent
-#   exists (a parent a replacement under way drops is missing).
+#   of one log GETs RunLog.json first, then the log (the other order can return a log from before a put
+#   that ended during the read); so does the check that a new log's parent exists (a parent a
+#   replacement under way drops is missing).
 # - A new run created over objects left in its folder (a late writer after an rm) is a replacement with
 #   those objects listed: they become tombstones, never part of the new run.
 # - Left open: a branch's parameters (runnable) are merged into the branch as this writer saw it; a
@@ -2657,9 +2673,12 @@ class ChunkedS3RunLogs(S3RunLogs):
         return self._read_chunk(run_id, "branch", internal_name)
 
     def _read_chunk(self, run_id: str, kind: str, internal_name: str) -> Dict[str, Any]:
-        # The log's object and RunLog.json, fetched together: a replacement under way decides what shows.
+        # RunLog.json, then the log's object: a replacement under way decides what shows. In that order: a
+        # log read first could be one a put committed after rolls forward before RunLog.json is read,
+        # its intent cleared, and the read would go back to before a put that ended within it.
         key = self.chunk_key(run_id, kind, internal_name)
-        run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+        run = self._get_or_none(self.key(run_id))
+        stored = self._get_or_none(key) if run is not None else None
         if run is None:
             raise self._not_found(run_id)
         self._known_run(run_id)
@@ -2670,6 +2689,8 @@ class ChunkedS3RunLogs(S3RunLogs):
             # A base for the next rewrite (one PUT) and for parameters diffed against it: only when it is what
             # the reader is shown, not an object a replacement under way stands in for.
             self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)
+        else:  # nor a version held from before (this process's own write): parameters are diffed against the view
+            self._forget([key])
         document = self._visible(name, stored, intent)
         if document is None:
             raise _log_not_found(kind, internal_name, run_id, self._url(key))
@@ -2903,15 +2924,17 @@ class ChunkedS3RunLogs(S3RunLogs):
             document.clear()
             document.update(_written_once(own))
 
+        # The parent is checked on every write, not only on creation: a rewrite of a child (a step
+        # PROCESSING, then SUCCESS) whose parent a committed put drops would be acknowledged, never shown.
+        self._check_parent(run_id, kind, own["internal_name"])
         self._mutate_object(
             self.chunk_key(run_id, kind, own["internal_name"]), set_log, _live_log, None,
             new_metadata=lambda: {_CREATED: str(time.time_ns())},
-            before_create=lambda: self._check_parent(run_id, kind, own["internal_name"]),
         )
 
     def _check_parent(self, run_id: str, kind: str, internal_name: str) -> None:
         """Before a log is created: its parent exists (a step's branch, a branch's step) as a reader sees it,
-        a replacement under way deciding. Its GET and RunLog.json's at once (a branch's name with dots
+        a replacement under way deciding: RunLog.json's GET, then the parent's (a branch's name with dots
         may need one GET per dot)."""
         folder = self.folder(run_id)
         if kind == "step":
@@ -2921,9 +2944,10 @@ class ChunkedS3RunLogs(S3RunLogs):
             candidates = [self.chunk_key(run_id, "branch", parent)]
         else:
             candidates = [self.chunk_key(run_id, "step", name) for name in _parent_names(internal_name)]
-        run, *found = self._in_pool(self._get_or_none, [self.key(run_id)] + candidates)
+        run = self._get_or_none(self.key(run_id))  # first, as a read of one log (see _read_chunk)
         if run is None:
             raise self._not_found(run_id)
+        found = self._in_pool(self._get_or_none, candidates)
         intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
         if any(self._visible(key[len(folder):], stored, intent) is not None for key, stored in zip(candidates, found)):
             return
@@ -2969,9 +2993,10 @@ class ChunkedS3RunLogs(S3RunLogs):
             rounds = 0
             while True:
                 rounds += 1
-                run, stored = self._in_pool(self._get_or_none, [self.key(run_id), key])
+                run = self._get_or_none(self.key(run_id))  # first, as a read of one log (see _read_chunk)
                 if run is None:
                     raise self._not_found(run_id)
+                stored = self._get_or_none(key)
                 intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
                 branch = self._visible(key[len(self.folder(run_id)):], stored, intent)
                 if branch is None:
