@@ -928,15 +928,16 @@ def test_chunked_layout_one_object_per_log_named_after_it(bucket):
         "runs/wide/StepLog-par.json",
         "runs/wide/StepLog-z-first.json",
     ]
-    # A targeted write or read needs no LIST: a new step is one PUT, a rewrite one PUT, the run object one
-    # GET; a step is read fresh, with RunLog.json beside it (a replacement under way decides what shows).
+    # A targeted write or read needs no LIST: a new step of the run is one PUT; a step in a branch first
+    # GETs RunLog.json and its branch (it must exist as a reader sees it), then one PUT; a step is read
+    # fresh, RunLog.json first (a replacement under way decides what shows); the run object is one GET.
     transport.sent.clear()
     store.add_step_log(store.create_step_log("new", "new"), "wide")
     step.status = "SUCCESS"
     store.add_step_log(step, "wide")
     assert store.get_step_log("par.ünï cödé/b.w", "wide").status == "SUCCESS"
     assert store.get_run_log_by_id("wide", full=False).steps == {}
-    assert transport.methods() == ["PUT", "PUT", "GET", "GET", "GET"]
+    assert transport.methods() == ["PUT", "GET", "GET", "PUT", "GET", "GET", "GET"]
     # The whole tree: the run object, one LIST, then a GET per object, except those listed with the ETag
     # of the version this process holds (here, all six logs it wrote); steps come back in creation order.
     transport.sent.clear()
