@@ -180,7 +180,7 @@ VOLATILE = [
     (re.compile(r"\d+ bytes( in \d+ objects)?"), "<size>"),
     (re.compile(r"127\.0\.0\.1:\d+"), "127.0.0.1:<port>"),
     (re.compile(r"\|[ █─×]+\|"), "|<bars>|"),
-    (re.compile(r"\.runlog-s3-check-\d+-[0-9a-f]+"), ".runlog-s3-check-<scratch>"),
+    (re.compile(r"\.runlog-s3-check-[0-9a-f-]+"), ".runlog-s3-check-<scratch>"),
     (re.compile(r"[0-9a-f]{40}"), "<hash>"),
     (re.compile(r"^\*", re.MULTILINE), " "),  # the critical path: the branch that ended last
     (re.compile(r"access key \.\.\.\w+"), "access key ...<key>"),
