@@ -36,7 +36,6 @@ import responses
 
 import bench_runlog_s3
 import runlog_s3
-import session_runlog_s3
 from runlog_s3 import (
     Config,
     ConfigError,
@@ -4274,9 +4273,9 @@ def test_serve_runs_a_pipeline_from_what_it_prints_and_stops_at_ctrl_c(tmp_path)
 
 
 def test_the_readmes_example_session_is_what_the_commands_print():
-    # session_runlog_s3.py runs a new user's first hour (serve, two magnus 0.4.16 runs with a parallel
+    # bench_runlog_s3.py --session runs a new user's first hour (serve, two magnus 0.4.16 runs with a parallel
     # step and a map, ls, show, timeline, get, check, Ctrl-C); the README's block must be its output.
-    made = session_runlog_s3.example_session(port=0)
+    made = bench_runlog_s3.example_session(port=0)
     lines = made.splitlines()
     for expected in ("$ runlog-s3 serve                 # in a terminal of its own", "serving until Ctrl-C",
                      "│   └── [broken.csv]  FAIL", "runlog-s3: stopped the server at http://127.0.0.1:"):
@@ -4285,12 +4284,12 @@ def test_the_readmes_example_session_is_what_the_commands_print():
     assert exits == ["[exit 0]"] * 3 + ["[exit 1]"] + ["[exit 0]"] * 5 + ["[exit 1]"] + ["[exit 0]"] * 3, exits
     rows = [line.split()[:3] for line in made.split("$ runlog-s3 ls\n", 1)[1].splitlines()[1:3]]
     assert rows == [["nightly-1", "SUCCESS", "s3"], ["nightly-2", "FAIL", "chunked-s3"]]
-    shown = session_runlog_s3.readme_session((HERE / "README.md").read_text(encoding="utf-8"))
+    shown = bench_runlog_s3.readme_session((HERE / "README.md").read_text(encoding="utf-8"))
     if shown is None:
-        pytest.skip("README.md has no example session block yet (python session_runlog_s3.py --write README.md "
+        pytest.skip("README.md has no example session block yet (python bench_runlog_s3.py --session --write README.md "
                     "fills one between its markers)")
-    assert session_runlog_s3.normalised(shown) == session_runlog_s3.normalised(made), (
-        "the README's example session is not what the commands print: python session_runlog_s3.py --write README.md")
+    assert bench_runlog_s3.normalised(shown) == bench_runlog_s3.normalised(made), (
+        "the README's example session is not what the commands print: python bench_runlog_s3.py --session --write README.md")
 
 
 def test_output_cut_short_by_head_is_quiet(bucket, cli_env):
