@@ -1146,7 +1146,7 @@ def many_runs(bucket: str, count: int, prefix: str = "runs") -> None:
 
 
 def bench_listing(server: runlog_s3.LocalS3Server, quick: bool) -> List[Row]:
-    count, repeat = (2000, 1) if quick else (10_000, 3)
+    count, repeat = (500, 1) if quick else (10_000, 3)
     bucket = make_bucket(server, "bench-listing")
     many_runs(bucket, count)
     rows = []
