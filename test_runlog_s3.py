@@ -144,14 +144,9 @@ def ministack(tmp_path_factory):
     server.stop()
 
 
+# Every test that takes a bucket runs on each of the three servers: moto (in this process), SeaweedFS
+# and MiniStack.
 SERVER_FIXTURES = {"moto": "s3_server", "seaweedfs": "seaweedfs", "ministack": "ministack"}
-# Every test that takes a bucket runs on moto and SeaweedFS. The tests of what the guarantee asks of a
-# server (conditional writes under concurrency, lost replies, the replacement protocol, writer
-# processes, real pipelines, check's race) run on MiniStack too: ON_EVERY_SERVER. The others (the
-# command line's output, filters, faults the client meets) add nothing there but minutes.
-SERVERS = ["moto", "seaweedfs"]
-EVERY_SERVER = SERVERS + ["ministack"]
-ON_EVERY_SERVER = pytest.mark.parametrize("bucket", EVERY_SERVER, indirect=True)
 
 
 def new_bucket(endpoint_url):
@@ -161,9 +156,9 @@ def new_bucket(endpoint_url):
     return config
 
 
-@pytest.fixture(params=SERVERS)
+@pytest.fixture(params=list(SERVER_FIXTURES))
 def bucket(request, aws_environment):
-    """A new bucket on each test server (moto in this process, SeaweedFS; MiniStack too where ON_EVERY_SERVER says);
+    """A new bucket on each test server (moto in this process, SeaweedFS, MiniStack);
     returns a config block for it."""
     server = request.getfixturevalue(SERVER_FIXTURES[request.param])
     return new_bucket(server.endpoint_url)
@@ -554,7 +549,6 @@ def test_list_objects_follows_every_continuation_token():
 # S3 client: real HTTP #############################################################################
 
 
-@ON_EVERY_SERVER
 def test_round_trips_against_a_real_server(bucket):
     client = S3Client(Config.from_dict(bucket))
     keys = ["runs/plain.json", "runs/with space.json", "runs/plus+equals=.json", "runs/ünï©ødé.json"]
@@ -571,7 +565,6 @@ def test_round_trips_against_a_real_server(bucket):
         client.head_object(keys[1])
 
 
-@ON_EVERY_SERVER
 def test_conditional_puts_are_refused_by_a_real_server(bucket):
     client = S3Client(Config.from_dict(bucket))
     etag = client.put_object("runs/c.json", b"1", if_none_match=True)
@@ -773,7 +766,6 @@ def _write_steps(config, run_id, writer, steps, store_name="S3RunLogStore"):
     store.set_parameters(run_id, {f"writer_{writer:02d}": writer})
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("store_name", STORES)
 def test_sixteen_writer_processes_lose_nothing(bucket, store_name):
     writers, steps = 16, 10
@@ -810,7 +802,6 @@ class DropFirstReply(runlog_s3.BotocoreTransport):
         return reply
 
 
-@ON_EVERY_SERVER
 def test_create_whose_reply_was_lost_succeeds_on_retry(bucket):
     config = Config.from_dict(bucket)
     transport = DropFirstReply(config, "If-None-Match")
@@ -823,7 +814,6 @@ def test_create_whose_reply_was_lost_succeeds_on_retry(bucket):
         store.create_run_log("lost-reply", tag="theirs")
 
 
-@ON_EVERY_SERVER
 def test_mutation_whose_reply_was_lost_is_applied_once(bucket):
     config = Config.from_dict(bucket)
     transport = DropFirstReply(config, "If-Match")
@@ -948,7 +938,6 @@ def chunked_store(config):
     return store, transport
 
 
-@ON_EVERY_SERVER
 def test_chunked_layout_one_object_per_log_named_after_it(bucket):
     store, transport = chunked_store(bucket)
     store.create_run_log("wide", status="PROCESSING")
@@ -1111,7 +1100,6 @@ def test_cli_put_new_run_in_the_config_files_layout(moto_bucket, tmp_path, store
 # A real magnus 0.4.16 pipeline ####################################################################
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("store_type, store_name", [("s3", "S3RunLogStore"), ("chunked-s3", "ChunkedS3RunLogStore")])
 def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, store_type, store_name):
     store = {"type": store_type, "config": {"s3_bucket": bucket["s3_bucket"], "endpoint_url": bucket["endpoint_url"]}}
@@ -1360,7 +1348,6 @@ def assert_every_attempt_kept(run_log, writers, steps):
     assert run_log.status == "SUCCESS"
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("store_name", STORES)
 def test_sixteen_writers_through_injected_faults_lose_nothing(faulty, store_name, tmp_path):
     proxy, config = faulty
@@ -2113,7 +2100,6 @@ def test_check_fails_a_server_whose_conditional_writes_are_not_atomic(moto_bucke
     assert proxy.writes["unconditional"] == 0 and proxy.writes["conditional"] > 16 * 24  # check's own writes too
 
 
-@ON_EVERY_SERVER
 def test_check_races_conditional_writes_and_passes_a_server_that_honours_them(bucket, condition_proxy, request):
     # SeaweedFS makes the losers of a contended conditional write wait on its lock (about a second a
     # retry): 6 rounds there, the default 20 elsewhere.
@@ -2183,7 +2169,6 @@ def test_a_client_finds_out_once_whether_delete_honours_if_match(moto_bucket, co
     assert list(client.list_objects("runs/")) == []
 
 
-@ON_EVERY_SERVER
 def test_delete_sends_if_match_and_a_stale_one_keeps_the_object(bucket):
     client = S3Client(Config.from_dict(bucket))
     etag = client.put_object("runs/kept.json", b"{}", if_none_match=True)
@@ -2231,7 +2216,6 @@ def test_a_policy_requiring_conditional_writes_refuses_what_has_none_and_check_p
     assert proxy.refused == ["PUT /{}/runs/unconditional.json".format(config["s3_bucket"])]
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
 def test_the_store_works_where_a_bucket_policy_requires_conditional_writes(bucket, condition_proxy, tmp_path, layout):
     # Every write of the store carries a condition: the pipeline's writes, put_run_log, put --force, rm.
@@ -2326,7 +2310,6 @@ def test_a_change_that_changes_nothing_sends_nothing(bucket):
         assert sent == ["PUT", "PUT", "PUT"], (layout, sent)
 
 
-@ON_EVERY_SERVER
 def test_a_write_equal_to_the_version_held_is_written_when_another_process_changed_it(bucket):
     # The version a process holds is a base for its next compare-and-swap, never proof of what is stored:
     # a rewrite that looks unchanged to it may undo another process's change, and must be written.
@@ -2702,7 +2685,6 @@ def test_fork_while_a_thread_holds_the_clients_locks_does_not_deadlock(bucket):
     assert run_logs.read("forked")["parameters"] == {"child": True}
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("store_name", ["S3RunLogStore", "ChunkedS3RunLogStore"])
 def test_cli_get_etag_then_put_if_match_refuses_a_write_it_never_saw(bucket, cli_env, store_name):
     store = stored_run(bucket, "r-race", store_name=store_name)
@@ -3140,7 +3122,6 @@ def stored_objects(run_logs, run_id):
     return found
 
 
-@ON_EVERY_SERVER
 def test_chunked_replace_is_seen_whole_or_not_at_all_at_every_step_of_the_writer(bucket):
     # A reader reads the whole run before each request of the replacing writer: every state the writer
     # passes through, which is also every state a writer stopped halfway leaves behind.
@@ -3235,7 +3216,6 @@ STOP_POINTS = {"before the commit point": ("PUT", "RunLog.json", 1), "a log roll
                "a log removed": ("PUT", "BranchLog-fan.b.json", 1), "the intent cleared": ("PUT", "RunLog.json", 2)}
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("stop_at", list(STOP_POINTS))
 def test_a_replacement_stopped_halfway_is_seen_whole_and_finished_by_the_next_put(bucket, stop_at):
     run_logs = chunked_run_logs(bucket)
@@ -3302,7 +3282,6 @@ def test_pipeline_writes_during_a_replacement_are_kept_and_read(bucket):
 # retry path; each test fails without its fix.
 
 
-@ON_EVERY_SERVER
 def test_a_writer_holding_the_run_object_from_before_a_put_force_cannot_undo_it(bucket):
     # The replacement's state is in RunLog.json's body, so a compare-and-swap on a version held from
     # before the put is refused (an ETag covers the body only; metadata-only marks let it through).
@@ -3337,7 +3316,6 @@ def hold_after_commit(gate, held):
     return hook
 
 
-@ON_EVERY_SERVER
 def test_a_stalled_put_resuming_after_another_put_writes_nothing(bucket):
     # The first put stalls after its commit point; a second put finishes the first one's work, then
     # replaces the run. When the first resumes, every write it sends is conditioned on what it listed,
@@ -3367,7 +3345,6 @@ def test_a_stalled_put_resuming_after_another_put_writes_nothing(bucket):
     assert leftovers_of_replacements(run_logs, "fenced") == []
 
 
-@ON_EVERY_SERVER
 def test_concurrent_puts_take_turns_and_the_run_is_one_of_them(bucket):
     run_logs = chunked_run_logs(bucket)
     run_logs.create(fan_run("turns", "PROCESSING", ["a", "b"], 1))
@@ -3482,7 +3459,6 @@ class ErrorAfterApply(runlog_s3.BotocoreTransport):
         return reply
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("status, code", [(500, "InternalError"), (503, "SlowDown"), (504, "GatewayTimeout")])
 def test_a_write_answered_with_a_5xx_after_it_landed_is_not_reported_as_failed(bucket, status, code):
     for layout in ("s3", "chunked-s3"):
@@ -3534,7 +3510,6 @@ class QuotingServer(runlog_s3.BotocoreTransport):
         return HttpReply(reply.status, headers, reply.body)
 
 
-@ON_EVERY_SERVER
 def test_etags_are_compared_however_the_server_quotes_them(bucket):
     config = Config.from_dict({**bucket, "conflict_timeout": 3})
     chunked_run_logs(bucket).create(fan_run("quoted", "SUCCESS", ["a", "b"], 1))
@@ -3653,7 +3628,6 @@ def test_a_new_chunked_run_put_halfway_is_never_shown_partial(bucket, monkeypatc
     assert reader.read("new-run") == document and leftovers_of_replacements(reader, "new-run") == []
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
 def test_an_operator_put_force_during_a_magnus_run_is_kept_and_the_run_ends(bucket, cli_env, tmp_path, store_type):
     # magnus 0.4.16 runs a pipeline (enable_parallel) whose second step waits for a flag; meanwhile an
@@ -3861,7 +3835,6 @@ def test_a_secret_is_masked_when_the_write_is_the_processes_first_request(bucket
     assert not [secret for secret in secrets if secret.encode() in body]
 
 
-@ON_EVERY_SERVER
 def test_a_put_through_a_proxy_that_marks_list_etags_weak_writes_every_log(bucket):
     # (G) A LIST's ETags as a proxy rewrites them (W/"..."): the roll-forward sends If-Match quoted and
     # strong, so every log is written; before, each PUT met 412, taken for a newer write, and the put left
@@ -3932,7 +3905,6 @@ def test_branch_parameters_set_while_a_put_is_pending_are_written(bucket):
     assert chunked_run_logs(bucket).read_branch("bp", "par.b")["parameters"] == {"p": 1}
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
 def test_rm_keeps_a_run_resumed_while_its_prompt_was_answered(bucket, monkeypatch, layout):
     # (J) rm checks the status, asks, then deletes only the version it checked: a pipeline that resumed
@@ -4979,7 +4951,6 @@ def _spans_overlap(spans):
     return any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
 
 
-@ON_EVERY_SERVER
 @pytest.mark.parametrize("store_type, spelling", [("s3", "s3_bucket"), ("chunked-s3", "bucket")])
 def test_runnable_parallel_pipeline_loses_nothing(framework_bin, bucket, cli_env, tmp_path, store_type, spelling):
     python, environ = _framework_python(framework_bin, "runnable", tmp_path)
