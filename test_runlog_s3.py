@@ -10,6 +10,7 @@ import email.utils
 import fcntl
 import hashlib
 import heapq
+import http.server
 import json
 import logging
 import multiprocessing
@@ -1128,6 +1129,28 @@ def test_magnus_parallel_pipeline_loses_nothing(s3_server, bucket, tmp_path, sto
 # Faults injected ##################################################################################
 
 
+class OneRequestHandler(http.server.BaseHTTPRequestHandler):
+    """A test proxy's handler: one request per connection (the client then opens another), no log lines;
+    respond(body) answers the request read."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def handle(self):
+        self.handle_one_request()
+
+    def handle_one_request(self):
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline or not self.parse_request():
+            return
+        self.respond(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def respond(self, body):
+        raise NotImplementedError
+
+
 class ForwardingProxy:
     """What the test proxies share: a request forwarded to the S3 server behind (`upstream`), and a stop
     for the listener (`server`) and its thread."""
@@ -1157,7 +1180,6 @@ class FaultProxy(ForwardingProxy):
     KINDS = ("reset", "stall", "slowdown", "drop_reply", "truncate")
 
     def __init__(self, upstream_url, rate=0.06, stall_seconds=1.0, seed=20261124):
-        import http.server
         import random
         import socketserver
         from collections import Counter
@@ -1170,20 +1192,8 @@ class FaultProxy(ForwardingProxy):
         self._random, self._burst, self._lock = random.Random(seed), 0, threading.Lock()
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def handle(self):
-                self.handle_one_request()  # one request per connection: the client then opens another
-
-            def handle_one_request(self):
-                self.raw_requestline = self.rfile.readline(65537)
-                if not self.raw_requestline or not self.parse_request():
-                    return
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        class Handler(OneRequestHandler):
+            def respond(self, body):
                 fault = proxy.choose(self.command)
                 if fault == "slowdown":
                     error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -1962,27 +1972,14 @@ class ConditionProxy(ForwardingProxy):
     LATENCY = 0.03
 
     def __init__(self, upstream_url, mode):
-        import http.server
         from collections import Counter
 
         self.upstream, self.mode = urlsplit(upstream_url), mode
         self.refused, self.writes, self._lock = [], Counter(), threading.Lock()
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def handle(self):
-                self.handle_one_request()  # one request per connection
-
-            def handle_one_request(self):
-                self.raw_requestline = self.rfile.readline(65537)
-                if not self.raw_requestline or not self.parse_request():
-                    return
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        class Handler(OneRequestHandler):
+            def respond(self, body):
                 status, headers, data = proxy.answer(self.command, self.path, dict(self.headers), body)
                 self.send_response_only(status)
                 for name, value in headers:
@@ -2991,8 +2988,6 @@ class RecordingProxy:
     """An HTTP proxy on loopback that records what it is asked for and refuses every tunnel."""
 
     def __init__(self):
-        import http.server
-
         self.asked = []
         proxy = self
 
@@ -4452,7 +4447,6 @@ def test_help_names_every_exit_code():
 @pytest.fixture
 def web_server():
     """A plain web server on loopback, not S3: its 404 is an HTML page."""
-    import http.server
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
