@@ -346,6 +346,144 @@ class LatencyProxy:
         self._thread.join(10)
 
 
+# Round trips: every request of every process of a pipeline, traced ###############################
+
+# Put on a pipeline's PYTHONPATH as sitecustomize: each process of it (magnus forks or starts one per branch)
+# appends one line per request to the trace file (its process and parent, when the request went out and its
+# reply came, the store call it was sent for). Measurement only: the store's behaviour is unchanged.
+_TRACE_HOOK = """
+import itertools, json, os, time
+_file = os.environ.get("RUNLOG_S3_BENCH_TRACE")
+try:
+    import runlog_s3
+except ImportError:
+    runlog_s3 = None
+if _file and runlog_s3 is not None:
+    # The store call under way (the pool threads of a call send for it) and the requests sent at once (the
+    # store's pool: one round trip, however its threads are scheduled).
+    _current = {"name": "", "id": "", "pool": ""}
+    _numbers = itertools.count(1)
+    _send = runlog_s3.BotocoreTransport.send
+
+    def _traced(self, request):
+        started = time.time()
+        try:
+            return _send(self, request)
+        finally:
+            wave = _current["pool"] or f"{os.getpid()}-{next(_numbers)}"
+            line = {"pid": os.getpid(), "ppid": os.getppid(), "t0": started, "t1": time.time(), "method": request.method,
+                    "list": "list-type=" in request.url, "call": _current["name"], "call_id": _current["id"],
+                    "wave": wave}
+            with open(_file, "a") as stream:
+                stream.write(json.dumps(line) + "\\n")
+
+    _in_pool = runlog_s3.ChunkedS3RunLogs._in_pool
+
+    def _pooled(function, items):
+        if _current["pool"]:
+            return _in_pool(function, items)
+        _current["pool"] = f"{os.getpid()}-pool-{next(_numbers)}"
+        try:
+            return _in_pool(function, items)
+        finally:
+            _current["pool"] = ""
+
+    runlog_s3.ChunkedS3RunLogs._in_pool = staticmethod(_pooled)
+
+    def _calls(method, name):
+        def traced(self, *args, **kwargs):
+            if _current["name"]:  # a call inside a call (put_run_log through add_branch_log): the outer one's
+                return method(self, *args, **kwargs)
+            _current.update(name=name, id=f"{os.getpid()}-{next(_numbers)}")
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                _current.update(name="", id="")
+        return traced
+
+    runlog_s3.BotocoreTransport.send = _traced
+    for _name, _method in list(vars(runlog_s3._MagnusStoreMethods).items()):
+        if callable(_method) and not _name.startswith("_"):
+            setattr(runlog_s3._MagnusStoreMethods, _name, _calls(_method, _name))
+"""
+
+
+class RequestTrace:
+    """The requests of every process of a pipeline (see _TRACE_HOOK), and the round trips on its critical path.
+
+    A wave is a round trip: a request, or the requests the store sends at once (a pool's GETs); the
+    critical path is the longest chain of waves, each after the last: in the same process, or in a process
+    and one of its ancestors or descendants (forked or started, joined by it), which is how magnus's
+    parallel and map nodes wait for their branches. Branches running side by side are not chained."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / "trace-hook"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "sitecustomize.py").write_text(_TRACE_HOOK)
+        self.file = folder / "requests.jsonl"
+
+    def environ(self, environ: Dict[str, str]) -> Dict[str, str]:
+        """`environ` for a pipeline to be traced (the hook first on PYTHONPATH)."""
+        path = os.pathsep.join(filter(None, [str(self.folder), environ.get("PYTHONPATH", "")]))
+        return {**environ, "PYTHONPATH": path, "RUNLOG_S3_BENCH_TRACE": str(self.file)}
+
+    def requests(self) -> List[Dict[str, Any]]:
+        if not self.file.exists():
+            return []
+        return [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
+
+    def reset(self) -> None:
+        self.file.unlink(missing_ok=True)
+
+    def waves(self) -> List[Dict[str, Any]]:
+        """The round trips, in the order they began: a request on its own, or the requests the store sent at once
+        (its pool), whatever order its threads ran in."""
+        waves: Dict[str, Dict[str, Any]] = {}
+        for request in self.requests():
+            wave = waves.setdefault(request["wave"], {"pid": request["pid"], "ppid": request["ppid"], "t0": request["t0"],
+                                                       "t1": request["t1"], "requests": []})
+            wave["t0"], wave["t1"] = min(wave["t0"], request["t0"]), max(wave["t1"], request["t1"])
+            wave["requests"].append(request)
+        return sorted(waves.values(), key=lambda wave: wave["t0"])
+
+    def critical_round_trips(self) -> int:
+        waves = self.waves()
+        parents = {wave["pid"]: wave["ppid"] for wave in waves}
+
+        def ancestors(pid: int) -> set:
+            found = set()
+            while pid in parents and parents[pid] not in found and parents[pid] != pid:
+                pid = parents[pid]
+                found.add(pid)
+            return found
+
+        lineage = {pid: ancestors(pid) for pid in parents}
+        depth: List[int] = []
+        for number, wave in enumerate(waves):
+            before = [depth[index] for index, other in enumerate(waves[:number]) if other["t1"] <= wave["t0"] and (
+                other["pid"] == wave["pid"] or other["pid"] in lineage[wave["pid"]] or wave["pid"] in lineage[other["pid"]])]
+            depth.append(1 + max(before, default=0))
+        return max(depth, default=0)
+
+    def by_call(self) -> Dict[str, Tuple[int, int, int, int]]:
+        """{store call: (calls, requests, round trips, the most round trips one call took)} over the trace."""
+        waves_of: Dict[str, set] = {}
+        requests_of: Counter = Counter()
+        names: Dict[str, str] = {}
+        for number, wave in enumerate(self.waves()):
+            for request in wave["requests"]:
+                call = request["call_id"] or f"{request['pid']}-none"
+                waves_of.setdefault(call, set()).add(number)
+                requests_of[call] += 1
+                names[call] = request["call"] or "(outside a store call)"
+        table: Dict[str, Tuple[int, int, int, int]] = {}
+        for call, name in names.items():
+            calls, requests, round_trips, most = table.get(name, (0, 0, 0, 0))
+            table[name] = (calls + 1, requests + requests_of[call], round_trips + len(waves_of[call]),
+                           max(most, len(waves_of[call])))
+        return table
+
+
 # The magnus pipeline (also used by the tests) #####################################################
 
 BRANCH = {"start_at": "work", "steps": {

@@ -36,6 +36,7 @@ from typing import (
     Callable,
     ClassVar,
     Dict,
+    FrozenSet,
     Iterator,
     List,
     Mapping,
@@ -160,7 +161,9 @@ class InvalidRunLogError(RunlogS3Error):
 
 
 class RunLogNotFoundError(RunlogS3Error, LookupError):
-    """No run log is stored for the run id."""
+    """No run log is stored for the run id. .removed: rm's marker stands where it was (it was deleted)."""
+
+    removed = False
 
 
 class RunLogExistsError(RunlogS3Error):
@@ -1090,6 +1093,7 @@ class S3Client:
         # PUTs and DELETEs that landed or may have (a reply lost, a 5xx): an operation that fails after
         # this moved says its outcome is unknown (S3RunLogs._writing).
         self.writes_landed = 0
+        self.round_trip = 0.0  # seconds, smoothed over the replies this client got (0 before the first)
         self._count_lock = threading.Lock()
         self._conditional_delete: Optional[ConditionalDelete] = None  # found out by the first conditional_delete()
         self.said_unconditional_delete = False  # whether DELETE honours If-Match has been found out and said
@@ -1253,6 +1257,7 @@ class S3Client:
             attempt += 1
             credentials = self.credentials.get()
             request = sign_request(method, url, headers, body, credentials, self.config.region, "s3")
+            sent = time.monotonic()
             try:
                 reply = self.transport.send(request)
             except _transport_errors() as exc:
@@ -1266,6 +1271,7 @@ class S3Client:
                 self._backoff(attempt, operation, key, failure.what)
                 continue
             self._note_server_time(reply)
+            self._note_round_trip(time.monotonic() - sent)
             if 200 <= reply.status < 300:
                 if changes:
                     self._count_landed()
@@ -1332,6 +1338,11 @@ class S3Client:
     def _count_landed(self) -> None:
         with self._count_lock:
             self.writes_landed += 1
+
+    def _note_round_trip(self, seconds: float) -> None:
+        # A smoothed round trip (1/8 of each new one, as TCP does), for waits that should match the network's.
+        with self._count_lock:
+            self.round_trip = seconds if not self.round_trip else self.round_trip + (seconds - self.round_trip) / 8
 
     def _note_server_time(self, reply: HttpReply) -> None:
         date = reply.header("Date")
@@ -1838,6 +1849,20 @@ def _check_write_size(body: bytes, where: str) -> None:
 STORE_FIELD = "_runlog_s3"
 
 
+def unique(document: Mapping[str, Any]) -> Dict[str, Any]:
+    """A document as stored: with a nonce of its own in the store's field, so that no two writes store the
+    same bytes and an object's ETag never comes back to an earlier version's. A request held in the network
+    with If-Match on a version can then never land on a later one that happens to hold the same content
+    (a parameter handed back, a status set back)."""
+    return dict(document, **{STORE_FIELD: dict(document.get(STORE_FIELD) or {}, write=new_token())})
+
+
+def _without_nonce(document: Mapping[str, Any]) -> Dict[str, Any]:
+    field = {name: value for name, value in (document.get(STORE_FIELD) or {}).items() if name != "write"}
+    kept = {name: value for name, value in document.items() if name != STORE_FIELD}
+    return dict(kept, **{STORE_FIELD: field}) if field else kept
+
+
 def public(document: Mapping[str, Any]) -> Dict[str, Any]:
     """A stored document as a framework or a person sees it: without the store's own field."""
     return {name: value for name, value in document.items() if name != STORE_FIELD}
@@ -1851,6 +1876,43 @@ def check_input(document: Any, where: str) -> Dict[str, Any]:
         raise InvalidRunLogError(f"{where} holds {STORE_FIELD!r}, a field of this store's own; remove it; "
                                  "nothing written")
     return document
+
+
+def removed_marker() -> Dict[str, Any]:
+    """What rm leaves at a run's object: no run log, a token of its own (so its ETag is never another's).
+    A create of the deleted run still in the network (If-None-Match) then fails instead of bringing it back."""
+    return {STORE_FIELD: {"removed": new_token()}}
+
+
+def new_token() -> str:
+    """A random token: a replacement's, a marker's, an incarnation's; never drawn twice."""
+    return os.urandom(8).hex()
+
+
+MARKER_SIZE = len(encode_run_log(removed_marker()))  # every marker's: a HEAD of this size may be one
+# After this long no request of a deleted run can still land: S3 refuses a SigV4 signature more than 15
+# minutes from its clock (RequestTimeTooSkewed), whatever held the request. prune deletes older markers.
+MARKER_KEPT_SECONDS = 15 * 60.0
+
+
+def is_removed(document: Any) -> bool:
+    """Whether a stored run object is rm's marker."""
+    return isinstance(document, dict) and "removed" in (document.get(STORE_FIELD) or {}) and "run_id" not in document
+
+
+def is_marker_body(body: bytes) -> bool:
+    """Whether stored bytes are rm's marker."""
+    if len(body) != MARKER_SIZE:
+        return False
+    try:
+        return is_removed(json.loads(body))
+    except ValueError:
+        return False
+
+
+def decode_run_object(body: bytes, where: str) -> Optional[Dict[str, Any]]:
+    """A stored run object: its run log, or None for rm's marker (the run was deleted)."""
+    return None if is_marker_body(body) else decode_run_log(body, where)
 
 
 def scrub(body: bytes, secrets: List[str]) -> bytes:
@@ -1927,8 +1989,13 @@ class S3RunLogs:
     def _url(self, key: str) -> str:
         return f"s3://{self.client.bucket}/{key}"
 
-    def _not_found(self, run_id: str) -> RunLogNotFoundError:
-        return RunLogNotFoundError(f"no run log for run id {run_id!r} at {self.where(run_id)}")
+    def _not_found(self, run_id: str, removed: bool = False, left: int = 0) -> RunLogNotFoundError:
+        objects = "1 object of it is" if left == 1 else f"{left} objects of it are"
+        what = (f" (it was deleted; {objects} left: rm {run_id} removes them)" if left else " (it was deleted)"
+                ) if removed else ""
+        error = RunLogNotFoundError(f"no run log for run id {run_id!r} at {self.where(run_id)}{what}")
+        error.removed = removed
+        return error
 
     # Reading.
 
@@ -1939,7 +2006,9 @@ class S3RunLogs:
     def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str]:
         """The stored run log and its ETag: what a later replace_if_unchanged must find unchanged."""
         stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
-        document = decode_run_log(stored.body, self.where(run_id))
+        document = decode_run_object(stored.body, self.where(run_id))
+        if document is None:
+            raise self._not_found(run_id, removed=True)
         self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
         self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
         return public(document), stored.etag
@@ -1961,13 +2030,18 @@ class S3RunLogs:
         return self._writers.get(run_id, "")
 
     def exists(self, run_id: str) -> bool:
-        """Whether the run has a log in this layout (one HEAD)."""
+        """Whether the run has a log in this layout: one HEAD (and a GET if it is the size of rm's marker)."""
+        key = self.key(run_id)
         try:
-            info = self.client.head_object(self.key(run_id))
+            info = self.client.head_object(key)
+            if info.size == MARKER_SIZE and decode_run_object(self.client.get_object(key).body, self._url(key)) is None:
+                return False
         except NotFoundError as exc:
             if isinstance(exc, NoSuchBucketError):
                 raise
             return False
+        except InvalidRunLogError:
+            pass  # an object that is not a run log: it is there, and reading it says what it is
         self._writers[run_id] = info.metadata.get(WRITTEN_BY, "")
         return True
 
@@ -1982,7 +2056,7 @@ class S3RunLogs:
                 self.key(run_id),
                 body,
                 lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
-                metadata=self._creator_tags(),
+                metadata=self._creator_tags(), run_object=True,
             )
 
     def _creator_tags(self) -> Optional[Dict[str, str]]:
@@ -1999,7 +2073,7 @@ class S3RunLogs:
                 stored.clear()
                 stored.update(new)
 
-            self._mutate_object(self.key(document["run_id"]), replace_all, decode_run_log, None,
+            self._mutate_object(self.key(document["run_id"]), replace_all, decode_run_object, None,
                                 new_metadata=self._creator_tags)
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
@@ -2083,7 +2157,7 @@ class S3RunLogs:
     def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
         """Apply `change` to the run log and store it with compare-and-swap; returns what was stored."""
         with _Writing(self.client):
-            return self._mutate_object(self.key(run_id), change, decode_run_log, lambda: self._not_found(run_id))
+            return self._mutate_object(self.key(run_id), change, decode_run_object, lambda: self._not_found(run_id))
 
     def _changed_parameters(
         self, key: str, container: Callable[[Dict[str, Any]], Dict[str, Any]], parameters: Mapping[str, Any]
@@ -2102,24 +2176,63 @@ class S3RunLogs:
 
     # Removing and listing.
 
-    def delete(self, run_id: str, if_match: str = "") -> int:
+    def delete(self, run_id: str, if_match: str = "", marker: bool = True) -> int:
         """Delete the run log (RunLogNotFoundError when there is none); returns the objects deleted. Only the
-        version `if_match` names, else the one a HEAD finds: a run written meanwhile is not deleted unseen
-        (PreconditionFailedError), where the server honours If-Match on DELETE."""
+        version `if_match` names, else the one a GET finds: a run written meanwhile is not deleted unseen
+        (PreconditionFailedError). The run log becomes rm's marker (see remove_run_object), unless `marker` is
+        False (a run last written longer ago than MARKER_KEPT_SECONDS: no request of it can land any more)."""
         with _Writing(self.client):
-            key = self.key(run_id)
-            try:
-                info = self.client.head_object(key)
-            except NotFoundError as exc:
-                if isinstance(exc, NoSuchBucketError):
-                    raise
-                raise self._not_found(run_id) from exc
-            if not self._delete_if_unchanged(key, if_match or info.etag):
+            self.remove_run_object(run_id, if_match or self._live_etag(run_id), marker)
+            return 1
+
+    def _live_etag(self, run_id: str) -> str:
+        # The version of the run object to delete: one GET (a HEAD could not tell rm's marker from a run).
+        key = self.key(run_id)
+        stored = self._get(key, lambda: self._not_found(run_id))
+        if is_marker_body(stored.body):
+            raise self._not_found(run_id, removed=True)
+        return stored.etag
+
+    def remove_run_object(self, run_id: str, etag: str, marker: bool = True) -> None:
+        """The commit point of rm: the run object, still at version `etag`, becomes rm's marker (If-Match).
+        A 412 after a lost reply is ours if the marker found is ours (its token); else the run was written
+        since it was checked: PreconditionFailedError, nothing deleted. Without `marker`: a DELETE If-Match."""
+        key = self.key(run_id)
+        if not marker:
+            if not self._delete_if_unchanged(key, etag):
                 raise PreconditionFailedError(f"{self.where(run_id)} was written since it was checked; nothing deleted",
                                               operation="DELETE", status=412, code="PreconditionFailed",
                                               bucket=self.client.bucket, key=key)
             self._forget([key])
-            return 1
+            return
+        body = encode_run_log(removed_marker())
+        try:
+            self.client.put_object(key, body, if_match=etag)
+        except PreconditionFailedError as exc:
+            stored = self._get_or_none(key)
+            if stored is not None and stored.body == body and exc.after_lost_reply:
+                pass  # our marker: an earlier attempt landed, its reply lost
+            elif stored is None or is_marker_body(stored.body):  # deleted meanwhile, by another rm
+                raise self._not_found(run_id, removed=True) from exc
+            else:
+                raise PreconditionFailedError(f"{self.where(run_id)} was written since it was checked; nothing deleted",
+                                              operation="PUT", status=412, code="PreconditionFailed",
+                                              bucket=self.client.bucket, key=key) from exc
+        except NotFoundError as exc:  # deleted meanwhile (If-Match on a missing key: 404 on AWS)
+            if isinstance(exc, NoSuchBucketError):
+                raise
+            raise self._not_found(run_id) from exc
+        self._forget([key])
+
+    def delete_marker(self, run_id: str, etag: str) -> None:
+        """Delete rm's marker of a run (If-Match its version: a run created over it since stays). Only once no
+        request of the deleted run can land any more (MARKER_KEPT_SECONDS): prune's."""
+        key = self.key(run_id)
+        with _Writing(self.client):
+            if not self._delete_if_unchanged(key, etag):
+                raise PreconditionFailedError(f"{self._url(key)} was written since it was checked; nothing deleted",
+                                              operation="DELETE", status=412, code="PreconditionFailed",
+                                              bucket=self.client.bucket, key=key)
 
     def _delete_if_unchanged(self, key: str, etag: str) -> bool:
         """DELETE If-Match `etag`; False when the object was written since (it stays). The condition is
@@ -2187,7 +2300,8 @@ class S3RunLogs:
     # Compare-and-swap on one object, shared by both layouts.
 
     def _encode(self, document: Mapping[str, Any]) -> bytes:
-        return scrub(encode_run_log(document), self.client.credentials.secrets())
+        """The bytes to store: unique (see unique), secrets masked."""
+        return scrub(encode_run_log(unique(document)), self.client.credentials.secrets())
 
     def _get(self, key: str, missing: Callable[[], RunlogS3Error]) -> S3Object:
         stored = self._get_or_none(key)
@@ -2209,20 +2323,42 @@ class S3RunLogs:
         body: bytes,
         exists: Optional[Callable[[], RunlogS3Error]],
         metadata: Optional[Mapping[str, str]] = None,
+        *,
+        run_object: bool = False,
     ) -> bool:
-        """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None)."""
+        """PUT If-None-Match: *. True if stored; if the key exists, raise exists() (or return False when None).
+        A run's object (run_object) that rm left as its marker is taken over: If-Match the marker."""
         _check_write_size(body, self._url(key))
-        try:
-            etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
-        except PreconditionFailedError as exc:
-            # Ours only if an earlier attempt of this PUT may have landed with its reply lost, and the
-            # stored bytes are ours; an equal body written by someone else is not our write.
-            stored = self._get_or_none(key) if exc.after_lost_reply else None
-            if stored is None or stored.body != body:
+        over = ""  # the ETag of the marker written over, once one is found
+        deadline = self._clock() + self.client.config.conflict_timeout
+        rounds = 0
+        while True:
+            rounds += 1
+            try:
+                if over:
+                    etag = self.client.put_object(key, body, if_match=over, metadata=metadata)
+                else:
+                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+                break
+            except (PreconditionFailedError, NotFoundError) as exc:
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                # Ours only if an earlier attempt of this PUT may have landed with its reply lost, and the
+                # stored bytes are ours; an equal body written by someone else is not our write.
+                lost = getattr(exc, "after_lost_reply", False)
+                stored = self._get_or_none(key) if lost or run_object else None
+                if stored is not None and lost and stored.body == body:
+                    etag = stored.etag
+                    break
+                if run_object and (stored is None or is_marker_body(stored.body)):
+                    over = stored.etag if stored is not None else ""  # a marker (or none any more): again
+                    if rounds > 1:
+                        self._next_round(rounds, deadline, self._url(key), "it was deleted and created again meanwhile",
+                                         doing="creating")
+                    continue
                 if exists is None:
                     return False
                 raise exists() from exc
-            etag = stored.etag
         self._remember(key, etag, body, metadata=metadata)
         return True
 
@@ -2283,12 +2419,16 @@ class S3RunLogs:
                     raise missing()
                 document = {}
                 metadata = new_metadata() if new_metadata else None
+            secrets = self.client.credentials.secrets()
+            unchanged = encode_run_log(_without_nonce(document)) if fresh and version is not None else None
             change(document)
-            plain = encode_run_log(document)
-            body = scrub(plain, self.client.credentials.secrets())
-            if fresh and version is not None and body == version.body:
-                self._remember(key, version.etag, body, document, version.metadata)  # nothing to change
+            if unchanged is not None and scrub(encode_run_log(_without_nonce(document)), secrets) == unchanged:
+                assert version is not None
+                self._remember(key, version.etag, version.body, None, version.metadata)  # nothing to change
                 return document
+            stored_document = unique(document)
+            plain = encode_run_log(stored_document)
+            body = scrub(plain, secrets)
             _check_write_size(body, where)
             try:
                 if version is None:
@@ -2309,7 +2449,7 @@ class S3RunLogs:
                     raise missing() from exc
                 self._next_round(rounds, deadline, where, "it was deleted while being written")
                 continue
-            self._remember(key, etag, body, document if body is plain else None, metadata)  # parsed: not again
+            self._remember(key, etag, body, stored_document if body is plain else None, metadata)  # parsed: not again
             return document
 
     def _next_round(
@@ -2355,57 +2495,75 @@ class S3RunLogs:
             while len(self._versions) > self._KEEP_VERSIONS:
                 self._versions.pop(next(iter(self._versions)))
 
-    @staticmethod
-    def _backoff(rounds: int) -> None:
-        # Short full-jitter waits, doubling each round, so losers spread out. (Slots scaled to the
-        # measured PUT time cut lost rounds by 5% and cost 20% of a pipeline's wall time: not kept.)
-        time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(rounds, 10))))
+    def _backoff(self, rounds: int) -> None:
+        # Full-jitter waits in slots of one round trip (5 ms at least), doubling each round, so that losers
+        # spread out over the time a winner's write takes on this network, not loopback's. (Reading first after
+        # a recent 412, rather than a PUT on the version held, cost more: 463 GETs and 284 PUTs for the 64-log
+        # pipeline on SeaweedFS behind 20 ms, against 373 and 270; not kept.)
+        slot = max(0.005, self.client.round_trip)
+        time.sleep(random.uniform(0, min(0.5, slot * 2 ** min(rounds, 10))))
 
 
 # Layout `chunked-s3`: under <prefix>/<run_id>/ one object per step log and per branch log, named
 # after its internal name, and RunLog.json with the run's own fields, parameters and run config.
 # Writers of different steps never touch the same object; the same object is written with the
-# compare-and-swap above. Reading the whole tree is a GET, a LIST and concurrent GETs.
+# compare-and-swap above. Reading the whole tree is a GET and a LIST at once, then concurrent GETs.
 #
 # Replacing a run (put --force, import, a new run created with its logs) changes many objects, yet a
-# reader sees the old run log or the new one, never a mix, and no write of a pipeline running meanwhile
-# is lost. The protocol:
+# reader sees the old run log or the new one, never a mix; a write that lands late (held in the network
+# past every retry) never brings back what a later put or rm replaced. The protocol:
 #
-# - State: RunLog.json's body carries, in STORE_FIELD, the run's replacement `generation` (a count) and,
-#   while a replacement R is under way, its intent: a token T, the new logs D (name -> own fields), and
-#   B, the ETag of every log object listed when R began. Nothing else holds state: an object is a log,
-#   or a tombstone (a log R removed, written with T). Being in the body, the intent changes RunLog.json's
-#   ETag, so every compare-and-swap on it sees it (metadata would not: an ETag covers the body only).
-# - Commit point: the If-Match (If-None-Match for a new run) PUT of RunLog.json that writes R's run
-#   fields, generation + 1 and the intent. Before it R has written nothing; a writer that stops before it
-#   leaves nothing behind.
-# - View: with an intent, a log object whose ETag is still B[K] shows as D[K] (absent when D has no K);
-#   a log of D not stored and not in B shows as D[K]; every other object is a write made after R listed
-#   it and shows as stored. Without one, objects show as stored (tombstones as absent).
-# - Roll forward (R, or any writer that finds the intent): PUT D[K] with T (or a tombstone with T)
-#   If-Match B[K], If-None-Match where K was absent; a 412 means a newer write is there, and it stays.
-#   Then the intent is cleared by compare-and-swap. No roll-forward step changes the view.
-# - Why no interleaving loses or mixes: the view changes only at commit points and at pipeline writes.
-#   A pipeline write to K after R listed it moves K's ETag off B[K] for good (every body is unique:
-#   roll-forward bodies carry their token, pipeline bodies a nonce of their own), so it shows and no
-#   roll-forward step overwrites it.
-#   A second replacement first rolls forward and clears the intent it finds, then lists and commits;
-#   the first writer, resuming late, sends only writes conditioned on its B, which no object holds any
-#   more: each fails (fencing, with no lease to judge). Whoever finds an intent can finish it, so a
-#   stopped writer holds nothing up; RunLog.json writers finish one older than REPLACEMENT_GRACE (on the
-#   server's clock), a replacement finishes any it finds before it begins.
-# - A reader GETs RunLog.json, LISTs, GETs the logs; if RunLog.json moved between the GET and the LIST, a
-#   log between the LIST and its GET, or the LIST took several pages (not one moment), it GETs RunLog.json
-#   again: the same generation means no replacement committed meanwhile, else it reads again. So a full
-#   read never mixes a replacement's logs with those it replaced; each log is a version it had during the
-#   read (logs that pipelines write meanwhile are each as listed or newer, not all of one instant). A read
-#   of one log GETs RunLog.json first, then the log (the other order can return a log from before a put
-#   that ended during the read); so does the check that a new log's parent exists (a parent a
-#   replacement under way drops is missing).
-# - A new run created over objects left in its folder (a late writer after an rm) is a replacement with
-#   those objects listed: they become tombstones, never part of the new run.
-# - Left open: a branch's parameters (runnable) are merged into the branch as this writer saw it; a
-#   replacement committed between that read and the write loses to the write for that branch.
+# - Epochs. RunLog.json's body carries, in STORE_FIELD, the run's epoch "I.g": an incarnation I, random,
+#   drawn when the run is created, and a generation g, counted up by each replacement. Every log object
+#   carries the epoch its writer found current (its stamp). Epochs of one run are ordered by g; an epoch
+#   never comes back: RunLog.json's versions form one chain of If-Match writes, none lowers g, I is
+#   never drawn twice, and an rm leaves a marker (below) so that a create held in the network fails.
+# - States of RunLog.json: absent; removed (a marker: STORE_FIELD {removed: token}, no run fields); live
+#   at epoch E; live at E with an intent {token, since, logs D (name -> own fields)}: a replacement
+#   committed and not yet rolled forward.
+# - View (what every reader shows): a log object stamped E shows as stored. Any other (older, of another
+#   incarnation, or absent) shows as D[name] while RunLog.json holds an intent whose D has it, else as
+#   absent. So the view changes only at a commit point or at a write stamped with the current epoch.
+# - The writer's rule: a log written with stamp S is sent If-None-Match, or If-Match a version stamped S
+#   or older (of S's incarnation; one of another incarnation only once RunLog.json, read after it, shows
+#   S's). Then no write ever hides a log that shows: over one stamped with the current epoch C, only a
+#   write stamped C lands (S <= C, so S = C: an ordinary later write); over an older one, a write stamped
+#   C shows (a later write) and one stamped below C does not change the view.
+# - Commit points, each one PUT of RunLog.json: create (If-None-Match, or If-Match a marker) at (new I,
+#   0); replacement (If-Match the version read) at (I, g + 1) with its intent; rm (If-Match) to a marker.
+#   Before its commit point an operation has written nothing that shows.
+# - Roll forward (the replacement's writer, or any writer of RunLog.json that finds an intent older than
+#   REPLACEMENT_GRACE, or the next replacement): PUT D[name] stamped with the new epoch, If-Match the ETag
+#   listed before the commit (older for sure) or If-None-Match; after a 412, GET it: stamped older, it is
+#   overwritten (If-Match); the same or newer, it stays (a later write). Then the intent is cleared by
+#   compare-and-swap. No step of it changes the view.
+# - Reads. One log: GET RunLog.json and GET the log at once. A log stamped with the epoch read shows. An
+#   older or absent one shows as the intent says, when RunLog.json holds one; without one, as absent only
+#   if a RunLog.json read that finished before the call began has the same epoch and no intent either
+#   (else the log may have been rolled forward between the two GETs: read again, that read held). Newer:
+#   read again. The whole run: GET RunLog.json and LIST the folder at once; if the LIST was one page and
+#   shows RunLog.json's ETag it was taken while that version stood, else it is LISTed again. Then GETs of
+#   the logs (not of one whose listed ETag is a version held here: those bytes), each shown by the view.
+# - Writes of a log: GET RunLog.json (and the parent, unless this process knows it shows at the epoch
+#   read: its own write of it, or a read that showed it), then PUT the log stamped with that epoch, If-Match
+#   its version held if the writer's rule allows, else If-None-Match; after a 412, GET it: that is the base.
+#   The parent must show (BranchLogNotFoundError otherwise). RunLog.json comes before the PUT, not with it:
+#   a put that commits after the read orders the write before it (stamped older, it never shows), while a
+#   read sent alongside could not tell a put committed before the call began (the write must be sent
+#   again) from one committed just after the write landed and showed (sent again, it would come back).
+# - Why no interleaving loses, mixes or hangs. A write is ordered where its epoch was read: its parent
+#   showed then, and a log that shows at an epoch shows for all of it (only rm removes objects, and only
+#   after its marker). Landing later, after a commit, it does not show: that put came after it, and by the
+#   writer's rule it hides nothing. A read of one log shows the view of a moment inside the call: a log
+#   stamped with the epoch read was written at it; an older or absent one is shown by the intent read
+#   with it, or as absent when RunLog.json had that epoch and no intent both before the call and during it
+#   (so no roll-forward ran between). A full read shows logs of the epoch read and D for the rest, so never
+#   a mix; a log stamped newer sends it round again. Every loop is bounded by conflict_timeout; whoever
+#   finds an intent can finish it, so a stopped writer holds nothing up.
+# - rm: RunLog.json becomes a marker (If-Match the version checked; after a lost reply the marker found is
+#   ours by its token), then the logs are deleted (If-Match as listed). The marker stays (45 bytes; prune
+#   removes old ones): it fails a create of the deleted run still in the network, and leftovers of any
+#   earlier incarnation never show in a new one (their stamps are of another I). No LIST at create.
 
 CHUNK_RUN_OBJECT = "RunLog.json"
 _CHUNK_KINDS = {"StepLog-": "step", "BranchLog-": "branch"}
@@ -2431,14 +2589,6 @@ def decode_log_object(body: bytes, where: str) -> Dict[str, Any]:
     if not isinstance(document, dict) or not isinstance(document.get("internal_name"), str):
         raise InvalidRunLogError(f"{where} is not a step or branch log: it has no internal_name")
     return document
-
-
-def _live_log(body: bytes, where: str) -> Optional[Dict[str, Any]]:
-    # A log object's document without the store's field; None for a tombstone (a log a replacement removed).
-    document = decode_log_object(body, where)
-    if (document.get(STORE_FIELD) or {}).get("removed_by"):
-        return None
-    return public(document)
 
 
 def _own_fields(kind: str, log: Mapping[str, Any]) -> Dict[str, Any]:
@@ -2483,10 +2633,53 @@ def assemble_run_log(
     return document
 
 
-def _written_once(log: Mapping[str, Any]) -> Dict[str, Any]:
-    """A log as a pipeline writes it, with a nonce: no two writes have the same bytes, so an object's ETag
-    never comes back to a version a replacement listed (an ETag is a digest of the bytes)."""
-    return dict(log, **{STORE_FIELD: {"write": new_token()}})
+class Epoch(NamedTuple):
+    """A chunked run's epoch (see the protocol above): its incarnation, drawn when it was created, and its
+    generation, counted up by each replacement. Stored as "I.g"; runs and logs stored before epochs have
+    (''. 0) and match each other."""
+
+    incarnation: str
+    generation: int
+
+    def __str__(self) -> str:
+        return f"{self.incarnation}.{self.generation}"
+
+
+def _parse_epoch(text: Any) -> Epoch:
+    incarnation, _, generation = str(text or "").rpartition(".")
+    return Epoch(incarnation, int(generation) if generation.isdigit() else 0)
+
+
+def epoch_of(run_object: Mapping[str, Any]) -> Epoch:
+    """The epoch of a run object (RunLog.json's body)."""
+    return _parse_epoch((run_object.get(STORE_FIELD) or {}).get("epoch"))
+
+
+def stamp_of(log: Mapping[str, Any]) -> Optional[Epoch]:
+    """The epoch a log object was written at; None for a tombstone an earlier version of this store wrote."""
+    field = log.get(STORE_FIELD) or {}
+    return None if field.get("removed_by") else _parse_epoch(field.get("epoch"))
+
+
+def compare_epochs(stamp: Optional[Epoch], epoch: Epoch) -> str:
+    """'same', 'newer', or 'older' (also: absent, a tombstone, or of another incarnation) than `epoch`."""
+    if stamp is None or stamp.incarnation != epoch.incarnation or stamp.generation < epoch.generation:
+        return "older"
+    return "same" if stamp.generation == epoch.generation else "newer"
+
+
+def next_epoch(current: Optional[Mapping[str, Any]]) -> Epoch:
+    """The epoch a commit point writes: a new run (or one over rm's marker) is a new incarnation, so whatever
+    its folder holds never shows; a replacement counts the generation up."""
+    if current is None:
+        return Epoch(new_token(), 0)
+    epoch = epoch_of(current)
+    return epoch._replace(generation=epoch.generation + 1)
+
+
+def _stamped(own: Mapping[str, Any], epoch: Epoch) -> Dict[str, Any]:
+    """A log's own fields as stored: stamped with the epoch its writer found current."""
+    return dict(own, **{STORE_FIELD: {"epoch": str(epoch)}})
 
 
 def _intent_of(run_object: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
@@ -2494,23 +2687,20 @@ def _intent_of(run_object: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     return (run_object.get(STORE_FIELD) or {}).get("replacing") or None
 
 
-def _generation_of(run_object: Mapping[str, Any]) -> int:
-    return int((run_object.get(STORE_FIELD) or {}).get("generation") or 0)
+class RunObject(NamedTuple):
+    """RunLog.json as read: the object, its document, its epoch, and the replacement under way (or None)."""
+
+    stored: S3Object
+    document: Dict[str, Any]
+    epoch: Epoch
+    intent: Optional[Dict[str, Any]]
 
 
-def new_token() -> str:
-    """A replacement's token: unique, so a body that carries it is never written twice."""
-    return os.urandom(8).hex()
-
-
-# Runs seen to exist, by endpoint, bucket and key, for every store of this process (runnable and magnus
-# look each branch log up before creating it: a run this process has seen needs no HEAD). By process id:
-# a forked child does not inherit it, since the run may be deleted after the fork.
-_KNOWN_RUNS: Dict[int, set] = {}
-
-
-def _known_runs() -> set:
-    return _KNOWN_RUNS.setdefault(os.getpid(), set())
+def _run_object(stored: S3Object, where: str) -> Optional[RunObject]:
+    document = decode_run_object(stored.body, where)
+    if document is None:
+        return None
+    return RunObject(stored, document, epoch_of(document), _intent_of(document))
 
 
 class ChunkedS3RunLogs(S3RunLogs):
@@ -2518,6 +2708,15 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     layout = "chunked-s3"
     _KEEP_VERSIONS = 1024  # one per step this process writes: a rewrite of a step is then one PUT
+
+    def __init__(self, client: S3Client, *, clock: Optional[Callable[[], float]] = None):
+        super().__init__(client, clock=clock)
+        # By run object key: an epoch and the logs known to show at it (written or read here): while that
+        # epoch stands they show (see the protocol), so a child of one needs no GET of it.
+        self._showing: Dict[str, Tuple[Epoch, set]] = {}
+        # By log key: its own fields as last shown to this process (read or written), which may be a put's
+        # under way rather than the object stored: what parameters handed back are diffed against.
+        self._shown: Dict[str, Dict[str, Any]] = {}
 
     def folder(self, run_id: str) -> str:
         """`<prefix>/<run_id>/`, the folder of a run's objects."""
@@ -2553,18 +2752,78 @@ class ChunkedS3RunLogs(S3RunLogs):
                 return kind
         return ""
 
+    # RunLog.json, and what this process knows of it.
+
+    def _read_run(self, run_id: str, stored: Optional[S3Object]) -> RunObject:
+        """RunLog.json as just read, held as the base of the next compare-and-swap and as a version known
+        current before the next call; RunLogNotFoundError when it is absent or rm's marker."""
+        run = _run_object(stored, self._url(stored.key)) if stored is not None else None
+        if run is None or stored is None:
+            raise self._not_found(run_id, removed=stored is not None)
+        self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
+        self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
+        return run
+
+    def _held_run(self, run_id: str) -> Optional[RunObject]:
+        """RunLog.json as this process last read or wrote it (so current at some moment before now)."""
+        key = self.key(run_id)
+        with self._lock():
+            held = self._versions.get(key)
+        if held is None:
+            return None
+        try:
+            return _run_object(S3Object(key, held.body, held.etag, "", dict(held.metadata or {})), self._url(key))
+        except InvalidRunLogError:
+            return None
+
+    def _shows(self, run_id: str, epoch: Epoch, keys: List[str]) -> bool:
+        with self._lock():
+            known = self._showing.get(self.key(run_id))
+        return known is not None and known[0] == epoch and any(key in known[1] for key in keys)
+
+    def _showing_at(self, run_id: str, epoch: Epoch, keys: List[str]) -> None:
+        with self._lock():
+            known = self._showing.get(self.key(run_id))
+            if known is None or known[0] != epoch:
+                known = self._showing[self.key(run_id)] = (epoch, set())
+            known[1].update(keys)
+
+    def _saw(self, key: str, log: Optional[Mapping[str, Any]]) -> None:
+        with self._lock():
+            self._shown.pop(key, None)
+            if log is not None:
+                self._shown[key] = _json_copy(dict(log))
+                while len(self._shown) > self._KEEP_VERSIONS:
+                    self._shown.pop(next(iter(self._shown)))
+
+    def _changed_parameters(
+        self, key: str, container: Callable[[Dict[str, Any]], Dict[str, Any]], parameters: Mapping[str, Any]
+    ) -> Dict[str, Any]:
+        with self._lock():
+            shown = self._shown.get(key)
+        if shown is None:
+            return super()._changed_parameters(key, container, parameters)
+        seen = shown.get("parameters") or {}
+        return {name: value for name, value in _json_copy(dict(parameters)).items()
+                if name not in seen or seen[name] != value}
+
+    def _stamp(self, stored: Optional[S3Object]) -> Optional[Epoch]:
+        return stamp_of(decode_log_object(stored.body, self._url(stored.key))) if stored is not None else None
+
+    def _view(self, name: str, stored: Optional[S3Object], run: RunObject) -> Optional[Dict[str, Any]]:
+        """What every reader sees of log object `name` under RunLog.json `run`: own fields, or None."""
+        if stored is not None and compare_epochs(self._stamp(stored), run.epoch) == "same":
+            return public(decode_log_object(stored.body, self._url(stored.key)))
+        new = (run.intent or {}).get("logs", {}).get(name)
+        return dict(new) if new is not None else None
+
     # Reading.
 
     def read(self, run_id: str, full: bool = True) -> Dict[str, Any]:
-        """The run log: with full, the whole tree as of one moment (GET, LIST, concurrent GETs); else the
-        run object only (its own fields: a replacement writes them at its commit point)."""
+        """The run log: with full, the whole tree as of one moment (a GET and a LIST at once, then concurrent
+        GETs); else the run object only (its own fields: a replacement writes them at its commit point)."""
         if not full:
-            stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
-            document = decode_run_log(stored.body, self._url(stored.key))
-            self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
-            self._writers[run_id] = stored.metadata.get(WRITTEN_BY, "")
-            self._known_run(run_id)
-            return public(document)
+            return public(self._read_run(run_id, self._get_or_none(self.key(run_id))).document)
         return self.read_version(run_id)[0]
 
     def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str]:
@@ -2576,81 +2835,70 @@ class ChunkedS3RunLogs(S3RunLogs):
             tree = self._read_tree(run_id)
             if tree is not None:
                 return tree
-            self._next_round(
-                rounds, deadline, self.where(run_id), "it was replaced (put) while being read, every time",
-                doing="reading", remedy="try again when no put is replacing it",
-            )
+            if rounds > 1:
+                self._next_round(
+                    rounds, deadline, self.where(run_id), "it was replaced (put) while being read, every time",
+                    doing="reading", remedy="try again when no put is replacing it",
+                )
 
     def _read_tree(self, run_id: str) -> Optional[Tuple[Dict[str, Any], str]]:
         """The run log and its version, or None if a replacement committed while it was read (read it again)."""
         folder, run_key = self.folder(run_id), self.key(run_id)
-        run = self._get_or_none(run_key)
-        if run is None:
-            found = [info.key for info in self.client.list_objects(folder)]
-            if run_key in found:
+        pages: List[int] = []
+        stored_run, entries = self._at_once(lambda: self._get_or_none(run_key),
+                                            lambda: list(self.client.list_objects(folder, pages=pages)))
+        if stored_run is not None and is_marker_body(stored_run.body):
+            raise self._not_found(run_id, removed=True, left=sum(1 for info in entries if self._kind_of(info.key, folder)))
+        if stored_run is None:
+            if any(info.key == run_key for info in entries):
                 return None  # created since the GET: read again
-            count = len(found)
+            count = sum(1 for info in entries if self._kind_of(info.key, folder))
             if count:
                 raise InvalidRunLogError(
                     f"{self.where(run_id)} holds {count} objects but no {CHUNK_RUN_OBJECT}: the leftovers of a "
                     f"deleted run or of writes into it; they were left as is (rm {run_id} removes them)"
                 )
-            raise self._not_found(run_id)
-        fields_ = decode_run_log(run.body, self._url(run_key))
-        self._writers[run_id] = run.metadata.get(WRITTEN_BY, "")
-        pages: List[int] = []
-        entries = list(self.client.list_objects(folder, pages=pages))
+        run = self._read_run(run_id, stored_run)
+        if not self._listing_pinned(pages, entries, run):
+            entries = list(self.client.list_objects(folder))
         listed = {info.key: info for info in entries if self._kind_of(info.key, folder)}
         stored = self._held_versions(listed)
         stored.update(self._get_many([key for key in listed if key not in stored]))
-        # A listing of several pages is not one moment: a put may commit between them.
-        moved = len(pages) > 1 or not any(info.key == run_key and same_etag(info.etag, run.etag) for info in entries) or any(
-            key not in stored or not same_etag(stored[key].etag, info.etag) for key, info in listed.items())
-        if moved:  # something changed meanwhile: a pipeline's write, or a replacement committed
-            again = self._get_or_none(run_key)
-            if again is None or _generation_of(decode_run_log(again.body, self._url(run_key))) != _generation_of(
-                    fields_):
-                return None
-        intent = _intent_of(fields_)
-        logs: List[Tuple[Tuple[int, str], str, Dict[str, Any]]] = []
+        intent = run.intent or {}
+        positions = {name: number for number, name in enumerate(intent.get("logs", {}))}
         names = {key[len(folder):]: key for key in stored}
-        positions = {name: number for number, name in enumerate((intent or {}).get("logs", {}))}
         for name in positions:
             names.setdefault(name, folder + name)
+        logs: List[Tuple[Tuple[int, str], str, Dict[str, Any]]] = []
+        showing = []
         for name, key in names.items():
-            log = self._visible(name, stored.get(key), intent)
-            if log is not None:
-                order = self._order_of(name, stored.get(key), intent, positions)
-                logs.append((order, self._kind_of(key, folder), log))
+            found = stored.get(key)
+            order = compare_epochs(self._stamp(found), run.epoch) if found is not None else "older"
+            if order == "newer":
+                return None  # a replacement committed meanwhile: read again
+            log = self._view(name, found, run)
+            if log is None:
+                continue
+            if order == "same":
+                assert found is not None
+                showing.append(key)
+                logs.append((_creation_order(found), self._kind_of(key, folder), log))
+            else:
+                logs.append(((int(intent["created"]) + positions[name], name), self._kind_of(key, folder), log))
+        self._showing_at(run_id, run.epoch, showing)
         logs.sort(key=lambda item: item[0])
         # The version of exactly what was read: a later check against RunLog.json and a LIST then fails if
         # anything changed since, even when part of it was read newer than listed.
-        version = chunked_version(run.etag, {key[len(folder):]: stored[key].etag for key in stored})
-        return assemble_run_log(public(fields_), [log for _o, kind, log in logs if kind == "step"],
+        version = chunked_version(run.stored.etag, {key[len(folder):]: stored[key].etag for key in stored})
+        return assemble_run_log(public(run.document), [log for _o, kind, log in logs if kind == "step"],
                                 [log for _o, kind, log in logs if kind == "branch"], self.where(run_id)), version
 
-    def _visible(self, name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]]
-                 ) -> Optional[Dict[str, Any]]:
-        """What a reader sees of log object `name` (see the protocol above): a log's own fields, or None."""
-        if intent:
-            begun = intent["begin"].get(name)
-            if begun is not None and stored is not None and same_etag(stored.etag, begun):
-                new = intent["logs"].get(name)
-                return dict(new) if new is not None else None
-            if begun is None and stored is None and name in intent["logs"]:
-                return dict(intent["logs"][name])
-        if stored is None:
-            return None
-        return _live_log(stored.body, self._url(stored.key))
-
     @staticmethod
-    def _order_of(name: str, stored: Optional[S3Object], intent: Optional[Mapping[str, Any]],
-                  positions: Mapping[str, int]) -> Tuple[int, str]:
-        # A replacement's logs in its document's order (the numbers its roll-forward stores), others by
-        # their own creation time.
-        if intent and name in positions and (stored is None or same_etag(stored.etag, intent["begin"].get(name, ""))):
-            return int(intent["created"]) + positions[name], name
-        return _creation_order(stored) if stored is not None else (0, name)
+    def _listing_pinned(pages: List[int], entries: List[ObjectInfo], run: RunObject) -> bool:
+        # A listing taken alongside RunLog.json's GET shows the folder while that version stood only if it is
+        # one page (one moment) and shows its ETag; else it may be from before a commit: list again, after.
+        return len(pages) == 1 and any(info.key == run.stored.key and same_etag(info.etag, run.stored.etag)
+                                       for info in entries)
 
     def _held_versions(self, listed: Mapping[str, ObjectInfo]) -> Dict[str, S3Object]:
         # A log listed with the ETag of the version this process holds is those bytes: no GET.
@@ -2661,6 +2909,37 @@ class ChunkedS3RunLogs(S3RunLogs):
             for key, version in held.items()
             if version is not None and same_etag(version.etag, listed[key].etag)
         }
+
+    def _read_logs(self, run_id: str, keys: List[str]) -> Tuple[RunObject, Dict[str, Tuple[Optional[S3Object],
+                                                                                    Optional[Dict[str, Any]]]]]:
+        """RunLog.json and the objects `keys`, read within this call (see "Reads" above): RunLog.json, and for
+        each key the object stored and what every reader sees of it (own fields, or None when absent)."""
+        run_key, folder = self.key(run_id), self.folder(run_id)
+        before = self._held_run(run_id)  # current before this call began
+        deadline = self._clock() + self.client.config.conflict_timeout
+        rounds = 0
+        while True:
+            rounds += 1
+            found = self._in_pool(self._get_or_none, [run_key] + keys)
+            run = self._read_run(run_id, found[0])
+            settled = self._settled(before, run)
+            views = {}
+            for key, stored in zip(keys, found[1:]):
+                order = compare_epochs(self._stamp(stored), run.epoch) if stored is not None else "older"
+                if order == "same" or (order == "older" and (run.intent is not None or settled)):
+                    views[key] = (stored, self._view(key[len(folder):], stored, run))
+            if len(views) == len(keys):
+                return run, views
+            before = run  # read before the next round begins
+            if rounds > 1:
+                self._next_round(rounds, deadline, self.where(run_id), "it was replaced (put) while being read, "
+                                 "every time", doing="reading", remedy="try again when no put is replacing it")
+
+    @staticmethod
+    def _settled(before: Optional[RunObject], run: RunObject) -> bool:
+        # Whether no roll-forward can have run between a read of RunLog.json finished before this call and
+        # one during it: the same epoch, with no intent in either.
+        return before is not None and before.epoch == run.epoch and before.intent is None and run.intent is None
 
     def read_step(self, run_id: str, internal_name: str) -> Dict[str, Any]:
         """A step log's own fields (its branches are their own objects): its GET and RunLog.json's, at once."""
@@ -2673,27 +2952,19 @@ class ChunkedS3RunLogs(S3RunLogs):
         return self._read_chunk(run_id, "branch", internal_name)
 
     def _read_chunk(self, run_id: str, kind: str, internal_name: str) -> Dict[str, Any]:
-        # RunLog.json, then the log's object: a replacement under way decides what shows. In that order: a
-        # log read first could be one a put committed after rolls forward before RunLog.json is read,
-        # its intent cleared, and the read would go back to before a put that ended within it.
         key = self.chunk_key(run_id, kind, internal_name)
-        run = self._get_or_none(self.key(run_id))
-        stored = self._get_or_none(key) if run is not None else None
-        if run is None:
-            raise self._not_found(run_id)
-        self._known_run(run_id)
-        run_object = decode_run_log(run.body, self._url(run.key))
-        self._remember(run.key, run.etag, run.body, metadata=run.metadata or None)
-        name, intent = key[len(self.folder(run_id)):], _intent_of(run_object)
-        if stored is not None and not (intent and same_etag(stored.etag, intent["begin"].get(name, ""))):
+        run, views = self._read_logs(run_id, [key])
+        stored, document = views[key]
+        if stored is not None and document is not None and compare_epochs(self._stamp(stored), run.epoch) == "same":
             # A base for the next rewrite (one PUT) and for parameters diffed against it: only when it is what
             # the reader is shown, not an object a replacement under way stands in for.
             self._remember(key, stored.etag, stored.body, metadata=stored.metadata or None)
         else:  # nor a version held from before (this process's own write): parameters are diffed against the view
             self._forget([key])
-        document = self._visible(name, stored, intent)
+        self._saw(key, document)
         if document is None:
             raise _log_not_found(kind, internal_name, run_id, self._url(key))
+        self._showing_at(run_id, run.epoch, [key])
         document.setdefault(_CHUNK_CHILDREN[kind], {})
         return document
 
@@ -2702,30 +2973,30 @@ class ChunkedS3RunLogs(S3RunLogs):
         return {key: result for key, result in zip(keys, self._in_pool(self._get_or_none, keys)) if result is not None}
 
     def has_objects(self, run_id: str) -> bool:
-        """Whether anything is stored under the run's folder (a run, or the leftovers of one)."""
-        return any(True for _info in self.client.list_objects(self.folder(run_id)))
+        """Whether logs are stored under the run's folder (a run, or the leftovers of one)."""
+        folder = self.folder(run_id)
+        return any(self._kind_of(info.key, folder) for info in self.client.list_objects(folder))
 
     # Writing.
 
     def create(self, document: Dict[str, Any]) -> None:
-        """Store a new run's object, with the logs it carries at once (one commit point);
-        RunLogExistsError if the run is there."""
+        """Store a new run's object at a new incarnation (over rm's marker, if one is there), with the logs it
+        carries at once (one commit point); RunLogExistsError if the run is there. Objects left in its folder
+        are of another incarnation: they never show."""
         with _Writing(self.client):
             run_id = document["run_id"]
             check_input(document, "the run log to create")
             logs = self._prepare_logs(run_id, _chunks_of_run(document))
-            # Objects left under the folder (a late writer after an rm) would join the new run: a create that
-            # finds any replaces them, as a create with logs always does. One LIST per run.
-            if logs or self.has_objects(run_id):
+            if logs:
                 self._replace(run_id, _run_fields(document), logs, creating=True)
                 return
+            fields_ = dict(_run_fields(document), **{STORE_FIELD: {"epoch": str(next_epoch(None))}})
             self._create_object(
                 self.key(run_id),
-                self._encode(_run_fields(document)),
+                self._encode(fields_),
                 lambda: RunLogExistsError(f"a run log for run id {run_id!r} already exists at {self.where(run_id)}"),
-                metadata=self._creator_tags(),
+                metadata=self._creator_tags(), run_object=True,
             )
-            self._known_run(run_id)
 
     def replace(self, document: Dict[str, Any]) -> None:
         """Replace the run: afterwards it holds exactly `document`'s logs, but for logs that writers
@@ -2769,120 +3040,149 @@ class ChunkedS3RunLogs(S3RunLogs):
         rounds = 0
         while True:
             rounds += 1
-            run = self._get_or_none(run_key)
-            if run is not None and creating:
+            stored = self._get_or_none(run_key)
+            current = decode_run_object(stored.body, self._url(run_key)) if stored is not None else None
+            if current is not None and creating:
                 raise RunLogExistsError(f"a run log for run id {run_id!r} already exists at {where}")
-            if run is not None:
-                _require_strong_etag(run.etag, run_key, self.client)
-            current = decode_run_log(run.body, self._url(run_key)) if run is not None else {}
-            pending = _intent_of(current)
-            if pending:  # another replacement committed and has not finished: finish it first
-                self._finish(run_id, pending)
-                if expected:
-                    continue  # the run changed (it was being replaced): the check below refuses
-                self._next_round(rounds, deadline, where, "other replacements kept committing", doing="replacing",
-                                 remedy="try again when they have finished")
-                continue
+            if current is not None:
+                assert stored is not None
+                _require_strong_etag(stored.etag, run_key, self.client)
+                if _intent_of(current):  # another replacement committed and has not finished: finish it first
+                    self._finish(run_id, current)
+                    if not expected:  # (with expected, the check below refuses: the run changed)
+                        self._next_round(rounds, deadline, where, "other replacements kept committing",
+                                         doing="replacing", remedy="try again when they have finished")
+                    continue
+            # Listed before the commit point, so older than the epoch it begins: the roll-forward's conditions.
             begin = {info.key[len(folder):]: info.etag for info in self.client.list_objects(folder)
                      if self._kind_of(info.key, folder)}
-            if expected and (run is None or not same_etag(chunked_version(run.etag, begin), expected)):
+            if expected and (current is None or stored is None or not same_etag(chunked_version(stored.etag, begin),
+                                                                                expected)):
                 raise PreconditionFailedError(f"{where} changed since version {expected}; nothing written",
                                               operation="PUT", code="PreconditionFailed", status=412,
                                               bucket=self.client.bucket, key=run_key)
+            epoch = next_epoch(current)
             intent = {"token": token, "since": self.client.server_now() or wall_clock(), "created": time.time_ns(),
-                      "logs": logs, "begin": begin}
-            new = dict(fields_, **{STORE_FIELD: {"generation": _generation_of(current) + 1, "replacing": intent}})
-            body = self._encode(new)
+                      "logs": logs}
+            body = self._encode(dict(fields_, **{STORE_FIELD: {"epoch": str(epoch), "replacing": intent}}))
             _check_write_size(body, self._url(run_key))
-            creator = (run.metadata.get(WRITTEN_BY, "") if run is not None else "") or self.writer
+            creator = (stored.metadata.get(WRITTEN_BY, "") if current is not None and stored else "") or self.writer
             metadata = {WRITTEN_BY: creator} if creator else None
             try:
-                if run is None:
+                if stored is None:
                     etag = self.client.put_object(run_key, body, if_none_match=True, metadata=metadata)
-                else:
-                    etag = self.client.put_object(run_key, body, if_match=run.etag, metadata=metadata)
-            except PreconditionFailedError as exc:
-                stored = self._get_or_none(run_key) if exc.after_lost_reply else None
-                ours = stored is not None and (_intent_of(decode_run_log(stored.body, self._url(run_key))) or {}).get(
-                    "token") == token
-                if not ours:
+                else:  # a live version, or rm's marker
+                    etag = self.client.put_object(run_key, body, if_match=stored.etag, metadata=metadata)
+            except (PreconditionFailedError, NotFoundError) as exc:
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                again = self._get_or_none(run_key) if getattr(exc, "after_lost_reply", False) else None
+                if again is None or again.body != body:
                     # Refused; or our commit landed, its reply lost, and was finished or changed since:
                     # replace again (a replacement applied twice leaves the same run), with a new token.
                     self.conflicts += 1
                     token = new_token()
                     self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
                     continue
-                assert stored is not None
-                etag, body, metadata = stored.etag, stored.body, dict(stored.metadata) or metadata
-                intent = _intent_of(decode_run_log(body, self._url(run_key))) or intent
+                etag = again.etag
             self._remember(run_key, etag, body, metadata=metadata)
             break
-        self._known_run(run_id)
         try:
-            self._finish(run_id, intent)
+            self._roll_forward(run_id, epoch, intent, begin)
         except RunlogS3Error as exc:  # committed: readers see the new run log; the next writer finishes it
             logger.warning("%s: replaced; writing its logs failed (%s); the next put or writer finishes it",
                            where, exc)
 
-    def _finish(self, run_id: str, intent: Mapping[str, Any]) -> None:
-        """Roll a committed replacement forward, then clear its intent (see the protocol above)."""
-        folder, token = self.folder(run_id), intent["token"]
-        begin, logs = intent["begin"], intent["logs"]
+    def _finish(self, run_id: str, run_object: Mapping[str, Any]) -> None:
+        """Roll forward a replacement another writer committed and left unfinished, then clear its intent."""
+        intent = _intent_of(run_object)
+        if intent is not None:
+            self._roll_forward(run_id, epoch_of(run_object), intent, None)
+
+    def _roll_forward(self, run_id: str, epoch: Epoch, intent: Mapping[str, Any],
+                      begin: Optional[Mapping[str, str]]) -> None:
+        """Write each log of a committed replacement stamped with its epoch where an older object (or none)
+        stands, then clear its intent (see "Roll forward" above). `begin`: the ETags its writer listed before
+        the commit point (older for sure); None for another writer's, whose objects are read first."""
+        folder, token, logs = self.folder(run_id), intent["token"], intent["logs"]
         order = {name: number for number, name in enumerate(logs)}
+        todo = list(logs)
+        if begin is None:
+            listed = {info.key[len(folder):] for info in self.client.list_objects(folder)}
+            found = self._get_many([folder + name for name in logs if name in listed])
+            begin = {}
+            for name in logs:
+                stored = found.get(folder + name)
+                if stored is not None and compare_epochs(self._stamp(stored), epoch) != "older":
+                    todo.remove(name)  # rolled forward already, or written since at this epoch (or later)
+                elif stored is not None and self._may_overwrite(run_id, stored, epoch):
+                    begin = {**begin, name: stored.etag}
+                elif stored is not None:
+                    todo.remove(name)  # of an incarnation that replaced this one: not ours to touch
 
         def roll_forward(name: str) -> None:
             key = folder + name
-            if name in logs:
-                document = dict(logs[name], **{STORE_FIELD: {"replacement": token}})
-                metadata = {_CREATED: str(int(intent["created"]) + order[name])}
-            else:
-                internal_name = urllib.parse.unquote(name[name.index("-") + 1:-len(RUN_LOG_SUFFIX)])
-                document = {"internal_name": internal_name, STORE_FIELD: {"removed_by": token}}
-                metadata = {}
-            body = self._encode(document)
-            try:
-                if name in begin:
-                    etag = self.client.put_object(key, body, if_match=begin[name], metadata=metadata)
-                else:
-                    etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
-            except PreconditionFailedError as exc:
-                # A newer write is there (or this step was done already): it stays. Unless the object is still
-                # as listed: then the server refuses the ETag its own LIST gave, and going on would mix.
-                now = self._get_or_none(key) if name in begin else None
-                if now is not None and same_etag(now.etag, begin[name]) and not exc.after_lost_reply:
-                    raise S3Error(
-                        f"{self._url(key)}: the server refused If-Match with the ETag its LIST gave ({begin[name]}); "
-                        "the replacement stays committed and unfinished (readers see it whole): run `runlog-s3 check`",
-                        operation="PUT", code="ETagMismatch", bucket=self.client.bucket, key=key) from exc
+            body = self._encode(_stamped(logs[name], epoch))
+            metadata = {_CREATED: str(int(intent["created"]) + order[name])}
+            condition = begin.get(name, "")
+            for _attempt in range(8):  # each 412 means another write landed in between: rare, and bounded
+                try:
+                    etag = self.client.put_object(key, body, if_match=condition, metadata=metadata) if condition else (
+                        self.client.put_object(key, body, if_none_match=True, metadata=metadata))
+                except PreconditionFailedError:
+                    now = self._get_or_none(key)
+                    if now is None:
+                        condition = ""
+                        continue
+                    if now.body == body:
+                        return  # ours, its reply lost
+                    if compare_epochs(self._stamp(now), epoch) != "older" or not self._may_overwrite(run_id, now, epoch):
+                        return  # a newer write stands: it stays
+                    condition = now.etag
+                    continue
+                except NotFoundError as exc:
+                    if isinstance(exc, NoSuchBucketError):
+                        raise
+                    return  # deleted since (rm)
+                self._remember(key, etag, body, metadata=metadata)
                 return
-            except NotFoundError as exc:
-                if isinstance(exc, NoSuchBucketError):
-                    raise
-                return  # deleted since (rm)
-            self._remember(key, etag, body, metadata=metadata)
+            raise ConflictError(f"{self._url(key)}: other writers kept changing it while a replacement was rolled "
+                                "forward; the replacement stays committed (readers see it whole); the next writer "
+                                "finishes it")
 
-        self._in_pool(roll_forward, sorted(set(logs) | set(begin)))
+        self._in_pool(roll_forward, todo)
 
         def clear(run_object: Dict[str, Any]) -> None:
             if (_intent_of(run_object) or {}).get("token") == token:
                 del run_object[STORE_FIELD]["replacing"]
 
         try:
-            self._mutate_object(self.key(run_id), clear, decode_run_log, lambda: self._not_found(run_id))
+            self._mutate_object(self.key(run_id), clear, decode_run_object, lambda: self._not_found(run_id))
         except RunLogNotFoundError:
             pass  # deleted since (rm): nothing left to clear
 
+    def _may_overwrite(self, run_id: str, stored: S3Object, epoch: Epoch) -> bool:
+        """The writer's rule: whether a write stamped `epoch` may replace `stored` (stamped the same or older;
+        one of another incarnation only if RunLog.json, read now, is still of `epoch`'s)."""
+        stamp = self._stamp(stored)
+        if compare_epochs(stamp, epoch) == "newer":
+            return False
+        if stamp is None or stamp.incarnation == epoch.incarnation:
+            return True
+        now = self._get_or_none(self.key(run_id))
+        run = _run_object(now, self._url(now.key)) if now is not None else None
+        return run is not None and run.epoch.incarnation == epoch.incarnation
+
     def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
         """RunLog.json (the run's own fields) and its ETag: one GET."""
-        stored = self._get(self.key(run_id), lambda: self._not_found(run_id))
-        return public(decode_run_log(stored.body, self._url(stored.key))), stored.etag
+        run = self._read_run(run_id, self._get_or_none(self.key(run_id)))
+        return public(run.document), run.stored.etag
 
     def unfinished_replacement(self, run_id: str) -> str:
         """The token of a replacement committed and not yet finished ('' when none): one GET."""
         stored = self._get_or_none(self.key(run_id))
-        if stored is None:
-            return ""
-        return str((_intent_of(decode_run_log(stored.body, self._url(stored.key))) or {}).get("token", ""))
+        run = _run_object(stored, self._url(stored.key)) if stored is not None else None
+        return str((run.intent or {}).get("token", "")) if run is not None else ""
 
     def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
         """A compare-and-swap of the run object; a replacement found there unfinished after
@@ -2894,12 +3194,12 @@ class ChunkedS3RunLogs(S3RunLogs):
                 now = self.client.server_now() or wall_clock()
                 if now - float(intent.get("since") or 0) > REPLACEMENT_GRACE:
                     logger.info("%s: finishing a replacement its writer left unfinished", self.where(run_id))
-                    self._finish(run_id, intent)
+                    self._finish(run_id, document)
             return document
 
     def add_step(self, run_id: str, step_log: Mapping[str, Any]) -> None:
-        """Set a step log's object (one PUT when new or last written here); logs it carries are added if
-        absent. A step in a branch needs that branch (BranchLogNotFoundError, as the frameworks raise)."""
+        """Set a step log's object (one round trip when this process knows its branch); logs it carries are
+        added if absent. A step in a branch needs that branch (BranchLogNotFoundError, as the frameworks raise)."""
         self._add_step_or_branch(run_id, "step", step_log)
 
     def add_branch(self, run_id: str, branch_log: Mapping[str, Any]) -> None:
@@ -2911,73 +3211,127 @@ class ChunkedS3RunLogs(S3RunLogs):
             own = _own_fields(kind, log)
             self.chunk_key(run_id, kind, own.get("internal_name"))
             children = self._prepare_logs(run_id, list(_chunks_under(kind, log)))
-            self._check_run(run_id)
-            self._write_log(run_id, kind, own)
-            self._add_logs(run_id, children)
+            run = self._write_log(run_id, kind, own)
+            self._add_logs(run_id, children, run)
 
-    def _write_log(self, run_id: str, kind: str, own: Dict[str, Any]) -> None:
-        # The whole log is set, whatever was stored: the result does not depend on the version it replaces.
-        def set_log(document: Dict[str, Any]) -> None:
-            document.clear()
-            document.update(_written_once(own))
-
-        # The parent is checked on every write, not only on creation: a rewrite of a child (a step
-        # PROCESSING, then SUCCESS) whose parent a committed put drops would be acknowledged, never shown.
-        self._check_parent(run_id, kind, own["internal_name"])
-        self._mutate_object(
-            self.chunk_key(run_id, kind, own["internal_name"]), set_log, _live_log, None,
-            new_metadata=lambda: {_CREATED: str(time.time_ns())},
-        )
-
-    def _check_parent(self, run_id: str, kind: str, internal_name: str) -> None:
-        """Before a log is created: its parent exists (a step's branch, a branch's step) as a reader sees it,
-        a replacement under way deciding: RunLog.json's GET, then the parent's (a branch's name with dots
-        may need one GET per dot)."""
-        folder = self.folder(run_id)
+    def _parent_keys(self, run_id: str, kind: str, internal_name: str) -> List[str]:
+        # A step's branch; a branch's step (a name with dots may have several candidates, longest first).
         if kind == "step":
             parent = internal_name.rpartition(".")[0]
-            if not parent:
-                return  # a step of the run itself: the run is checked
-            candidates = [self.chunk_key(run_id, "branch", parent)]
-        else:
-            candidates = [self.chunk_key(run_id, "step", name) for name in _parent_names(internal_name)]
-        run = self._get_or_none(self.key(run_id))  # first, as a read of one log (see _read_chunk)
-        if run is None:
-            raise self._not_found(run_id)
-        found = self._in_pool(self._get_or_none, candidates)
-        intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
-        if any(self._visible(key[len(folder):], stored, intent) is not None for key, stored in zip(candidates, found)):
-            return
-        missing = "branch" if kind == "step" else "step"
-        name = internal_name.rpartition(".")[0] if kind == "step" else next(_parent_names(internal_name), "")
-        raise LogNotFoundError(
-            f"{missing} log {name!r} is not in run log {run_id!r}: {kind} log {internal_name!r} has no "
-            f"{missing} to belong to; add the {missing} log first", kind=missing,
-        )
+            return [self.chunk_key(run_id, "branch", parent)] if parent else []
+        return [self.chunk_key(run_id, "step", name) for name in _parent_names(internal_name)]
 
-    def _add_logs(self, run_id: str, logs: Dict[str, Dict[str, Any]]) -> None:
-        # Logs a parent carries are added where absent: a write of a parent never undoes a child.
+    def _write_log(self, run_id: str, kind: str, own: Dict[str, Any]) -> RunObject:
+        """Set a log's object, whatever was stored (see "Writes of a log" above); returns RunLog.json as read
+        within this call. The parent is checked on every write, not only on creation: a rewrite of a child
+        whose parent a committed put dropped would be acknowledged, never shown."""
+        key = self.chunk_key(run_id, kind, own["internal_name"])
+        parents = self._parent_keys(run_id, kind, own["internal_name"])
+        before = self._held_run(run_id)
+        # A log that shows at an epoch was written while its parent showed, which shows for all of it: so
+        # while that epoch stands, a parent (or the log itself) known to show needs no GET.
+        known = before is not None and bool(parents) and self._shows(run_id, before.epoch, parents + [key])
+        deadline = self._clock() + self.client.config.conflict_timeout
+        rounds, found = 0, None
+        while True:
+            rounds += 1
+            # RunLog.json before the PUT: a put that commits after this read orders this write before it
+            # (stamped older, it never shows); one read alongside the PUT could not tell a put committed
+            # before this call began (write again) from one committed while it landed and showed (do not).
+            checked = [] if known else parents
+            run, views = self._read_logs(run_id, checked)
+            if known and not self._shows(run_id, run.epoch, parents + [key]):
+                known = False  # a replacement committed since: the parent may be gone
+                continue
+            shown = [parent for parent in checked if views[parent][1] is not None]
+            if checked and not shown:
+                missing = "branch" if kind == "step" else "step"
+                name = own["internal_name"].rpartition(".")[0] if kind == "step" else next(
+                    _parent_names(own["internal_name"]), "")
+                raise LogNotFoundError(
+                    f"{missing} log {name!r} is not in run log {run_id!r}: {kind} log {own['internal_name']!r} has "
+                    f"no {missing} to belong to; add the {missing} log first", kind=missing,
+                )
+            self._showing_at(run_id, run.epoch, shown)
+            base: Optional[Union[_Version, S3Object]] = found if found is not None else self._held_base(key, run.epoch)
+            if found is not None and not self._may_overwrite(run_id, found, run.epoch):
+                found = None
+                self._next_round(rounds, deadline, self._url(key), "it was replaced (put) while being written")
+                continue
+            body = self._encode(_stamped(own, run.epoch))
+            _check_write_size(body, self._url(key))
+            metadata = (dict(base.metadata or {}) if base is not None and (base.metadata or {}).get(_CREATED)
+                        else {_CREATED: str(time.time_ns())})
+            try:
+                etag = self._put_log(key, body, base.etag if base is not None else "", metadata)
+            except (PreconditionFailedError, NotFoundError) as exc:
+                if isinstance(exc, NoSuchBucketError):
+                    raise
+                self._forget([key])
+                found = self._get_or_none(key)  # written by another (or there already): the base next round
+                if rounds > 1:
+                    self.conflicts += 1
+                    self._next_round(rounds, deadline, self._url(key), "other writers kept changing it")
+                continue
+            self._remember(key, etag, body, metadata=metadata)
+            self._showing_at(run_id, run.epoch, [key])
+            self._saw(key, own)
+            return run
+
+    def _held_base(self, key: str, epoch: Epoch) -> Optional[_Version]:
+        # The version of a log this process holds, if a write stamped `epoch` may replace it (the writer's rule).
+        with self._lock():
+            held = self._versions.get(key)
+        if held is None:
+            return None
+        try:
+            stamp = stamp_of(decode_log_object(held.body, self._url(key)))
+        except InvalidRunLogError:
+            return None
+        return held if stamp is not None and stamp.incarnation == epoch.incarnation and stamp <= epoch else None
+
+    def _put_log(self, key: str, body: bytes, if_match: str, metadata: Mapping[str, str]) -> str:
+        """PUT a log object If-Match `if_match` (If-None-Match when ''); its ETag. A 412 after a lost reply
+        that finds these bytes stored is this write's own."""
+        try:
+            if if_match:
+                return self.client.put_object(key, body, if_match=if_match, metadata=metadata)
+            return self.client.put_object(key, body, if_none_match=True, metadata=metadata)
+        except PreconditionFailedError as exc:
+            stored = self._get_or_none(key) if exc.after_lost_reply else None
+            if stored is None or stored.body != body:
+                raise
+            return stored.etag
+
+    def _add_logs(self, run_id: str, logs: Dict[str, Dict[str, Any]], run: Union[RunObject, Mapping[str, Any]]
+                  ) -> None:
+        # Logs a parent carries are added where none shows, stamped with the epoch read in this call: a write
+        # of a parent never undoes a child.
+        if isinstance(run, Mapping):
+            run = RunObject(S3Object(self.key(run_id), b"", ""), dict(run), epoch_of(run), _intent_of(run))
         folder, first = self.folder(run_id), time.time_ns()
 
         def add(numbered: Tuple[int, str]) -> None:
             number, name = numbered
             key, metadata = folder + name, {_CREATED: str(first + number)}
-            body = self._encode(_written_once(logs[name]))
+            body = self._encode(_stamped(logs[name], run.epoch))
             if self._create_object(key, body, None, metadata=metadata):
                 return
-            stored = self._get_or_none(key)  # there: a log, or a tombstone, which counts as absent
-            if stored is not None and _live_log(stored.body, self._url(key)) is None:
-                try:
-                    self._remember(key, self.client.put_object(key, body, if_match=stored.etag, metadata=metadata),
-                                   body, metadata=metadata)
-                except PreconditionFailedError:
-                    pass  # written meanwhile: that log stays
+            stored = self._get_or_none(key)  # there: it stays if it shows; an older one is absent
+            if stored is None or self._view(name, stored, run) is not None or not self._may_overwrite(
+                    run_id, stored, run.epoch):
+                return
+            try:
+                self._remember(key, self.client.put_object(key, body, if_match=stored.etag, metadata=metadata),
+                               body, metadata=metadata)
+            except PreconditionFailedError:
+                pass  # written meanwhile: that log stays
 
         self._in_pool(add, list(enumerate(logs)))
 
     def set_branch_parameters(self, run_id: str, internal_name: str, parameters: Mapping[str, Any]) -> None:
         """Add or overwrite the parameters of a branch: a compare-and-swap of the branch's object, applied
-        to the branch as a replacement under way shows it."""
+        to the branch as every reader sees it, stamped with the epoch read with it."""
         with _Writing(self.client):
             if not internal_name:
                 self.set_parameters(run_id, parameters)
@@ -2990,29 +3344,30 @@ class ChunkedS3RunLogs(S3RunLogs):
             rounds = 0
             while True:
                 rounds += 1
-                run = self._get_or_none(self.key(run_id))  # first, as a read of one log (see _read_chunk)
-                if run is None:
-                    raise self._not_found(run_id)
-                stored = self._get_or_none(key)
-                intent = _intent_of(decode_run_log(run.body, self._url(run.key)))
-                branch = self._visible(key[len(self.folder(run_id)):], stored, intent)
+                run, views = self._read_logs(run_id, [key])
+                stored, branch = views[key]
                 if branch is None:
                     raise _log_not_found("branch", internal_name, run_id, self._url(key))
+                if stored is not None and not self._may_overwrite(run_id, stored, run.epoch):
+                    self._next_round(rounds, deadline, self._url(key), "it was replaced (put) while being written")
+                    continue
                 update_parameters(branch, changed)
-                body = self._encode(_written_once(branch))
+                body = self._encode(_stamped(branch, run.epoch))
                 _check_write_size(body, self._url(key))
                 metadata = dict(stored.metadata) if stored is not None else {_CREATED: str(time.time_ns())}
+                if stored is not None:
+                    _require_strong_etag(stored.etag, key, self.client)
                 try:
-                    if stored is None:
-                        etag = self.client.put_object(key, body, if_none_match=True, metadata=metadata)
-                    else:
-                        _require_strong_etag(stored.etag, key, self.client)
-                        etag = self.client.put_object(key, body, if_match=stored.etag, metadata=metadata)
-                except PreconditionFailedError:
+                    etag = self._put_log(key, body, stored.etag if stored is not None else "", metadata)
+                except (PreconditionFailedError, NotFoundError) as exc:
+                    if isinstance(exc, NoSuchBucketError):
+                        raise
                     self.conflicts += 1
                     self._next_round(rounds, deadline, self._url(key), "other writers kept changing it")
                     continue
-                self._remember(key, etag, body, branch, metadata)
+                self._remember(key, etag, body, metadata=metadata)
+                self._showing_at(run_id, run.epoch, [key])
+                self._saw(key, branch)
                 return
 
     def set_run_fields(self, run_id: str, run_log: Mapping[str, Any]) -> None:
@@ -3022,39 +3377,43 @@ class ChunkedS3RunLogs(S3RunLogs):
             fields_ = {name: value for name, value in run_log.items() if name != "steps"}
             logs = self._prepare_logs(run_id, _chunks_of_run(run_log))
             try:
-                self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+                stored = self.mutate(run_id, lambda document: put_run_fields(document, fields_))
             except RunLogNotFoundError:
                 try:
                     self.create(dict(run_log))
                     return
                 except RunLogExistsError:
-                    self.mutate(run_id, lambda document: put_run_fields(document, fields_))
-            self._add_logs(run_id, logs)
+                    stored = self.mutate(run_id, lambda document: put_run_fields(document, fields_))
+            self._add_logs(run_id, logs, stored)
 
-    def delete(self, run_id: str, if_match: str = "") -> int:
-        """Delete every object of the run, its own object first (readers then find no run at once; what a
-        failed rm, or a late writer, leaves is found and removed by the next rm). With if_match, only if
+    def delete(self, run_id: str, if_match: str = "", marker: bool = True) -> int:
+        """Delete the run: its own object becomes rm's marker first (the commit point: readers find no run at
+        once, and a write of it still in the network cannot bring it back), then its logs are deleted (what a
+        failed rm, or a late writer, leaves never shows and is removed by the next rm). With if_match, only if
         the run object is still that version (PreconditionFailedError otherwise, nothing deleted)."""
         with _Writing(self.client):
-            folder = self.folder(run_id)
-            listed = {info.key: info.etag for info in self.client.list_objects(folder)}
-            if not listed:
-                raise self._not_found(run_id)
-            run_key = self.key(run_id)
-            if run_key in listed and not self._delete_if_unchanged(run_key, if_match or listed[run_key]):
-                raise PreconditionFailedError(f"{self.where(run_id)}: its {CHUNK_RUN_OBJECT} was written since it "
-                                              "was checked; nothing deleted", operation="DELETE", status=412,
-                                              code="PreconditionFailed", bucket=self.client.bucket, key=run_key)
-            others = [key for key in listed if key != run_key]
+            folder, run_key = self.folder(run_id), self.key(run_id)
+            stored = self._get_or_none(run_key)
+            live = stored is not None and not is_marker_body(stored.body)
+            if live:
+                assert stored is not None
+                self.remove_run_object(run_id, if_match or stored.etag, marker)
+            listed = {info.key: info.etag for info in self.client.list_objects(folder) if info.key != run_key}
+            if not live and not listed:
+                raise self._not_found(run_id, removed=stored is not None)
+            others = list(listed)
             deleted = self._in_pool(lambda key: self._delete_if_unchanged(key, listed[key]), others)
             kept = [key for key, done in zip(others, deleted) if not done]
-            self._forget(list(listed))
-            _known_runs().discard(self._run_identity(run_id))
+            self._forget(others + [run_key])
+            with self._lock():
+                self._showing.pop(run_key, None)
+                for key in others:
+                    self._shown.pop(key, None)
             if kept:
                 raise ConflictError(
                     f"{self.where(run_id)}: {len(kept)} of its objects were written while rm ran and were kept (a "
-                    f"pipeline still writing it?); ls lists what is left; rm {run_id} again to delete it")
-            return len(listed)
+                    f"pipeline still writing it?); they never show; rm {run_id} again to delete them")
+            return len(listed) + live
 
     def runs_in(self, entries: List[ObjectInfo]) -> List[ObjectInfo]:
         """The chunked runs in a top-level listing (a folder holding RunLog.json or a log object: the
@@ -3077,18 +3436,18 @@ class ChunkedS3RunLogs(S3RunLogs):
         runs = [run for run in self._in_pool(summary, folders) if run is not None]
         return sorted(runs, key=lambda run: (run.last_modified, run.key))
 
-    def _check_run(self, run_id: str) -> None:
-        # A step written to a run that does not exist would be an orphan: look once per run and process.
-        if self._run_identity(run_id) not in _known_runs():
-            if not self.exists(run_id):
-                raise self._not_found(run_id)
-            self._known_run(run_id)
+    def _at_once(self, *calls: Callable[[], Any], errors: bool = False) -> List[Any]:
+        """The calls' results, their requests sent at once (one round trip); with errors, an S3 error a call
+        raised is its result (else it is raised)."""
+        def call(function: Callable[[], Any]) -> Any:
+            try:
+                return function()
+            except RunlogS3Error as exc:
+                if not errors:
+                    raise
+                return exc
 
-    def _run_identity(self, run_id: str) -> str:
-        return self.client.object_url(self.key(run_id))  # endpoint, bucket and key
-
-    def _known_run(self, run_id: str) -> None:
-        _known_runs().add(self._run_identity(run_id))
+        return self._in_pool(call, list(calls))
 
     @staticmethod
     def _in_pool(function: Callable[[Any], Any], items: List[Any]) -> List[Any]:
@@ -4052,13 +4411,15 @@ class BucketRuns:
 
     def read_with_writer(self, run_id: str) -> Tuple[Dict[str, Any], str]:
         """The whole run log and the framework that wrote it (see S3RunLogs.written_by)."""
+        removed = None
         for run_logs in (self.plain, self.chunked):
             try:
                 document = run_logs.read(run_id)
-            except RunLogNotFoundError:
+            except RunLogNotFoundError as exc:
+                removed = exc if exc.removed else removed
                 continue
             return document, run_logs.written_by(run_id, document)
-        raise self._not_found(run_id)
+        raise removed or self._not_found(run_id)
 
     def read_version(self, run_id: str) -> Tuple[Dict[str, Any], str, S3RunLogs]:
         """(run log, version, layout) of a run: its ETag for the s3 layout (one GET), a digest of its objects'
@@ -4082,15 +4443,10 @@ class BucketRuns:
 
     def status(self, run_id: str, layout: str) -> Tuple[str, str]:
         """A listed run's status and the framework that wrote it: one GET of its run log (s3) or run
-        object (chunked-s3); '?' if unreadable, INCOMPLETE for a chunked folder without its run object."""
-        run_logs = self.chunked if layout == "chunked-s3" else self.plain
-        try:
-            document = run_logs.read(run_id, full=False)
-            return str(document.get("status", "?")), run_logs.written_by(run_id, document)
-        except RunLogNotFoundError:
-            return ("INCOMPLETE", "?") if layout == "chunked-s3" else ("?", "?")
-        except InvalidRunLogError:
-            return "?", "?"
+        object (chunked-s3); '?' if unreadable, INCOMPLETE for a chunked folder without its run object,
+        REMOVED for rm's marker."""
+        state = read_run_state(self.chunked if layout == "chunked-s3" else self.plain, run_id)
+        return state.status, state.written_by
 
     def list(self) -> List[Tuple[ObjectInfo, str]]:
         """(run, layout) for the runs of both layouts, oldest first."""
@@ -4147,9 +4503,11 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
     else:
         listed = runs.list()
         statuses = ChunkedS3RunLogs._in_pool(lambda item: runs.status(item[0].key, item[1]), listed)
-        rows = [{"run_id": run.key, "status": status, "layout": layout, "written_by": written_by,
-                 "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
-                for (run, layout), (status, written_by) in zip(listed, statuses)]
+        # rm's marker is no run; a folder holding logs beside it holds the leftovers of a deleted run
+        rows = [{"run_id": run.key, "status": "INCOMPLETE" if status == REMOVED else status, "layout": layout,
+                 "written_by": written_by, "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
+                for (run, layout), (status, written_by) in zip(listed, statuses)
+                if status != REMOVED or (layout == "chunked-s3" and run.objects > 1)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -4601,6 +4959,7 @@ def _cmd_rm(runs: BucketRuns, args: Any) -> int:
 
 LISTING_DELIMITER = "Log-"
 LISTABLE_STATUSES = MAGNUS_STATUSES + ("INCOMPLETE",)
+REMOVED = "REMOVED"  # what read_run_state says of rm's marker: never listed as a run
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -4615,6 +4974,7 @@ class ListedRun(NamedTuple):
     size: Optional[int] = None  # None: not counted (a chunked run's objects cost a LIST of their own)
     objects: Optional[int] = None
     etag: str = ""
+    object_size: int = -1  # the run object's size as listed (rm's marker has MARKER_SIZE); -1: not listed
 
 
 class RunListing(NamedTuple):
@@ -4624,12 +4984,15 @@ class RunListing(NamedTuple):
     unlisted: List[str]  # chunked runs whose RunLog.json the listing could not show (ids holding "Log-")
     leftovers: List[str]  # chunked folders with logs but no RunLog.json (a deleted run's, INCOMPLETE)
     now: float  # the server's clock when it answered
+    with_logs: FrozenSet[str] = frozenset()  # chunked folders holding logs (beside rm's marker: leftovers)
 
 
 class RunState(NamedTuple):
     """A run object as read by one GET: what ls shows and what prune checks before a conditional delete."""
 
-    status: str  # INCOMPLETE when the run object is gone (deleted since it was listed), '?' when unreadable
+    # INCOMPLETE when the run object is gone (deleted since it was listed), REMOVED for rm's marker, '?' when
+    # unreadable
+    status: str
     written_by: str
     etag: str = ""
     modified: float = 0.0
@@ -4693,7 +5056,7 @@ def list_runs(runs: BucketRuns) -> RunListing:
             return
         size = info.size if layout == "s3" else None
         found[run_id, layout] = ListedRun(run_id, layout, info.last_modified, _listed_time(info.last_modified), size,
-                                          1 if layout == "s3" else None, info.etag)
+                                          1 if layout == "s3" else None, info.etag, info.size)
 
     for info in client.list_objects(prefix, delimiter=LISTING_DELIMITER):
         if info.etag or info.last_modified:
@@ -4712,7 +5075,7 @@ def list_runs(runs: BucketRuns) -> RunListing:
                 unlisted.append(info.key[len(prefix):-1])
     chunked = {run_id for run_id, layout in found if layout == "chunked-s3"}
     return RunListing(list(found.values()), sorted(set(unlisted) - chunked), sorted(with_logs - chunked),
-                      client.server_now() or wall_clock())
+                      client.server_now() or wall_clock(), frozenset(with_logs))
 
 
 def read_run_state(run_logs: S3RunLogs, run_id: str) -> RunState:
@@ -4725,9 +5088,12 @@ def read_run_state(run_logs: S3RunLogs, run_id: str) -> RunState:
             raise
         return RunState("INCOMPLETE" if run_logs.layout == "chunked-s3" else "?", "?")
     try:
-        document = public(decode_run_log(stored.body, f"s3://{run_logs.client.bucket}/{key}"))
+        found = decode_run_object(stored.body, f"s3://{run_logs.client.bucket}/{key}")
     except InvalidRunLogError:
         return RunState("?", "?", stored.etag, _listed_time(stored.last_modified), stored.last_modified)
+    if found is None:
+        return RunState(REMOVED, "?", stored.etag, _listed_time(stored.last_modified), stored.last_modified)
+    document = public(found)
     written_by = stored.metadata.get(WRITTEN_BY, "") or guess_framework(document)
     return RunState(str(document.get("status", "?")), written_by, stored.etag, _listed_time(stored.last_modified),
                     stored.last_modified)
@@ -4759,8 +5125,10 @@ def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optiona
         return ListedRun(run_id, "chunked-s3", state.last_modified, state.modified, etag=state.etag), state
 
     for run, state in ChunkedS3RunLogs._in_pool(timed, listing.unlisted):
-        if state.status == "INCOMPLETE":  # no RunLog.json after all: leftovers
-            listing.leftovers.append(run.run_id)
+        if state.status == "INCOMPLETE" or (state.status == REMOVED and run.run_id in listing.with_logs):
+            listing.leftovers.append(run.run_id)  # no run object after all (or rm's marker): leftovers
+        elif state.status == REMOVED:
+            continue
         else:
             candidates.append(run)
             known[run.run_id, run.layout] = state
@@ -4773,8 +5141,11 @@ def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optiona
 
     def state_of(run: ListedRun) -> RunState:
         held = known.get((run.run_id, run.layout))
-        return held if held is not None else read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain,
-                                                            run.run_id)
+        state = held if held is not None else read_run_state(
+            runs.chunked if run.layout == "chunked-s3" else runs.plain, run.run_id)
+        if state.status == REMOVED and run.layout == "chunked-s3" and run.run_id in listing.with_logs:
+            return state._replace(status="INCOMPLETE")  # rm's marker with logs beside it: their leftovers
+        return state
 
     chosen: List[Tuple[ListedRun, RunState]] = []
     position = 0
@@ -4782,7 +5153,8 @@ def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optiona
         batch = candidates[position:position + (min(ASSEMBLY_THREADS, limit - len(chosen)) if limit else len(candidates))]
         position += len(batch)
         for run, state in zip(batch, ChunkedS3RunLogs._in_pool(state_of, batch)):
-            if (statuses is None or state.status in statuses) and not (limit and len(chosen) >= limit):
+            if (state.status != REMOVED and (statuses is None or state.status in statuses)
+                    and not (limit and len(chosen) >= limit)):
                 chosen.append((run, state))
     return chosen
 
@@ -4820,10 +5192,12 @@ _KEPT_REASONS = {
 }
 
 
-def _decide_prune(runs: BucketRuns, run: ListedRun, cutoff: float, statuses: Tuple[str, ...]) -> PruneDecision:
+def _decide_prune(runs: BucketRuns, run: ListedRun, cutoff: float, statuses: Tuple[str, ...], now: float
+                  ) -> PruneDecision:
     # A run is deleted only if its last write is older than the cutoff and its status is one of `statuses`,
-    # both read from the version the delete is then conditioned on (If-Match its ETag).
-    if run.modified >= cutoff:
+    # both read from the version the delete is then conditioned on (If-Match its ETag). A run object of the
+    # size of rm's marker is read first: a marker is no run, young or old.
+    if run.modified >= cutoff and run.object_size != MARKER_SIZE:
         return PruneDecision(run, False, "newer")
     objects, newest = 1, run.modified
     if run.layout == "chunked-s3":
@@ -4831,10 +5205,15 @@ def _decide_prune(runs: BucketRuns, run: ListedRun, cutoff: float, statuses: Tup
         if not any(info.key == runs.chunked.key(run.run_id) for info in listed):
             return PruneDecision(run, False, "leftovers" if listed else "gone")
         objects, newest = len(listed), max(_listed_time(info.last_modified) for info in listed)
-        if newest >= cutoff:
+        if newest >= cutoff and run.object_size != MARKER_SIZE:
             return PruneDecision(run, False, "newer", objects=objects, newest=newest)
     state = read_run_state(runs.chunked if run.layout == "chunked-s3" else runs.plain, run.run_id)
     newest = max(newest, state.modified)
+    if state.status == REMOVED:  # rm's marker: deleted once old enough that no request of its run can land
+        if objects > 1:
+            return PruneDecision(run, False, "leftovers", state, objects, newest)
+        old = newest < min(cutoff, now - MARKER_KEPT_SECONDS)
+        return PruneDecision(run, old, "" if old else "newer", state, objects, newest)
     if state.status in ("INCOMPLETE", "?") and not state.etag:
         return PruneDecision(run, False, "gone", state)
     if state.status == "?":
@@ -4864,10 +5243,15 @@ def _cmd_prune(runs: BucketRuns, args: Any) -> int:
     listing = list_runs(runs)
     cutoff = listing.now - older_than
     timed = listing.runs + [ListedRun(run_id, "chunked-s3", "", 0.0) for run_id in listing.unlisted]
-    decisions = ChunkedS3RunLogs._in_pool(lambda run: _decide_prune(runs, run, cutoff, statuses), timed)
+    decisions = ChunkedS3RunLogs._in_pool(lambda run: _decide_prune(runs, run, cutoff, statuses, listing.now), timed)
     decisions += [PruneDecision(ListedRun(run_id, "chunked-s3", "", 0.0), False, "leftovers")
                   for run_id in listing.leftovers]
     decisions.sort(key=lambda decision: (decision.newest or decision.run.modified, decision.run.run_id))
+    # rm's markers are no runs: old ones go quietly, counted apart; young ones are left alone
+    markers = [decision for decision in decisions if decision.state is not None and decision.state.status == REMOVED
+               and decision.reason != "leftovers"]
+    decisions = [decision for decision in decisions if decision not in markers]
+    markers = [decision for decision in markers if decision.delete]
     doomed = [decision for decision in decisions if decision.delete]
     kept = [decision for decision in decisions if not decision.delete]
     if doomed and not args.dry_run and not args.yes:
@@ -4881,7 +5265,12 @@ def _cmd_prune(runs: BucketRuns, args: Any) -> int:
         run_logs = runs.chunked if decision.run.layout == "chunked-s3" else runs.plain
         assert decision.state is not None
         try:  # only the version checked: a pipeline that wrote it since (a retry, a resume) keeps it
-            return decision, run_logs.delete(decision.run.run_id, if_match=decision.state.etag), ""
+            if decision.state.status == REMOVED:
+                run_logs.delete_marker(decision.run.run_id, decision.state.etag)
+                return decision, 1, ""
+            # A run last written long enough ago that no request of it can land needs no marker left behind.
+            return decision, run_logs.delete(decision.run.run_id, if_match=decision.state.etag,
+                                             marker=decision.newest >= listing.now - MARKER_KEPT_SECONDS), ""
         except PreconditionFailedError:
             return decision._replace(delete=False, reason="changed"), 0, ""
         except RunLogNotFoundError:
@@ -4889,14 +5278,16 @@ def _cmd_prune(runs: BucketRuns, args: Any) -> int:
         except RunlogS3Error as exc:
             return decision._replace(delete=False, reason="error"), 0, exc.message
 
-    done = doomed if args.dry_run else ChunkedS3RunLogs._in_pool(delete, doomed) if doomed else []
-    deleted = objects = 0
+    done = doomed + markers if args.dry_run else ChunkedS3RunLogs._in_pool(delete, doomed + markers)
+    deleted = objects = removed = 0
     errors = []
     for result in done:
         decision, count, error = result if not args.dry_run else (result, result.objects, "")
         if error:
             errors.append(error)
             print(f"runlog-s3: error: {error}", file=sys.stderr)
+        elif decision.state is not None and decision.state.status == REMOVED:  # one of rm's markers
+            removed += decision.delete
         elif decision.delete:
             deleted, objects = deleted + 1, objects + count
             print(_prune_line("would delete" if args.dry_run else "deleted", runs, decision, count))
@@ -4911,7 +5302,8 @@ def _cmd_prune(runs: BucketRuns, args: Any) -> int:
     verb = "would prune" if args.dry_run else "pruned"
     print(f"{verb} {_count(deleted, 'run')} ({_count(objects, 'object')}) last written before {_when(cutoff)} "
           f"(older than {args.older_than}) with status {','.join(statuses)}; kept {len(kept)}" + (f": {why}" if why else "")
-          + ("; nothing deleted (--dry-run)" if args.dry_run else ""))
+          + (f"; {'would remove' if args.dry_run else 'removed'} {_count(removed, 'marker')} rm left of deleted runs"
+             if removed else "") + ("; nothing deleted (--dry-run)" if args.dry_run else ""))
     return EXIT_FAILED if errors else EXIT_OK
 
 
