@@ -16,6 +16,7 @@ License: Apache-2.0.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -385,6 +386,42 @@ class Credentials:
             f"Credentials(access_key={mask_access_key(self.access_key)!r}, secret_key='***', "
             f"token={'***' if self.token else ''!r}, expiry={self.expiry!r}, source={self.source!r})"
         )
+
+
+def secret_forms(secret: str) -> FrozenSet[str]:
+    """The ways a secret can be written into text: as it is (and stripped), percent-encoded as Python's quote
+    and quote_plus do with any of their usual safe sets, in upper or lower hex, and each of those JSON-escaped
+    or as bytes' repr. Shorter than 4 characters, none (masking would hit ordinary words)."""
+    quote, quote_plus = urllib.parse.quote, urllib.parse.quote_plus
+    encoded = {secret, secret.strip(), quote(secret, safe=""), quote(secret), quote(secret, safe="/:=&?"),
+               quote_plus(secret), quote_plus(secret, safe="/")}
+    encoded |= {re.sub(r"%[0-9A-F]{2}", lambda found: found.group(0).lower(), form) for form in encoded}
+    forms = set()
+    for form in encoded:
+        forms |= {form, json.dumps(form)[1:-1], json.dumps(form, ensure_ascii=False)[1:-1], repr(form.encode())[2:-1]}
+    return frozenset(form for form in forms if len(form) >= 4)
+
+
+# A secret is masked where it stands as a value: not inside a longer word (the secret "local" leaves the bucket
+# runlog-s3-local as it is), so letters, digits and . _ - may not touch it on either side.
+_NOT_IN_A_WORD = (r"(?<![A-Za-z0-9._-])", r"(?![A-Za-z0-9._-])")
+
+
+@functools.lru_cache(maxsize=16)
+def _secret_pattern(secrets: Tuple[str, ...], binary: bool) -> Any:
+    forms = sorted({form for secret in secrets if secret for form in secret_forms(secret)}, key=len, reverse=True)
+    if not forms:
+        return None
+    if binary:
+        alternatives = b"|".join(re.escape(form.encode()) for form in forms)
+        return re.compile(_NOT_IN_A_WORD[0].encode() + b"(?:" + alternatives + b")" + _NOT_IN_A_WORD[1].encode())
+    return re.compile(_NOT_IN_A_WORD[0] + "(?:" + "|".join(re.escape(form) for form in forms) + ")" + _NOT_IN_A_WORD[1])
+
+
+def mask_secrets(text: str, secrets: Any) -> str:
+    """The text with every value of `secrets` masked (***), in any of its forms (secret_forms)."""
+    pattern = _secret_pattern(tuple(secrets), False)
+    return pattern.sub("***", text) if pattern is not None else text
 
 
 def mask_access_key(access_key: str) -> str:
@@ -1440,12 +1477,8 @@ def retry_delay(attempt: int) -> float:
 
 
 def redact(text: str, credentials: Credentials) -> str:
-    """The text with the secret key and token (and any whitespace-mangled copy of them) masked."""
-    for secret in (credentials.secret_key, credentials.token):
-        for form in {secret, secret.strip(), repr(secret.encode())[2:-1]}:
-            if len(form) >= 4:
-                text = text.replace(form, "***")
-    return text
+    """The text with the secret key and token masked (see mask_secrets)."""
+    return mask_secrets(text, (credentials.secret_key, credentials.token or ""))
 
 
 _SKEW_CODES = frozenset({"RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture", "SignatureExpired"})
@@ -1916,14 +1949,11 @@ def decode_run_object(body: bytes, where: str) -> Optional[Dict[str, Any]]:
 
 
 def scrub(body: bytes, secrets: List[str]) -> bytes:
-    """The body with every credential value this process holds masked: an executor may copy credentials
-    into what it records (magnus 0.4's local-container puts them in run_config.variables)."""
-    for secret in secrets:
-        # as written, and percent-encoded (a URL or a query string holding it)
-        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
-            if len(form) >= 8 and form.encode() in body:
-                body = body.replace(form.encode(), b"***")
-    return body
+    """The body with every credential value this process holds masked, in any of its forms (secret_forms): an
+    executor may copy credentials into what it records (magnus 0.4's local-container puts them in
+    run_config.variables), as values, in URLs, in query strings."""
+    pattern = _secret_pattern(tuple(secrets), True)
+    return pattern.sub(b"***", body) if pattern is not None else body
 
 
 class _Version(NamedTuple):
@@ -2245,8 +2275,10 @@ class S3RunLogs:
                 self.client.delete_object(key, if_match=etag)
                 return True
             except PreconditionFailedError:
-                return False
-            except NotFoundError as exc:  # gone already (a concurrent rm)
+                # Written since, or gone: a server may answer If-Match on a missing key with 412 (SeaweedFS),
+                # the retry of a DELETE whose reply was lost included. Gone is deleted.
+                return self._get_or_none(key) is None
+            except NotFoundError as exc:  # gone already (a concurrent rm, or our first attempt, its reply lost)
                 if isinstance(exc, NoSuchBucketError):
                     raise
                 return True
@@ -2864,6 +2896,14 @@ class ChunkedS3RunLogs(S3RunLogs):
         listed = {info.key: info for info in entries if self._kind_of(info.key, folder)}
         stored = self._held_versions(listed)
         stored.update(self._get_many([key for key in listed if key not in stored]))
+        # A log listed and gone, or one of another incarnation: an rm, and perhaps a new run, may have come in
+        # between (else it is a deleted run's leftover). If RunLog.json says so now, read again.
+        if any(key not in stored for key in listed) or any(
+                (self._stamp(found) or run.epoch).incarnation != run.epoch.incarnation for found in stored.values()):
+            now = self._get_or_none(run_key)
+            latest = _run_object(now, self._url(run_key)) if now is not None else None
+            if latest is None or latest.epoch != run.epoch:
+                return None
         intent = run.intent or {}
         positions = {name: number for number, name in enumerate(intent.get("logs", {}))}
         names = {key[len(folder):]: key for key in stored}
@@ -4983,7 +5023,7 @@ class RunListing(NamedTuple):
     runs: List[ListedRun]  # with their times
     unlisted: List[str]  # chunked runs whose RunLog.json the listing could not show (ids holding "Log-")
     leftovers: List[str]  # chunked folders with logs but no RunLog.json (a deleted run's, INCOMPLETE)
-    now: float  # the server's clock when it answered
+    now: Optional[float]  # the server's clock when it answered (None: its replies had no usable Date)
     with_logs: FrozenSet[str] = frozenset()  # chunked folders holding logs (beside rm's marker: leftovers)
 
 
@@ -4999,16 +5039,16 @@ class RunState(NamedTuple):
     last_modified: str = ""
 
 
-def parse_duration(text: str, flag: str) -> float:
-    """Seconds in '90d', '12h', '30m', '45s' or '2w'; UsageError naming the flag otherwise."""
+def parse_duration(text: str, flag: str, zero: str) -> float:
+    """Seconds in '90d', '12h', '30m', '45s' or '2w'; UsageError naming the flag otherwise, and for a zero one
+    (`zero` says what it would mean)."""
     number, unit = text.strip()[:-1], text.strip()[-1:]
-    try:
-        seconds = float(number) * _DURATION_UNITS[unit] if number.replace(".", "", 1).isdigit() else 0.0
-    except KeyError:
-        seconds = 0.0
-    if seconds <= 0:
+    if unit not in _DURATION_UNITS or not number.replace(".", "", 1).isdigit():
         raise UsageError(f"{flag} {text!r} is not a duration: give a number and a unit, e.g. 90d, 12h, 30m "
                          "(s, m, h, d, w); nothing done")
+    seconds = float(number) * _DURATION_UNITS[unit]
+    if not seconds:
+        raise UsageError(f"{flag} {text!r} is zero: {zero}; nothing done")
     return seconds
 
 
@@ -5075,7 +5115,7 @@ def list_runs(runs: BucketRuns) -> RunListing:
                 unlisted.append(info.key[len(prefix):-1])
     chunked = {run_id for run_id, layout in found if layout == "chunked-s3"}
     return RunListing(list(found.values()), sorted(set(unlisted) - chunked), sorted(with_logs - chunked),
-                      client.server_now() or wall_clock(), frozenset(with_logs))
+                      client.server_now(), frozenset(with_logs))
 
 
 def read_run_state(run_logs: S3RunLogs, run_id: str) -> RunState:
@@ -5116,7 +5156,7 @@ def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optiona
     it. Runs the listing cannot time cost one request each first: ids holding "Log-" (a GET of their
     RunLog.json) and, unless --status leaves INCOMPLETE out, leftovers (a LIST of their folder)."""
     listing = list_runs(runs)
-    cutoff = listing.now - since if since is not None else None
+    cutoff = (listing.now or wall_clock()) - since if since is not None else None
     known: Dict[Tuple[str, str], RunState] = {}
     candidates = list(listing.runs)
 
@@ -5161,7 +5201,8 @@ def find_runs(runs: BucketRuns, since: Optional[float] = None, statuses: Optiona
 
 def _found_rows(runs: BucketRuns, args: Any) -> List[Dict[str, Any]]:
     """ls --since/--status/--limit: the rows of find_runs, oldest first."""
-    since = parse_duration(args.since, "--since") if args.since else None
+    since = parse_duration(args.since, "--since", "no run was written in no time; give a window, e.g. 1h") if (
+        args.since) else None
     statuses = parse_statuses(args.status, "--status", LISTABLE_STATUSES) if args.status else None
     found = find_runs(runs, since, statuses, args.limit)
     return [{"run_id": run.run_id, "status": state.status, "layout": run.layout, "written_by": state.written_by,
@@ -5235,15 +5276,23 @@ def _prune_line(verb: str, runs: BucketRuns, decision: PruneDecision, objects: i
 
 
 def _cmd_prune(runs: BucketRuns, args: Any) -> int:
-    older_than = parse_duration(args.older_than, "--older-than")
+    older_than = parse_duration(args.older_than, "--older-than", "that is every finished run, one that ended a moment "
+                                "ago too; give an age, e.g. 30d (1s for every run finished by now)")
     statuses = parse_statuses(args.status, "--status", FINISHED_STATUSES,
                               why="prune deletes (it never deletes a run that may still be written; rm --force does)")
     if not args.dry_run and not args.yes and not sys.stdin.isatty():
         raise UsageError("refusing to prune without --yes (stdin is not a terminal); --dry-run says what it would delete")
     listing = list_runs(runs)
-    cutoff = listing.now - older_than
+    if listing.now is None:
+        # A run's age is judged on the server's clock, which wrote its times: this machine's may be far off.
+        raise S3Error(f"prune judges a run's age by the server's clock, and the replies of "
+                      f"{runs.plain.client.endpoint_url or 'S3'} carry no usable Date header (or one more than "
+                      f"{MAX_CLOCK_CORRECTION / 3600:.0f} h from this machine's clock): nothing deleted; set the clock "
+                      "right (NTP), or check any proxy in between", operation="LIST", code="NoServerClock")
+    now = listing.now
+    cutoff = now - older_than
     timed = listing.runs + [ListedRun(run_id, "chunked-s3", "", 0.0) for run_id in listing.unlisted]
-    decisions = ChunkedS3RunLogs._in_pool(lambda run: _decide_prune(runs, run, cutoff, statuses, listing.now), timed)
+    decisions = ChunkedS3RunLogs._in_pool(lambda run: _decide_prune(runs, run, cutoff, statuses, now), timed)
     decisions += [PruneDecision(ListedRun(run_id, "chunked-s3", "", 0.0), False, "leftovers")
                   for run_id in listing.leftovers]
     decisions.sort(key=lambda decision: (decision.newest or decision.run.modified, decision.run.run_id))
@@ -5270,7 +5319,7 @@ def _cmd_prune(runs: BucketRuns, args: Any) -> int:
                 return decision, 1, ""
             # A run last written long enough ago that no request of it can land needs no marker left behind.
             return decision, run_logs.delete(decision.run.run_id, if_match=decision.state.etag,
-                                             marker=decision.newest >= listing.now - MARKER_KEPT_SECONDS), ""
+                                             marker=decision.newest >= now - MARKER_KEPT_SECONDS), ""
         except PreconditionFailedError:
             return decision._replace(delete=False, reason="changed"), 0, ""
         except RunLogNotFoundError:
@@ -5487,6 +5536,9 @@ def _magnus_extensions_installed() -> bool:
 
 
 RACE_WRITERS, RACE_ROUNDS = 16, 20  # check's defaults: a few seconds on loopback (moto, ministack)
+# The race's bodies, two rounds (a create, an update) of each in turn: a small one and one of a run log's size
+# (a 1000-step log is 330 KB): a server may store a large body in two steps where it stores a small one in one.
+RACE_BODY_SIZES = {"small": 0, "256 KiB": 256 * 1024}
 # Seconds: a slow endpoint ends the race early, with the rounds done so far (SeaweedFS makes the losers
 # of a race retry its lock once a second: a round of 16 writers there takes up to 8 s).
 _RACE_DEADLINE = 30.0
@@ -5690,9 +5742,18 @@ def _race_put(client: S3Client, key: str, body: bytes, etag: str, barrier: threa
     return RaceOutcome(won=True, retried=True, server=server)
 
 
+def race_size(round_number: int) -> str:
+    """Which of RACE_BODY_SIZES round `round_number` sends: each in turn, a create and an update of each."""
+    return list(RACE_BODY_SIZES)[(round_number // 2) % len(RACE_BODY_SIZES)]
+
+
 def race_body(round_number: int, writer: int) -> bytes:
-    """What writer `writer` PUTs in round `round_number`: a body no other writer or round sends."""
-    return json.dumps({"check": "runlog-s3", "round": round_number, "writer": writer}).encode()
+    """What writer `writer` PUTs in round `round_number`: a body no other writer or round sends, of the round's
+    size (race_size)."""
+    body = json.dumps({"check": "runlog-s3", "round": round_number, "writer": writer, "padding": ""},
+                      separators=(",", ":")).encode()
+    return body.replace(b'"padding":""', b'"padding":"' + b"x" * max(0, RACE_BODY_SIZES[race_size(round_number)] - len(
+        body)) + b'"')
 
 
 def race_conditional_writes(
@@ -5705,11 +5766,13 @@ def race_conditional_writes(
     started = time.monotonic()
     clients = [_client_like(client) for _ in range(writers)]
     kinds: Dict[str, Counter] = {"If-None-Match: *": Counter(), "If-Match": Counter()}
+    sizes: Dict[str, Counter] = {size: Counter() for size in RACE_BODY_SIZES}
     counts: Dict[str, Any] = {
         "server": client.endpoint_url or f"AWS S3 ({client.config.region})", "server_header": "",
         "writers": writers, "rounds_asked": rounds, "rounds": 0, "rounds_with_several_winners": 0,
         "rounds_with_no_winner": 0, "rounds_keeping_a_loser": 0, "most_winners": 0, "winners": 0, "refused": 0,
         "retried": 0, "errors": 0, "first_error": "", "slowest_round_seconds": 0.0, "by_condition": kinds,
+        "by_body_size": sizes,
     }
     with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="runlog-s3-race") as pool:
         list(pool.map(lambda each: each.head_bucket(), clients))  # connections open before the first round
@@ -5734,18 +5797,20 @@ def race_conditional_writes(
                 stored: Optional[S3Object] = client.get_object(key)
             except NotFoundError:
                 stored = None
-            _count_round(counts, kinds[kind], outcomes, stored, number)
+            _count_round(counts, kinds[kind], outcomes, stored, number, sizes[race_size(number)])
             if stored is not None:
                 delete_scratch(client, key, stored.etag)
             if counts["errors"]:
                 break
     counts["seconds"] = round(time.monotonic() - started, 2)
     counts["by_condition"] = {kind: dict(kind_counts) for kind, kind_counts in kinds.items()}
+    counts["by_body_size"] = {size: dict(size_counts) for size, size_counts in sizes.items()}
     return counts
 
 
 def _count_round(
-    counts: Dict[str, Any], kind: Counter, outcomes: List[RaceOutcome], stored: Optional[S3Object], number: int
+    counts: Dict[str, Any], kind: Counter, outcomes: List[RaceOutcome], stored: Optional[S3Object], number: int,
+    size: Optional[Counter] = None,
 ) -> None:
     winners = {writer for writer, outcome in enumerate(outcomes) if outcome.won}
     # -1: the object written before an If-Match round; -2: none (no writer of an If-None-Match round won)
@@ -5755,7 +5820,9 @@ def _count_round(
     errors = [outcome.error for outcome in outcomes if outcome.error]
     counts["server_header"] = counts["server_header"] or next((o.server for o in outcomes if o.server), "")
     counts["rounds"] += 1
-    kind["rounds"] += 1
+    tallies = [kind] + ([size] if size is not None else [])
+    for tally in tallies:
+        tally["rounds"] += 1
     counts["winners"] += len(winners)
     counts["refused"] += sum(outcome.refused for writer, outcome in enumerate(outcomes) if writer not in winners)
     counts["retried"] += sum(outcome.retried for outcome in outcomes)
@@ -5767,7 +5834,8 @@ def _count_round(
     for outcome, happened in (("rounds_with_several_winners", len(winners) > 1), ("rounds_with_no_winner", not winners),
                               ("rounds_keeping_a_loser", bool(winners) and stored_writer not in winners)):
         counts[outcome] += happened
-        kind[outcome] += happened
+        for tally in tallies:
+            tally[outcome] += happened
 
 
 def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
@@ -5776,7 +5844,8 @@ def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
     server = counts["server"] + (f" ({counts['server_header']})" if counts["server_header"] else "")
     done, writers = counts["rounds"], counts["writers"]
     by_kind = ", ".join(f"{kind} in {each.get('rounds_with_several_winners', 0)} of {each.get('rounds', 0)}"
-                        for kind, each in counts["by_condition"].items())
+                        for kind, each in [*counts["by_condition"].items(), *(
+                            (f"{size} bodies", each) for size, each in counts.get("by_body_size", {}).items())])
     if counts["rounds_with_several_winners"]:
         return CheckResult("", "FAIL", (
             f"{server}: conditional writes are not atomic under concurrency: {counts['rounds_with_several_winners']} "
@@ -5795,8 +5864,9 @@ def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
     slow = counts["slowest_round_seconds"]
     waits = f"; the losers of a race waited: a round took up to {slow:.1f} s" if slow >= 1 else ""
     return CheckResult("", "PASS", (
-        f"{writers} concurrent writers, {done} rounds of If-None-Match: * and If-Match on one ETag: exactly one winner "
-        f"a round, the others refused (412), in {counts['seconds']:.1f} s{shortfall}{waits}"), counts)
+        f"{writers} concurrent writers, {done} rounds of If-None-Match: * and If-Match on one ETag, small bodies and "
+        f"{list(RACE_BODY_SIZES)[-1]}: exactly one winner a round, the others refused (412), in "
+        f"{counts['seconds']:.1f} s{shortfall}{waits}"), counts)
 
 
 def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:

@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1964,6 +1965,8 @@ class ConditionProxy(ForwardingProxy):
     - "non-atomic": checks If-Match / If-None-Match itself (a HEAD upstream), answers 412 when the
       condition fails, else lands the write 30 ms later without its condition: a server whose check and
       write are two steps (SeaweedFS before its fix of issue 8800, versitygw before PR 2288).
+    - "non-atomic-large": as "non-atomic" for bodies over 64 KiB only (a server that streams a large body
+      to its store between the check and the write); smaller ones pass through as they are.
     - "ignore-delete-condition": drops If-Match from DELETEs (AWS S3 before 2025-09, some servers).
     - "if-match-creates": a PUT with If-Match on a missing key is stored (MinIO's issue 21526).
     - "refuse-delete-condition": a DELETE with If-Match is answered 501 NotImplemented (LocalStack 2026.3).
@@ -2025,7 +2028,8 @@ class ConditionProxy(ForwardingProxy):
         if self.mode == "if-match-creates" and method == "PUT" and "if-match" in conditions:
             if self.head(path, headers)[0] == 404:
                 return self.forward(method, path, {k: v for k, v in headers.items() if k.lower() != "if-match"}, body)
-        if self.mode == "non-atomic" and object_write and conditions:
+        if self.mode.startswith("non-atomic") and object_write and conditions and (
+                self.mode == "non-atomic" or len(body) > 64 * 1024):
             status, found, _ = self.head(path, headers)
             if status not in (200, 404):
                 return status, found, b""
@@ -2101,6 +2105,18 @@ def test_check_fails_a_server_whose_conditional_writes_are_not_atomic(moto_bucke
     assert plain.returncode == 1
     assert check_lines(plain)["concurrent conditional writes"].startswith("FAIL  concurrent conditional writes: ")
     assert proxy.writes["unconditional"] == 0 and proxy.writes["conditional"] > 16 * 24  # check's own writes too
+
+
+def test_check_fails_a_server_whose_conditional_writes_race_only_for_large_bodies(moto_bucket, condition_proxy):
+    # (#32, 9) Small bodies are atomic there: check races bodies of a run log's size too, and fails it.
+    _proxy, config = condition_proxy(moto_bucket, "non-atomic-large")
+    result = cli("check", "--json", "--rounds", "8", env=check_env(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    race = {line["name"]: line for line in json.loads(result.stdout)}["concurrent conditional writes"]
+    by_size = race["counts"]["by_body_size"]
+    assert race["result"] == "FAIL" and by_size["small"]["rounds_with_several_winners"] == 0, race
+    assert by_size["256 KiB"]["rounds"] == 4 and by_size["256 KiB"]["rounds_with_several_winners"] >= 2, race
+    assert "256 KiB bodies in " in race["detail"], race["detail"]
 
 
 def test_check_races_conditional_writes_and_passes_a_server_that_honours_them(bucket, condition_proxy, request):
@@ -4076,13 +4092,13 @@ def test_a_new_run_created_over_a_deleted_runs_leftovers_does_not_show_them(buck
     with pytest.raises(runlog_s3.RunLogNotFoundError, match="it was deleted") as raised:
         old.add_step("reuse", {"name": "later", "internal_name": "later", "status": "FAIL"})
     assert not raised.value.may_have_landed  # RunLog.json is read before the PUT: nothing sent
-    assert held.release() == [200]  # the held PUT lands, after the rm
     new = {"run_id": "reuse", "status": "CREATED", "parameters": {}, "steps": {}}
     creator, transport = chunked_run_logs(bucket), []
     send = creator.client.transport.send
     creator.client.transport.send = lambda request: transport.append(request.method) or send(request)
     creator.create(new)
     assert transport == ["PUT", "GET", "PUT"]  # If-None-Match, refused by the marker; the marker; If-Match it
+    assert held.release() == [200]  # the held PUT lands, after the rm and after the new run's create
     reader = chunked_run_logs(bucket)
     assert reader.read("reuse") == new
     assert stored_objects(reader, "reuse") == {"RunLog.json": "run", "StepLog-late.json": "older"}
@@ -4268,6 +4284,229 @@ def test_a_single_log_read_during_a_put_shows_the_log_before_or_after_it(bucket)
         thread.join(60)
     assert chunked_run_logs(bucket).read_step("pair", "two")["status"] == "SUCCESS"
 
+
+
+# Never lose, hide or leak (3) ######################################################################
+#
+# The cases a review reported against the protocol of 2026-11-30 (#32), each shown on the current one.
+
+
+def losing_the_first_reply(pick):
+    """An `after` hook: the first reply to a request `pick` chooses is lost (the request was applied): the client
+    sees a read timeout and sends it again."""
+    lost = []
+
+    def after(request, reply):
+        if not lost and pick(request):
+            import botocore.exceptions
+
+            lost.append(request)
+            raise botocore.exceptions.ReadTimeoutError(endpoint_url=request.url, error=TimeoutError("reply lost"))
+        return None
+
+    return after
+
+
+@pytest.mark.parametrize("layout, lost", [("s3", "PUT"), ("chunked-s3", "PUT"), ("chunked-s3", "DELETE"),
+                                          ("s3", "DELETE"), ("chunked-s3", "DELETE RunLog.json")])
+def test_rm_whose_reply_is_lost_says_what_it_deleted(bucket, layout, lost):
+    # (#32, 5) rm's commit point (rm's marker, PUT If-Match) or a DELETE of a log, its reply lost: the retry meets
+    # 412 (the marker is ours) or 404/412 (gone: SeaweedFS answers If-Match on a missing key with 412). rm says it
+    # deleted the run, and did. A run last written before MARKER_KEPT_SECONDS leaves no marker: its DELETE's.
+    run_logs = chunked_run_logs(bucket, layout=layout)
+    run_logs.create(fan_run("lost", "SUCCESS", ["a"], 1))
+    method, _, name = lost.partition(" ")
+
+    def pick(request):
+        return request.method == method and (not name or request.url.endswith("/" + name)) and (
+            method == "DELETE" or runlog_s3.is_marker_body(request.body))
+
+    remover = chunked_run_logs(bucket, after=losing_the_first_reply(pick), layout=layout)
+    marker = not name and not (layout == "s3" and method == "DELETE")
+    deleted = remover.delete("lost", marker=marker)
+    assert deleted == (1 if layout == "s3" else 4)
+    with pytest.raises(runlog_s3.RunLogNotFoundError):
+        runlog_s3.open_run_logs(bucket, layout).read("lost")
+    left = [info.key for info in remover.client.list_objects("runs/lost")]
+    assert left == ([run_logs.key("lost")] if marker else []), left
+
+
+class ShiftedTime:
+    """runlog_s3.time with this machine's clock `offset` seconds off (monotonic time as it is)."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def time(self):
+        return time.time() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("offset, pruned", [(3 * 86400, None), (3600.0, ["new"]), (-3600.0, ["new"])])
+def test_prune_judges_age_by_the_servers_clock_or_deletes_nothing(bucket, cli_env, monkeypatch, offset, pruned):
+    # (#32, 7) Ages are the server's: LastModified against its Date. This machine's clock an hour off either way
+    # changes nothing (--older-than 2s prunes the run written 3 s before, keeps the one just written); three days
+    # off (past the 24 h this module follows), prune deletes nothing and says why in one line.
+    put_life_run(bucket, "s3", "old", "SUCCESS")
+    time.sleep(3.2)
+    put_life_run(bucket, "s3", "new", "SUCCESS")
+    monkeypatch.setattr(runlog_s3, "time", ShiftedTime(offset))
+    monkeypatch.setattr(runlog_s3, "_clock_offset", {"seconds": 0.0})
+    runs = runlog_s3.BucketRuns(S3Client(Config.from_dict(bucket)))
+    args = argparse_namespace(older_than="2s", status="SUCCESS,FAIL", dry_run=False, yes=True)
+    if pruned is None:
+        with pytest.raises(S3Error) as raised:
+            runlog_s3._cmd_prune(runs, args)
+        assert "\n" not in str(raised.value) and ("nothing deleted" in str(raised.value) or "clock skew" in
+                                                  str(raised.value)), raised.value
+        assert "set the clock right (NTP)" in str(raised.value)
+        assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == ["new", "old"]
+        return
+    assert runlog_s3._cmd_prune(runs, args) == 0
+    assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == pruned
+
+
+def test_a_full_read_across_an_rm_and_a_new_run_shows_one_of_them_whole(bucket):
+    # (#32, 2) The reader has RunLog.json and the LIST; then the run is deleted and created again under the same
+    # id, with logs of the same names; then the reader GETs the logs. It shows the new run whole (or none),
+    # never the old run's fields over the new run's logs, nor the old one with logs missing.
+    old = fan_run("again", "FAIL", ["a", "b"], 1)
+    new = fan_run("again", "SUCCESS", ["a", "b"], 2)
+    chunked_run_logs(bucket).create(old)
+    done = []
+
+    def between(request):  # the reader's first GET of a log: rm and a create with logs come first
+        if not done and request.method == "GET" and ("/StepLog-" in request.url or "/BranchLog-" in request.url):
+            done.append(True)
+            remover = chunked_run_logs(bucket)
+            remover.delete("again")
+            remover.create(new)
+
+    reader = chunked_run_logs(bucket, between)
+    assert reader.read("again") == chunked_run_logs(bucket).read("again")
+    assert done and reader.read("again")["parameters"] == {"p": 2}
+
+
+def test_a_log_under_a_parent_a_put_dropped_is_refused_though_its_writer_knew_the_parent(bucket):
+    # (#32, 3) This process wrote the branch (so it knows the branch shows, at that epoch); a put --force by
+    # another drops it; a step in that branch is refused (BranchLogNotFoundError, as the frameworks raise), not
+    # acknowledged and never shown.
+    writer = chunked_run_logs(bucket)
+    writer.create(fan_run("dropped", "PROCESSING", ["a", "b"], 1))
+    writer.add_branch("dropped", {"internal_name": "fan.b", "status": "SUCCESS", "steps": {}})
+    chunked_run_logs(bucket).replace(fan_run("dropped", "PROCESSING", ["a"], 2))
+    with pytest.raises(runlog_s3.LogNotFoundError, match=r"branch log 'fan\.b' is not in run log 'dropped'"):
+        writer.add_step("dropped", {"name": "w", "internal_name": "fan.b.w", "status": "SUCCESS"})
+    assert sorted(chunked_run_logs(bucket).read("dropped")["steps"]["fan"]["branches"]) == ["fan.a"]
+    assert "StepLog-fan.b.w.json" not in stored_objects(writer, "dropped")
+
+
+@pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
+@pytest.mark.parametrize("source", ["put --create", "import"])
+def test_edit_of_a_run_whose_steps_were_copied_in_writes_exactly_the_edit(bucket, cli_env, tmp_path, layout, source):
+    # (#32, 4) A run whose logs were written by a put or an import (copied in, not by a pipeline): edit changes
+    # one step's status and another's attempts; get shows exactly the edited document.
+    document = {"run_id": "copied", "status": "SUCCESS", "parameters": {"p": 1}, "run_config": {}, "steps": {
+        name: {"name": name, "internal_name": name, "status": "SUCCESS", "attempts": [{"attempt_number": 1}],
+               "branches": {}} for name in ("a", "b", "c")}}
+    env = {**cli_env, "RUNLOG_S3_LAYOUT": layout}
+    if source == "put --create":
+        assert cli("put", "copied", "--create", "--layout", layout, env=cli_env, stdin=json.dumps(document)).returncode == 0
+    else:
+        archive = tmp_path / "archive.json"
+        runlog_s3.open_run_logs(bucket, layout).create(document)
+        assert cli("export", "copied", "-o", str(archive), env=env).returncode == 0
+        assert cli("rm", "copied", "--yes", env=env).returncode == 0
+        assert cli("import", str(archive), "--layout", layout, env=env).returncode == 0, "import"
+    editor = tmp_path / "edit_steps.py"
+    editor.write_text("import json, sys\npath = sys.argv[1]\ndocument = json.load(open(path))\n"
+                      "document['steps']['b']['status'] = 'FAIL'\n"
+                      "document['steps']['c']['attempts'].append({'attempt_number': 2})\n"
+                      "json.dump(document, open(path, 'w'))\n")
+    edited = cli("edit", "copied", env={**cli_env, "EDITOR": f"{sys.executable} {editor}"})
+    assert edited.returncode == 0, edited.stderr
+    expected = copy.deepcopy(document)
+    expected["steps"]["b"]["status"] = "FAIL"
+    expected["steps"]["c"]["attempts"].append({"attempt_number": 2})
+    assert json.loads(cli("get", "copied", env=cli_env).stdout) == expected
+
+
+@pytest.mark.parametrize("first", ["rm's marker", "the put's commit point"])
+def test_rm_racing_a_put_force_leaves_one_of_them_whole(bucket, first):
+    # (#32, 6) rm --force and put --force on one chunked run, each landing in the middle of the other: the run
+    # ends deleted (readers find none, whatever the put's roll-forward left never shows) or as the put wrote it.
+    runlog_s3.open_run_logs(bucket, "chunked-s3").create(fan_run("both", "FAIL", ["a", "b"], 1))
+    new = fan_run("both", "SUCCESS", ["a", "c"], 2)
+    fired = []
+
+    def rm_now(request):  # after the put's commit point, before its first log is rolled forward
+        if not fired and request.method == "PUT" and ("/StepLog-" in request.url or "/BranchLog-" in request.url):
+            fired.append(True)
+            runlog_s3.open_run_logs(bucket, "chunked-s3").delete("both")
+
+    def put_now(request):  # after rm read the run object, before its marker lands
+        if not fired and request.method == "PUT" and runlog_s3.is_marker_body(request.body):
+            fired.append(True)
+            runlog_s3.open_run_logs(bucket, "chunked-s3").replace(new)
+
+    if first == "rm's marker":
+        chunked_run_logs(bucket, rm_now).replace(new)
+        with pytest.raises(runlog_s3.RunLogNotFoundError, match="it was deleted"):
+            chunked_run_logs(bucket).read("both")
+        assert cli_layout_ls(bucket) == []
+    else:
+        with pytest.raises(PreconditionFailedError, match="was written since it was checked; nothing deleted"):
+            chunked_run_logs(bucket, put_now).delete("both")
+        assert chunked_run_logs(bucket).read("both") == chunked_run_logs(bucket).read("both")
+        assert sorted(chunked_run_logs(bucket).read("both")["steps"]["fan"]["branches"]) == ["fan.a", "fan.c"]
+    assert fired
+
+
+def cli_layout_ls(bucket):
+    """The runs ls shows (a deleted run with leftovers of a put's roll-forward shows as INCOMPLETE)."""
+    return [row for row in runlog_s3.BucketRuns(S3Client(Config.from_dict(bucket))).list()
+            if runlog_s3.BucketRuns(S3Client(Config.from_dict(bucket))).status(row[0].key, row[1])[0] != "REMOVED"]
+
+
+SECRET_SPELLINGS = ["wJalr/XUtnFEMI+K7MDENG/bPxR=fiCYEXAMPLEKEY", 'quote"and\\backslash/x',
+                    "a&b=c?d#e%f;g:h@i"]  # (credentials are ASCII without white space: others are refused)
+
+
+@pytest.mark.parametrize("secret", SECRET_SPELLINGS)
+def test_a_secret_is_masked_in_every_form_an_executor_may_write_it(moto_bucket, monkeypatch, secret):
+    # (#32, 8) A credential copied into a run log as itself, JSON-escaped, or percent-encoded as quote and
+    # quote_plus do with any usual safe set, in upper or lower hex: none of it is stored. (moto only: it checks no
+    # signature, so any secret signs; masking is no server matter.)
+    bucket = moto_bucket
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    quote, quote_plus = urllib.parse.quote, urllib.parse.quote_plus
+    spellings = {"as is": secret, "quote": quote(secret), "quote safe none": quote(secret, safe=""),
+                 "quote_plus": quote_plus(secret), "quote_plus safe /": quote_plus(secret, safe="/"),
+                 "lower hex": re.sub(r"%[0-9A-F]{2}", lambda found: found.group(0).lower(), quote(secret, safe="")),
+                 "in a URL": f"https://host/path?secret={quote(secret, safe='')}&x=1"}
+    for layout in ("s3", "chunked-s3"):
+        run_logs = runlog_s3.open_run_logs({**bucket, "use_credentials": False}, layout)
+        run_logs.create({"run_id": f"masked-{layout}", "status": "SUCCESS", "steps": {}, "parameters": spellings})
+        stored = run_logs.client.get_object(run_logs.key(f"masked-{layout}")).body.decode()
+        shown = {form for form in [*spellings.values(), json.dumps(secret)[1:-1]] if form in stored}
+        assert not shown, (layout, shown)
+        assert run_logs.read(f"masked-{layout}")["parameters"]["as is"] == "***"
+
+
+def test_a_short_secret_is_masked_as_a_value_not_inside_other_words(monkeypatch):
+    # (#33, 4) The secret "local" (check --local's) is masked where it stands as a value, never inside a longer
+    # word: the bucket runlog-s3-local, a key, a path keep it.
+    credentials = runlog_s3.Credentials("AKIAEXAMPLE", "local", "", source="test")
+    text = ("GET s3://runlog-s3-local/runs/local.json failed at http://127.0.0.1:9455/runlog-s3-local: secret=local; "
+            '"local" local.')
+    assert runlog_s3.redact(text, credentials) == (
+        "GET s3://runlog-s3-local/runs/local.json failed at http://127.0.0.1:9455/runlog-s3-local: secret=***; "
+        '"***" local.')
+    body = json.dumps({"bucket": "runlog-s3-local", "secret": "local", "url": "x?k=local&y=1"}).encode()
+    assert runlog_s3.scrub(body, ["local"]) == json.dumps(
+        {"bucket": "runlog-s3-local", "secret": "***", "url": "x?k=***&y=1"}).encode()
 
 
 # The command line and the logs, as terminal users expect them ####################################
@@ -7959,7 +8198,9 @@ def test_ls_filters_find_runs_whose_ids_hold_the_delimiter_and_leftovers(bucket,
 
 @pytest.mark.parametrize("args, named", [
     (("ls", "--since", "7x"), "--since '7x' is not a duration: give a number and a unit, e.g. 90d"),
-    (("ls", "--since", "0d"), "--since '0d' is not a duration"),
+    (("ls", "--since", "0d"), "--since '0d' is zero: no run was written in no time; give a window, e.g. 1h"),
+    (("prune", "--older-than", "0d", "--yes"), "--older-than '0d' is zero: that is every finished run, one that ended a "
+                                               "moment ago too; give an age, e.g. 30d"),
     (("ls", "--since", "d"), "--since 'd' is not a duration"),
     (("ls", "--since=-3d"), "--since '-3d' is not a duration"),
     (("ls", "--status", "DONE"), "--status 'DONE': 'DONE' is not a status of a run: give some of CREATED, PROCESSING"),
