@@ -9,7 +9,10 @@ It needs nothing but botocore at run time (to sign requests and to send them), s
 magnus or runnable is used when importable; the command line (`python -m runlog_s3`) works without.
 
 Sections, each using only the ones above it: errors, config, credentials, S3 client, run log
-documents, framework stores (shared, magnus 0.4, magnus 0.5, runnable), command line.
+documents, the s3 layout, the chunked-s3 layout (its protocol written out above ChunkedS3RunLogs),
+framework stores (shared, without a framework, magnus 0.4, pydantic stores, magnus 0.5, runnable),
+command line (reading and writing runs; the life of runs; prune; export and import; check; check
+--local; serve; the parser and main; register; messages and the console script).
 
 License: Apache-2.0.
 """
@@ -42,6 +45,7 @@ from typing import (
     List,
     Mapping,
     NamedTuple,
+    NoReturn,
     Optional,
     Tuple,
     Type,
@@ -1309,6 +1313,7 @@ class S3Client:
                 continue
             self._note_server_time(reply)
             self._note_round_trip(time.monotonic() - sent)
+            logger.info("%s %s: %s in %.0f ms", operation, where, reply.status, (time.monotonic() - sent) * 1000)
             if 200 <= reply.status < 300:
                 if changes:
                     self._count_landed()
@@ -1924,8 +1929,10 @@ def new_token() -> str:
 
 MARKER_SIZE = len(encode_run_log(removed_marker()))  # every marker's: a HEAD of this size may be one
 # After this long no request of a deleted run can still land: S3 refuses a SigV4 signature more than 15
-# minutes from its clock (RequestTimeTooSkewed), whatever held the request. prune deletes older markers.
-MARKER_KEPT_SECONDS = 15 * 60.0
+# minutes from its clock (RequestTimeTooSkewed), whatever held the request. A signer whose clock runs up to
+# 15 minutes ahead is never refused, so its request stays valid up to 30 minutes after it was sent; 5 more
+# for the server's own delays. prune deletes older markers.
+MARKER_KEPT_SECONDS = 35 * 60.0
 
 
 def is_removed(document: Any) -> bool:
@@ -1955,6 +1962,11 @@ def scrub(body: bytes, secrets: List[str]) -> bytes:
     pattern = _secret_pattern(tuple(secrets), True)
     return pattern.sub(b"***", body) if pattern is not None else body
 
+
+# The s3 layout: one object per run, every update a compare-and-swap ###############################
+#
+# S3RunLogs holds the compare-and-swap both layouts use (_mutate_object, _create_object) and rm's commit point
+# (remove_run_object); the chunked-s3 layout below builds on it.
 
 class _Version(NamedTuple):
     etag: str
@@ -2187,7 +2199,10 @@ class S3RunLogs:
     def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
         """Apply `change` to the run log and store it with compare-and-swap; returns what was stored."""
         with _Writing(self.client):
-            return self._mutate_object(self.key(run_id), change, decode_run_object, lambda: self._not_found(run_id))
+            return self._mutate_object(self.key(run_id), change, self._decode_run, lambda: self._not_found(run_id))
+
+    def _decode_run(self, body: bytes, where: str) -> Optional[Dict[str, Any]]:
+        return decode_run_object(body, where)
 
     def _changed_parameters(
         self, key: str, container: Callable[[Dict[str, Any]], Dict[str, Any]], parameters: Mapping[str, Any]
@@ -2536,6 +2551,8 @@ class S3RunLogs:
         time.sleep(random.uniform(0, min(0.5, slot * 2 ** min(rounds, 10))))
 
 
+# The chunked-s3 layout ############################################################################
+#
 # Layout `chunked-s3`: under <prefix>/<run_id>/ one object per step log and per branch log, named
 # after its internal name, and RunLog.json with the run's own fields, parameters and run config.
 # Writers of different steps never touch the same object; the same object is written with the
@@ -2592,16 +2609,37 @@ class S3RunLogs:
 #   (so no roll-forward ran between). A full read shows logs of the epoch read and D for the rest, so never
 #   a mix; a log stamped newer sends it round again. Every loop is bounded by conflict_timeout; whoever
 #   finds an intent can finish it, so a stopped writer holds nothing up.
-# - rm: RunLog.json becomes a marker (If-Match the version checked; after a lost reply the marker found is
-#   ours by its token), then the logs are deleted (If-Match as listed). The marker stays (45 bytes; prune
-#   removes old ones): it fails a create of the deleted run still in the network, and leftovers of any
-#   earlier incarnation never show in a new one (their stamps are of another I). No LIST at create.
+# - rm: LIST the folder, then RunLog.json becomes a marker (If-Match the version checked; after a lost
+#   reply the marker found is ours by its token), then the logs listed are deleted, If-Match as listed: a
+#   run created with the id after the marker writes other bytes (its own stamps), so it loses nothing.
+#   With no live run (leftovers) rm deletes only if RunLog.json, read again after the LIST, is still not
+#   live. The marker stays (45 bytes; prune removes those older than MARKER_KEPT_SECONDS): it fails a
+#   create of the deleted run still in the network, and leftovers of any earlier incarnation never show
+#   in a new one (their stamps are of another I). No LIST at create. A one-log read that finds its log
+#   absent reads RunLog.json again before it says so: an rm committed between its two GETs is "deleted".
+#   A log a parent carries is added only where nothing shows, not even an intent's D[name].
+# - Late commits (the fence of a replacement's own commit). Log writes do not change RunLog.json, so a
+#   replacement's commit held in the network past its writer's retries would still match its If-Match
+#   and, landing later, hide logs written at the old epoch after its writer returned. So its intent
+#   carries `was`, the live document it replaces (which holds no intent), and `until`: the server's
+#   clock when its body was made plus one attempt's timeouts and COMMIT_MARGIN (the server's own
+#   delays), in whole seconds. A version whose Last-Modified is after `until` is void: every reader
+#   takes it as `was` (the same epoch, fields and view as the version it replaced), and the next write
+#   of RunLog.json replaces it; Last-Modified is fixed at landing, so every reader judges it alike. A
+#   write over a commit that counts keeps its intent without `until` and `was`: only the commit's own
+#   version is judged. Its writer counts a commit by a 200 that came in time to show it landed within
+#   the window (by its own clock, from a server Date read before the body was made), else only once a
+#   GET shows its version; after a lost reply it looks only once the window has passed (never early:
+#   that clock again). So a commit lands
+#   within the window, before its writer returns, or changes nothing. (Dates and Last-Modified are
+#   whole seconds of one clock: a server's nodes must agree to within a second.)
 
 CHUNK_RUN_OBJECT = "RunLog.json"
 _CHUNK_KINDS = {"StepLog-": "step", "BranchLog-": "branch"}
 _CHUNK_CHILDREN = {"step": "branches", "branch": "steps"}
 ASSEMBLY_THREADS = 16  # GETs in flight while assembling a run (the HTTP pool holds 16 connections)
 REPLACEMENT_GRACE = 60.0  # seconds (server clock) after which any writer of RunLog.json finishes a replacement
+COMMIT_MARGIN = 5.0  # seconds added to one attempt's timeouts: a replacement's commit window (see "Late commits")
 _CREATED = "created-ns"  # x-amz-meta-created-ns: the creation order of a log, kept on rewrites
 
 
@@ -2640,8 +2678,13 @@ def _chunks_under(kind: str, log: Mapping[str, Any]) -> Iterator[Tuple[str, Dict
 def assemble_run_log(
     run: Dict[str, Any], steps: List[Dict[str, Any]], branches: List[Dict[str, Any]], where: str = ""
 ) -> Dict[str, Any]:
-    """The run log tree from its chunks (given oldest first), placed by their internal names."""
-    document = dict(run)
+    """The run log tree from its chunks (given oldest first), placed by their internal names; its keys in the
+    frameworks' order (steps right after status), as the s3 layout stores them."""
+    document: Dict[str, Any] = {}
+    for name, value in run.items():
+        document[name] = value
+        if name == "status":
+            document["steps"] = {}
     document["steps"] = {}
     steps_by_name = {step["internal_name"]: dict(step, branches={}) for step in steps}
     branches_by_name = {branch["internal_name"]: dict(branch, steps={}) for branch in branches}
@@ -2719,6 +2762,19 @@ def _intent_of(run_object: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     return (run_object.get(STORE_FIELD) or {}).get("replacing") or None
 
 
+def landed_late(document: Mapping[str, Any], last_modified: str) -> bool:
+    """Whether a version of RunLog.json is a replacement's commit that landed after its window ("Late
+    commits"): void, it reads as the version it replaced."""
+    intent = _intent_of(document) or {}
+    landed = parse_http_date(last_modified) if last_modified and intent.get("until") is not None else None
+    return landed is not None and int(landed) > int(intent["until"])
+
+
+def _was(document: Mapping[str, Any]) -> Dict[str, Any]:
+    # What a void commit reads as: the live document it replaced.
+    return _json_copy(dict((_intent_of(document) or {})["was"]))
+
+
 class RunObject(NamedTuple):
     """RunLog.json as read: the object, its document, its epoch, and the replacement under way (or None)."""
 
@@ -2726,13 +2782,6 @@ class RunObject(NamedTuple):
     document: Dict[str, Any]
     epoch: Epoch
     intent: Optional[Dict[str, Any]]
-
-
-def _run_object(stored: S3Object, where: str) -> Optional[RunObject]:
-    document = decode_run_object(stored.body, where)
-    if document is None:
-        return None
-    return RunObject(stored, document, epoch_of(document), _intent_of(document))
 
 
 class ChunkedS3RunLogs(S3RunLogs):
@@ -2749,6 +2798,9 @@ class ChunkedS3RunLogs(S3RunLogs):
         # By log key: its own fields as last shown to this process (read or written), which may be a put's
         # under way rather than the object stored: what parameters handed back are diffed against.
         self._shown: Dict[str, Dict[str, Any]] = {}
+        # Tokens of replacements whose commit this process found landed too late: void, each version of
+        # RunLog.json carrying one reads as its intent's `was` (Last-Modified is not held with a version).
+        self._void: set = set()
 
     def folder(self, run_id: str) -> str:
         """`<prefix>/<run_id>/`, the folder of a run's objects."""
@@ -2786,10 +2838,37 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     # RunLog.json, and what this process knows of it.
 
+    def _get_or_none(self, key: str) -> Optional[S3Object]:
+        stored = super()._get_or_none(key)
+        if stored is not None and key.endswith("/" + CHUNK_RUN_OBJECT) and b'"until"' in stored.body:
+            document = decode_run_object(stored.body, self._url(key))
+            if document is not None and landed_late(document, stored.last_modified):
+                with self._lock():
+                    self._void.add((_intent_of(document) or {})["token"])
+        return stored
+
+    def _decode_run(self, body: bytes, where: str) -> Optional[Dict[str, Any]]:
+        """RunLog.json's document as every reader takes it: a void commit's is the one it replaced."""
+        document = decode_run_object(body, where)
+        intent = _intent_of(document) if document is not None else None
+        if document is None or intent is None:
+            return document
+        if intent.get("token") in self._void:
+            return _was(document)
+        intent.pop("until", None)  # it counts: a version written over it keeps the intent, not the window
+        intent.pop("was", None)
+        return document
+
+    def _run_object(self, stored: S3Object) -> Optional[RunObject]:
+        document = self._decode_run(stored.body, self._url(stored.key))
+        if document is None:
+            return None
+        return RunObject(stored, document, epoch_of(document), _intent_of(document))
+
     def _read_run(self, run_id: str, stored: Optional[S3Object]) -> RunObject:
         """RunLog.json as just read, held as the base of the next compare-and-swap and as a version known
         current before the next call; RunLogNotFoundError when it is absent or rm's marker."""
-        run = _run_object(stored, self._url(stored.key)) if stored is not None else None
+        run = self._run_object(stored) if stored is not None else None
         if run is None or stored is None:
             raise self._not_found(run_id, removed=stored is not None)
         self._remember(stored.key, stored.etag, stored.body, metadata=stored.metadata or None)
@@ -2804,7 +2883,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         if held is None:
             return None
         try:
-            return _run_object(S3Object(key, held.body, held.etag, "", dict(held.metadata or {})), self._url(key))
+            return self._run_object(S3Object(key, held.body, held.etag, "", dict(held.metadata or {})))
         except InvalidRunLogError:
             return None
 
@@ -2844,6 +2923,16 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     def _view(self, name: str, stored: Optional[S3Object], run: RunObject) -> Optional[Dict[str, Any]]:
         """What every reader sees of log object `name` under RunLog.json `run`: own fields, or None."""
+        intent = run.intent or {}
+        legacy = intent.get("begin")
+        if legacy is not None:  # a replacement the previous release committed (no epochs): its own rule
+            if stored is None or same_etag(stored.etag, legacy.get(name, "")):
+                if name in intent["logs"] or name in legacy:
+                    new = intent["logs"].get(name)
+                    return dict(new) if new is not None else None  # its new version, or dropped
+            if stored is None or self._stamp(stored) is None:  # absent, or its tombstone
+                return None
+            return public(decode_log_object(stored.body, self._url(stored.key)))
         if stored is not None and compare_epochs(self._stamp(stored), run.epoch) == "same":
             return public(decode_log_object(stored.body, self._url(stored.key)))
         new = (run.intent or {}).get("logs", {}).get(name)
@@ -2901,7 +2990,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         if any(key not in stored for key in listed) or any(
                 (self._stamp(found) or run.epoch).incarnation != run.epoch.incarnation for found in stored.values()):
             now = self._get_or_none(run_key)
-            latest = _run_object(now, self._url(run_key)) if now is not None else None
+            latest = self._run_object(now) if now is not None else None
             if latest is None or latest.epoch != run.epoch:
                 return None
         intent = run.intent or {}
@@ -2994,6 +3083,12 @@ class ChunkedS3RunLogs(S3RunLogs):
     def _read_chunk(self, run_id: str, kind: str, internal_name: str) -> Dict[str, Any]:
         key = self.chunk_key(run_id, kind, internal_name)
         run, views = self._read_logs(run_id, [key])
+        if views[key][1] is None:
+            # Not there: RunLog.json again before saying so. An rm may have committed between the two GETs (it
+            # deletes the logs after its marker): then the run is not found; a put: read it as it is now.
+            latest = self._read_run(run_id, self._get_or_none(self.key(run_id)))
+            if latest.epoch != run.epoch or latest.intent != run.intent:
+                run, views = self._read_logs(run_id, [key])
         stored, document = views[key]
         if stored is not None and document is not None and compare_epochs(self._stamp(stored), run.epoch) == "same":
             # A base for the next rewrite (one PUT) and for parameters diffed against it: only when it is what
@@ -3050,7 +3145,9 @@ class ChunkedS3RunLogs(S3RunLogs):
 
     def replace_if_unchanged(self, document: Dict[str, Any], etag: str) -> None:
         """Replace the run only if its version is still `etag` (read_version's): PreconditionFailedError if
-        any object changed since. A log a pipeline writes after the check is kept (it is newer)."""
+        any object changed before the check (a GET and a LIST). A log a pipeline writes in the one round
+        trip between the check and the commit point is replaced like the others (left open: no LIST and
+        PUT can be one request on S3)."""
         with _Writing(self.client):
             run_id = document["run_id"]
             check_input(document, "the run log to write")
@@ -3081,7 +3178,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         while True:
             rounds += 1
             stored = self._get_or_none(run_key)
-            current = decode_run_object(stored.body, self._url(run_key)) if stored is not None else None
+            current = self._decode_run(stored.body, self._url(run_key)) if stored is not None else None
             if current is not None and creating:
                 raise RunLogExistsError(f"a run log for run id {run_id!r} already exists at {where}")
             if current is not None:
@@ -3102,8 +3199,12 @@ class ChunkedS3RunLogs(S3RunLogs):
                                               operation="PUT", code="PreconditionFailed", status=412,
                                               bucket=self.client.bucket, key=run_key)
             epoch = next_epoch(current)
-            intent = {"token": token, "since": self.client.server_now() or wall_clock(), "created": time.time_ns(),
-                      "logs": logs}
+            server_now = self.client.server_now()
+            intent = {"token": token, "since": server_now or wall_clock(), "created": time.time_ns(), "logs": logs}
+            window_ends = counts_by = None
+            if current is not None and server_now is not None:  # over a live version: a late commit is void
+                until, window_ends, counts_by = self._commit_window(server_now)
+                intent.update(until=until, was=current)
             body = self._encode(dict(fields_, **{STORE_FIELD: {"epoch": str(epoch), "replacing": intent}}))
             _check_write_size(body, self._url(run_key))
             creator = (stored.metadata.get(WRITTEN_BY, "") if current is not None and stored else "") or self.writer
@@ -3113,25 +3214,63 @@ class ChunkedS3RunLogs(S3RunLogs):
                     etag = self.client.put_object(run_key, body, if_none_match=True, metadata=metadata)
                 else:  # a live version, or rm's marker
                     etag = self.client.put_object(run_key, body, if_match=stored.etag, metadata=metadata)
+                committed = counts_by is None or self._clock() <= counts_by  # a create, or a 200 in time
+                if committed:
+                    self._remember(run_key, etag, body, metadata=metadata)
+                else:
+                    committed = self._committed(run_key, token)
+                reason = "other writers kept changing it"
             except (PreconditionFailedError, NotFoundError) as exc:
                 if isinstance(exc, NoSuchBucketError):
                     raise
-                again = self._get_or_none(run_key) if getattr(exc, "after_lost_reply", False) else None
-                if again is None or again.body != body:
-                    # Refused; or our commit landed, its reply lost, and was finished or changed since:
-                    # replace again (a replacement applied twice leaves the same run), with a new token.
-                    self.conflicts += 1
-                    token = new_token()
-                    self._next_round(rounds, deadline, where, "other writers kept changing it", doing="replacing")
-                    continue
-                etag = again.etag
-            self._remember(run_key, etag, body, metadata=metadata)
+                # Refused, so no attempt can land any more (RunLog.json changed since the read); if an earlier
+                # attempt landed with its reply lost, RunLog.json may be ours.
+                committed = getattr(exc, "after_lost_reply", False) and self._committed(run_key, token)
+                reason = "other writers kept changing it"
+            except RunlogS3Error as exc:
+                if window_ends is None or not exc.may_have_landed:
+                    raise
+                # An attempt may be in the network still: once the window has passed none can count, so look.
+                self._wait_until(window_ends)
+                try:
+                    committed = self._committed(run_key, token)
+                except RunlogS3Error:
+                    raise exc from None
+                reason = "its commit found no reply (an attempt that lands now is void)"
+            if not committed:
+                # Refused, void, or ours finished or changed since: replace again (a replacement applied twice
+                # leaves the same run), with a new token.
+                self.conflicts += 1
+                token = new_token()
+                self._next_round(rounds, deadline, where, reason, doing="replacing")
+                continue
             break
         try:
             self._roll_forward(run_id, epoch, intent, begin)
         except RunlogS3Error as exc:  # committed: readers see the new run log; the next writer finishes it
             logger.warning("%s: replaced; writing its logs failed (%s); the next put or writer finishes it",
                            where, exc)
+
+    def _commit_window(self, server_now: float) -> Tuple[int, float, float]:
+        """A commit's `until` (server clock), and by this process's clock: when no attempt of it can land
+        within the window any more, and until when a 200 shows it landed within it (server_now may be up to
+        a second and a reply's transit behind the server's clock)."""
+        config = self.client.config
+        until, started = int(server_now + config.connect_timeout + config.read_timeout + COMMIT_MARGIN), self._clock()
+        return until, started + (until + 1 - server_now), started + (until - server_now) - 1 - config.read_timeout
+
+    def _wait_until(self, moment: float) -> None:
+        time.sleep(max(0.0, moment - self._clock()))
+
+    def _committed(self, run_key: str, token: str) -> bool:
+        """Whether a replacement's commit counts (see "Late commits"): a GET shows its intent, in its own
+        version (not void) or in one written over it. That version is then the one held."""
+        stored = self._get_or_none(run_key)
+        document = self._decode_run(stored.body, self._url(run_key)) if stored is not None else None
+        if stored is None or document is None or (_intent_of(document) or {}).get("token") != token:
+            return False
+        self._remember(run_key, stored.etag, stored.body, metadata=stored.metadata or None)
+        return True
 
     def _finish(self, run_id: str, run_object: Mapping[str, Any]) -> None:
         """Roll forward a replacement another writer committed and left unfinished, then clear its intent."""
@@ -3147,7 +3286,10 @@ class ChunkedS3RunLogs(S3RunLogs):
         folder, token, logs = self.folder(run_id), intent["token"], intent["logs"]
         order = {name: number for number, name in enumerate(logs)}
         todo = list(logs)
-        if begin is None:
+        legacy = intent.get("begin")
+        if legacy is not None:  # the previous release's: each log If-Match as its writer listed, the dropped
+            begin, todo = legacy, sorted(set(logs) | set(legacy))  # ones as tombstones; a 412 leaves a newer write
+        elif begin is None:
             listed = {info.key[len(folder):] for info in self.client.list_objects(folder)}
             found = self._get_many([folder + name for name in logs if name in listed])
             begin = {}
@@ -3162,8 +3304,12 @@ class ChunkedS3RunLogs(S3RunLogs):
 
         def roll_forward(name: str) -> None:
             key = folder + name
-            body = self._encode(_stamped(logs[name], epoch))
-            metadata = {_CREATED: str(int(intent["created"]) + order[name])}
+            if name in logs:
+                body = self._encode(_stamped(logs[name], epoch))
+                metadata = {_CREATED: str(int(intent["created"]) + order[name])}
+            else:  # dropped by a legacy replacement: its tombstone
+                internal_name = urllib.parse.unquote(name[name.index("-") + 1:-len(RUN_LOG_SUFFIX)])
+                body, metadata = self._encode({"internal_name": internal_name, STORE_FIELD: {"removed_by": token}}), {}
             condition = begin.get(name, "")
             for _attempt in range(8):  # each 412 means another write landed in between: rare, and bounded
                 try:
@@ -3197,7 +3343,7 @@ class ChunkedS3RunLogs(S3RunLogs):
                 del run_object[STORE_FIELD]["replacing"]
 
         try:
-            self._mutate_object(self.key(run_id), clear, decode_run_object, lambda: self._not_found(run_id))
+            self._mutate_object(self.key(run_id), clear, self._decode_run, lambda: self._not_found(run_id))
         except RunLogNotFoundError:
             pass  # deleted since (rm): nothing left to clear
 
@@ -3210,7 +3356,7 @@ class ChunkedS3RunLogs(S3RunLogs):
         if stamp is None or stamp.incarnation == epoch.incarnation:
             return True
         now = self._get_or_none(self.key(run_id))
-        run = _run_object(now, self._url(now.key)) if now is not None else None
+        run = self._run_object(now) if now is not None else None
         return run is not None and run.epoch.incarnation == epoch.incarnation
 
     def read_run_object(self, run_id: str) -> Tuple[Dict[str, Any], str]:
@@ -3221,7 +3367,7 @@ class ChunkedS3RunLogs(S3RunLogs):
     def unfinished_replacement(self, run_id: str) -> str:
         """The token of a replacement committed and not yet finished ('' when none): one GET."""
         stored = self._get_or_none(self.key(run_id))
-        run = _run_object(stored, self._url(stored.key)) if stored is not None else None
+        run = self._run_object(stored) if stored is not None else None
         return str((run.intent or {}).get("token", "")) if run is not None else ""
 
     def mutate(self, run_id: str, change: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
@@ -3354,6 +3500,8 @@ class ChunkedS3RunLogs(S3RunLogs):
         def add(numbered: Tuple[int, str]) -> None:
             number, name = numbered
             key, metadata = folder + name, {_CREATED: str(first + number)}
+            if self._view(name, None, run) is not None:
+                return  # a committed replacement's own log shows there (its roll-forward writes it)
             body = self._encode(_stamped(logs[name], run.epoch))
             if self._create_object(key, body, None, metadata=metadata):
                 return
@@ -3435,12 +3583,17 @@ class ChunkedS3RunLogs(S3RunLogs):
             folder, run_key = self.folder(run_id), self.key(run_id)
             stored = self._get_or_none(run_key)
             live = stored is not None and not is_marker_body(stored.body)
+            # Listed before the commit point: only the logs of the run deleted (or leftovers) are deleted, each
+            # If-Match as listed; a new run created with this id after the marker writes other bytes.
+            listed = {info.key: info.etag for info in self.client.list_objects(folder) if info.key != run_key}
             if live:
                 assert stored is not None
                 self.remove_run_object(run_id, if_match or stored.etag, marker)
-            listed = {info.key: info.etag for info in self.client.list_objects(folder) if info.key != run_key}
-            if not live and not listed:
+            elif not listed:
                 raise self._not_found(run_id, removed=stored is not None)
+            elif self._live_again(run_key):  # leftovers, unless a new run came in before the LIST (its logs listed)
+                raise ConflictError(f"{self.where(run_id)}: a run was created with this id while rm ran; "
+                                        f"nothing deleted; rm {run_id} again to delete it")
             others = list(listed)
             deleted = self._in_pool(lambda key: self._delete_if_unchanged(key, listed[key]), others)
             kept = [key for key, done in zip(others, deleted) if not done]
@@ -3449,6 +3602,8 @@ class ChunkedS3RunLogs(S3RunLogs):
                 self._showing.pop(run_key, None)
                 for key in others:
                     self._shown.pop(key, None)
+            if kept and self._live_again(run_key):
+                return len(listed) + live - len(kept)  # written by a run created with this id since the marker
             if kept:
                 raise ConflictError(
                     f"{self.where(run_id)}: {len(kept)} of its objects were written while rm ran and were kept (a "
@@ -3475,6 +3630,10 @@ class ChunkedS3RunLogs(S3RunLogs):
 
         runs = [run for run in self._in_pool(summary, folders) if run is not None]
         return sorted(runs, key=lambda run: (run.last_modified, run.key))
+
+    def _live_again(self, run_key: str) -> bool:
+        now = self._get_or_none(run_key)
+        return now is not None and not is_marker_body(now.body)
 
     def _at_once(self, *calls: Callable[[], Any], errors: bool = False) -> List[Any]:
         """The calls' results, their requests sent at once (one round trip); with errors, an S3 error a call
@@ -4164,7 +4323,8 @@ class LocalS3Server:
             from werkzeug.serving import WSGIRequestHandler, make_server
         except ImportError as exc:
             raise ConfigError(
-                "the embedded S3 server needs moto's server: pip install 'runlog-s3[local]'"
+                "the embedded S3 server needs moto's server: pip install 'moto[server,s3,sts]>=5' flask flask-cors "
+                "(or pip install '.[local]' in a checkout of runlog-s3)"
             ) from exc
         connections: set[Any] = set()  # the sockets being served, which stop() cuts
 
@@ -4388,6 +4548,11 @@ def _attempt_duration(attempt: Mapping[str, Any]) -> str:
     return str(timedelta(seconds=round(end - start, 6)))
 
 
+def use_color(stream: Any) -> bool:
+    """Colour on a terminal, unless NO_COLOR is set or TERM is dumb (or unset)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR") and (os.environ.get("TERM") or "dumb") != "dumb"
+
+
 def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0, written_by: str = "") -> List[str]:
     """A run log as lines of a tree: steps, branches and nested steps with status, attempts, duration.
 
@@ -4396,7 +4561,8 @@ def render_tree(document: Mapping[str, Any], color: bool = False, limit: int = 0
     status = printable(document.get("status", ""))
     lines = [
         f"run {printable(document.get('run_id'))}  {_color(status, status, color)}  "
-        f"{len(document.get('parameters') or {})} parameters" + (f"  written by {printable(written_by)}" if written_by else "")
+        f"{_count(len(document.get('parameters') or {}), 'parameter')}"
+        + (f"  written by {printable(written_by)}" if written_by else "")
     ]
     job = document.get("job")
     if isinstance(job, dict):  # a runnable job's run: one job log, no steps
@@ -4531,7 +4697,7 @@ def _cmd_get(runs: BucketRuns, args: Any) -> int:
     if args.etag:
         document, etag, _layout = runs.read_version(args.run_id)
         _print_json(document, args.compact)
-        print(f"ETag: {etag}", file=sys.stderr)  # stdout stays the JSON document
+        print(_bare_etag(etag), file=sys.stderr)  # stdout stays the JSON document; put --if-match takes it as it is
         return EXIT_OK
     _print_json(runs.read(args.run_id), args.compact)
     return EXIT_OK
@@ -4548,6 +4714,8 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
                  "written_by": written_by, "last_modified": run.last_modified, "size": run.size, "objects": run.objects}
                 for (run, layout), (status, written_by) in zip(listed, statuses)
                 if status != REMOVED or (layout == "chunked-s3" and run.objects > 1)]
+    for row in rows:  # one format whatever the server or request gave (LIST: ISO 8601, GET: an HTTP date)
+        row["last_modified"] = _when(_listed_time(row["last_modified"])) if row["last_modified"] else ""
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -4560,8 +4728,12 @@ def _cmd_ls(runs: BucketRuns, args: Any) -> int:
             for row in rows
         ]
         widths = [max(len(line[column]) for line in table) for column in range(5)]
-        for line in table:
-            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[5])
+        color = use_color(sys.stdout)
+        for number, line in enumerate(table):
+            cells = [cell.ljust(width) for cell, width in zip(line, widths)]
+            if number:  # STATUS coloured as show colours it
+                cells[1] = _color(cells[1], line[1], color)
+            print("  ".join(cells) + "  " + line[5])
     if not rows and not (args.since or args.status):  # none at all under the prefix, not none that matched
         _say_where_runs_are(runs)
     return EXIT_OK
@@ -4589,7 +4761,7 @@ def _cmd_show(runs: BucketRuns, args: Any) -> int:
     if args.json:
         print(json.dumps({**tree_rows(document), "written_by": written_by}, indent=2, ensure_ascii=False))
         return EXIT_OK
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    color = use_color(sys.stdout)
     print("\n".join(render_tree(document, color=color, written_by=written_by)))
     return EXIT_OK
 
@@ -4598,8 +4770,10 @@ def tree_rows(document: Mapping[str, Any]) -> Dict[str, Any]:
     """`show --json`: the run's steps and branches, in order, with what the tree shows of each."""
 
     def step_row(step: Mapping[str, Any]) -> Dict[str, Any]:
+        attempts = [attempt for attempt in step.get("attempts") or [] if isinstance(attempt, dict)]
         return {"name": step.get("name"), "internal_name": step.get("internal_name"), "status": step.get("status"),
                 "step_type": step.get("step_type"), "attempts": len(step.get("attempts") or []),
+                "duration": _attempt_duration(attempts[-1]) if attempts else "",  # the last attempt's, as show prints it
                 "branches": [branch_row(branch) for branch in (step.get("branches") or {}).values()]}
 
     def branch_row(branch: Mapping[str, Any]) -> Dict[str, Any]:
@@ -4739,8 +4913,13 @@ _TIMELINE_CSS = """
 body{font:13px/1.4 system-ui,sans-serif;margin:16px;color:#222}
 h1{font-size:16px}.legend{color:#666;margin-bottom:8px}
 .row{display:flex;align-items:center;height:20px;border-bottom:1px solid #f0f0f0}
-.row:hover{background:#f6f8ff}.label{width:320px;flex:none;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.track{position:relative;flex:1;height:12px;background:#fafafa}.info{width:220px;flex:none;padding-left:8px;color:#555}
+.row:hover{background:#f6f8ff}.label{width:320px;flex:none;box-sizing:border-box;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis}
+.track{position:relative;flex:1;height:12px;background:#fafafa}.info{width:220px;flex:none;box-sizing:border-box;
+padding-left:8px;color:#555}
+.axis{height:24px;border-bottom:1px solid #ccc;position:sticky;top:0;background:#fff}.axis .track{height:24px;
+background:none}.tick{position:absolute;top:0;height:24px;border-left:1px solid #bbb;padding-left:3px;font-size:11px;
+color:#666;white-space:nowrap}
 .bar{position:absolute;top:0;height:12px;min-width:2px}.span{background:#c9d3e6;top:5px;height:2px}
 .ok{background:#3a9d5d}.fail{background:#d9534f}.critical .label{font-weight:600}
 .SUCCESS .status{color:#2e7d32}.FAIL .status{color:#c62828}.PROCESSING .status,.CREATED .status{color:#b26a00}
@@ -4749,9 +4928,32 @@ details>summary .label::before{content:"\\25BE  "}details:not([open])>summary .l
 """
 
 
+def axis_ticks(total: float, most: int = 10) -> List[float]:
+    """Offsets (seconds from the run's start) for a time axis of `total` seconds: 1, 2 or 5 times a power of
+    ten apart, at most `most` + 1 of them, 0 first."""
+    import math
+
+    if total <= 0:
+        return [0.0]
+    step = 10 ** math.floor(math.log10(total / most))
+    for factor in (1, 2, 5, 10):
+        if total / (step * factor) <= most:
+            step *= factor
+            break
+    return [round(number * step, 9) for number in range(int(total / step + 1e-9) + 1)]
+
+
+def _tick_label(offset: float, step: float) -> str:
+    if step >= 60:
+        return f"{int(offset // 60)}:{int(offset % 60):02d}"
+    decimals = max(0, -int(f"{step:e}".split("e")[1]))
+    return f"{offset:.{decimals}f} s"
+
+
 def render_timeline_html(document: Mapping[str, Any]) -> str:
-    """The timeline as one self-contained HTML page: inline CSS, no script, no network; hover a row
-    for its details; branches fold (closed from the start when the run has over 200 rows)."""
+    """The timeline as one self-contained HTML page: inline CSS, no script, no network; one time axis with
+    ticks over every row (each row's track starts at the same x, however deep its label); hover a row for
+    its details; branches fold (closed from the start when the run has over 200 rows)."""
     import html
 
     rows = timeline_rows(document)
@@ -4776,6 +4978,11 @@ def render_timeline_html(document: Mapping[str, Any]) -> str:
            f'<h1>run {run_id} &middot; {html.escape(status)} &middot; {_seconds(last - first) if bounds else "not run"}</h1>',
            '<div class="legend">* critical path &middot; green: an attempt &middot; red: a failed attempt &middot; '
            "line: the span of a fan-out or branch &middot; hover a row for details, click a branch to fold it</div>"]
+    ticks = axis_ticks(last - first) if bounds else [0.0]
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    out.append('<div class="row axis"><span class="label">time since the run began</span><span class="track">'
+               + "".join(f'<span class="tick" style="left:{100 * offset / total:.3f}%">{_tick_label(offset, step)}</span>'
+                         for offset in ticks) + '</span><span class="info"></span></div>')
     open_depths: List[int] = []
     for row in rows:
         while open_depths and open_depths[-1] >= row.depth:
@@ -4810,14 +5017,43 @@ def _seconds(duration: float) -> str:
     return f"{duration:.2f} s" if duration < 10 else f"{duration:.1f} s"
 
 
+def timeline_json(document: Mapping[str, Any]) -> Dict[str, Any]:
+    """`timeline --json`: the run's span and, in order, each step's and branch's (UTC, ISO 8601), duration in
+    seconds, attempts and whether it is on the critical path."""
+    rows = timeline_rows(document)
+    bounds = _clock_bounds(rows)
+
+    def moment(seconds: Optional[float]) -> Optional[str]:
+        from datetime import datetime, timezone
+
+        return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds") if seconds else None
+
+    def took(start: Optional[float], end: Optional[float]) -> Optional[float]:
+        return round(end - start, 6) if start is not None and end is not None else None
+
+    return {"run_id": document.get("run_id"), "status": document.get("status"),
+            "start": moment(bounds[0]) if bounds else None, "end": moment(bounds[1]) if bounds else None,
+            "duration_seconds": took(*bounds) if bounds else None,
+            "rows": [{"name": row.name, "kind": row.kind, "depth": row.depth, "status": row.status,
+                      "start": moment(row.start), "end": moment(row.end), "duration_seconds": took(row.start, row.end),
+                      "attempts": len(row.attempts), "failed_attempts": sum(a[2] != "SUCCESS" for a in row.attempts),
+                      "critical": row.critical} for row in rows]}
+
+
 def _cmd_timeline(runs: BucketRuns, args: Any) -> int:
     document = runs.read(args.run_id)
-    if not args.html:
-        if args.open:
-            raise UsageError("--open opens the --html file: give --html FILE")
-        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    if args.json:
+        print(json.dumps(timeline_json(document), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not args.html and not args.open:
+        color = use_color(sys.stdout)
         print("\n".join(render_timeline(document, width=args.width, color=color)))
         return EXIT_OK
+    if not args.html:  # --open alone: a page of its own in the temporary folder
+        import tempfile
+
+        handle, args.html = tempfile.mkstemp(prefix=f"runlog-s3-{args.run_id[:40]}-", suffix=".html")
+        os.close(handle)
     page = render_timeline_html(document)
     if args.html == "-":
         sys.stdout.write(page + "\n")
@@ -5133,6 +5369,8 @@ def read_run_state(run_logs: S3RunLogs, run_id: str) -> RunState:
         return RunState("?", "?", stored.etag, _listed_time(stored.last_modified), stored.last_modified)
     if found is None:
         return RunState(REMOVED, "?", stored.etag, _listed_time(stored.last_modified), stored.last_modified)
+    if landed_late(found, stored.last_modified):  # a void commit: the run as it was
+        found = _was(found)
     document = public(found)
     written_by = stored.metadata.get(WRITTEN_BY, "") or guess_framework(document)
     return RunState(str(document.get("status", "?")), written_by, stored.etag, _listed_time(stored.last_modified),
@@ -5512,6 +5750,11 @@ def _cmd_import(runs: BucketRuns, args: Any) -> int:
     return EXIT_FAILED if existing else EXIT_OK
 
 
+# check: credentials, the bucket, permissions and conditional writes ###############################
+#
+# Each check is one line, PASS, FAIL, SKIP or WARN, and names what to do; the race proves that the server
+# applies conditional writes atomically, which the guarantee needs.
+
 class CheckResult(NamedTuple):
     """One line of `check`: result PASS, FAIL, SKIP (a check that could not be made here) or WARN;
     counts, for a check that counted something (in --json only)."""
@@ -5869,6 +6112,21 @@ def race_result(client: S3Client, counts: Dict[str, Any]) -> CheckResult:
         f"{counts['seconds']:.1f} s{shortfall}{waits}"), counts)
 
 
+def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps([{name: value for name, value in result._asdict().items() if value is not None}
+                          for result in results], indent=2))
+    else:
+        for result in results:
+            print(result.line(), flush=True)
+    return EXIT_OK if results and all(result.passed for result in results) else EXIT_FAILED
+
+
+# check --local: the checks and a parallel write workload on an embedded server ####################
+#
+# Writer processes (forked, or spawned where fork is not there) each write a branch of steps through the
+# store; the run is then read back whole and every log counted.
+
 def _local_writer(config: Dict[str, Any], run_id: str, writer: int, steps: int) -> None:
     """One writer process of `check --local`: a branch of steps and a parameter, through the store."""
     import signal
@@ -6007,11 +6265,14 @@ def _cmd_check_local(values: Dict[str, Any], args: Any) -> int:
         started = time.monotonic()
         document, written, kept = run_local_workload(config, writers=args.writers, steps=args.steps)
         elapsed = time.monotonic() - started
-        if not args.json:
-            print("\n".join(render_tree(document, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"), limit=2)))
+        if not args.json and args.verbose:  # the run the writers made, two steps a branch
+            print("\n".join(render_tree(document, color=use_color(sys.stdout), limit=2)))
         detail = f"{args.writers} writer processes wrote {written} logs, {kept} kept, {written - kept} lost, in {elapsed:.1f} s"
         workload = [CheckResult("parallel writes", "PASS" if kept == written else "FAIL", detail)]
         return _report_checks(results + workload if args.json else workload, args.json)
+
+
+# serve: an S3 server on loopback to try pipelines on ##############################################
 
 
 _SERVE_PORT = 9455  # fixed, so that the block pasted into a config keeps working from one serve to the next
@@ -6068,15 +6329,9 @@ def _config_block(config: Config) -> Dict[str, Any]:
     return block
 
 
-def _report_checks(results: List[CheckResult], as_json: bool = False) -> int:
-    if as_json:
-        print(json.dumps([{name: value for name, value in result._asdict().items() if value is not None}
-                          for result in results], indent=2))
-    else:
-        for result in results:
-            print(result.line(), flush=True)
-    return EXIT_OK if results and all(result.passed for result in results) else EXIT_FAILED
-
+# The parser and the command line's main ###########################################################
+#
+# argparse, one parser for every command; _main turns every error into one line and an exit code.
 
 def _count_of(noun: str) -> Callable[[str], int]:
     """An argparse type: a whole number of `noun`, 1 or more (0 or less would make a check pass vacuously)."""
@@ -6112,7 +6367,19 @@ def _parser() -> Any:
 
     # The options are accepted before or after the command; SUPPRESS keeps a command's parser from
     # resetting what was given before it.
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=Formatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            # A mistyped command: what it may have meant, in our one line (argparse lists every command).
+            found = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
+            if found:
+                import difflib
+
+                near = difflib.get_close_matches(found[1], list(commands.choices), n=1)
+                message = (f"unknown command {found[1]!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                           + f" ({self.prog} --help lists the commands)")
+            super().error(message)
+
+    common = Parser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=Formatter)
     common.add_argument("--config", metavar="FILE", help="a magnus config file (YAML or JSON), e.g. config.yaml, "
                         "or runnable's runnable-config.yaml; its run log store's config is used")
     common.add_argument("--bucket", help="the bucket, e.g. my-runs or s3://my-runs/magnus (env RUNLOG_S3_BUCKET)")
@@ -6123,7 +6390,7 @@ def _parser() -> Any:
                         "http://127.0.0.1:9000 (env RUNLOG_S3_ENDPOINT_URL)")
     common.add_argument("-v", "--verbose", action="count", help="log to stderr (-vv for debug)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="runlog-s3",
         description="Read and manage magnus run logs kept in S3 by runlog_s3.",
         epilog="Exit codes: 0 ok, 1 not found, exists or check failed, 2 usage or configuration error, 130 "
@@ -6132,8 +6399,7 @@ def _parser() -> Any:
         formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"runlog-s3 {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, help: str) -> Any:
         return commands.add_parser(name, help=help, description=help, parents=[common], formatter_class=Formatter)
@@ -6174,7 +6440,10 @@ def _parser() -> Any:
                           "(default 60)")
     timeline.add_argument("--html", metavar="FILE", default="", help="write one self-contained HTML page instead, "
                           "e.g. run.html ('-' for stdout)")
-    timeline.add_argument("--open", action="store_true", help="open the --html page in a browser, when there is one")
+    timeline.add_argument("--open", action="store_true", help="open the page in a browser, when there is one (without "
+                          "--html, a page written to the temporary folder)")
+    timeline.add_argument("--json", action="store_true", help="the rows as JSON: name, kind, depth, status, start, end "
+                          "(UTC), duration_seconds, attempts, failed_attempts, critical")
     rm = command("rm", help="delete a run log (every object of a chunked-s3 run)")
     rm.add_argument("run_id", help=run_id_help)
     rm.add_argument("--yes", action="store_true", help="do not ask")
@@ -6226,6 +6495,9 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     environ = os.environ if environ is None else environ
     parser = _parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "command", None):  # runlog-s3 alone: what it does and how
+        parser.print_help()
+        return EXIT_OK
     for name, default in (("config", None), ("verbose", 0), ("debug", False), ("layout", None), ("json", False),
                           ("config_layout", None)):
         setattr(args, name, getattr(args, name, default))
@@ -6275,6 +6547,9 @@ def _main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]]
     except Exception as exc:  # a defect of ours: still one line, the traceback with --debug
         return _fail(RunlogS3Error(f"unexpected {type(exc).__name__}: {_first_line(exc)} (--debug shows where)"),
                      EXIT_FAILED, args.debug, exc)
+
+
+# register: a copied-in runlog_s3.py made findable by magnus and runnable ##########################
 
 
 _REGISTERED_SUMMARY = "registered by python -m runlog_s3 register for a copied-in runlog_s3.py"
@@ -6340,6 +6615,9 @@ def _cmd_register(args: Any) -> int:
           f"  PYTHONPATH={shlex.quote(folder)} magnus execute --file pipeline.yaml --config-file config.yaml\n"
           f"(in a Dockerfile: ENV PYTHONPATH={folder})")
     return EXIT_OK
+
+
+# What the person at the terminal is told, and the console script ##################################
 
 
 def _retry_notice() -> Callable[[str, int, float], None]:

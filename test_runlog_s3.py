@@ -25,6 +25,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 import uuid
@@ -2441,7 +2442,7 @@ def test_bench_quick_completes_and_prints_every_row():
     ]
     if find_weed():
         expected_prefixes.append("64 logs (parallel of 6, one a nested parallel of 4; map over 10), chunked-s3, "
-                                 "SeaweedFS: requests per log")
+                                 "SeaweedFS: wall / disk")
         expected_prefixes.append("SeaweedFS round trip: signed PUT / GET of 700 bytes; PUT without TCP_NODELAY")
     for prefix in expected_prefixes:
         assert any(name.startswith(prefix) for name in names), prefix
@@ -2737,8 +2738,9 @@ def test_fork_while_a_thread_holds_the_clients_locks_does_not_deadlock(bucket):
 def test_cli_get_etag_then_put_if_match_refuses_a_write_it_never_saw(bucket, cli_env, store_name):
     store = stored_run(bucket, "r-race", store_name=store_name)
     got = cli("get", "r-race", "--etag", env=cli_env)
-    assert got.returncode == 0 and got.stderr.startswith('ETag: "')
-    etag = got.stderr.split("ETag: ", 1)[1].strip()
+    # the bare ETag on stderr (stdout is the run log): etag=$(runlog-s3 get RUN --etag 2>&1 >/dev/null)
+    etag = got.stderr.strip()
+    assert got.returncode == 0 and re.fullmatch(r"(chunked-)?[0-9a-f]{32}", etag), got.stderr
     edited = json.loads(got.stdout)
     edited["status"] = "FAIL"
     step = store.create_step_log("written-meanwhile", "written-meanwhile")  # the pipeline writes in between
@@ -2750,7 +2752,7 @@ def test_cli_get_etag_then_put_if_match_refuses_a_write_it_never_saw(bucket, cli
     fresh = cli("get", "r-race", "--etag", env=cli_env)
     edited = json.loads(fresh.stdout)
     edited["status"] = "FAIL"
-    put = cli("put", "r-race", "--if-match", fresh.stderr.split("ETag: ", 1)[1].strip(), env=cli_env,
+    put = cli("put", "r-race", "--if-match", fresh.stderr.strip(), env=cli_env,
               stdin=json.dumps(edited))
     assert put.returncode == 0 and json.loads(cli("get", "r-race", env=cli_env).stdout)["status"] == "FAIL"
 
@@ -3226,6 +3228,75 @@ def test_a_write_held_in_the_network_never_lands_over_a_later_put(bucket, kind):
     assert stored_objects(run_logs, "fenced")[log[0]] == "older"
 
 
+@pytest.mark.parametrize("lands", ["after the window", "within the window"])
+def test_a_put_whose_commit_is_held_in_the_network_counts_before_it_returns_or_never(bucket, monkeypatch, lands):
+    # Late commits (simulation seed 76628 before the fence): put --force's commit of RunLog.json is held in the
+    # network, no reply comes. Log writes leave RunLog.json as it was, so the held PUT's If-Match still
+    # matches when it lands. Landing after the commit window it is void: a step the pipeline wrote after the
+    # put gave up still shows. Landing within it, the put counts it before it returns.
+    monkeypatch.setattr(runlog_s3, "COMMIT_MARGIN", 0.0)
+    quick = {**bucket, "connect_timeout": 1, "read_timeout": 1, "conflict_timeout": 0.1}
+    chunked_run_logs(bucket).create(fan_run("late", "PROCESSING", ["a", "b"], 1))
+    operator, held = holding_run_logs(quick, holding_puts_of("/RunLog.json"))
+    step = {"name": "after", "internal_name": "after", "status": "SUCCESS"}
+    if lands == "after the window":
+        with pytest.raises(runlog_s3.ConflictError, match=r"found no reply \(an attempt that lands now is void\)"):
+            operator.replace(fan_run("late", "FAILED", ["a"], 2))
+        chunked_run_logs(bucket).add_step("late", step)  # after the put returned
+        assert held.release()[0] == 200  # the first attempt lands, its If-Match still holds
+        document = chunked_run_logs(bucket).read("late")
+        assert document["status"] == "PROCESSING" and document["parameters"] == {"p": 1}
+        assert document["steps"]["after"]["status"] == "SUCCESS" and sorted(document["steps"]["fan"]["branches"]) == [
+            "fan.a", "fan.b"]
+        chunked_run_logs(bucket).add_step("late", {**step, "name": "later", "internal_name": "later"})
+        assert set(chunked_run_logs(bucket).read("late")["steps"]) == {"fan", "after", "later"}
+    else:
+        releaser = threading.Timer(0.3, held.release)  # lands well within its 2 s window
+        operator.client.transport.hold = holding_the_first(holding_puts_of("/RunLog.json"))
+        releaser.start()
+        try:
+            operator.replace(fan_run("late", "FAILED", ["a"], 2))
+        finally:
+            releaser.join()
+        chunked_run_logs(bucket).add_step("late", step)
+        document = chunked_run_logs(bucket).read("late")
+        assert document["status"] == "FAILED" and document["parameters"] == {"p": 2}
+        assert set(document["steps"]) == {"fan", "after"} and list(document["steps"]["fan"]["branches"]) == ["fan.a"]
+        assert operator.conflicts == 0  # counted as its own, not replaced again
+    assert leftovers_of_replacements(chunked_run_logs(bucket), "late") == []
+
+
+class SlowFirstCommit(runlog_s3.BotocoreTransport):
+    """The production transport; the first PUT of a RunLog.json is sent `delay` seconds late (held on its way,
+    it lands then, and its 200 comes then)."""
+
+    def __init__(self, config, delay):
+        super().__init__(config, os.environ, config.endpoint_url)
+        self.delay, self.slowed = delay, []
+
+    def send(self, request):
+        if not self.slowed and holding_puts_of("/RunLog.json")(request):
+            self.slowed.append(request)
+            time.sleep(self.delay)
+        return super().send(request)
+
+
+def test_a_put_whose_commit_lands_after_its_window_with_a_200_is_not_taken_as_done(bucket, monkeypatch):
+    # A commit that lands after its window is void, whatever its reply says: its writer, seeing the 200 come
+    # that late, looks (GET), finds the run as it was and replaces again. Taking the 200 as done, the put
+    # would return and never show.
+    monkeypatch.setattr(runlog_s3, "COMMIT_MARGIN", 0.0)
+    config = Config.from_dict({**bucket, "connect_timeout": 1, "read_timeout": 1})
+    chunked_run_logs(bucket).create(fan_run("slow", "PROCESSING", ["a", "b"], 1))
+    transport = SlowFirstCommit(config, 3.5)  # past its 2 s window
+    operator = runlog_s3.ChunkedS3RunLogs(S3Client(config, transport=transport))
+    operator.replace(fan_run("slow", "FAILED", ["a"], 2))
+    assert transport.slowed and operator.conflicts == 1  # the void commit, then the one that counts
+    document = chunked_run_logs(bucket).read("slow")
+    assert document["status"] == "FAILED" and list(document["steps"]["fan"]["branches"]) == ["fan.a"]
+    assert leftovers_of_replacements(chunked_run_logs(bucket), "slow") == []
+
+
 @pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
 def test_a_create_held_in_the_network_never_brings_a_deleted_run_back(bucket, layout):
     # The first attempt of a create is held, the retry lands; the run is used, then deleted; the held create lands
@@ -3627,7 +3698,7 @@ def test_cli_writes_whose_reply_was_lost_say_written(bucket, cli_env, tmp_path, 
     try:
         env = {**cli_env, "RUNLOG_S3_ENDPOINT_URL": proxy.endpoint_url}
         got = cli("get", run_id, "--etag", env=env)
-        etag = got.stderr.strip().rpartition("ETag: ")[2]
+        etag = got.stderr.strip().splitlines()[-1]
         document = json.loads(got.stdout)
         document["tag"] = "edited"
         proxy.drop_next("PUT")  # the PUT lands; its reply is lost
@@ -4113,10 +4184,10 @@ def test_the_writers_rule_never_lets_an_older_epoch_hide_a_newer_log(bucket):
     # forward first keeps it.
     store = chunked_run_logs(bucket)
     store.create(fan_run("rule", "PROCESSING", ["a"], 1))
-    run_key, where = store.key("rule"), store._url(store.key("rule"))
-    before = runlog_s3._run_object(store.client.get_object(run_key), where)
+    run_key = store.key("rule")
+    before = store._run_object(store.client.get_object(run_key))
     store.replace(fan_run("rule", "SUCCESS", ["a"], 2))
-    after = runlog_s3._run_object(store.client.get_object(run_key), where)
+    after = store._run_object(store.client.get_object(run_key))
     branch = store.client.get_object(store.chunk_key("rule", "branch", "fan.a"))
     assert after.epoch == before.epoch._replace(generation=before.epoch.generation + 1)
     assert not store._may_overwrite("rule", branch, before.epoch) and store._may_overwrite("rule", branch, after.epoch)
@@ -4463,6 +4534,190 @@ def test_rm_racing_a_put_force_leaves_one_of_them_whole(bucket, first):
         assert chunked_run_logs(bucket).read("both") == chunked_run_logs(bucket).read("both")
         assert sorted(chunked_run_logs(bucket).read("both")["steps"]["fan"]["branches"]) == ["fan.a", "fan.c"]
     assert fired
+
+
+def one_step_run(run_id):
+    return {"run_id": run_id, "status": "SUCCESS", "parameters": {}, "steps": {
+        "s1": {"name": "s1", "internal_name": "s1", "status": "SUCCESS", "branches": {}}}}
+
+
+@pytest.mark.parametrize("first", ["rm's marker", "no run object", "a live run"])
+def test_rm_never_deletes_the_logs_of_a_run_created_while_it_ran(bucket, first):
+    # (review) rm listed the folder after its commit point, or found no live run and deleted what it listed: a
+    # new run created with the id (a new incarnation) right after rm's marker, or between its GET and its LIST,
+    # lost its acknowledged step. rm lists before its marker and deletes only what it listed, If-Match; with no
+    # live run it stops when one has appeared since.
+    store = chunked_run_logs(bucket)
+    store.create(one_step_run("reborn"))
+    if first != "a live run":
+        store.delete("reborn", marker=(first == "rm's marker"))
+    fired = []
+
+    def create_new_run():
+        fired.append(True)
+        pipeline = chunked_run_logs(bucket)
+        pipeline.create({"run_id": "reborn", "status": "CREATED", "parameters": {}, "steps": {}})
+        pipeline.add_step("reborn", {"name": "s1", "internal_name": "s1", "status": "NEW-RUN", "branches": {}})
+
+    def after_the_list(request):  # the run is gone already: a new one before rm's LIST
+        if request.method == "GET" and "list-type" in urlsplit(request.url).query and not fired:
+            create_new_run()
+
+    def after_the_marker(request, reply):  # the old run deleted: a new one before rm deletes its logs
+        if request.method == "PUT" and runlog_s3.is_marker_body(request.body) and not fired:
+            create_new_run()
+
+    if first == "a live run":
+        assert chunked_run_logs(bucket, lambda request: None, after_the_marker).delete("reborn") == 1  # its marker
+    else:
+        with pytest.raises(runlog_s3.ConflictError, match="a run was created with this id while rm ran; nothing "
+                                                          "deleted; rm reborn again to delete it"):
+            chunked_run_logs(bucket, after_the_list).delete("reborn")
+    assert fired
+    assert chunked_run_logs(bucket).read("reborn")["steps"]["s1"]["status"] == "NEW-RUN"
+
+
+def test_a_full_read_concurrent_with_rm_is_the_whole_run_or_not_found(bucket):
+    # (review) rm commits its marker and deletes the logs between a full read's LIST and its GETs of them: the
+    # read never returns the run without its steps; it reads RunLog.json again and finds the run deleted.
+    chunked_run_logs(bucket).create(one_step_run("torn"))
+    fired = []
+
+    def rm_now(request):
+        if request.method == "GET" and request.url.endswith("/StepLog-s1.json") and not fired:
+            fired.append(True)
+            chunked_run_logs(bucket).delete("torn")
+
+    with pytest.raises(runlog_s3.RunLogNotFoundError, match="it was deleted"):
+        chunked_run_logs(bucket, rm_now).read("torn")
+    assert fired
+
+
+def test_a_one_log_read_concurrent_with_rm_says_the_run_was_deleted(bucket, monkeypatch):
+    # (review) read_step's GETs of RunLog.json and of the log go out at once; RunLog.json answers live, then rm
+    # commits and deletes the log before its GET: not "step log 's1' is not in run log" of a live run, but
+    # the run not found. (The two GETs run in turn here, RunLog.json's first.)
+    chunked_run_logs(bucket).create(one_step_run("gone"))
+    reader = chunked_run_logs(bucket)
+    reader.read("gone", full=False)  # RunLog.json held from before the call: settled, no second round
+    fired = []
+
+    def rm_now(request):
+        if request.method == "GET" and request.url.endswith("/StepLog-s1.json") and not fired:
+            fired.append(True)
+            chunked_run_logs(bucket).delete("gone")
+
+    reader.client.transport.before = rm_now
+    monkeypatch.setattr(reader, "_in_pool", lambda function, items: [function(item) for item in items])
+    with pytest.raises(runlog_s3.RunLogNotFoundError, match="it was deleted"):
+        reader.read_step("gone", "s1")
+    assert fired
+
+
+def test_a_parent_carrying_a_child_never_overwrites_the_child_a_committed_put_shows(bucket):
+    # (review) put --force adding branch fan.c commits and its writer stops before the roll-forward; fan.c shows
+    # as the put wrote it (from the intent). A pipeline then writes step fan carrying a copy of fan.c: "added
+    # where none shows" must not create it, as the put's shows there.
+    chunked_run_logs(bucket).create(fan_run("carried", "PROCESSING", ["a", "b"], 1))
+    operator = chunked_run_logs(bucket)
+    operator._roll_forward = lambda *args, **kwargs: None  # stops right after its commit point
+    operator.replace(fan_run("carried", "SUCCESS", ["a", "b", "c"], 2))
+    carried = {"name": "fan", "internal_name": "fan", "step_type": "parallel", "status": "RUNNING",
+               "branches": {"fan.c": {"internal_name": "fan.c", "status": "STALE", "steps": {}}}}
+    chunked_run_logs(bucket).add_step("carried", carried)
+    branches = chunked_run_logs(bucket).read("carried")["steps"]["fan"]["branches"]
+    assert branches["fan.c"]["status"] == "SUCCESS" and sorted(branches) == ["fan.a", "fan.b", "fan.c"]
+
+
+def test_a_replacement_the_previous_release_left_unfinished_reads_whole_and_is_finished_its_way(bucket):
+    # (review) A run written before epochs (its logs unstamped), whose put --force committed its intent (the
+    # ETags it listed: `begin`) and stopped before rolling forward. It reads as that put wrote it (a log still
+    # at its listed ETag shows as its new version, or not at all when the put dropped it; a later write shows
+    # as written), and finishing it rolls it forward the old way: If-Match as listed, tombstones for the
+    # dropped logs, a newer write left.
+    run_logs = chunked_run_logs(bucket)
+    client, folder, field = run_logs.client, run_logs.folder("legacy"), runlog_s3.STORE_FIELD
+
+    def put(name, document, number):
+        return client.put_object(folder + name, json.dumps(document).encode(), metadata={"created-ns": str(number)})
+
+    old_fan = {"name": "fan", "internal_name": "fan", "step_type": "parallel", "status": "PROCESSING"}
+    begin = {"StepLog-fan.json": put("StepLog-fan.json", old_fan, 1),
+             "BranchLog-fan.a.json": put("BranchLog-fan.a.json", {"internal_name": "fan.a", "status": "RUNNING"}, 2),
+             "BranchLog-fan.b.json": put("BranchLog-fan.b.json", {"internal_name": "fan.b", "status": "RUNNING"}, 3),
+             "StepLog-s1.json": put("StepLog-s1.json", {"name": "s1", "internal_name": "s1", "status": "RUNNING"}, 4)}
+    put("StepLog-s1.json", {"name": "s1", "internal_name": "s1", "status": "WRITTEN-AFTER"}, 4)  # a newer write
+    logs = {"StepLog-fan.json": {**old_fan, "status": "SUCCESS"},
+            "BranchLog-fan.a.json": {"internal_name": "fan.a", "status": "SUCCESS"},
+            "StepLog-s1.json": {"name": "s1", "internal_name": "s1", "status": "FROM-THE-PUT"}}
+    intent = {"token": "0123456789abcdef", "since": 0, "created": 10, "logs": logs, "begin": begin}
+    client.put_object(run_logs.key("legacy"), json.dumps({"run_id": "legacy", "status": "SUCCESS", "parameters": {},
+                                                          field: {"generation": 1, "replacing": intent}}).encode())
+    shown = run_logs.read("legacy")
+    assert shown["steps"]["fan"]["status"] == "SUCCESS" and list(shown["steps"]["fan"]["branches"]) == ["fan.a"]
+    assert shown["steps"]["fan"]["branches"]["fan.a"]["status"] == "SUCCESS"
+    assert shown["steps"]["s1"]["status"] == "WRITTEN-AFTER"
+    assert run_logs.read_step("legacy", "fan")["status"] == "SUCCESS"
+    run_logs._finish("legacy", json.loads(client.get_object(run_logs.key("legacy")).body))
+    assert runlog_s3.unfinished_replacement(run_logs, "legacy") == ""
+    assert chunked_run_logs(bucket).read("legacy") == shown
+
+
+class _HeldSimTransport(Transport):
+    """A SimS3 on a virtual clock answering a real client; requests `hold` picks are held (the client sees a read
+    timeout) and land on release()."""
+
+    def __init__(self, server, hold=lambda request: False):
+        self.server, self.hold, self.held = server, hold, []
+
+    def send(self, request):
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        if self.hold(request):
+            import botocore.exceptions
+
+            self.held.append((request.method, request.url, headers, request.body or b""))
+            raise botocore.exceptions.ReadTimeoutError(endpoint_url=request.url, error=TimeoutError("held"))
+        return self.server.handle(request.method, request.url, headers, request.body or b"")
+
+    def release(self):
+        statuses = [self.server.handle(*held).status for held in self.held]
+        self.held.clear()
+        return statuses
+
+
+@pytest.mark.parametrize("marker_left", [True, False])
+@pytest.mark.parametrize("ahead", [0.0, 14 * 60.0])
+def test_a_create_signed_on_a_clock_ahead_never_outlives_rms_marker(monkeypatch, marker_left, ahead):
+    # (review) S3 refuses a signature more than 15 minutes from its clock; a signer 14 minutes ahead is never
+    # refused, so its held create stays valid until 29 minutes after it was sent. Markers kept 15 minutes let it
+    # land after prune removed the marker (or after a delete that left none): the run came back. Now 35.
+    clock = types.SimpleNamespace(now=0.0, rng=random.Random(0), world=SimWorld())
+    server = SimS3(clock)
+
+    def sign(method, url, headers, body, credentials, region, service):  # X-Amz-Date from the signer's clock
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(SIM_EPOCH + clock.now + sign.ahead))
+        return SimRequest(method, url, {**headers, "X-Amz-Date": stamp, "Authorization": "AWS4-HMAC-SHA256 x"}, body)
+
+    sign.ahead = ahead
+    monkeypatch.setattr(runlog_s3, "sign_request", sign)
+    config = Config.from_dict({"s3_bucket": SIM_BUCKET, "endpoint_url": "http://sim", "prefix": "runs",
+                               "max_attempts": 2})
+    writer_transport = _HeldSimTransport(server, holding_the_first(holding_puts_of("/RunLog.json")))
+    writer = runlog_s3.ChunkedS3RunLogs(S3Client(config, transport=writer_transport))
+    operator = runlog_s3.ChunkedS3RunLogs(S3Client(config, transport=_HeldSimTransport(server)))
+    writer.create({"run_id": "back", "status": "CREATED", "parameters": {}, "steps": {}})  # held; the retry lands
+    sign.ahead = 0.0
+    clock.now += 30
+    if marker_left:
+        operator.delete("back")
+        clock.now += runlog_s3.MARKER_KEPT_SECONDS + 1  # then prune removes the marker
+        operator.delete_marker("back", operator.client.get_object(operator.key("back")).etag)
+    else:  # prune's delete of a run written longer ago than MARKER_KEPT_SECONDS: no marker left
+        clock.now += runlog_s3.MARKER_KEPT_SECONDS + 1
+        operator.delete("back", marker=False)
+    assert writer_transport.release() == [403]  # RequestTimeTooSkewed: too late to land
+    with pytest.raises(runlog_s3.RunLogNotFoundError):
+        runlog_s3.ChunkedS3RunLogs(S3Client(config, transport=_HeldSimTransport(server))).read("back")
 
 
 def cli_layout_ls(bucket):
@@ -5270,7 +5525,7 @@ def test_timeline_html_loads_offline_with_a_row_per_log_and_folding_branches(buc
     page.on("request", lambda request: requests_made.append(request.url))
     page.goto(page_file.as_uri())
     assert problems == [] and requests_made == [page_file.as_uri()], (problems, requests_made)
-    rows = page.locator(".row")
+    rows = page.locator(".row:not(.axis)")  # a row per log, under the time axis
     assert rows.count() == bench_runlog_s3.expected_logs(2, 2, 2)
     assert "duration" in rows.first.get_attribute("title") and "attempts 1, 0 failed" in rows.first.get_attribute("title")
     branch = page.locator("details").first
@@ -5283,12 +5538,153 @@ def test_timeline_html_loads_offline_with_a_row_per_log_and_folding_branches(buc
     page.close()
 
 
-def test_timeline_html_to_stdout_and_open_without_html_is_refused(bucket, cli_env):
+def test_timeline_html_to_stdout_and_open_without_html_writes_a_page_of_its_own(bucket, cli_env, tmp_path):
     stored_run(bucket, "to-stdout")
     page = cli("timeline", "to-stdout", "--html", "-", env=cli_env)
     assert page.returncode == 0 and page.stdout.startswith("<!DOCTYPE html>") and page.stdout.rstrip().endswith("</html>")
-    refused = cli("timeline", "to-stdout", "--open", env=cli_env)
-    assert refused.returncode == 2 and "--open opens the --html file" in refused.stderr
+    # (#33, 6) --open alone: a page in the temporary folder; no browser here, so it says where it is
+    opened = cli("timeline", "to-stdout", "--open", env={**cli_env, "TMPDIR": str(tmp_path), "BROWSER": "false"})
+    assert opened.returncode == 0, opened.stderr
+    written = Path(opened.stdout.split("wrote ", 1)[1].split(" (", 1)[0])
+    assert written.parent == tmp_path and written.name.startswith("runlog-s3-to-stdout-") and written.suffix == ".html"
+    assert written.read_text().startswith("<!DOCTYPE html>")
+
+
+def cli_on_a_terminal(*args, env):
+    """`python -m runlog_s3 ARGS` with stdout on a pseudo-terminal; (exit code, what it printed)."""
+    import pty
+
+    reader, writer = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "runlog_s3", *args], stdout=writer, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, env={**os.environ, **env}, cwd=HERE)
+    os.close(writer)
+    printed = b""
+    while True:
+        try:
+            chunk = os.read(reader, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        printed += chunk
+    os.close(reader)
+    return process.wait(60), printed.decode()
+
+
+@pytest.mark.parametrize("term, colored", [("xterm-256color", True), ("dumb", False), ("", False)])
+def test_ls_colours_statuses_as_show_does_on_a_terminal_that_has_colour(moto_bucket, term, colored):
+    # (#33, 6) ls colours STATUS as show does; TERM=dumb (or none) means no colour, as NO_COLOR does.
+    stored_run(moto_bucket, "ok-run")
+    stored_run(moto_bucket, "bad-run", status="FAIL")
+    env = {"RUNLOG_S3_BUCKET": moto_bucket["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": moto_bucket["endpoint_url"],
+           "RUNLOG_S3_PREFIX": moto_bucket["prefix"], "TERM": term, "NO_COLOR": ""}
+    for command in (("ls",), ("show", "bad-run")):
+        code, printed = cli_on_a_terminal(*command, env=env)
+        assert code == 0, printed
+        assert ("\x1b[31mFAIL" in printed) is colored and ("\x1b[" in printed) is colored, (command, printed)
+        if command == ("ls",):
+            assert ("\x1b[32mSUCCESS" in printed) is colored
+
+
+def test_the_command_line_helps_a_new_user_who_types_too_little_or_wrong():
+    # (#33, 6) runlog-s3 alone prints what it does; a mistyped command gets what it may have meant, in one line.
+    bare = cli()
+    assert bare.returncode == 0 and bare.stdout.startswith("usage: runlog-s3") and "COMMAND" in bare.stdout
+    assert "timeline" in bare.stdout and bare.stderr == ""
+    for typed, meant in (("lss", "ls"), ("shwo", "show"), ("chek", "check"), ("prun", "prune")):
+        wrong = cli(typed)
+        assert wrong.returncode == 2, wrong.stderr
+        assert wrong.stderr.splitlines()[-1] == (f"runlog-s3: error: unknown command {typed!r}; did you mean {meant!r}? "
+                                                 "(runlog-s3 --help lists the commands)")
+    nothing_near = cli("zzzzz")
+    assert nothing_near.stderr.splitlines()[-1] == ("runlog-s3: error: unknown command 'zzzzz' (runlog-s3 --help lists "
+                                                    "the commands)")
+
+
+def test_verbose_shows_each_request_and_ls_one_time_format(bucket, cli_env):
+    # (#33, 6) -v: one line a request (what, where, status, time), nothing secret; ls's times in one format,
+    # whatever the server's LIST or a GET gave (--limit reads each run's time with a GET).
+    stored_run(bucket, "seen")
+    shown = cli("-v", "get", "seen", env=cli_env)
+    assert shown.returncode == 0
+    requests = [line for line in shown.stderr.splitlines() if " runlog_s3 INFO GET s3://" in line]
+    assert requests and re.search(r"GET s3://\S+/runs/seen\.json: 200 in \d+ ms$", requests[0]), shown.stderr
+    for args in (("ls", "--json"), ("ls", "--json", "--limit", "5")):
+        rows = json.loads(cli(*args, env=cli_env).stdout)
+        assert [re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["last_modified"]) is not None
+                for row in rows] == [True], rows
+
+
+def test_both_layouts_print_a_run_log_with_the_same_key_order(bucket, cli_env):
+    # (#33, 6) get of the same run log on either layout: the same text, keys in the frameworks' order.
+    document = {"run_id": "same", "dag_hash": "d", "use_cached": False, "tag": "", "original_run_id": "",
+                "status": "SUCCESS", "steps": {"a": {"name": "a", "internal_name": "a", "status": "SUCCESS",
+                                                     "branches": {}}}, "parameters": {"p": 1}, "run_config": {}}
+    printed = []
+    for layout in ("s3", "chunked-s3"):
+        runlog_s3.open_run_logs({**bucket, "prefix": f"{bucket['prefix']}-{layout}"}, layout).create(document)
+        got = cli("get", "same", env={**cli_env, "RUNLOG_S3_PREFIX": f"{bucket['prefix']}-{layout}"})
+        assert got.returncode == 0, got.stderr
+        printed.append(got.stdout)
+    assert printed[0] == printed[1] and list(json.loads(printed[0])) == list(document)
+
+
+def test_check_local_prints_its_checks_not_the_run_its_writers_made():
+    # (#33, 6) check --local: PASS lines (the workload's run as a tree only with -v).
+    result = cli("check", "--local", "--writers", "4", "--steps", "2", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["checking against an embedded S3 server", lines[1]] and lines[1].startswith("embedded server")
+    assert all(line.startswith(("PASS  ", "SKIP  ", "WARN  ")) for line in lines[2:]), lines
+    assert lines[-1].startswith("PASS  parallel writes: 4 writer processes wrote 12 logs, 12 kept, 0 lost")
+
+
+def test_timeline_and_show_say_how_long_in_json(moto_bucket):
+    # (#33, 6) --json on the commands that print a table: timeline's rows with their times, show's steps with
+    # their durations.
+    run_logs = runlog_s3.open_run_logs(moto_bucket)
+    run_logs.create({"run_id": "timed", "status": "SUCCESS", "steps": {"a": {
+        "name": "a", "internal_name": "a", "status": "SUCCESS", "branches": {}, "attempts": [_attempt(0, 2.5)]}}})
+    env = {"RUNLOG_S3_BUCKET": moto_bucket["s3_bucket"], "RUNLOG_S3_ENDPOINT_URL": moto_bucket["endpoint_url"],
+           "RUNLOG_S3_PREFIX": moto_bucket["prefix"]}
+    timeline = json.loads(cli("timeline", "timed", "--json", env=env).stdout)
+    assert (timeline["status"], timeline["duration_seconds"], len(timeline["rows"])) == ("SUCCESS", 2.5, 1)
+    assert {key: timeline["rows"][0][key] for key in ("name", "kind", "duration_seconds", "attempts", "critical")} == {
+        "name": "a", "kind": "step", "duration_seconds": 2.5, "attempts": 1, "critical": True}
+    assert timeline["rows"][0]["start"].endswith("+00:00")
+    shown = json.loads(cli("show", "timed", "--json", env=env).stdout)
+    assert shown["steps"][0]["duration"] == "0:00:02.500000"
+
+
+def test_timeline_html_has_one_time_axis_every_row_on_it(browser):
+    # (#33, 3) Every row's track starts at the same x and has the same width, however deep its label (the label's
+    # indentation is inside its column); one axis of ticks above them; a bar's left edge is where its start is.
+    def attempt(start, end):
+        return _attempt(start, end)
+
+    inner = {"fan.b.work": {"name": "work", "internal_name": "fan.b.work", "status": "SUCCESS",
+                            "attempts": [attempt(1.0, 3.0)]}}
+    document = {"run_id": "axis", "status": "SUCCESS", "steps": {
+        "first": {"name": "first", "internal_name": "first", "status": "SUCCESS", "attempts": [attempt(0.0, 1.0)]},
+        "fan": {"name": "fan", "internal_name": "fan", "status": "SUCCESS", "step_type": "parallel", "branches": {
+            "fan.b": {"internal_name": "fan.b", "status": "SUCCESS", "steps": inner}}},
+        "last": {"name": "last", "internal_name": "last", "status": "SUCCESS", "attempts": [attempt(3.0, 4.0)]}}}
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.set_content(runlog_s3.render_timeline_html(document))
+    tracks = [box for box in (track.bounding_box() for track in page.locator(".track").all())]
+    assert len(tracks) == 6  # the axis, first, fan, [b], work, last
+    assert max(box["x"] for box in tracks) - min(box["x"] for box in tracks) < 0.5, tracks
+    assert max(box["width"] for box in tracks) - min(box["width"] for box in tracks) < 0.5, tracks
+    x, width = tracks[0]["x"], tracks[0]["width"]
+    ticks = page.locator(".axis .tick")
+    assert [text.strip() for text in ticks.all_inner_texts()] == ["0.0 s", "0.5 s", "1.0 s", "1.5 s", "2.0 s", "2.5 s",
+                                                                  "3.0 s", "3.5 s", "4.0 s"]
+    assert abs(ticks.first.bounding_box()["x"] - x) < 0.5
+    work = page.locator(".row", has_text="work").locator(".bar.ok").bounding_box()
+    assert abs(work["x"] - (x + width * 1.0 / 4.0)) < 1 and abs(work["width"] - width * 2.0 / 4.0) < 1
+    one_second = page.locator(".axis .tick", has_text="1.0 s").bounding_box()
+    assert abs(one_second["x"] - work["x"]) < 1  # the tick at 1.0 s is where the nested step began
+    page.close()
 
 
 def test_timeline_html_folds_the_branches_of_a_wide_run_from_the_start():
@@ -5581,6 +5977,27 @@ if __name__ == "__main__":
 """
 
 
+def test_the_readmes_runnable_example_runs_its_branches_in_parallel(framework_bin, moto_bucket, tmp_path):
+    # The README's runnable SDK example, as written there (its bucket and endpoint pointed at this test's server).
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    example = readme.split("<!-- runnable example:", 1)[1].split("<!-- end of runnable example -->", 1)[0]
+    code, config = re.findall(r"```(?:python|yaml)\n(.*?)```", example, re.S)
+    python, environ = _framework_python(framework_bin, "runnable", tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "pipeline.py").write_text(code)
+    (work / "runnable-config.yaml").write_text(config.replace("runlog-s3-local", moto_bucket["s3_bucket"]).replace(
+        "http://127.0.0.1:9455", moto_bucket["endpoint_url"]))
+    result = subprocess.run([python, "pipeline.py"], cwd=work, env=environ, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Pipeline executed successfully" in output, output[-3000:]
+    assert "Falling back to sequential" not in output
+    document = runlog_s3.open_run_logs({**moto_bucket, "prefix": ""}, "chunked-s3").read("sdk-1")
+    branches = document["steps"]["train"]["branches"]
+    assert document["status"] == "SUCCESS" and sorted(branches) == ["train.linear", "train.xgboost"]
+    assert all(branch["status"] == "SUCCESS" and branch["steps"] for branch in branches.values())
+
+
 @pytest.mark.parametrize("store_type", ["s3", "chunked-s3"])
 def test_runnable_job_keeps_its_job_log(framework_bin, bucket, cli_env, tmp_path, store_type):
     python, environ = _framework_python(framework_bin, "runnable", tmp_path)
@@ -5629,7 +6046,7 @@ def test_a_put_from_the_command_line_keeps_who_created_the_run(bucket, cli_env, 
     document, path = json.loads(got.stdout), tmp_path / "kept.json"
     ways = [("FAIL", ("--force",))]  # on chunked-s3 an atomic replacement of every object
     if layout == "s3":
-        ways.insert(0, ("SUCCESS", ("--if-match", got.stderr.split("ETag: ")[1].strip())))
+        ways.insert(0, ("SUCCESS", ("--if-match", got.stderr.strip())))
     for status, how in ways:
         path.write_text(json.dumps({**document, "status": status}))
         put = cli("put", "kept", str(path), *how, env=cli_env)
@@ -5917,6 +6334,12 @@ class SimActorSpec(NamedTuple):
     hold_after_commit: float = 0.0  # an operator stops this long once a put's commit point landed (a GC pause)
     hold_writes: int = 0  # ... after this many more writes of the put (its roll-forward under way)
     hold_create: bool = False  # its first create of the run is held in the network past its timeout, landing later
+    # Its first replacement's commit is held in the network this much longer than read_timeout while its link is
+    # down: it cannot look whether it landed (a late commit must be void, or land before its writer returns).
+    hold_commit: float = 0.0
+    # Or for this long every attempt of its replacements' commits is lost on the way (never lands, no reply):
+    # the first after it lands, its 200 perhaps after the commit's window (void: its writer must look).
+    drop_commit: float = 0.0
 
 
 class SimScenario(NamedTuple):
@@ -6033,7 +6456,18 @@ def sim_scenario(seed, layout):
                 script.append(("edit", label, "force"))
             else:
                 script.append(("replace", label, document(label)))
-        actors.append(spec("op", "operator", script))
+        # Drawn apart, so that the schedules of other seeds stay as they were.
+        held = random.Random(f"runlog-s3-sim-hold-{seed}")
+        hold_commit = 0.0
+        if held.random() < 0.3:
+            hold_commit = held.uniform(0.5, 6) if held.random() < 0.5 else held.uniform(10, 60)  # in its window, after
+            # A writer that writes every few seconds while the commit is held, perhaps after the operator gave up.
+            actors.append(spec("wl", "writer", [step for index in range(1, 6) for step in (
+                ("sleep", f"wl-{index}.sleep", held.uniform(1, 8)), ("add_step", f"wl-{index}", held.choice(SIM_STEPS)))]))
+        drop_commit = 0.0
+        if hold_commit and held.random() < 0.5:
+            hold_commit, drop_commit = 0.0, held.uniform(4, 20)
+        actors.append(spec("op", "operator", script)._replace(hold_commit=hold_commit, drop_commit=drop_commit))
     for number in range(gen.randint(0, 2)):
         name = f"r{number}"
         script = []
@@ -6304,7 +6738,9 @@ class SimActor:
         self.wake = sim.now
         self.done = self.crashed = False
         self.requests = 0
-        self.create_held = False
+        self.create_held = self.commit_held = False
+        self.link_down_until = 0.0  # refused: for hold_commit
+        self.drop_until = None  # for drop_commit: its commits are lost until then
         self.request_time = self.client_sleep = self.stalled = 0.0
         self.op = None
         self.written = {}  # (kind, name) -> (label, log) of its last acknowledged write of that log
@@ -6474,10 +6910,23 @@ class Sim:
 
         self.pause(self.latency(actor))
         fault = self.fault(method, headers) if faulty else ""
-        if (faulty and actor.spec.hold_create and not actor.create_held and method == "PUT"
-                and headers.get("if-none-match") == "*" and urlsplit(url).path.endswith(("/RunLog.json", f"/{SIM_RUN}.json"))):
-            fault, actor.create_held = "held", True
         read_timeout = self.config.read_timeout
+        run_object = urlsplit(url).path.endswith(("/RunLog.json", f"/{SIM_RUN}.json"))
+        if (faulty and actor.spec.hold_create and not actor.create_held and method == "PUT"
+                and headers.get("if-none-match") == "*" and run_object):
+            fault, actor.create_held = "held", True
+        hold = None
+        commit = (method == "PUT" and "if-match" in headers and run_object and op is not None
+                  and op.kind in ("replace", "edit"))
+        if faulty and actor.spec.drop_commit and commit:
+            actor.drop_until = self.now + actor.spec.drop_commit if actor.drop_until is None else actor.drop_until
+            fault = "timeout" if self.now < actor.drop_until else fault
+        if faulty and self.now < actor.link_down_until:
+            fault = "refused"
+        elif (faulty and actor.spec.hold_commit and not actor.commit_held and method == "PUT" and "if-match" in headers
+                and run_object and op is not None and op.kind in ("replace", "edit")):
+            fault, actor.commit_held, hold = "held", True, read_timeout + actor.spec.hold_commit
+            actor.link_down_until = self.now + hold
         if fault in ("refused", "connect-timeout"):
             self.trace_request(actor, op, method, url, headers, fault)
             if fault == "refused":
@@ -6489,7 +6938,7 @@ class Sim:
             self.pause(read_timeout)
             raise errors.ReadTimeoutError(endpoint_url=url, error=TimeoutError("read timed out"))
         if fault == "held":
-            hold = self.rng.uniform(30, 90)
+            hold = self.rng.uniform(30, 90) if hold is None else hold
             if hold >= read_timeout:  # the client gives up; the request lands later
                 self.trace_request(actor, op, method, url, headers, f"held {hold:.0f} s: client times out")
                 self.later(hold, lambda: self.apply(actor, op, method, url, headers, body, "held, lands now"))
@@ -7176,7 +7625,10 @@ def sim_report(sim, violations):
                  if spec.stall_at else "", f"clock {spec.skew:+.0f} s" if spec.skew else "",
                  f"a slow link, up to {spec.slow:.1f} s each way" if spec.slow else "",
                  f"stops {spec.hold_after_commit:.0f} s {spec.hold_writes} writes after a commit point"
-                 if spec.hold_after_commit else ""]
+                 if spec.hold_after_commit else "",
+                 f"its first commit held {spec.hold_commit:.1f} s past read_timeout, its link down meanwhile"
+                 if spec.hold_commit else "", f"its commits lost for {spec.drop_commit:.1f} s from the first"
+                 if spec.drop_commit else "", "its first create held" if spec.hold_create else ""]
         lines.append(f"  {spec.name} ({', '.join([spec.role] + [note for note in notes if note])}): "
                      + ", ".join(sim_describe_step(step) for step in spec.script))
     lines.append("operations (label kind by actor [began..returned, in ticks] outcome):")
@@ -7602,6 +8054,26 @@ def _mutant_stamps_ignored(patch, world):
                   lambda stamp, epoch: compare(stamp, epoch) if stamp is None or stamp > epoch else "same")
 
 
+def _mutant_late_commit_counts(patch, world):
+    # A replacement's commit that lands after its window counts (no void): held in the network while its writer
+    # gave up, it hides the logs written since.
+    patch.setattr(runlog_s3, "landed_late", lambda document, last_modified: False)
+
+
+def _mutant_replacer_returns_within_its_window(patch, world):
+    # After a lost reply the replacer looks at once and returns, while an attempt that still counts is held in
+    # the network: landing after, it hides the logs written since.
+    patch.setattr(runlog_s3.ChunkedS3RunLogs, "_wait_until", lambda self, moment: None)
+
+
+def _mutant_a_late_200_counts(patch, world):
+    # A 200 to a replacement's commit counts however late it came: an attempt that landed after its window
+    # (void) is taken as the put done, and the put is lost.
+    window = runlog_s3.ChunkedS3RunLogs._commit_window
+    patch.setattr(runlog_s3.ChunkedS3RunLogs, "_commit_window",
+                  lambda self, server_now: window(self, server_now)[:2] + (float("inf"),))
+
+
 def _mutant_epoch_kept_by_a_put(patch, world):
     # A replacement commits at the epoch it replaces: the logs it drops, and older writes, still show.
     next_epoch = runlog_s3.next_epoch
@@ -7690,6 +8162,8 @@ SIM_MUTANTS = {
     "roll-forward-without-if-match": _mutant_roll_forward_without_if_match,
     "intent-in-metadata-not-body": _mutant_intent_in_metadata,
     "stamps-ignored": _mutant_stamps_ignored,  # the fence of put
+    "late-commit-counts": _mutant_late_commit_counts,  # the fence of a put's own commit
+    "a-late-200-counts": _mutant_a_late_200_counts,
     "epoch-kept-by-a-put": _mutant_epoch_kept_by_a_put,
     "incarnation-reused": _mutant_incarnation_reused,  # the LIST a create no longer sends
     # Each shortcut of #34, reverted to what it skips.
@@ -7712,11 +8186,15 @@ SIM_MUTANTS = {
 # counts its requests); the store sends no HEAD any more (test_a_heads_bare_403_from_a_skewed_server_is_retried).
 SIM_RETIRED_MUTANTS = {"writer-overwrites-newer-logs": _mutant_writer_overwrites_newer_logs,
                        "if-match-sent-as-given": _mutant_if_match_as_given,
-                       "bare-403-to-head-not-retried": _mutant_bare_403_not_retried}
+                       "bare-403-to-head-not-retried": _mutant_bare_403_not_retried,
+                       # Killed at schedule 24 before the operator's holds were split with lost commits; now past
+                       # 3,000 (it needs a hold inside the window and a writer landing after the give-up).
+                       "replacer-returns-within-its-window": _mutant_replacer_returns_within_its_window}
 # Schedules a mutant may take before it is killed, where that is more than 1,000 per layout: the write that reads
 # RunLog.json alongside its PUT is the design #34 rejected, not a shortcut; its window is one round trip (the
-# first kill is schedule 2,559).
-SIM_MUTANT_SCHEDULES = {"run-object-read-alongside-the-put": 4000}
+# first kill is schedule 2,559). A 200 taken however late needs the operator's commits lost past their window
+# with RunLog.json unchanged meanwhile (first kill: schedule 1,242).
+SIM_MUTANT_SCHEDULES = {"run-object-read-alongside-the-put": 4000, "a-late-200-counts": 2000}
 
 
 # Mutants of code only the chunked layout runs: their s3 schedules would be the code's own.
@@ -7725,7 +8203,8 @@ SIM_CHUNKED_MUTANTS = {"replacement-skips-its-commit-point", "reads-served-from-
                        "absent-log-judged-without-a-held-epoch",
                        "listing-taken-with-the-run-object", "known-parent-kept-across-a-put",
                        "run-object-read-alongside-the-put", "paged-listing-not-checked-again",
-                       "same-etag-compared-exactly", "chunked-version-compared-exactly"}
+                       "same-etag-compared-exactly", "chunked-version-compared-exactly", "late-commit-counts",
+                       "a-late-200-counts"}
 
 
 @pytest.mark.parametrize("name", list(SIM_MUTANTS))
@@ -7754,7 +8233,9 @@ def test_simulation_kills_mutant(name):
 
 SIM_RETIRED_TESTS = {"writer-overwrites-newer-logs": "moto and test_the_writers_rule_never_lets_an_older_epoch",
                      "if-match-sent-as-given": "moto and test_a_put_through_a_proxy_that_marks_list_etags_weak",
-                     "bare-403-to-head-not-retried": "test_a_heads_bare_403_from_a_skewed_server_is_retried"}
+                     "bare-403-to-head-not-retried": "test_a_heads_bare_403_from_a_skewed_server_is_retried",
+                     "replacer-returns-within-its-window":
+                         "moto and test_a_put_whose_commit_is_held_in_the_network_counts_before_it_returns_or_never and within"}
 
 
 @pytest.mark.parametrize("name", list(SIM_RETIRED_MUTANTS))
@@ -8349,16 +8830,16 @@ def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_en
                               "writing it)"), lines[-1]
     assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == [
         "new-fail", "new-ok-chunked", "old-created", "old-live-chunked", "old-resumed", "old-triggered"]
-    # The whole run, never part of it; written less than 15 minutes ago, it leaves rm's marker (a request of
+    # The whole run, never part of it; written less than 35 minutes ago, it leaves rm's marker (a request of
     # it may still be in the network)
     assert folder_objects(bucket, "old-fail-chunked") == ["RunLog.json"]
     assert {run_id: folder_objects(bucket, run_id) for run_id in objects_before} == objects_before
 
 
 def test_prune_removes_old_markers_and_leaves_none_after_runs_no_request_can_reach(bucket, capsys, monkeypatch):
-    # rm's marker fails a create of the deleted run held in the network; after 15 minutes S3 refuses any
+    # rm's marker fails a create of the deleted run held in the network; after 35 minutes S3 refuses any
     # request of it (SigV4's window), so prune removes older markers, and deletes a run written longer ago
-    # than that without leaving one. (Here 15 minutes are 1 s.)
+    # than that without leaving one. (Here 35 minutes are 1 s.)
     monkeypatch.setattr(runlog_s3, "MARKER_KEPT_SECONDS", 1.0)
     for layout in ("s3", "chunked-s3"):
         put_life_run(bucket, layout, f"removed-{layout}", "SUCCESS")
