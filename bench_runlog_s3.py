@@ -1398,7 +1398,7 @@ def print_table(rows: List[Row], stream: Any = sys.stdout) -> None:
 # `python bench_runlog_s3.py --session [--write README.md]`: a new user's first hour, run as they would
 # type it: `runlog-s3 serve` in a terminal of its own, its exports and block pasted, two real magnus
 # 0.4.16 runs (a parallel step and a map over files; the second on chunked-s3, with a file that fails),
-# then ls, show, timeline and get, and Ctrl-C. Every line is what those commands printed;
+# then ls, show and timeline, and Ctrl-C. Every line is what those commands printed;
 # test_runlog_s3.py checks that the README's block is this output, up to times, sizes and the port.
 
 SESSION_BIN = Path(sys.executable).parent  # runlog-s3 and magnus, as a user's PATH finds them
@@ -1528,7 +1528,6 @@ def example_session(port: int = 9455) -> str:
         session.run("runlog-s3 ls")
         session.run("runlog-s3 show nightly-1")
         session.run("runlog-s3 timeline nightly-2 --width 40")
-        session.run("runlog-s3 get nightly-1 | head -8")
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in serve's terminal
         _, stopped = server.communicate(timeout=30)
         session.note("# Ctrl-C in serve's terminal:")

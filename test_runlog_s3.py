@@ -4957,8 +4957,8 @@ def test_serve_runs_a_pipeline_from_what_it_prints_and_stops_at_ctrl_c(tmp_path)
 
 
 def test_the_readmes_example_session_is_what_the_commands_print():
-    # bench_runlog_s3.py --session runs a new user's first hour (serve, two magnus 0.4.16 runs with a parallel
-    # step and a map, ls, show, timeline, get, check, Ctrl-C); the README's block must be its output.
+    # bench_runlog_s3.py --session runs a new user's first hour (serve, the files written, two magnus 0.4.16 runs
+    # with a parallel step and a map, ls, show, timeline, Ctrl-C); the README's block must be its output.
     made = bench_runlog_s3.example_session(port=0)
     lines = made.splitlines()
     for expected in ("$ runlog-s3 serve                 # in a terminal of its own", "serving until Ctrl-C",
@@ -4967,7 +4967,7 @@ def test_the_readmes_example_session_is_what_the_commands_print():
     # the failed map item in the timeline (marked * when it is on the critical path)
     assert any(line.lstrip("* ").startswith("[broken.csv]") and line.endswith("FAIL") for line in lines), made
     exits = [line for line in lines if line.startswith("[exit ")]
-    assert exits == ["[exit 0]"] * 3 + ["[exit 1]"] + ["[exit 0]"] * 5, exits
+    assert exits == ["[exit 0]"] * 6 + ["[exit 1]"] + ["[exit 0]"] * 4, exits
     rows = [line.split()[:3] for line in made.split("$ runlog-s3 ls\n", 1)[1].splitlines()[1:3]]
     assert rows == [["nightly-1", "SUCCESS", "s3"], ["nightly-2", "FAIL", "chunked-s3"]]
     shown = bench_runlog_s3.readme_session((HERE / "README.md").read_text(encoding="utf-8"))
