@@ -1130,7 +1130,7 @@ class S3Client:
         self.on_retry: Optional[Callable[[str, int, float], None]] = None  # (message, attempt, delay): the CLI's notices
         self._base_url, self._path_prefix = self._addressing()
         self.transport = transport or BotocoreTransport(config, self._environ, self._base_url)
-        self._last_date = ("", 0.0)  # the Date header of the last reply and when it came (see server_now)
+        self._last_date = ("", 0.0, 0.0)  # the Date of the last reply; when it came, wall and monotonic clocks
         # PUTs and DELETEs that landed or may have (a reply lost, a 5xx): an operation that fails after
         # this moved says its outcome is unknown (S3RunLogs._writing).
         self.writes_landed = 0
@@ -1175,9 +1175,20 @@ class S3Client:
         metadata: Optional[Mapping[str, str]] = None,
     ) -> str:
         """PUT, optionally only if the ETag matches or only if no object exists; returns the new ETag."""
+        return self.put_reply(key, body, if_match=if_match, if_none_match=if_none_match, metadata=metadata).header("ETag")
+
+    def put_reply(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str = "",
+        if_none_match: bool = False,
+        metadata: Optional[Mapping[str, str]] = None,
+    ) -> HttpReply:
+        """put_object's reply (its Date is the server's clock after the object landed)."""
         headers = self.put_headers(if_match=if_match, if_none_match=if_none_match, metadata=metadata)
-        reply = self._request("PUT", key, headers=headers, body=body)
-        return reply.header("ETag")
+        return self._request("PUT", key, headers=headers, body=body)
 
     def put_headers(
         self, *, if_match: str = "", if_none_match: bool = False, metadata: Optional[Mapping[str, str]] = None
@@ -1389,16 +1400,16 @@ class S3Client:
     def _note_server_time(self, reply: HttpReply) -> None:
         date = reply.header("Date")
         if date:
-            self._last_date = (date, time.time())
+            self._last_date = (date, time.time(), time.monotonic())
 
     def server_now(self) -> Optional[float]:
         """The server's clock now, from the Date of the last reply (whole seconds); None when no reply had a
         usable Date, or one further off this machine's clock than MAX_CLOCK_CORRECTION."""
-        date, received = self._last_date
+        date, received, received_monotonic = self._last_date
         server = parse_http_date(date) if date else None
         if server is None or abs(server - received) > MAX_CLOCK_CORRECTION:
             return None
-        return server + (time.time() - received)
+        return server + (time.monotonic() - received_monotonic)  # a wall clock stepped meanwhile does not count
 
     def _backoff(self, attempt: int, operation: str, key: str, reason: str) -> None:
         delay = retry_delay(attempt)
@@ -2610,8 +2621,10 @@ class S3RunLogs:
 #   a mix; a log stamped newer sends it round again. Every loop is bounded by conflict_timeout; whoever
 #   finds an intent can finish it, so a stopped writer holds nothing up.
 # - rm: LIST the folder, then RunLog.json becomes a marker (If-Match the version checked; after a lost
-#   reply the marker found is ours by its token), then the logs listed are deleted, If-Match as listed: a
-#   run created with the id after the marker writes other bytes (its own stamps), so it loses nothing.
+#   reply the marker found is ours by its token), then the logs listed are deleted, If-Match as listed, and
+#   those a LIST after the marker finds stamped with the deleted incarnation: a run created with the id
+#   after the marker writes other bytes (its own stamps), so it loses nothing (its roll-forward writes a
+#   log rm deleted under it If-None-Match).
 #   With no live run (leftovers) rm deletes only if RunLog.json, read again after the LIST, is still not
 #   live. The marker stays (45 bytes; prune removes those older than MARKER_KEPT_SECONDS): it fails a
 #   create of the deleted run still in the network, and leftovers of any earlier incarnation never show
@@ -2627,12 +2640,16 @@ class S3RunLogs:
 #   takes it as `was` (the same epoch, fields and view as the version it replaced), and the next write
 #   of RunLog.json replaces it; Last-Modified is fixed at landing, so every reader judges it alike. A
 #   write over a commit that counts keeps its intent without `until` and `was`: only the commit's own
-#   version is judged. Its writer counts a commit by a 200 that came in time to show it landed within
-#   the window (by its own clock, from a server Date read before the body was made), else only once a
-#   GET shows its version; after a lost reply it looks only once the window has passed (never early:
-#   that clock again). So a commit lands
-#   within the window, before its writer returns, or changes nothing. (Dates and Last-Modified are
-#   whole seconds of one clock: a server's nodes must agree to within a second.)
+#   version is judged. Its writer counts a commit by a 200 whose own Date is not past `until` (the
+#   object's Last-Modified is at most that Date, on the server's clock), else only once a GET shows its
+#   version. After a lost reply it looks; finding no commit of its own, it writes RunLog.json again as
+#   it reads (a compare-and-swap no reader can tell), so that every attempt still in the network, each
+#   If-Match the version before, fails: this holds whatever the clocks say. Only with the server out of
+#   reach does it rely on them: it waits until the window has passed by its monotonic clock (from a
+#   server Date read before the body was made: never early), looks again, and else says "may have
+#   been written". So a commit lands within the window, before its writer returns, or changes nothing.
+#   (Assumed: a server's nodes agree to within a second, and one completes a PUT within COMMIT_MARGIN
+#   of receiving it, or a server that stamps Last-Modified on arrival could count one landing late.)
 
 CHUNK_RUN_OBJECT = "RunLog.json"
 _CHUNK_KINDS = {"StepLog-": "step", "BranchLog-": "branch"}
@@ -3201,9 +3218,9 @@ class ChunkedS3RunLogs(S3RunLogs):
             epoch = next_epoch(current)
             server_now = self.client.server_now()
             intent = {"token": token, "since": server_now or wall_clock(), "created": time.time_ns(), "logs": logs}
-            window_ends = counts_by = None
+            until = window_ends = None
             if current is not None and server_now is not None:  # over a live version: a late commit is void
-                until, window_ends, counts_by = self._commit_window(server_now)
+                until, window_ends = self._commit_window(server_now)
                 intent.update(until=until, was=current)
             body = self._encode(dict(fields_, **{STORE_FIELD: {"epoch": str(epoch), "replacing": intent}}))
             _check_write_size(body, self._url(run_key))
@@ -3211,12 +3228,12 @@ class ChunkedS3RunLogs(S3RunLogs):
             metadata = {WRITTEN_BY: creator} if creator else None
             try:
                 if stored is None:
-                    etag = self.client.put_object(run_key, body, if_none_match=True, metadata=metadata)
+                    reply = self.client.put_reply(run_key, body, if_none_match=True, metadata=metadata)
                 else:  # a live version, or rm's marker
-                    etag = self.client.put_object(run_key, body, if_match=stored.etag, metadata=metadata)
-                committed = counts_by is None or self._clock() <= counts_by  # a create, or a 200 in time
+                    reply = self.client.put_reply(run_key, body, if_match=stored.etag, metadata=metadata)
+                committed = until is None or self._landed_in_window(reply, until)  # a create, or a 200 in time
                 if committed:
-                    self._remember(run_key, etag, body, metadata=metadata)
+                    self._remember(run_key, reply.header("ETag"), body, metadata=metadata)
                 else:
                     committed = self._committed(run_key, token)
                 reason = "other writers kept changing it"
@@ -3230,12 +3247,16 @@ class ChunkedS3RunLogs(S3RunLogs):
             except RunlogS3Error as exc:
                 if window_ends is None or not exc.may_have_landed:
                     raise
-                # An attempt may be in the network still: once the window has passed none can count, so look.
-                self._wait_until(window_ends)
+                # An attempt may be in the network still: look, and unless it counts, fence it off. With the
+                # server out of reach, once the window has passed none can count any more: look then.
                 try:
-                    committed = self._committed(run_key, token)
+                    committed = self._settle_commit(run_key, token, rounds, deadline)
                 except RunlogS3Error:
-                    raise exc from None
+                    self._wait_until(window_ends)
+                    try:
+                        committed = self._settle_commit(run_key, token, rounds, deadline)
+                    except RunlogS3Error:
+                        raise exc from None
                 reason = "its commit found no reply (an attempt that lands now is void)"
             if not committed:
                 # Refused, void, or ours finished or changed since: replace again (a replacement applied twice
@@ -3251,13 +3272,39 @@ class ChunkedS3RunLogs(S3RunLogs):
             logger.warning("%s: replaced; writing its logs failed (%s); the next put or writer finishes it",
                            where, exc)
 
-    def _commit_window(self, server_now: float) -> Tuple[int, float, float]:
-        """A commit's `until` (server clock), and by this process's clock: when no attempt of it can land
-        within the window any more, and until when a 200 shows it landed within it (server_now may be up to
-        a second and a reply's transit behind the server's clock)."""
+    def _commit_window(self, server_now: float) -> Tuple[int, float]:
+        """A commit's `until` (server clock), and when, by this process's clock, no attempt of it can land
+        within the window any more."""
         config = self.client.config
-        until, started = int(server_now + config.connect_timeout + config.read_timeout + COMMIT_MARGIN), self._clock()
-        return until, started + (until + 1 - server_now), started + (until - server_now) - 1 - config.read_timeout
+        until = int(server_now + config.connect_timeout + config.read_timeout + COMMIT_MARGIN)
+        return until, self._clock() + (until + 1 - server_now)
+
+    @staticmethod
+    def _landed_in_window(reply: HttpReply, until: int) -> bool:
+        # Its Last-Modified is at most the reply's Date (one clock, whole seconds): in the window if that is.
+        date = parse_http_date(reply.header("Date"))
+        return date is not None and int(date) <= until
+
+    def _settle_commit(self, run_key: str, token: str, rounds: int, deadline: float) -> bool:
+        """After a commit whose reply was lost: whether it counts (see _committed). If not, RunLog.json is
+        written again as it reads (a compare-and-swap that changes nothing a reader sees), so that no attempt
+        still in the network can land: each carries If-Match on the version before."""
+        while True:
+            stored = self._get_or_none(run_key)
+            document = self._decode_run(stored.body, self._url(run_key)) if stored is not None else None
+            if stored is None or document is None:
+                return False  # absent, or rm's marker: no attempt's If-Match can hold
+            if (_intent_of(document) or {}).get("token") == token:
+                self._remember(run_key, stored.etag, stored.body, metadata=stored.metadata or None)
+                return True
+            try:
+                self.client.put_object(run_key, self._encode(document), if_match=stored.etag,
+                                       metadata=stored.metadata or None)
+                return False
+            except PreconditionFailedError:
+                rounds += 1  # written meanwhile, perhaps by an attempt of ours: look again
+                self._next_round(rounds, deadline, self._url(run_key), "other writers kept changing it",
+                                 doing="replacing")
 
     def _wait_until(self, moment: float) -> None:
         time.sleep(max(0.0, moment - self._clock()))
@@ -3329,7 +3376,10 @@ class ChunkedS3RunLogs(S3RunLogs):
                 except NotFoundError as exc:
                     if isinstance(exc, NoSuchBucketError):
                         raise
-                    return  # deleted since (rm)
+                    # Deleted since: by an rm of the run before, under a create over its marker (the log is
+                    # ours to write), or of this run (stamped with its epoch, the log never shows).
+                    condition = ""
+                    continue
                 self._remember(key, etag, body, metadata=metadata)
                 return
             raise ConflictError(f"{self._url(key)}: other writers kept changing it while a replacement was rolled "
@@ -3596,6 +3646,18 @@ class ChunkedS3RunLogs(S3RunLogs):
                                         f"nothing deleted; rm {run_id} again to delete it")
             others = list(listed)
             deleted = self._in_pool(lambda key: self._delete_if_unchanged(key, listed[key]), others)
+            if live:  # logs of the run written between the LIST and the marker: listed now, stamped with its I
+                assert stored is not None
+                run = self._run_object(stored)
+                incarnation = run.epoch.incarnation if run is not None else "-"
+                late = [info.key for info in self.client.list_objects(folder)
+                        if info.key != run_key and info.key not in listed and self._kind_of(info.key, folder)]
+                found = self._get_many(late)
+                ours = {key: log.etag for key, log in found.items()
+                        if (self._stamp(log) or Epoch("-", 0)).incarnation == incarnation}
+                listed.update(ours)
+                others += list(ours)
+                deleted += self._in_pool(lambda key: self._delete_if_unchanged(key, ours[key]), list(ours))
             kept = [key for key, done in zip(others, deleted) if not done]
             self._forget(others + [run_key])
             with self._lock():

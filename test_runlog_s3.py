@@ -2764,20 +2764,24 @@ def test_a_write_held_in_the_network_never_lands_over_a_later_put(bucket, kind):
     assert stored_objects(run_logs, "fenced")[log[0]] == "older"
 
 
-@pytest.mark.parametrize("lands", ["after the window", "within the window"])
+@pytest.mark.parametrize("lands", ["after the window", "before the writer looks"])
 def test_a_put_whose_commit_is_held_in_the_network_counts_before_it_returns_or_never(bucket, monkeypatch, lands):
     # Late commits (simulation seed 76628 before the fence): put --force's commit of RunLog.json is held in the
     # network, no reply comes. Log writes leave RunLog.json as it was, so the held PUT's If-Match still
-    # matches when it lands. Landing after the commit window it is void: a step the pipeline wrote after the
-    # put gave up still shows. Landing within it, the put counts it before it returns.
+    # matches when it lands. With every PUT of RunLog.json held (the writer cannot fence it off) the writer
+    # waits out the commit window and says "may have been written"; landing after it, the commit is void: a
+    # step the pipeline wrote after the put returned still shows. Landing before the writer looks, the put
+    # counts it, once.
     monkeypatch.setattr(runlog_s3, "COMMIT_MARGIN", 0.0)
     quick = {**bucket, "connect_timeout": 1, "read_timeout": 1, "conflict_timeout": 0.1}
     chunked_run_logs(bucket).create(fan_run("late", "PROCESSING", ["a", "b"], 1))
-    operator, held = holding_run_logs(quick, holding_puts_of("/RunLog.json"))
     step = {"name": "after", "internal_name": "after", "status": "SUCCESS"}
     if lands == "after the window":
-        with pytest.raises(runlog_s3.ConflictError, match=r"found no reply \(an attempt that lands now is void\)"):
+        operator, held = holding_run_logs(quick, holding_puts_of("/RunLog.json"))
+        started = time.monotonic()
+        with pytest.raises(S3Error, match="may have been written all the same"):
             operator.replace(fan_run("late", "FAILED", ["a"], 2))
+        assert time.monotonic() - started >= 2  # its window: connect_timeout + read_timeout
         chunked_run_logs(bucket).add_step("late", step)  # after the put returned
         assert held.release()[0] == 200  # the first attempt lands, its If-Match still holds
         document = chunked_run_logs(bucket).read("late")
@@ -2787,13 +2791,17 @@ def test_a_put_whose_commit_is_held_in_the_network_counts_before_it_returns_or_n
         chunked_run_logs(bucket).add_step("late", {**step, "name": "later", "internal_name": "later"})
         assert set(chunked_run_logs(bucket).read("late")["steps"]) == {"fan", "after", "later"}
     else:
-        releaser = threading.Timer(0.3, held.release)  # lands well within its 2 s window
-        operator.client.transport.hold = holding_the_first(holding_puts_of("/RunLog.json"))
-        releaser.start()
-        try:
-            operator.replace(fan_run("late", "FAILED", ["a"], 2))
-        finally:
-            releaser.join()
+        operator, held = holding_run_logs(quick, holding_the_first(holding_puts_of("/RunLog.json")))
+        transport = operator.client.transport
+
+        def release_before_the_look(request):  # the held commit lands just before the writer's GET
+            if held.held and request.method == "GET" and request.url.endswith("/RunLog.json"):
+                assert held.release() == [200]
+            return False
+
+        hold = transport.hold
+        transport.hold = lambda request: release_before_the_look(request) or hold(request)
+        operator.replace(fan_run("late", "FAILED", ["a"], 2))
         chunked_run_logs(bucket).add_step("late", step)
         document = chunked_run_logs(bucket).read("late")
         assert document["status"] == "FAILED" and document["parameters"] == {"p": 2}
@@ -2831,6 +2839,155 @@ def test_a_put_whose_commit_lands_after_its_window_with_a_200_is_not_taken_as_do
     document = chunked_run_logs(bucket).read("slow")
     assert document["status"] == "FAILED" and list(document["steps"]["fan"]["branches"]) == ["fan.a"]
     assert leftovers_of_replacements(chunked_run_logs(bucket), "slow") == []
+
+
+class SteppedWall:
+    """runlog_s3's `time` with a wall clock that can be stepped (NTP, a VM resumed); monotonic time as it is."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def time(self):
+        return time.time() + self.offset
+
+
+@pytest.mark.parametrize("cause", ["a stale Date", "the wall clock stepped back"])
+def test_a_put_counts_its_commit_only_where_readers_do(moto_bucket, monkeypatch, cause):
+    # (second review) The writer's estimate of the server's clock is 60 s behind (the LIST's reply carried an
+    # old Date, or this machine's wall clock stepped back after the Date was noted): `until` is past when the
+    # commit lands, so readers take it as void. The writer must not count it by its 200 (it did, by its own
+    # clock): a step a pipeline wrote during the put, read by a reader, was lost. It counts a 200 by the reply's
+    # own Date, and measures elapsed time on the monotonic clock.
+    chunked_run_logs(moto_bucket).create(fan_run("drift", "PROCESSING", ["a", "b"], 1))
+    wall = SteppedWall()
+    monkeypatch.setattr(runlog_s3, "time", wall)
+    state = {"go": False, "listed": False, "seen": None}
+    step = {"name": "after", "internal_name": "after", "status": "SUCCESS"}
+
+    def before(request):  # its commit landed: before its roll-forward, a pipeline writes a step and it is read
+        if state["listed"] and request.method == "PUT" and "StepLog" in request.url and state["seen"] is None:
+            chunked_run_logs(moto_bucket).add_step("drift", step)
+            state["seen"] = chunked_run_logs(moto_bucket).read_step("drift", "after")["status"]
+
+    def after(request, reply):
+        if state["go"] and "list-type" in urlsplit(request.url).query and not state["listed"]:
+            state["listed"] = True
+            if cause == "a stale Date":
+                old = email.utils.formatdate(time.time() - 60, usegmt=True)
+                return runlog_s3.HttpReply(reply.status, {**dict(reply.headers), "Date": old}, reply.body)
+            wall.offset = -60.0  # stepped back (the Date of this reply is noted after this hook)
+        return None
+
+    operator = chunked_run_logs(moto_bucket, before, after)
+    operator.read("drift")
+    state["go"] = True
+    operator.replace(fan_run("drift", "FAILED", ["a"], 2))
+    document = chunked_run_logs(moto_bucket).read("drift")
+    assert document["status"] == "FAILED" and list(document["steps"]["fan"]["branches"]) == ["fan.a"]
+    if state["seen"] is not None:  # written while the put rolled forward: it stays
+        assert document["steps"]["after"]["status"] == state["seen"] == "SUCCESS"
+    assert document == chunked_run_logs(moto_bucket).read("drift")
+    assert leftovers_of_replacements(chunked_run_logs(moto_bucket), "drift") == []
+
+
+def test_a_put_whose_commit_is_held_fences_it_off_when_the_server_answers(monkeypatch):
+    # (second review) If a server stamps Last-Modified when a PUT arrives, a commit whose body is held on the way
+    # (a proxy trickling it) can land after its writer looked, with a Last-Modified inside its window: it would
+    # count. So after a lost reply the writer, finding no commit of its own, writes RunLog.json again as it
+    # reads: every attempt still in the network carries If-Match on the version before, and fails. (SimS3 on a
+    # virtual clock, Last-Modified set to when the held request was sent.)
+    clock = types.SimpleNamespace(now=0.0, rng=random.Random(0), world=SimWorld())
+
+    class VirtualTime:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def time(self):
+            return SIM_EPOCH + clock.now
+
+        def monotonic(self):
+            return clock.now
+
+        def sleep(self, seconds):
+            clock.now += max(0.0, seconds)
+
+    monkeypatch.setattr(runlog_s3, "time", VirtualTime())
+    monkeypatch.setattr(runlog_s3, "sign_request", _sim_sign_request)
+    server = SimS3(clock)
+
+    def store(transport=None, **config):
+        config = Config.from_dict({"s3_bucket": SIM_BUCKET, "endpoint_url": "http://sim", "prefix": "runs", **config})
+        return runlog_s3.ChunkedS3RunLogs(S3Client(config, transport=transport or _HeldSimTransport(server),
+                                                   sleep=lambda seconds: None))
+
+    store().create(fan_run("trickle", "PROCESSING", ["a", "b"], 1))
+    transport = _HeldSimTransport(server, holding_the_first(holding_puts_of("/RunLog.json")))
+    sent = clock.now
+    store(transport, max_attempts=1).replace(fan_run("trickle", "FAILED", ["a"], 2))
+    store().add_step("trickle", {"name": "after", "internal_name": "after", "status": "SUCCESS"})
+    clock.now += 60
+    assert transport.release() == [412]  # the fence's work: If-Match no longer holds
+    key = "runs/trickle/RunLog.json"
+    assert server.objects[key].modified > SIM_EPOCH + sent + server.skew
+    document = store().read("trickle")
+    assert document["status"] == "FAILED" and set(document["steps"]) == {"fan", "after"}
+
+
+def test_a_run_created_over_rms_marker_while_rm_deletes_keeps_its_logs(bucket):
+    # (second review) rm LISTs, writes its marker, deletes what it listed. A run created with the id over the
+    # marker in between lists the old logs too (its roll-forward's If-Match); rm's DELETEs land first; the
+    # roll-forward's If-Match on a key now gone (404 on S3) was taken for "deleted since (rm)" and skipped: the
+    # new run lost its logs. It writes them If-None-Match then.
+    chunked_run_logs(bucket).create(fan_run("again", "SUCCESS", ["a", "b"], 1))
+    listed, go, errors = threading.Event(), threading.Event(), []
+
+    def creator_before(request):
+        if request.method == "PUT" and ("StepLog" in request.url or "BranchLog" in request.url):
+            listed.set()  # its commit landed; its roll-forward waits for rm's DELETEs
+            go.wait(30)
+
+    def create():
+        try:
+            chunked_run_logs(bucket, creator_before).create(fan_run("again", "PROCESSING", ["a"], 2))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    creator, lock = threading.Thread(target=create), threading.Lock()
+
+    def rm_before(request):
+        if request.method == "DELETE":
+            with lock:
+                if not listed.is_set():
+                    creator.start()
+                    assert listed.wait(30)
+
+    chunked_run_logs(bucket, rm_before).delete("again")
+    go.set()
+    creator.join(30)
+    assert not errors, errors
+    document = chunked_run_logs(bucket).read("again")
+    assert document["status"] == "PROCESSING" and document == chunked_run_logs(bucket).read("again")
+    assert list(document["steps"]) == ["fan"] and list(document["steps"]["fan"]["branches"]) == ["fan.a"]
+
+
+def test_rm_deletes_a_log_written_between_its_listing_and_its_marker(bucket):
+    # (second review) rm LISTs before its marker: a pipeline's write landing between the two was neither listed
+    # nor deleted, and rm said nothing. It LISTs again after its marker and deletes what is stamped with the
+    # deleted run's incarnation.
+    run_logs = chunked_run_logs(bucket)
+    run_logs.create(fan_run("between", "SUCCESS", ["a"], 1))
+    fired = []
+
+    def before(request):
+        if request.method == "PUT" and request.url.endswith("/RunLog.json") and not fired:  # rm's marker
+            fired.append(True)
+            chunked_run_logs(bucket).add_step("between", {"name": "z", "internal_name": "z", "status": "SUCCESS"})
+
+    assert chunked_run_logs(bucket, before).delete("between") == 5  # 4 listed, 1 after; RunLog.json its marker
+    assert fired and stored_objects(run_logs, "between") == {"RunLog.json": "marker"}
 
 
 @pytest.mark.parametrize("layout", ["s3", "chunked-s3"])
@@ -8713,20 +8870,20 @@ def _mutant_rolls_forward_before_committing(patch, world):
     replace = runlog_s3.ChunkedS3RunLogs._replace
 
     def replace_logs_first(self, run_id, fields_, logs, creating, expected=""):
-        put, run_key = self.client.put_object, self.key(run_id)
+        put, run_key = self.client.put_reply, self.key(run_id)
 
-        def put_object(key, body, **kwargs):
+        def put_reply(key, body, **kwargs):
             if key == run_key and b'"replacing"' in body:
                 document = json.loads(body)  # RunLog.json holds no intent yet: its logs go first
                 runlog_s3.ChunkedS3RunLogs._roll_forward(self, run_id, runlog_s3.epoch_of(document),
                                                          runlog_s3._intent_of(document), None)
             return put(key, body, **kwargs)
 
-        self.client.put_object = put_object
+        self.client.put_reply = put_reply
         try:
             return replace(self, run_id, fields_, logs, creating, expected)
         finally:
-            del self.client.put_object
+            del self.client.put_reply
 
     patch.setattr(runlog_s3.ChunkedS3RunLogs, "_replace", replace_logs_first)
 
@@ -8922,11 +9079,9 @@ def _mutant_replacer_returns_within_its_window(patch, world):
 
 
 def _mutant_a_late_200_counts(patch, world):
-    # A 200 to a replacement's commit counts however late it came: an attempt that landed after its window
-    # (void) is taken as the put done, and the put is lost.
-    window = runlog_s3.ChunkedS3RunLogs._commit_window
-    patch.setattr(runlog_s3.ChunkedS3RunLogs, "_commit_window",
-                  lambda self, server_now: window(self, server_now)[:2] + (float("inf"),))
+    # A 200 to a replacement's commit counts however late it came (its reply's Date past `until`): an attempt
+    # that landed after its window (void) is taken as the put done, and the put is lost.
+    patch.setattr(runlog_s3.ChunkedS3RunLogs, "_landed_in_window", staticmethod(lambda reply, until: True))
 
 
 def _mutant_epoch_kept_by_a_put(patch, world):
@@ -9090,7 +9245,7 @@ SIM_RETIRED_TESTS = {"writer-overwrites-newer-logs": "moto and test_the_writers_
                      "if-match-sent-as-given": "moto and test_a_put_through_a_proxy_that_marks_list_etags_weak",
                      "bare-403-to-head-not-retried": "test_a_heads_bare_403_from_a_skewed_server_is_retried",
                      "replacer-returns-within-its-window":
-                         "moto and test_a_put_whose_commit_is_held_in_the_network_counts_before_it_returns_or_never and within"}
+                         "moto and test_a_put_whose_commit_is_held_in_the_network_counts_before_it_returns_or_never and after"}
 
 
 @pytest.mark.parametrize("name", list(SIM_RETIRED_MUTANTS))
