@@ -6,7 +6,7 @@ SeaweedFS and on moto behind a 20 ms round trip (all on 127.0.0.1). Times are me
 runs; on a shared machine the ratios are what count.
 
     python bench_runlog_s3.py            # every row, about 5 minutes on 2 cores
-    python bench_runlog_s3.py --quick    # smaller sizes, one run each, no old-store rows: about 1 minute
+    python bench_runlog_s3.py --quick    # smaller sizes, one run each, no old-store rows: about 2 minutes
     python bench_runlog_s3.py --session [--write README.md]   # the README's example session, made by running it
 
 Rows:
