@@ -6355,16 +6355,16 @@ def listed_ids(result):
 
 
 def test_ls_since_status_and_limit_on_both_layouts(bucket, cli_env):
-    # A run's time is its run object's last write (S3 keeps whole seconds): runs written 5.5 s apart
-    # fall on either side of --since 4s.
+    # A run's time is its run object's last write (S3 keeps whole seconds): runs written 12.5 s apart
+    # fall on either side of --since 8s.
     put_life_run(bucket, "s3", "old-fail", "FAIL")
     put_life_run(bucket, "chunked-s3", "old-fail-chunked", "FAIL")
-    time.sleep(5.5)
+    time.sleep(12.5)
     put_life_run(bucket, "s3", "new-fail", "FAIL")
     put_life_run(bucket, "chunked-s3", "new-fail-chunked", "FAIL")
     put_life_run(bucket, "chunked-s3", "new-ok-chunked", "SUCCESS", writer="runnable 0.50.0")
     put_life_run(bucket, "s3", "new-live", "PROCESSING")
-    recent = cli("ls", "--since", "4s", "--json", env=cli_env)
+    recent = cli("ls", "--since", "8s", "--json", env=cli_env)
     assert sorted(listed_ids(recent)) == ["new-fail", "new-fail-chunked", "new-live", "new-ok-chunked"]
     rows = {row["run_id"]: row for row in json.loads(recent.stdout)}
     assert rows["new-ok-chunked"] == {**rows["new-ok-chunked"], "status": "SUCCESS", "layout": "chunked-s3",
@@ -6372,7 +6372,7 @@ def test_ls_since_status_and_limit_on_both_layouts(bucket, cli_env):
     assert rows["new-fail"]["size"] == len(runlog_s3.encode_run_log(runlog_s3.unique(life_run("new-fail", "FAIL"))))
     failed = cli("ls", "--status", "fail", "--json", env=cli_env)  # any case; every run's time
     assert sorted(listed_ids(failed)) == ["new-fail", "new-fail-chunked", "old-fail", "old-fail-chunked"]
-    assert sorted(listed_ids(cli("ls", "--status", "FAIL", "--since", "4s", "--json", env=cli_env))) == [
+    assert sorted(listed_ids(cli("ls", "--status", "FAIL", "--since", "8s", "--json", env=cli_env))) == [
         "new-fail", "new-fail-chunked"]
     assert sorted(listed_ids(cli("ls", "--status", "SUCCESS,PROCESSING", "--json", env=cli_env))) == [
         "new-live", "new-ok-chunked"]
@@ -6513,7 +6513,7 @@ def folder_objects(bucket, run_id):
 
 
 def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_env):
-    # Old: 5.5 s before the new ones, on either side of --older-than 4s (S3 keeps whole seconds).
+    # Old: 12.5 s before the new ones, on either side of --older-than 8s (S3 keeps whole seconds).
     put_life_run(bucket, "s3", "old-ok", "SUCCESS")
     put_life_run(bucket, "s3", "old-fail", "FAIL")
     put_life_run(bucket, "chunked-s3", "old-fail-chunked", "FAIL")
@@ -6521,7 +6521,7 @@ def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_en
     put_life_run(bucket, "s3", "old-created", "CREATED")
     put_life_run(bucket, "s3", "old-triggered", "TRIGGERED")
     resumed = put_life_run(bucket, "chunked-s3", "old-resumed", "FAIL")
-    time.sleep(5.5)
+    time.sleep(12.5)
     put_life_run(bucket, "s3", "new-fail", "FAIL")
     put_life_run(bucket, "chunked-s3", "new-ok-chunked", "SUCCESS")
     # A retry writes a step of an old run before its RunLog.json: the run's age is its newest object's.
@@ -6529,7 +6529,7 @@ def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_en
     objects_before = {run_id: folder_objects(bucket, run_id) for run_id in ("old-live-chunked", "old-resumed")}
     assert len(folder_objects(bucket, "old-fail-chunked")) == 5  # RunLog.json, 3 step logs, a branch log
 
-    dry = cli("prune", "--older-than", "4s", "--dry-run", env=cli_env)
+    dry = cli("prune", "--older-than", "8s", "--dry-run", env=cli_env)
     assert dry.returncode == 0, dry.stderr
     where = f"s3://{bucket['s3_bucket']}/runs/"
     assert sorted(line.split(" (")[0] for line in dry.stdout.splitlines() if line.startswith("would delete")) == [
@@ -6538,12 +6538,12 @@ def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_en
     assert dry.stdout.rstrip().endswith("nothing deleted (--dry-run)")
     assert len(listed_ids(cli("ls", "--json", env=cli_env))) == 9
 
-    only_success = cli("prune", "--older-than", "4s", "--status", "success", "--yes", env=cli_env)
+    only_success = cli("prune", "--older-than", "8s", "--status", "success", "--yes", env=cli_env)
     assert only_success.returncode == 0, only_success.stderr
     assert [line.split(", last written")[0] for line in only_success.stdout.splitlines()
             if line.startswith("deleted")] == [f"deleted {where}old-ok.json (SUCCESS"]
 
-    pruned = cli("prune", "--older-than", "4s", "--yes", env=cli_env)
+    pruned = cli("prune", "--older-than", "8s", "--yes", env=cli_env)
     assert pruned.returncode == 0, pruned.stderr
     lines = pruned.stdout.splitlines()
     assert sorted(line.split(", last written")[0] for line in lines if line.startswith("deleted")) == [
@@ -6553,7 +6553,7 @@ def test_prune_deletes_old_finished_runs_whole_and_keeps_the_rest(bucket, cli_en
         f"kept {where}old-created.json: still CREATED or PROCESSING (a pipeline may be writing it)",
         f"kept {where}old-live-chunked/: still CREATED or PROCESSING (a pipeline may be writing it)"]
     assert lines[-1].startswith("pruned 2 runs (6 objects) last written before ")
-    assert lines[-1].endswith("(older than 4s) with status SUCCESS,FAIL; kept 6: 3 written since the cutoff, "
+    assert lines[-1].endswith("(older than 8s) with status SUCCESS,FAIL; kept 6: 3 written since the cutoff, "
                               "1 with a status not in --status, 2 still CREATED or PROCESSING (a pipeline may be "
                               "writing it)"), lines[-1]
     assert sorted(listed_ids(cli("ls", "--json", env=cli_env))) == [
